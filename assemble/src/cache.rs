@@ -1,0 +1,209 @@
+//! Content-addressed blob cache keyed by sha256.
+//!
+//! A blob is verified before it is stored and again when it is read; one
+//! that fails is deleted, never returned. Writes go to a temp file in the
+//! same directory and are renamed into place, so a crash leaves no partial
+//! blob under a digest name.
+
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("blob does not match its digest: expected {expected}, got {actual}")]
+    Mismatch { expected: Digest, actual: Digest },
+    #[error("{0:?} is not a digest of the form sha256:<64 hex digits>")]
+    BadDigest(String),
+}
+
+/// A sha256 content digest, displayed as `sha256:<hex>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The sha256 of `data`.
+    pub fn of(data: &[u8]) -> Self {
+        Digest(Sha256::digest(data).into())
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses bare hex (64 digits) as found in Debian indexes.
+    pub fn from_hex(s: &str) -> Result<Self, CacheError> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| CacheError::BadDigest(s.to_string()))?;
+        Ok(Digest(out))
+    }
+}
+
+impl FromStr for Digest {
+    type Err = CacheError;
+    fn from_str(s: &str) -> Result<Self, CacheError> {
+        let hex = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| CacheError::BadDigest(s.to_string()))?;
+        Digest::from_hex(hex).map_err(|_| CacheError::BadDigest(s.to_string()))
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A directory of blobs named by digest: `DIR/sha256/<hex>`.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Cache {
+    /// Opens (creating) a cache rooted at `dir`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, CacheError> {
+        let dir = dir.into();
+        let blobs = dir.join("sha256");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        Ok(Cache { dir })
+    }
+
+    /// `$XDG_CACHE_HOME/kiln`, else `$HOME/.cache/kiln`, else a directory
+    /// under the system temp dir (a user with no home still gets a cache).
+    pub fn default_dir() -> PathBuf {
+        if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+            return PathBuf::from(x).join("kiln");
+        }
+        if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+            return PathBuf::from(h).join(".cache").join("kiln");
+        }
+        std::env::temp_dir().join("kiln-cache")
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("sha256").join(digest.hex())
+    }
+
+    /// The blob's bytes if cached and intact. A corrupt blob is removed and
+    /// reported as absent so the caller fetches it again.
+    pub fn get(&self, digest: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
+        let path = self.blob_path(digest);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        if Digest::of(&data) != *digest {
+            let _ = fs::remove_file(&path);
+            return Ok(None);
+        }
+        Ok(Some(data))
+    }
+
+    /// Stores `data` under `expected` after checking it hashes to that.
+    pub fn put(&self, expected: &Digest, data: &[u8]) -> Result<(), CacheError> {
+        let actual = Digest::of(data);
+        if actual != *expected {
+            return Err(CacheError::Mismatch {
+                expected: *expected,
+                actual,
+            });
+        }
+        self.write_blob(&actual, data)
+    }
+
+    /// Stores `data` under its own digest and returns it (for content kiln
+    /// produced itself, where there is nothing to verify against).
+    pub fn put_new(&self, data: &[u8]) -> Result<Digest, CacheError> {
+        let d = Digest::of(data);
+        self.write_blob(&d, data)?;
+        Ok(d)
+    }
+
+    fn write_blob(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
+        let path = self.blob_path(digest);
+        if path.exists() {
+            return Ok(());
+        }
+        let dir = self.dir.join("sha256");
+        let mut tmp = tempfile_in(&dir).map_err(io_err(&dir))?;
+        tmp.1.write_all(data).map_err(io_err(&tmp.0))?;
+        tmp.1.sync_all().map_err(io_err(&tmp.0))?;
+        fs::rename(&tmp.0, &path).map_err(io_err(&path))?;
+        Ok(())
+    }
+}
+
+/// A uniquely named file in `dir` (pid + counter; no randomness needed).
+fn tempfile_in(dir: &Path) -> io::Result<(PathBuf, fs::File)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = dir.join(format!(".tmp-{}-{}", std::process::id(), n));
+        match fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+            Ok(f) => return Ok((p, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_round_trip() {
+        let d = Digest::of(b"hello");
+        let s = d.to_string();
+        assert_eq!(
+            s,
+            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(s.parse::<Digest>().unwrap(), d);
+        assert!("md5:abc".parse::<Digest>().is_err());
+        assert!("sha256:zz".parse::<Digest>().is_err());
+    }
+
+    #[test]
+    fn put_verifies_and_get_detects_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let good = Digest::of(b"data");
+        assert!(matches!(
+            cache.put(&good, b"other"),
+            Err(CacheError::Mismatch { .. })
+        ));
+        assert_eq!(cache.get(&good).unwrap(), None);
+        cache.put(&good, b"data").unwrap();
+        assert_eq!(cache.get(&good).unwrap().as_deref(), Some(&b"data"[..]));
+        fs::write(cache.blob_path(&good), b"tampered").unwrap();
+        assert_eq!(cache.get(&good).unwrap(), None);
+        assert!(!cache.blob_path(&good).exists());
+    }
+}

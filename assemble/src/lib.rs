@@ -1,0 +1,7 @@
+//! Turns a recipe into an image: recipe → plan (every input pinned by
+//! digest) → content-addressed cache → root trees → filesystems → disk.
+//!
+//! This crate knows nothing about the command line.
+
+pub mod cache;
+pub mod layers;

@@ -1,0 +1,6 @@
+//! Pure encoders and decoders used by kiln: no network, no recipes.
+//!
+//! Every encoder is deterministic: the same input yields the same bytes
+//! (sorted directory entries, no clock, no randomness).
+
+pub mod tree;

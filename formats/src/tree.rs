@@ -1,0 +1,364 @@
+//! An in-memory filesystem tree: what layer application produces and what
+//! the filesystem encoders (squashfs, cpio) consume.
+//!
+//! Directory entries live in a `BTreeMap`, so every walk is sorted and every
+//! encoder that follows the walk is reproducible. File data is shared
+//! (`Arc`), so hardlinked or duplicated files cost their bytes once.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+/// Errors from tree manipulation. Paths are tree-absolute.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TreeError {
+    #[error("{0}: path is not normal (`..`, or not below the root)")]
+    BadPath(PathBuf),
+    #[error("{0}: a parent is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{0}: no such entry")]
+    NotFound(PathBuf),
+}
+
+/// Ownership, permissions and times shared by every node kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits including setuid/setgid/sticky (`0o7777`); the file
+    /// type is the node's variant, never these bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds since the epoch; taken from layer metadata or the recipe.
+    pub mtime: u64,
+    pub xattrs: BTreeMap<OsString, Vec<u8>>,
+}
+
+impl Meta {
+    /// Root-owned metadata with the given permissions and mtime 0.
+    pub fn root(mode: u32) -> Self {
+        Meta {
+            mode: mode & 0o7777,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: BTreeMap::new(),
+        }
+    }
+}
+
+/// Device node kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Char,
+    Block,
+}
+
+/// One filesystem object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    Dir(Dir),
+    File {
+        meta: Meta,
+        data: Arc<Vec<u8>>,
+    },
+    Symlink {
+        meta: Meta,
+        target: OsString,
+    },
+    Device {
+        meta: Meta,
+        kind: DeviceKind,
+        major: u32,
+        minor: u32,
+    },
+    Fifo {
+        meta: Meta,
+    },
+    Socket {
+        meta: Meta,
+    },
+}
+
+impl Node {
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Node::Dir(d) => &d.meta,
+            Node::File { meta, .. }
+            | Node::Symlink { meta, .. }
+            | Node::Device { meta, .. }
+            | Node::Fifo { meta }
+            | Node::Socket { meta } => meta,
+        }
+    }
+
+    pub fn meta_mut(&mut self) -> &mut Meta {
+        match self {
+            Node::Dir(d) => &mut d.meta,
+            Node::File { meta, .. }
+            | Node::Symlink { meta, .. }
+            | Node::Device { meta, .. }
+            | Node::Fifo { meta }
+            | Node::Socket { meta } => meta,
+        }
+    }
+
+    /// A regular file owned by root.
+    pub fn file(mode: u32, data: impl Into<Vec<u8>>) -> Self {
+        Node::File {
+            meta: Meta::root(mode),
+            data: Arc::new(data.into()),
+        }
+    }
+
+    /// A symlink owned by root.
+    pub fn symlink(target: impl Into<OsString>) -> Self {
+        Node::Symlink {
+            meta: Meta::root(0o777),
+            target: target.into(),
+        }
+    }
+
+    /// An empty directory owned by root.
+    pub fn dir(mode: u32) -> Self {
+        Node::Dir(Dir::new(Meta::root(mode)))
+    }
+
+    pub fn as_dir(&self) -> Option<&Dir> {
+        match self {
+            Node::Dir(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    pub fn as_dir_mut(&mut self) -> Option<&mut Dir> {
+        match self {
+            Node::Dir(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// A directory: metadata plus sorted children.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dir {
+    pub meta: Meta,
+    pub entries: BTreeMap<OsString, Node>,
+}
+
+impl Dir {
+    pub fn new(meta: Meta) -> Self {
+        Dir {
+            meta,
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
+/// A whole filesystem rooted at `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tree {
+    pub root: Dir,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Tree::new()
+    }
+}
+
+/// Splits a path into its normal components, ignoring a leading `/` and `.`.
+/// Rejects `..` so that no caller can address anything above the root.
+pub fn components(path: &Path) -> Result<Vec<&OsStr>, TreeError> {
+    let mut out = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(TreeError::BadPath(path.to_path_buf()))
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Tree {
+    /// An empty tree whose root is `0755 root:root`.
+    pub fn new() -> Self {
+        Tree {
+            root: Dir::new(Meta::root(0o755)),
+        }
+    }
+
+    /// The node at `path` (`/` is the root directory itself).
+    pub fn get(&self, path: &Path) -> Option<&Node> {
+        let comps = components(path).ok()?;
+        let (last, parents) = match comps.split_last() {
+            Some(x) => x,
+            None => return None,
+        };
+        let mut dir = &self.root;
+        for c in parents {
+            dir = dir.entries.get(*c)?.as_dir()?;
+        }
+        dir.entries.get(*last)
+    }
+
+    pub fn get_mut(&mut self, path: &Path) -> Option<&mut Node> {
+        let comps = components(path).ok()?;
+        let (last, parents) = comps.split_last()?;
+        let mut dir = &mut self.root;
+        for c in parents {
+            dir = dir.entries.get_mut(*c)?.as_dir_mut()?;
+        }
+        dir.entries.get_mut(*last)
+    }
+
+    /// The directory at `path`, `/` included.
+    pub fn dir(&self, path: &Path) -> Option<&Dir> {
+        let comps = components(path).ok()?;
+        let mut dir = &self.root;
+        for c in comps {
+            dir = dir.entries.get(c)?.as_dir()?;
+        }
+        Some(dir)
+    }
+
+    /// The directory at `path`, creating missing directories with `meta`.
+    /// Fails if an existing component is not a directory (symlinks are not
+    /// followed: callers that want link resolution do it themselves).
+    pub fn mkdir_p(&mut self, path: &Path, meta: &Meta) -> Result<&mut Dir, TreeError> {
+        let comps = components(path)?;
+        let mut dir = &mut self.root;
+        for c in comps {
+            let node = dir
+                .entries
+                .entry(c.to_os_string())
+                .or_insert_with(|| Node::Dir(Dir::new(meta.clone())));
+            dir = node
+                .as_dir_mut()
+                .ok_or_else(|| TreeError::NotADirectory(path.to_path_buf()))?;
+        }
+        Ok(dir)
+    }
+
+    /// Puts `node` at `path`, replacing what was there. Missing parents are
+    /// created `0755 root:root`. Returns the replaced node, if any.
+    pub fn insert(&mut self, path: &Path, node: Node) -> Result<Option<Node>, TreeError> {
+        let comps = components(path)?;
+        let Some((last, parents)) = comps.split_last() else {
+            // Replacing the root itself: only a directory makes sense.
+            return match node {
+                Node::Dir(d) => Ok(Some(Node::Dir(std::mem::replace(&mut self.root, d)))),
+                _ => Err(TreeError::NotADirectory(path.to_path_buf())),
+            };
+        };
+        let parent: PathBuf = parents.iter().collect();
+        let dir = self.mkdir_p(&parent, &Meta::root(0o755))?;
+        Ok(dir.entries.insert(last.to_os_string(), node))
+    }
+
+    /// Removes and returns the node at `path`.
+    pub fn remove(&mut self, path: &Path) -> Result<Node, TreeError> {
+        let comps = components(path)?;
+        let (last, parents) = comps
+            .split_last()
+            .ok_or_else(|| TreeError::BadPath(path.to_path_buf()))?;
+        let mut dir = &mut self.root;
+        for c in parents {
+            dir = dir
+                .entries
+                .get_mut(*c)
+                .and_then(Node::as_dir_mut)
+                .ok_or_else(|| TreeError::NotFound(path.to_path_buf()))?;
+        }
+        dir.entries
+            .remove(*last)
+            .ok_or_else(|| TreeError::NotFound(path.to_path_buf()))
+    }
+
+    /// Every node below the root in depth-first, sorted order (a parent
+    /// before its children), with its tree-absolute path.
+    pub fn walk(&self) -> Vec<(PathBuf, &Node)> {
+        fn go<'a>(dir: &'a Dir, at: &Path, out: &mut Vec<(PathBuf, &'a Node)>) {
+            for (name, node) in &dir.entries {
+                let p = at.join(name);
+                out.push((p.clone(), node));
+                if let Node::Dir(d) = node {
+                    go(d, &p, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        go(&self.root, Path::new("/"), &mut out);
+        out
+    }
+
+    /// Total bytes of regular-file data (shared data counted each time).
+    pub fn data_size(&self) -> u64 {
+        self.walk()
+            .iter()
+            .map(|(_, n)| match n {
+                Node::File { data, .. } => data.len() as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_creates_parents_and_walk_is_sorted() {
+        let mut t = Tree::new();
+        t.insert(Path::new("/b/z"), Node::file(0o644, "z")).unwrap();
+        t.insert(Path::new("/a"), Node::file(0o600, "a")).unwrap();
+        t.insert(Path::new("b/c"), Node::symlink("z")).unwrap();
+        let paths: Vec<_> = t.walk().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            paths,
+            vec![
+                PathBuf::from("/a"),
+                PathBuf::from("/b"),
+                PathBuf::from("/b/c"),
+                PathBuf::from("/b/z")
+            ]
+        );
+        assert_eq!(t.get(Path::new("/b")).unwrap().meta().mode, 0o755);
+    }
+
+    #[test]
+    fn dotdot_is_rejected() {
+        let mut t = Tree::new();
+        assert_eq!(
+            t.insert(Path::new("/a/../../etc"), Node::file(0o644, "")),
+            Err(TreeError::BadPath(PathBuf::from("/a/../../etc")))
+        );
+        assert!(t.get(Path::new("../x")).is_none());
+    }
+
+    #[test]
+    fn file_as_parent_is_an_error() {
+        let mut t = Tree::new();
+        t.insert(Path::new("/f"), Node::file(0o644, "")).unwrap();
+        assert!(matches!(
+            t.insert(Path::new("/f/g"), Node::file(0o644, "")),
+            Err(TreeError::NotADirectory(_))
+        ));
+    }
+
+    #[test]
+    fn remove_returns_node() {
+        let mut t = Tree::new();
+        t.insert(Path::new("/d/f"), Node::file(0o644, "x")).unwrap();
+        assert!(matches!(t.remove(Path::new("/d/f")), Ok(Node::File { .. })));
+        assert!(t.get(Path::new("/d/f")).is_none());
+        assert!(matches!(
+            t.remove(Path::new("/d/f")),
+            Err(TreeError::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,143 @@
+//! Files the builder writes for the init, as JSON.
+//!
+//! - `/kiln/boot.json` in the initramfs: [`BootConfig`], what is needed to
+//!   find and mount the root filesystem.
+//! - `/kiln/config.json` in the root filesystem: [`HostConfig`], what runs.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Path of [`BootConfig`] inside the initramfs.
+pub const BOOT_CONFIG_PATH: &str = "/kiln/boot.json";
+/// Path of [`HostConfig`] inside the root filesystem.
+pub const HOST_CONFIG_PATH: &str = "/kiln/config.json";
+/// Where container root filesystems live inside the root filesystem:
+/// `CONTAINERS_DIR/NAME/rootfs`.
+pub const CONTAINERS_DIR: &str = "/containers";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    /// GPT unique partition GUID of the root partition (lowercase, hyphenated).
+    pub root_partuuid: String,
+    /// Filesystem type passed to mount(2), e.g. "squashfs" or "erofs".
+    pub root_fstype: String,
+    /// Kernel release the modules belong to (`uname -r`).
+    pub kernel_release: String,
+    /// Modules shipped in the initramfs.
+    pub modules: ModuleIndex,
+}
+
+/// What the init needs to load modules without modules.dep/modules.alias.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleIndex {
+    /// Module name (underscores, e.g. "virtio_blk") → module facts.
+    pub modules: BTreeMap<String, ModuleInfo>,
+    /// Modules loaded whatever the hardware (e.g. the root filesystem's).
+    pub always: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleInfo {
+    /// Absolute path of the module file in the initramfs (.ko, .ko.xz, .ko.zst).
+    pub path: String,
+    /// Names from `.modinfo` `depends=`, loaded first.
+    pub depends: Vec<String>,
+    /// Glob patterns from `.modinfo` `alias=`, matched against modaliases.
+    pub aliases: Vec<String>,
+}
+
+/// Everything the init runs, written into the root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub hostname: String,
+    pub when_done: WhenDone,
+    /// Recipe `[[file]]` entries. They are baked into the read-only root;
+    /// the init writes again those that fall on a tmpfs (/run, /tmp).
+    pub files: Vec<FileEntry>,
+    /// Run to completion, in order, before services.
+    pub onboot: Vec<Container>,
+    /// Long-running.
+    pub services: Vec<Container>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenDone {
+    /// Keep running after every container has exited.
+    Stay,
+    /// Power off once every container has exited.
+    Poweroff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub path: String,
+    pub contents: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    pub name: String,
+    /// Root filesystem path in the host root (read-only).
+    pub rootfs: String,
+    /// argv; `args[0]` is resolved against the container's PATH.
+    pub args: Vec<String>,
+    /// `KEY=value`, image Env merged with the recipe's.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    pub net: Net,
+    pub binds: Vec<Bind>,
+    /// Capability names (e.g. "CAP_CHOWN") the container keeps.
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Net {
+    /// Share the host's network namespace.
+    Host,
+    /// Own network namespace with only loopback.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bind {
+    /// Path in the host root.
+    pub source: String,
+    /// Path in the container.
+    pub target: String,
+    pub readonly: bool,
+}
+
+/// Docker's default capability set, what a container gets unless the
+/// recipe asks for more.
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
