@@ -1,5 +1,133 @@
 //! kiln-init: PID 1 of a kiln image.
+//!
+//! In the initramfs it loads modules, finds the root partition by GPT GUID
+//! and switches root; in the real root it sets up the host and runs the
+//! containers. It never exits: on fatal errors it powers off, since a PID 1
+//! that exits or panics takes the kernel down with it.
+
+mod boot;
+mod bpf;
+mod caps;
+mod console;
+mod container;
+mod glob;
+mod gpt;
+mod modules;
+mod supervisor;
+mod sys;
+
+use console::log;
+use kiln_init::config::{BootConfig, HostConfig, WhenDone, BOOT_CONFIG_PATH, HOST_CONFIG_PATH};
+use sys::{RealSys, Sys};
+
+/// Mount point of the real root inside the initramfs.
+const SYSROOT: &str = "/sysroot";
+/// How long to wait for the root partition to show up.
+const ROOT_WAIT_MS: u64 = 10_000;
 
 fn main() {
-    eprintln!("kiln-init: not implemented yet");
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != 1 {
+        // Everything below assumes it owns the machine (it powers off).
+        eprintln!("kiln-init: must run as PID 1 (the kernel's init); refusing");
+        std::process::exit(1);
+    }
+    let result = std::panic::catch_unwind(run);
+    let msg = match result {
+        Ok(Err(msg)) => msg,
+        Ok(Ok(never)) => match never {},
+        Err(_) => "internal error (panic)".to_string(),
+    };
+    log(&format!("FATAL: {msg}"));
+    log("powering off in 5 seconds");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    supervisor::poweroff();
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(sys: &dyn Sys, path: &str) -> Result<T, String> {
+    let data = sys
+        .read_file(path)
+        .map_err(|e| format!("read {path}: {e}"))?;
+    serde_json::from_slice(&data).map_err(|e| format!("parse {path}: {e}"))
+}
+
+/// The initramfs stage: modules, root discovery, switch_root.
+fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<(), String> {
+    let report = modules::load_all(sys, &boot.modules);
+    log(&format!(
+        "modules loaded ({}): {}",
+        report.loaded.len(),
+        report.loaded.join(" ")
+    ));
+    for (name, err) in &report.failed {
+        log(&format!("module {name} failed: {err}"));
+    }
+    let dev = boot::wait_for_partition(sys, &boot.root_partuuid, ROOT_WAIT_MS)
+        .map_err(|e| e.to_string())?;
+    boot::mount_fs(sys, &dev, SYSROOT, &boot.root_fstype, libc::MS_RDONLY, None)
+        .map_err(|e| e.to_string())?;
+    log(&format!("root {dev} ({}) mounted", boot.root_fstype));
+    boot::switch_root(sys, SYSROOT).map_err(|e| e.to_string())
+}
+
+fn run() -> Result<std::convert::Infallible, String> {
+    let sys = RealSys;
+    // SAFETY: setting the process umask; no pointers.
+    unsafe { libc::umask(0o022) };
+    let pseudo_errs = boot::mount_pseudo(&sys);
+    if let Some(fd) = boot::setup_console() {
+        console::set_console(fd);
+    }
+    log("starting");
+    for e in pseudo_errs {
+        log(&format!("warning: {e}"));
+    }
+    if sys.exists(BOOT_CONFIG_PATH) {
+        let boot: BootConfig = read_json(&sys, BOOT_CONFIG_PATH)?;
+        initramfs_stage(&sys, &boot)?;
+    } else {
+        log("no boot config: assuming the real root is already mounted");
+    }
+    for e in boot::mount_runtime(&sys) {
+        log(&format!("warning: {e}"));
+    }
+    let failed = boot::setup_cgroups(&sys);
+    if !failed.is_empty() {
+        log(&format!(
+            "warning: cgroup controllers not enabled: {}",
+            failed.join(", ")
+        ));
+    }
+    let cfg: HostConfig = read_json(&sys, HOST_CONFIG_PATH)?;
+    for e in boot::apply_host(&cfg) {
+        log(&format!("warning: {e}"));
+    }
+    log(&format!(
+        "host {} ready: {} onboot, {} services",
+        cfg.hostname,
+        cfg.onboot.len(),
+        cfg.services.len()
+    ));
+
+    let mut sup = supervisor::Supervisor::new("/var/log");
+    for c in &cfg.onboot {
+        if let Some(idx) = sup.start(c) {
+            sup.wait_job(idx);
+        }
+    }
+    for c in &cfg.services {
+        sup.start(c);
+    }
+    match cfg.when_done {
+        WhenDone::Poweroff => {
+            sup.wait_all();
+            log("all containers exited");
+            supervisor::poweroff();
+        }
+        WhenDone::Stay => {
+            sup.wait_all();
+            log("all containers exited; staying up");
+            sup.idle_forever();
+        }
+    }
 }

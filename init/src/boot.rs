@@ -1,0 +1,398 @@
+//! From kernel hand-off to the real root: pseudo filesystems, modules,
+//! finding the root partition by GPT GUID, switch_root, then the real
+//! root's tmpfs mounts, cgroups, hostname and runtime files.
+
+use crate::gpt;
+use crate::sys::{self, Sys};
+use kiln_init::config::{FileEntry, HostConfig};
+use std::io;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("mount {what} on {target}: {source}")]
+    Mount {
+        what: String,
+        target: String,
+        source: io::Error,
+    },
+    #[error("no partition with GUID {guid} appeared (disks: {seen})")]
+    RootNotFound { guid: String, seen: String },
+    #[error("switch root: {0}")]
+    SwitchRoot(io::Error),
+}
+
+const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+/// Mounts `fstype` on `target`, creating it, and names the failure.
+pub fn mount_fs(
+    sys: &dyn Sys,
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), BootError> {
+    let _ = sys.mkdir_all(target);
+    sys.mount(Some(src), target, Some(fstype), flags, data)
+        .map_err(|source| BootError::Mount {
+            what: fstype.to_string(),
+            target: target.to_string(),
+            source,
+        })
+}
+
+/// /proc, /sys and /dev; already-mounted ones (EBUSY) are fine.
+pub fn mount_pseudo(sys: &dyn Sys) -> Vec<BootError> {
+    let mut errs = Vec::new();
+    for (src, target, fstype, flags, data) in [
+        (
+            "proc",
+            "/proc",
+            "proc",
+            NOSUID_NODEV | libc::MS_NOEXEC,
+            None,
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            NOSUID_NODEV | libc::MS_NOEXEC,
+            None,
+        ),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            libc::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+    ] {
+        if let Err(e) = mount_fs(sys, src, target, fstype, flags, data) {
+            if !matches!(&e, BootError::Mount { source, .. } if source.raw_os_error() == Some(libc::EBUSY))
+            {
+                errs.push(e);
+            }
+        }
+    }
+    errs
+}
+
+/// Makes fds 0-2 point at the console when the kernel could not open it
+/// (an initramfs without /dev/console), so later fds never land there.
+/// Returns the console fd for logging.
+pub fn setup_console() -> Option<i32> {
+    let path = c"/dev/console";
+    // SAFETY: valid C string; flags only.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    for std_fd in 0..3 {
+        // SAFETY: F_GETFD probes whether the fd is open.
+        if unsafe { libc::fcntl(std_fd, libc::F_GETFD) } == -1 {
+            // SAFETY: duplicating our console fd.
+            unsafe { libc::dup2(fd, std_fd) };
+        }
+    }
+    Some(fd)
+}
+
+/// Whole disks under /sys/class/block (entries without a `partition` file).
+fn whole_disks(sys: &dyn Sys) -> Vec<String> {
+    sys.list_dir("/sys/class/block")
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| !sys.exists(&format!("/sys/class/block/{d}/partition")))
+        .filter(|d| !d.starts_with("loop") && !d.starts_with("ram"))
+        .collect()
+}
+
+/// The block device name of partition `number` of `disk`, from sysfs.
+fn partition_name(sys: &dyn Sys, disk: &str, number: u32) -> Option<String> {
+    let base = format!("/sys/class/block/{disk}");
+    sys.list_dir(&base).ok()?.into_iter().find(|entry| {
+        sys.read_file(&format!("{base}/{entry}/partition"))
+            .ok()
+            .and_then(|d| String::from_utf8_lossy(&d).trim().parse::<u32>().ok())
+            == Some(number)
+    })
+}
+
+/// Looks once through every disk's GPT for the partition with `guid`.
+pub fn find_partition(sys: &dyn Sys, guid: &str) -> Option<String> {
+    let want = guid.to_ascii_lowercase();
+    for disk in whole_disks(sys) {
+        let dev = format!("/dev/{disk}");
+        let read = |off: u64, len: usize| sys.read_at(&dev, off, len);
+        let Ok(parts) = gpt::read_partitions(&read) else {
+            continue;
+        };
+        for p in parts.iter().filter(|p| p.guid == want) {
+            if let Some(name) = partition_name(sys, &disk, p.number) {
+                let node = format!("/dev/{name}");
+                if sys.exists(&node) {
+                    return Some(node);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// What each disk holds, for the error message when the root is missing.
+fn describe_disks(sys: &dyn Sys) -> String {
+    let disks: Vec<String> = whole_disks(sys)
+        .into_iter()
+        .map(|disk| {
+            let dev = format!("/dev/{disk}");
+            let read = |off: u64, len: usize| sys.read_at(&dev, off, len);
+            match gpt::read_partitions(&read) {
+                Ok(parts) => {
+                    let g: Vec<String> = parts
+                        .iter()
+                        .map(|p| format!("{}={}", p.number, p.guid))
+                        .collect();
+                    format!("{disk}: {}", g.join(" "))
+                }
+                Err(e) => format!("{disk}: {e}"),
+            }
+        })
+        .collect();
+    if disks.is_empty() {
+        "none".to_string()
+    } else {
+        disks.join(", ")
+    }
+}
+
+/// Polls for the root partition for up to `timeout_ms`.
+pub fn wait_for_partition(sys: &dyn Sys, guid: &str, timeout_ms: u64) -> Result<String, BootError> {
+    let step = 50;
+    let mut waited = 0;
+    loop {
+        if let Some(dev) = find_partition(sys, guid) {
+            return Ok(dev);
+        }
+        if waited >= timeout_ms {
+            return Err(BootError::RootNotFound {
+                guid: guid.to_string(),
+                seen: describe_disks(sys),
+            });
+        }
+        sys.sleep_ms(step);
+        waited += step;
+    }
+}
+
+/// Moves /proc, /sys and /dev into `new_root`, makes it `/`, chroots.
+pub fn switch_root(sys: &dyn Sys, new_root: &str) -> Result<(), BootError> {
+    for m in ["/proc", "/sys", "/dev"] {
+        let target = format!("{new_root}{m}");
+        let _ = sys.mkdir_all(&target);
+        sys.mount(Some(m), &target, None, libc::MS_MOVE, None)
+            .map_err(|source| BootError::Mount {
+                what: m.to_string(),
+                target,
+                source,
+            })?;
+    }
+    std::env::set_current_dir(new_root).map_err(BootError::SwitchRoot)?;
+    sys.mount(Some("."), "/", None, libc::MS_MOVE, None)
+        .map_err(BootError::SwitchRoot)?;
+    sys::chroot(".").map_err(BootError::SwitchRoot)?;
+    std::env::set_current_dir("/").map_err(BootError::SwitchRoot)
+}
+
+/// Mounts of the real root. Failures are returned for logging; the boot
+/// goes on without what failed.
+pub fn mount_runtime(sys: &dyn Sys) -> Vec<BootError> {
+    let mut errs = Vec::new();
+    let mounts: [(&str, &str, &str, libc::c_ulong, Option<&str>); 6] = [
+        ("tmpfs", "/run", "tmpfs", NOSUID_NODEV, Some("mode=755")),
+        ("tmpfs", "/tmp", "tmpfs", NOSUID_NODEV, Some("mode=1777")),
+        (
+            "tmpfs",
+            "/var/log",
+            "tmpfs",
+            NOSUID_NODEV | libc::MS_NOEXEC,
+            Some("mode=755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("mode=0620,gid=5,ptmxmode=0666"),
+        ),
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            NOSUID_NODEV | libc::MS_NOEXEC,
+            None,
+        ),
+        (
+            "tmpfs",
+            "/run/kiln",
+            "tmpfs",
+            NOSUID_NODEV,
+            Some("mode=700"),
+        ),
+    ];
+    for (src, target, fstype, flags, data) in mounts {
+        if let Err(e) = mount_fs(sys, src, target, fstype, flags, data) {
+            errs.push(e);
+        }
+    }
+    errs
+}
+
+/// Creates the kiln cgroup and enables what controllers it can, each alone
+/// so a missing one does not block the others. Returns those that failed.
+pub fn setup_cgroups(sys: &dyn Sys) -> Vec<String> {
+    let mut failed = Vec::new();
+    let _ = sys.mkdir_all("/sys/fs/cgroup/kiln");
+    for ctl in ["pids", "memory"] {
+        for dir in ["/sys/fs/cgroup", "/sys/fs/cgroup/kiln"] {
+            if std::fs::write(format!("{dir}/cgroup.subtree_control"), format!("+{ctl}")).is_err() {
+                failed.push(format!("{ctl} in {dir}"));
+            }
+        }
+    }
+    failed
+}
+
+/// Whether a `[[file]]` lands on a tmpfs the init mounted (so is not
+/// already in the read-only image).
+pub fn is_runtime_path(path: &str) -> bool {
+    ["/run/", "/tmp/"].iter().any(|p| path.starts_with(p)) && !path.contains("/../")
+}
+
+/// Writes one runtime file with its mode and owner.
+pub fn write_file(f: &FileEntry) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = std::path::Path::new(&f.path).parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&f.path, &f.contents)?;
+    std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(f.mode & 0o7777))?;
+    std::os::unix::fs::chown(&f.path, Some(f.uid), Some(f.gid))
+}
+
+/// Hostname and runtime files of the host config; returns error messages.
+pub fn apply_host(cfg: &HostConfig) -> Vec<String> {
+    let mut errs = Vec::new();
+    if let Err(e) = sys::sethostname(&cfg.hostname) {
+        errs.push(format!("sethostname {:?}: {e}", cfg.hostname));
+    }
+    for f in cfg.files.iter().filter(|f| is_runtime_path(&f.path)) {
+        if let Err(e) = write_file(f) {
+            errs.push(format!("write {}: {e}", f.path));
+        }
+    }
+    errs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpt::tests::{synthetic_disk, GUID_BYTES, GUID_TEXT};
+    use crate::sys::fake::FakeSys;
+
+    fn fake_machine() -> FakeSys {
+        let sys = FakeSys::default();
+        sys.add("/sys/class/block/vda/size", b"100");
+        sys.add("/sys/class/block/vda/vda1/partition", b"1\n");
+        sys.add("/sys/class/block/vda/vda2/partition", b"2\n");
+        sys.add("/sys/class/block/vda1/partition", b"1\n");
+        sys.add("/sys/class/block/vda2/partition", b"2\n");
+        sys.add("/sys/class/block/loop0/size", b"0");
+        sys.add(
+            "/dev/vda",
+            &synthetic_disk(&[(1, [9; 16]), (1, GUID_BYTES)]),
+        );
+        sys.add("/dev/vda1", b"");
+        sys.add("/dev/vda2", b"");
+        sys
+    }
+
+    #[test]
+    fn finds_root_by_guid() {
+        let sys = fake_machine();
+        assert_eq!(
+            find_partition(&sys, GUID_TEXT).as_deref(),
+            Some("/dev/vda2")
+        );
+        assert_eq!(
+            find_partition(&sys, &GUID_TEXT.to_uppercase()).as_deref(),
+            Some("/dev/vda2")
+        );
+        assert_eq!(
+            find_partition(&sys, "00000000-0000-0000-0000-000000000001"),
+            None
+        );
+    }
+
+    #[test]
+    fn nvme_style_names() {
+        let sys = FakeSys::default();
+        sys.add("/sys/class/block/nvme0n1/size", b"100");
+        sys.add("/sys/class/block/nvme0n1/nvme0n1p2/partition", b"2");
+        sys.add("/sys/class/block/nvme0n1p2/partition", b"2");
+        sys.add(
+            "/dev/nvme0n1",
+            &synthetic_disk(&[(1, [9; 16]), (1, GUID_BYTES)]),
+        );
+        sys.add("/dev/nvme0n1p2", b"");
+        assert_eq!(
+            wait_for_partition(&sys, GUID_TEXT, 100).ok().as_deref(),
+            Some("/dev/nvme0n1p2")
+        );
+    }
+
+    #[test]
+    fn times_out_without_root() {
+        let sys = FakeSys::default();
+        assert!(matches!(
+            wait_for_partition(&sys, GUID_TEXT, 200),
+            Err(BootError::RootNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn pseudo_and_runtime_mounts() {
+        let sys = FakeSys::default();
+        assert!(mount_pseudo(&sys).is_empty());
+        assert!(mount_runtime(&sys).is_empty());
+        let targets: Vec<String> = sys.mounts.borrow().iter().map(|m| m.1.clone()).collect();
+        assert_eq!(
+            targets,
+            vec![
+                "/proc",
+                "/sys",
+                "/dev",
+                "/run",
+                "/tmp",
+                "/var/log",
+                "/dev/pts",
+                "/sys/fs/cgroup",
+                "/run/kiln"
+            ]
+        );
+    }
+
+    #[test]
+    fn runtime_paths() {
+        assert!(is_runtime_path("/run/app/conf"));
+        assert!(is_runtime_path("/tmp/x"));
+        assert!(!is_runtime_path("/etc/x"));
+        assert!(!is_runtime_path("/runner/x"));
+        assert!(!is_runtime_path("/run/../etc/passwd"));
+    }
+}

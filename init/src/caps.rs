@@ -1,0 +1,219 @@
+//! Capability names, masks, and applying them to the calling process.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CapError {
+    #[error("unknown capability {0:?}")]
+    Unknown(String),
+}
+
+/// Capability names in kernel number order (`CAP_CHOWN` = 0).
+const NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// Number of a capability name, with or without the `CAP_` prefix,
+/// any case.
+pub fn number(name: &str) -> Result<u32, CapError> {
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    NAMES
+        .iter()
+        .position(|n| *n == bare)
+        .map(|i| i as u32)
+        .ok_or_else(|| CapError::Unknown(name.to_string()))
+}
+
+/// Bit mask of the named capabilities.
+pub fn mask(names: &[String]) -> Result<u64, CapError> {
+    names
+        .iter()
+        .try_fold(0u64, |m, n| Ok(m | 1u64 << number(n)?))
+}
+
+/// The sets a container's process gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapPlan {
+    /// Capabilities to drop from the bounding set, ascending.
+    pub drop_bounding: u64,
+    /// Effective = permitted = inheritable, set before exec.
+    pub sets: u64,
+}
+
+/// What to do for a process running as `uid` that keeps `keep`, on a
+/// kernel whose highest capability is `last_cap`. Like Docker, a non-root
+/// user keeps the bounding set but holds nothing after exec.
+pub fn plan(keep: u64, uid: u32, last_cap: u32) -> CapPlan {
+    let all = if last_cap >= 63 {
+        u64::MAX
+    } else {
+        (1u64 << (last_cap + 1)) - 1
+    };
+    let keep = keep & all;
+    CapPlan {
+        drop_bounding: all & !keep,
+        sets: if uid == 0 { keep } else { 0 },
+    }
+}
+
+/// Highest capability number the running kernel knows.
+pub fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Drops from the bounding set. Needs CAP_SETPCAP, so runs before setuid.
+pub fn drop_bounding(plan: &CapPlan) -> std::io::Result<()> {
+    for cap in 0..64u32 {
+        if plan.drop_bounding & (1 << cap) != 0 {
+            // SAFETY: prctl with integer arguments only.
+            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            if r == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Sets effective, permitted and inheritable to `plan.sets`, and clears the
+/// ambient set.
+pub fn set_sets(plan: &CapPlan) -> std::io::Result<()> {
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let lo = plan.sets as u32;
+    let hi = (plan.sets >> 32) as u32;
+    let data = [
+        CapData {
+            effective: lo,
+            permitted: lo,
+            inheritable: lo,
+        },
+        CapData {
+            effective: hi,
+            permitted: hi,
+            inheritable: hi,
+        },
+    ];
+    // SAFETY: header and two data structs laid out as capset(2) expects.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_init::config::DEFAULT_CAPABILITIES;
+
+    #[test]
+    fn names_map_to_kernel_numbers() {
+        assert_eq!(number("CAP_CHOWN"), Ok(0));
+        assert_eq!(number("CAP_SETPCAP"), Ok(8));
+        assert_eq!(number("cap_net_raw"), Ok(13));
+        assert_eq!(number("SYS_ADMIN"), Ok(21));
+        assert_eq!(number("CAP_MKNOD"), Ok(27));
+        assert_eq!(number("CAP_AUDIT_WRITE"), Ok(29));
+        assert_eq!(number("CAP_SETFCAP"), Ok(31));
+        assert_eq!(number("CAP_CHECKPOINT_RESTORE"), Ok(40));
+        assert_eq!(
+            number("CAP_NOPE"),
+            Err(CapError::Unknown("CAP_NOPE".into()))
+        );
+    }
+
+    #[test]
+    fn docker_default_mask() {
+        let names: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+        // What `grep CapEff /proc/self/status` shows in a default Docker container.
+        assert_eq!(mask(&names), Ok(0x0000_0000_a804_25fb));
+    }
+
+    #[test]
+    fn plan_for_root_and_users() {
+        let keep = 0x0000_0000_a804_25fb;
+        let root = plan(keep, 0, 40);
+        assert_eq!(root.sets, keep);
+        assert_eq!(root.drop_bounding, 0x0000_01ff_ffff_ffff & !keep);
+        assert_eq!(root.drop_bounding & keep, 0);
+        let user = plan(keep, 1000, 40);
+        assert_eq!(user.sets, 0);
+        assert_eq!(user.drop_bounding, root.drop_bounding);
+        // Asking for a capability the kernel lacks keeps nothing extra.
+        assert_eq!(plan(1 << 50, 0, 40).sets, 0);
+        assert_eq!(plan(u64::MAX, 0, 63).drop_bounding, 0);
+    }
+}

@@ -1,0 +1,588 @@
+//! Starting one container: cgroup with a device filter, namespaces, a
+//! read-only root with Docker's /proc and /sys masking, a minimal /dev,
+//! credentials and capabilities, then exec.
+
+use crate::bpf;
+use crate::caps::{self, CapPlan};
+use crate::sys::{self, check, cstr, mount};
+use kiln_init::config::{Container, Net};
+use std::ffi::CString;
+use std::io;
+use std::os::unix::io::RawFd;
+use thiserror::Error;
+
+/// Where per-container cgroups live.
+pub const CGROUP_DIR: &str = "/sys/fs/cgroup/kiln";
+/// tmpfs holding the containers' root mount points.
+pub const PLUMBING_DIR: &str = "/run/kiln";
+
+#[derive(Debug, Error)]
+pub enum ContainerError {
+    #[error("capabilities: {0}")]
+    Caps(#[from] caps::CapError),
+    #[error("cgroup {path}: {source}")]
+    Cgroup { path: String, source: io::Error },
+    #[error("device filter: {0}")]
+    DeviceFilter(io::Error),
+    #[error("{0}: {1}")]
+    Io(&'static str, io::Error),
+    #[error("setup failed: {0}")]
+    Setup(String),
+    #[error("no args to run")]
+    NoArgs,
+}
+
+/// A started container: its PID (in the init's namespace) and the read
+/// ends of its stdout and stderr.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+}
+
+const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+/// Creates the container's cgroup and attaches the device filter.
+fn make_cgroup(name: &str) -> Result<String, ContainerError> {
+    let path = format!("{CGROUP_DIR}/{name}");
+    if let Err(e) = std::fs::create_dir(&path) {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(ContainerError::Cgroup { path, source: e });
+        }
+    }
+    let dir = std::fs::File::open(&path).map_err(|e| ContainerError::Cgroup {
+        path: path.clone(),
+        source: e,
+    })?;
+    use std::os::unix::io::AsRawFd;
+    let prog = bpf::program(&bpf::DEFAULT_RULES);
+    let fd = bpf::load_and_attach(&prog, dir.as_raw_fd()).map_err(ContainerError::DeviceFilter)?;
+    sys::close(fd);
+    Ok(path)
+}
+
+/// Starts `c`. Returns once the container process has exec'd its program
+/// or failed to set up (the error then says why).
+pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
+    if c.args.is_empty() {
+        return Err(ContainerError::NoArgs);
+    }
+    let plan = caps::plan(caps::mask(&c.capabilities)?, c.uid, caps::last_cap());
+    let cgroup = make_cgroup(&c.name)?;
+    let root = format!("{PLUMBING_DIR}/{}", c.name);
+    std::fs::create_dir_all(&root).map_err(|e| ContainerError::Io("plumbing dir", e))?;
+    // Built before fork so the child allocates little.
+    let exec = ExecPlan::new(c)?;
+
+    let pipes = |what| sys::pipe().map_err(|e| ContainerError::Io(what, e));
+    let (out_r, out_w) = pipes("stdout pipe")?;
+    let (err_r, err_w) = pipes("stderr pipe")?;
+    let (rep_r, rep_w) = pipes("report pipe")?;
+
+    // SAFETY: the init is single-threaded, so the child may run Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        sys::close(out_r);
+        sys::close(err_r);
+        sys::close(rep_r);
+        // A panic here must never unwind into the init's own fatal path
+        // (which would power the machine off from a child).
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            intermediate(c, &cgroup, &root, &plan, &exec, rep_w, out_w, err_w)
+        }));
+        report(rep_w, "Epanic during setup");
+        exit(127);
+    }
+    sys::close(out_w);
+    sys::close(err_w);
+    sys::close(rep_w);
+    let fail = |e: ContainerError| {
+        sys::close(out_r);
+        sys::close(err_r);
+        e
+    };
+    if pid < 0 {
+        sys::close(rep_r);
+        return Err(fail(ContainerError::Io("fork", io::Error::last_os_error())));
+    }
+    // Everything the children report, until the last copy of the write end
+    // closes (exec or exit).
+    let mut report = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = sys::read(rep_r, &mut buf) {
+        if n == 0 || report.len() > 64 * 1024 {
+            break;
+        }
+        report.extend_from_slice(&buf[..n]);
+    }
+    sys::close(rep_r);
+    let mut status = 0;
+    // SAFETY: reaping our own direct child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let text = String::from_utf8_lossy(&report);
+    let mut grandchild = None;
+    let mut errors = Vec::new();
+    for msg in text.split('\0').filter(|m| !m.is_empty()) {
+        if let Some(p) = msg.strip_prefix('P') {
+            grandchild = p.parse::<libc::pid_t>().ok();
+        } else {
+            errors.push(msg.strip_prefix('E').unwrap_or(msg).to_string());
+        }
+    }
+    if !errors.is_empty() {
+        return Err(fail(ContainerError::Setup(errors.join("; "))));
+    }
+    match grandchild {
+        Some(pid) => Ok(Spawned {
+            pid,
+            stdout: out_r,
+            stderr: err_r,
+        }),
+        None => Err(fail(ContainerError::Setup(
+            "container process did not start".to_string(),
+        ))),
+    }
+}
+
+/// Sends one report message (`P<pid>` or `E<error>`), NUL-terminated.
+fn report(fd: RawFd, msg: &str) {
+    let mut b = msg.as_bytes().to_vec();
+    b.push(0);
+    let _ = sys::write_all(fd, &b);
+}
+
+fn exit(code: libc::c_int) -> ! {
+    // SAFETY: leaving a forked child without running the parent's cleanup.
+    unsafe { libc::_exit(code) }
+}
+
+/// First child: joins the cgroup, makes the namespaces, forks the process
+/// that becomes PID 1 of the new PID namespace, reports its PID and exits.
+#[allow(clippy::too_many_arguments)]
+fn intermediate(
+    c: &Container,
+    cgroup: &str,
+    root: &str,
+    plan: &CapPlan,
+    exec: &ExecPlan,
+    rep: RawFd,
+    out: RawFd,
+    err: RawFd,
+) -> ! {
+    // Join before forking so the container never runs outside the filter.
+    if let Err(e) = std::fs::write(format!("{cgroup}/cgroup.procs"), "0") {
+        report(rep, &format!("Ejoin cgroup {cgroup}: {e}"));
+        exit(1);
+    }
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if c.net == Net::None {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: unshare with flags only.
+    if let Err(e) = check(unsafe { libc::unshare(flags) }) {
+        report(rep, &format!("Eunshare: {e}"));
+        exit(1);
+    }
+    // SAFETY: still single-threaded.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let e = match setup(c, root, plan, exec, out, err) {
+            Err(e) => e,
+            Ok(never) => match never {},
+        };
+        report(rep, &format!("E{e}"));
+        exit(127);
+    }
+    if pid < 0 {
+        report(rep, &format!("Efork: {}", io::Error::last_os_error()));
+        exit(1);
+    }
+    report(rep, &format!("P{pid}"));
+    exit(0);
+}
+
+/// argv, envp and the resolved program, ready for execve.
+pub struct ExecPlan {
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: String,
+}
+
+impl ExecPlan {
+    fn new(c: &Container) -> Result<ExecPlan, ContainerError> {
+        let conv = |v: &[String]| -> Result<Vec<CString>, ContainerError> {
+            v.iter()
+                .map(|s| cstr(s).map_err(|e| ContainerError::Io("argument", e)))
+                .collect()
+        };
+        Ok(ExecPlan {
+            argv: conv(&c.args)?,
+            envp: conv(&c.env)?,
+            cwd: if c.cwd.is_empty() {
+                "/".to_string()
+            } else {
+                c.cwd.clone()
+            },
+        })
+    }
+}
+
+/// Default PATH when the environment has none (Docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Resolves `prog` against the PATH in `env`, with `is_exec` telling
+/// whether a candidate is an executable file.
+pub fn resolve(prog: &str, env: &[String], is_exec: &dyn Fn(&str) -> bool) -> Option<String> {
+    if prog.contains('/') {
+        return Some(prog.to_string());
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    path.split(':')
+        .map(|d| if d.is_empty() { "." } else { d })
+        .map(|d| format!("{}/{prog}", d.trim_end_matches('/')))
+        .find(|cand| is_exec(cand))
+}
+
+fn is_executable(path: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn step<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+/// Runs in the container's PID 1 before exec. Only returns on error.
+fn setup(
+    c: &Container,
+    root: &str,
+    plan: &CapPlan,
+    exec: &ExecPlan,
+    out: RawFd,
+    err: RawFd,
+) -> Result<std::convert::Infallible, String> {
+    // The init blocks SIGCHLD for its signalfd; the mask survives exec.
+    // SAFETY: an empty, initialised signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::umask(0o022);
+    }
+    let null = step("open /dev/null", std::fs::File::open("/dev/null"))?;
+    use std::os::unix::io::AsRawFd;
+    for (from, to) in [(null.as_raw_fd(), 0), (out, 1), (err, 2)] {
+        // SAFETY: duplicating fds we hold onto the standard ones.
+        step("dup2", check(unsafe { libc::dup2(from, to) }))?;
+    }
+    drop(null);
+    step(
+        "make / private",
+        mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None),
+    )?;
+    step("sethostname", sys::sethostname(&c.name))?;
+    if c.net == Net::None {
+        step("bring up lo", loopback_up())?;
+    }
+    // Root: a read-only bind of the image's rootfs.
+    step(
+        "bind rootfs",
+        mount(
+            Some(&c.rootfs),
+            root,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        ),
+    )?;
+    remount_bind(root, true, 0).map_err(|e| format!("remount rootfs read-only: {e}"))?;
+    let at = |p: &str| format!("{root}{p}");
+    tmpfs(&at("/tmp"), NOSUID_NODEV, "mode=1777")?;
+    tmpfs(&at("/run"), NOSUID_NODEV, "mode=755")?;
+    make_dev(&at("/dev"))?;
+    make_proc(&at("/proc"), &at("/dev/null"))?;
+    step(
+        "mount /sys",
+        mount(
+            Some("sysfs"),
+            &at("/sys"),
+            Some("sysfs"),
+            NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+            None,
+        ),
+    )?;
+    mask(&at("/sys/firmware"), &at("/dev/null"))?;
+    for b in &c.binds {
+        let target = at(&b.target);
+        step(
+            &format!("bind {} to {}", b.source, b.target),
+            mount(
+                Some(&b.source),
+                &target,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            ),
+        )?;
+        step(
+            &format!("remount bind {}", b.target),
+            remount_bind(&target, b.readonly, 0),
+        )?;
+    }
+    pivot(root)?;
+
+    // Credentials: bounding set first (needs CAP_SETPCAP), then ids, then
+    // the sets, which setuid to non-root has already emptied.
+    step("drop bounding capabilities", caps::drop_bounding(plan))?;
+    // SAFETY: pointer and length describe the groups vector.
+    step(
+        "setgroups",
+        check(unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) }),
+    )?;
+    // SAFETY: integer arguments only.
+    step("setgid", check(unsafe { libc::setgid(c.gid) }))?;
+    // SAFETY: integer arguments only.
+    step("setuid", check(unsafe { libc::setuid(c.uid) }))?;
+    step("set capabilities", caps::set_sets(plan))?;
+    // SAFETY: prctl with integer arguments only.
+    step(
+        "no_new_privs",
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }),
+    )?;
+    step(
+        &format!("chdir {}", exec.cwd),
+        std::env::set_current_dir(&exec.cwd),
+    )?;
+
+    let prog = resolve(&c.args[0], &c.env, &is_executable)
+        .ok_or_else(|| format!("{}: not found in PATH", c.args[0]))?;
+    let prog = cstr(&prog).map_err(|e| e.to_string())?;
+    let mut argv: Vec<*const libc::c_char> = exec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: NULL-terminated arrays of valid C strings kept alive by `exec`.
+    unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    Err(format!(
+        "exec {}: {}",
+        c.args[0],
+        io::Error::last_os_error()
+    ))
+}
+
+fn tmpfs(path: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
+    step(
+        &format!("tmpfs on {path}"),
+        mount(Some("tmpfs"), path, Some("tmpfs"), flags, Some(data)),
+    )
+}
+
+/// Remounts a bind mount with nosuid,nodev (+ read-only, + `extra`).
+fn remount_bind(path: &str, readonly: bool, extra: libc::c_ulong) -> io::Result<()> {
+    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | NOSUID_NODEV | extra;
+    if readonly {
+        flags |= libc::MS_RDONLY;
+    }
+    mount(None, path, None, flags, None)
+}
+
+/// The minimal /dev: real device nodes on a tmpfs, a private devpts, shm.
+fn make_dev(dev: &str) -> Result<(), String> {
+    tmpfs(
+        dev,
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "mode=755,size=65536k",
+    )?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let p = format!("{dev}/{name}");
+        step(
+            &format!("mknod {p}"),
+            sys::mknod(&p, libc::S_IFCHR | 0o666, major, minor),
+        )?;
+        // The umask applied at mknod.
+        let c = cstr(&p).map_err(|e| e.to_string())?;
+        // SAFETY: valid C string.
+        step("chmod", check(unsafe { libc::chmod(c.as_ptr(), 0o666) }))?;
+    }
+    for d in ["pts", "shm"] {
+        step("mkdir", std::fs::create_dir(format!("{dev}/{d}")))?;
+    }
+    step(
+        "mount devpts",
+        mount(
+            Some("devpts"),
+            &format!("{dev}/pts"),
+            Some("devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+    )?;
+    tmpfs(
+        &format!("{dev}/shm"),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        "mode=1777,size=65536k",
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        step(
+            &format!("symlink /dev/{link}"),
+            std::os::unix::fs::symlink(target, format!("{dev}/{link}")),
+        )?;
+    }
+    Ok(())
+}
+
+/// Docker's masked and read-only /proc paths.
+pub const PROC_MASKED: [&str; 10] = [
+    "acpi",
+    "asound",
+    "interrupts",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "sched_debug",
+    "scsi",
+    "timer_list",
+    "timer_stats",
+];
+pub const PROC_READONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
+
+/// Hides `path`: an empty read-only tmpfs over a directory, the null
+/// device over a file; absent paths are fine.
+fn mask(path: &str, null: &str) -> Result<(), String> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let r = if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+            Some("size=0"),
+        )
+    } else {
+        mount(Some(null), path, None, libc::MS_BIND, None)
+    };
+    step(&format!("mask {path}"), r)
+}
+
+fn make_proc(proc: &str, null: &str) -> Result<(), String> {
+    step(
+        "mount /proc",
+        mount(
+            Some("proc"),
+            proc,
+            Some("proc"),
+            NOSUID_NODEV | libc::MS_NOEXEC,
+            None,
+        ),
+    )?;
+    for m in PROC_MASKED {
+        mask(&format!("{proc}/{m}"), null)?;
+    }
+    for r in PROC_READONLY {
+        let p = format!("{proc}/{r}");
+        if std::fs::symlink_metadata(&p).is_err() {
+            continue;
+        }
+        step(
+            &format!("bind {p}"),
+            mount(Some(&p), &p, None, libc::MS_BIND | libc::MS_REC, None),
+        )?;
+        step(
+            &format!("read-only {p}"),
+            remount_bind(&p, true, libc::MS_NOEXEC),
+        )?;
+    }
+    Ok(())
+}
+
+/// pivot_root into `root`, dropping the old root.
+fn pivot(root: &str) -> Result<(), String> {
+    step("chdir new root", std::env::set_current_dir(root))?;
+    let dot = c".";
+    // SAFETY: valid C strings; pivot_root(".", ".") stacks the old root on
+    // the new one, which the detach below removes.
+    let r = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
+    if r == -1 {
+        return Err(format!("pivot_root: {}", io::Error::last_os_error()));
+    }
+    step("detach old root", sys::umount(".", libc::MNT_DETACH))?;
+    step("chdir /", std::env::set_current_dir("/"))
+}
+
+/// `struct ifreq` with the flags member of its union.
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    pad: [u8; 22],
+}
+
+/// `ip link set lo up` in a fresh network namespace.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket creation.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let mut req = IfreqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: req is a valid ifreq for both ioctls.
+    let r = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req as *mut IfreqFlags) == -1 {
+            -1
+        } else {
+            req.flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &mut req as *mut IfreqFlags)
+        }
+    };
+    let res = check(r).map(|_| ());
+    sys::close(fd);
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_through_path() {
+        let env = vec!["A=1".to_string(), "PATH=/usr/bin:/bin".to_string()];
+        let exists = |p: &str| p == "/bin/sh" || p == "/usr/bin/env";
+        assert_eq!(resolve("sh", &env, &exists).as_deref(), Some("/bin/sh"));
+        assert_eq!(
+            resolve("env", &env, &exists).as_deref(),
+            Some("/usr/bin/env")
+        );
+        assert_eq!(resolve("nope", &env, &exists), None);
+        assert_eq!(resolve("./x", &env, &exists).as_deref(), Some("./x"));
+        // Without PATH, Docker's default applies.
+        assert_eq!(resolve("sh", &[], &exists).as_deref(), Some("/bin/sh"));
+    }
+
+    #[test]
+    fn ifreq_layout() {
+        assert_eq!(std::mem::size_of::<IfreqFlags>(), 40);
+    }
+}
