@@ -3,4 +3,7 @@
 //! Every encoder is deterministic: the same input yields the same bytes
 //! (sorted directory entries, no clock, no randomness).
 
+pub mod cpio;
+pub mod squashfs;
 pub mod tree;
+pub mod uki;
