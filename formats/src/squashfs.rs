@@ -1,11 +1,12 @@
 //! squashfs 4.0 images from a [`Tree`], written with the `backhand` crate.
 //!
-//! Compression defaults to zstd: every Debian kernel since buster (4.19)
-//! has `CONFIG_SQUASHFS_ZSTD=y` next to xz, and zstd decompresses several
-//! times faster than xz for a ratio close to it, which matters for root
-//! filesystem reads at boot on small instances and under emulation. gzip
-//! (zlib, built into every squashfs kernel, pure-Rust encoder) is the
-//! fallback. Output is reproducible: backhand writes sequentially (only its
+//! Compression defaults to zstd: Debian's kernels (bookworm 6.1, trixie
+//! 6.12) build squashfs with zlib, lz4, lzo, xz and zstd, and zstd
+//! decompresses several times faster than xz for a ratio close to it, which
+//! matters for root filesystem reads at boot on small instances and under
+//! emulation. It costs one C build (libzstd, bundled by `zstd-sys`); xz
+//! would cost liblzma's. gzip (zlib: the one squashfs decompressor every
+//! kernel config has; pure-Rust encoder) is the fallback. Output is reproducible: backhand writes sequentially (only its
 //! reader is parallel), nodes come from the sorted tree walk, and the
 //! superblock time is taken from the tree, never the clock.
 //!
@@ -410,6 +411,7 @@ mod tests {
         let c = row("/dev/console");
         assert_eq!(c[0], "crw-------");
         assert_eq!(c[1], "0/5");
+        // uid/gid "0/5" then "5,1": joined, as column padding may vary.
         assert!(c.concat().contains("0/55,1"));
         let b = row("/dev/nvme");
         assert_eq!(b[0], "brw-rw----");
