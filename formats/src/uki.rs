@@ -354,6 +354,81 @@ pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, Uki
     Ok(image)
 }
 
+/// Test helpers shared with other modules' boot tests.
+#[cfg(test)]
+pub(crate) mod testkit {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    /// Runs `cmd` and returns its stdout, or a message on failure.
+    pub(crate) fn run(cmd: &mut Command) -> Result<String, String> {
+        let o = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "{cmd:?}: {}\n{}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// An unpacked Debian cloud kernel package: `$KILN_TEST_KERNEL_ROOT`,
+    /// or downloaded with apt into `dir`. The returned directory holds
+    /// `vmlinuz` (a link to `boot/vmlinuz-*`) and `lib/modules/*/kernel`.
+    pub(crate) fn debian_kernel(dir: &Path) -> Result<PathBuf, String> {
+        let root = match std::env::var("KILN_TEST_KERNEL_ROOT") {
+            Ok(p) => PathBuf::from(p),
+            Err(_) => {
+                let deps =
+                    run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
+                let pkg = deps
+                    .lines()
+                    .filter_map(|l| l.trim().strip_prefix("Depends: "))
+                    .find(|p| p.starts_with("linux-image-"))
+                    .ok_or("no kernel package in apt-cache depends")?
+                    .to_owned();
+                run(Command::new("apt-get")
+                    .args(["download", &pkg])
+                    .current_dir(dir))?;
+                let deb = first_entry(dir, |n| n.ends_with(".deb"))?;
+                let root = dir.join("deb");
+                run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+                root
+            }
+        };
+        let vmlinuz = first_entry(&root.join("boot"), |n| n.starts_with("vmlinuz-"))?;
+        let link = dir.join("kernel");
+        let _ = std::fs::remove_dir_all(&link);
+        std::fs::create_dir_all(&link).map_err(|e| e.to_string())?;
+        std::os::unix::fs::symlink(&vmlinuz, link.join("vmlinuz")).map_err(|e| e.to_string())?;
+        std::os::unix::fs::symlink(root.join("lib"), link.join("lib"))
+            .map_err(|e| e.to_string())?;
+        Ok(link)
+    }
+
+    /// The module file `rel` (e.g. `fs/squashfs/squashfs.ko`) of the
+    /// kernel unpacked by [`debian_kernel`].
+    pub(crate) fn module(kernel: &Path, rel: &str) -> Result<Vec<u8>, String> {
+        let modules = first_entry(&kernel.join("lib/modules"), |_| true)?;
+        let p = modules.join("kernel").join(rel);
+        std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))
+    }
+
+    fn first_entry(dir: &Path, want: impl Fn(&str) -> bool) -> Result<PathBuf, String> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| want(&n.to_string_lossy())))
+            .collect();
+        found.sort();
+        found
+            .pop()
+            .ok_or_else(|| format!("nothing suitable in {}", dir.display()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,58 +661,10 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Runs `cmd` and returns its stdout, or a message on failure.
-    fn run(cmd: &mut Command) -> Result<String, String> {
-        let o = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "{cmd:?}: {}\n{}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-    }
-
-    /// A Debian cloud kernel: `$KILN_TEST_VMLINUZ`, or downloaded with apt.
-    fn debian_kernel(dir: &std::path::Path) -> Result<Vec<u8>, String> {
-        if let Ok(p) = std::env::var("KILN_TEST_VMLINUZ") {
-            return std::fs::read(&p).map_err(|e| format!("{p}: {e}"));
-        }
-        let deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
-        let pkg = deps
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends: "))
-            .find(|p| p.starts_with("linux-image-"))
-            .ok_or("no kernel package in apt-cache depends")?
-            .to_owned();
-        run(Command::new("apt-get")
-            .args(["download", &pkg])
-            .current_dir(dir))?;
-        let deb = std::fs::read_dir(dir)
-            .map_err(|e| e.to_string())?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or("apt-get download left no .deb")?;
-        let root = dir.join("deb");
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-        let vmlinuz = std::fs::read_dir(root.join("boot"))
-            .map_err(|e| e.to_string())?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })
-            .ok_or("no boot/vmlinuz-* in the package")?;
-        std::fs::read(&vmlinuz).map_err(|e| e.to_string())
-    }
-
     /// Full boot: Debian kernel + busybox initramfs (our cpio writer) in a
     /// UKI on a FAT ESP, booted by OVMF under TCG; the init prints a marker
     /// on the serial console. Needs the Debian archive (apt-get download)
-    /// unless KILN_TEST_VMLINUZ is set, and ~15-30 s of emulation.
+    /// unless KILN_TEST_KERNEL_ROOT is set, and ~15-30 s of emulation.
     #[test]
     #[ignore = "downloads a Debian kernel and boots QEMU/OVMF (30+ s)"]
     fn uki_boots_under_ovmf() {
@@ -658,7 +685,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kiln-uki-boot-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let kernel = debian_kernel(&dir).unwrap();
+        let kernel = testkit::debian_kernel(&dir).unwrap();
+        let kernel = std::fs::read(kernel.join("vmlinuz")).unwrap();
 
         let mut t = Tree::new();
         t.insert(
@@ -698,6 +726,7 @@ mod tests {
         let efi = dir.join("uki.efi");
         std::fs::write(&efi, &uki).unwrap();
         let esp = dir.join("esp.img");
+        use testkit::run;
         run(Command::new("mkfs.fat").arg("-C").arg(&esp).arg("65536")).unwrap();
         run(Command::new("mmd")
             .arg("-i")
