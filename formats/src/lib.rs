@@ -4,6 +4,9 @@
 //! (sorted directory entries, no clock, no randomness).
 
 pub mod cpio;
+pub mod disk;
+pub mod fat;
+pub mod gpt;
 pub mod squashfs;
 pub mod tree;
 pub mod uki;

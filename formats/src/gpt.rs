@@ -1,0 +1,540 @@
+//! GUID Partition Table: GUIDs, the on-disk structures, and a reader.
+//!
+//! Layout written here (512-byte sectors, 128 entries of 128 bytes):
+//! LBA 0 protective MBR, LBA 1 primary header, LBA 2..=33 primary entries,
+//! ..., LBA N-33..=N-2 backup entries, LBA N-1 backup header.
+
+use std::fmt;
+use std::io::{Read, Seek, SeekFrom};
+use std::str::FromStr;
+
+use sha2::{Digest, Sha256};
+
+/// Bytes per logical sector; kiln only writes 512-byte-sector disks.
+pub const SECTOR: u64 = 512;
+/// Number of partition entries in the array.
+pub const ENTRY_COUNT: u32 = 128;
+/// Size of one partition entry.
+pub const ENTRY_SIZE: u32 = 128;
+/// Sectors taken by one copy of the entry array (128 * 128 / 512).
+pub const ENTRY_SECTORS: u64 = (ENTRY_COUNT as u64 * ENTRY_SIZE as u64) / SECTOR;
+/// First LBA a partition may use (MBR + header + entries).
+pub const FIRST_USABLE_LBA: u64 = 2 + ENTRY_SECTORS;
+/// Sectors reserved at the end of the disk (backup entries + header).
+pub const BACKUP_SECTORS: u64 = 1 + ENTRY_SECTORS;
+/// Longest partition name in UTF-16 code units.
+pub const NAME_UNITS: usize = 36;
+
+const SIGNATURE: &[u8; 8] = b"EFI PART";
+const REVISION: u32 = 0x0001_0000;
+const HEADER_SIZE: u32 = 92;
+
+/// Errors from GUID parsing and GPT encoding/decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum GptError {
+    #[error("invalid GUID `{0}`: expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")]
+    BadGuid(String),
+    #[error("partition name `{0}` is longer than 36 UTF-16 code units")]
+    NameTooLong(String),
+    #[error("too many partitions: {0} (at most 128)")]
+    TooManyPartitions(usize),
+    #[error("disk of {0} sectors is too small for a GPT")]
+    DiskTooSmall(u64),
+    #[error("no valid GPT header: {0}")]
+    BadHeader(String),
+    #[error("partition entry array CRC mismatch")]
+    BadEntriesCrc,
+    #[error("I/O error reading GPT: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A 128-bit GUID, stored in canonical (string) byte order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Guid(pub [u8; 16]);
+
+/// EFI System Partition type.
+pub const ESP_TYPE: Guid = Guid([
+    0xc1, 0x2a, 0x73, 0x28, 0xf8, 0x1f, 0x11, 0xd2, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e, 0xc9, 0x3b,
+]);
+/// Discoverable Partitions Specification: Linux root (x86-64).
+pub const LINUX_ROOT_X86_64_TYPE: Guid = Guid([
+    0x4f, 0x68, 0xbc, 0xe3, 0xe8, 0xcd, 0x4d, 0xb1, 0x96, 0xe7, 0xfb, 0xca, 0xf9, 0x84, 0xb7, 0x09,
+]);
+
+impl Guid {
+    /// The all-zero GUID (marks an unused partition entry).
+    pub const NIL: Guid = Guid([0; 16]);
+
+    /// Parses `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (either case).
+    pub fn parse(s: &str) -> Result<Guid, GptError> {
+        let bad = || GptError::BadGuid(s.to_string());
+        let b = s.as_bytes();
+        if b.len() != 36 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 16];
+        let mut n = 0;
+        let mut i = 0;
+        while i < 36 {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                if b[i] != b'-' {
+                    return Err(bad());
+                }
+                i += 1;
+                continue;
+            }
+            let hi = hex(b[i]).ok_or_else(bad)?;
+            let lo = hex(b[i + 1]).ok_or_else(bad)?;
+            out[n] = hi << 4 | lo;
+            n += 1;
+            i += 2;
+        }
+        Ok(Guid(out))
+    }
+
+    /// A stable GUID derived from `namespace` and `data`: the first 16
+    /// bytes of SHA-256 over both, with RFC 4122 version 4 and variant bits
+    /// set (as systemd does for derived ids) so tools accept it. The
+    /// namespace is length-prefixed so ("ab","c") and ("a","bc") differ.
+    pub fn derive(namespace: &str, data: &[u8]) -> Guid {
+        let mut h = Sha256::new();
+        h.update((namespace.len() as u64).to_le_bytes());
+        h.update(namespace.as_bytes());
+        h.update(data);
+        let digest = h.finalize();
+        let mut g = [0u8; 16];
+        g.copy_from_slice(&digest[..16]);
+        g[6] = (g[6] & 0x0f) | 0x40;
+        g[8] = (g[8] & 0x3f) | 0x80;
+        Guid(g)
+    }
+
+    /// The GPT on-disk form: the first three fields little-endian.
+    pub fn to_gpt_bytes(&self) -> [u8; 16] {
+        let mut o = self.0;
+        o[0..4].reverse();
+        o[4..6].reverse();
+        o[6..8].reverse();
+        o
+    }
+
+    /// Inverse of [`Guid::to_gpt_bytes`].
+    pub fn from_gpt_bytes(b: &[u8; 16]) -> Guid {
+        // The swap is an involution.
+        Guid(Guid(*b).to_gpt_bytes())
+    }
+}
+
+fn hex(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Display for Guid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Guid {
+    type Err = GptError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Guid::parse(s)
+    }
+}
+
+/// One partition entry as written to or read from the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionEntry {
+    pub type_guid: Guid,
+    pub guid: Guid,
+    pub first_lba: u64,
+    /// Inclusive.
+    pub last_lba: u64,
+    pub attributes: u64,
+    pub name: String,
+}
+
+/// A used entry found by [`read_partitions`]; `index` is 1-based like
+/// `sgdisk` and Linux partition numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub index: u32,
+    pub entry: PartitionEntry,
+}
+
+/// The encoded table: what goes at the start and at the end of the disk.
+pub struct GptImage {
+    /// LBA 0..=33: protective MBR, primary header, primary entries.
+    pub head: Vec<u8>,
+    /// The last 33 sectors: backup entries then backup header.
+    pub tail: Vec<u8>,
+}
+
+fn encode_name(name: &str) -> Result<[u8; 72], GptError> {
+    let units: Vec<u16> = name.encode_utf16().collect();
+    if units.len() > NAME_UNITS {
+        return Err(GptError::NameTooLong(name.to_string()));
+    }
+    let mut out = [0u8; 72];
+    for (i, u) in units.iter().enumerate() {
+        out[i * 2..i * 2 + 2].copy_from_slice(&u.to_le_bytes());
+    }
+    Ok(out)
+}
+
+fn encode_entries(entries: &[PartitionEntry]) -> Result<Vec<u8>, GptError> {
+    if entries.len() > ENTRY_COUNT as usize {
+        return Err(GptError::TooManyPartitions(entries.len()));
+    }
+    let mut out = vec![0u8; (ENTRY_COUNT * ENTRY_SIZE) as usize];
+    for (i, e) in entries.iter().enumerate() {
+        let b = &mut out[i * ENTRY_SIZE as usize..(i + 1) * ENTRY_SIZE as usize];
+        b[0..16].copy_from_slice(&e.type_guid.to_gpt_bytes());
+        b[16..32].copy_from_slice(&e.guid.to_gpt_bytes());
+        b[32..40].copy_from_slice(&e.first_lba.to_le_bytes());
+        b[40..48].copy_from_slice(&e.last_lba.to_le_bytes());
+        b[48..56].copy_from_slice(&e.attributes.to_le_bytes());
+        b[56..128].copy_from_slice(&encode_name(&e.name)?);
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_header(
+    disk_guid: Guid,
+    my_lba: u64,
+    alternate_lba: u64,
+    first_usable: u64,
+    last_usable: u64,
+    entries_lba: u64,
+    entries_crc: u32,
+) -> [u8; SECTOR as usize] {
+    let mut h = [0u8; SECTOR as usize];
+    h[0..8].copy_from_slice(SIGNATURE);
+    h[8..12].copy_from_slice(&REVISION.to_le_bytes());
+    h[12..16].copy_from_slice(&HEADER_SIZE.to_le_bytes());
+    // 16..20: header CRC, filled in last; 20..24 reserved.
+    h[24..32].copy_from_slice(&my_lba.to_le_bytes());
+    h[32..40].copy_from_slice(&alternate_lba.to_le_bytes());
+    h[40..48].copy_from_slice(&first_usable.to_le_bytes());
+    h[48..56].copy_from_slice(&last_usable.to_le_bytes());
+    h[56..72].copy_from_slice(&disk_guid.to_gpt_bytes());
+    h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+    h[80..84].copy_from_slice(&ENTRY_COUNT.to_le_bytes());
+    h[84..88].copy_from_slice(&ENTRY_SIZE.to_le_bytes());
+    h[88..92].copy_from_slice(&entries_crc.to_le_bytes());
+    let crc = crc32fast::hash(&h[..HEADER_SIZE as usize]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// The protective MBR: one 0xEE partition covering the disk (capped at
+/// 2^32-1 sectors as the UEFI spec requires).
+pub fn protective_mbr(total_sectors: u64) -> [u8; SECTOR as usize] {
+    let mut m = [0u8; SECTOR as usize];
+    let p = &mut m[446..462];
+    p[0] = 0x00; // not bootable
+    p[1..4].copy_from_slice(&[0x00, 0x02, 0x00]); // CHS of LBA 1
+    p[4] = 0xEE;
+    p[5..8].copy_from_slice(&[0xFF, 0xFF, 0xFF]);
+    p[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let len = total_sectors.saturating_sub(1).min(u32::MAX as u64) as u32;
+    p[12..16].copy_from_slice(&len.to_le_bytes());
+    m[510] = 0x55;
+    m[511] = 0xAA;
+    m
+}
+
+/// Last LBA a partition may use on a disk of `total_sectors`.
+pub fn last_usable_lba(total_sectors: u64) -> u64 {
+    total_sectors.saturating_sub(BACKUP_SECTORS + 1)
+}
+
+/// Encodes the full table (MBR, primary and backup GPT) for a disk of
+/// `total_sectors` 512-byte sectors. Entries are written in the given order.
+pub fn encode(
+    disk_guid: Guid,
+    total_sectors: u64,
+    entries: &[PartitionEntry],
+) -> Result<GptImage, GptError> {
+    if total_sectors < FIRST_USABLE_LBA + BACKUP_SECTORS + 1 {
+        return Err(GptError::DiskTooSmall(total_sectors));
+    }
+    let array = encode_entries(entries)?;
+    let crc = crc32fast::hash(&array);
+    let last = total_sectors - 1;
+    let first_usable = FIRST_USABLE_LBA;
+    let last_usable = last_usable_lba(total_sectors);
+    let primary = encode_header(disk_guid, 1, last, first_usable, last_usable, 2, crc);
+    let backup_entries_lba = last - ENTRY_SECTORS;
+    let backup = encode_header(
+        disk_guid,
+        last,
+        1,
+        first_usable,
+        last_usable,
+        backup_entries_lba,
+        crc,
+    );
+    let mut head = Vec::with_capacity((FIRST_USABLE_LBA * SECTOR) as usize);
+    head.extend_from_slice(&protective_mbr(total_sectors));
+    head.extend_from_slice(&primary);
+    head.extend_from_slice(&array);
+    let mut tail = Vec::with_capacity((BACKUP_SECTORS * SECTOR) as usize);
+    tail.extend_from_slice(&array);
+    tail.extend_from_slice(&backup);
+    Ok(GptImage { head, tail })
+}
+
+/// A parsed, CRC-checked header.
+struct Header {
+    disk_guid: Guid,
+    entries_lba: u64,
+    count: u32,
+    entry_size: u32,
+    entries_crc: u32,
+}
+
+fn parse_header(h: &[u8; SECTOR as usize], expect_lba: u64) -> Result<Header, String> {
+    if &h[0..8] != SIGNATURE {
+        return Err("missing `EFI PART` signature".into());
+    }
+    let size = u32::from_le_bytes(h[12..16].try_into().unwrap_or_default());
+    if !(HEADER_SIZE..=SECTOR as u32).contains(&size) {
+        return Err(format!("header size {size}"));
+    }
+    let stored = u32::from_le_bytes(h[16..20].try_into().unwrap_or_default());
+    let mut copy = *h;
+    copy[16..20].fill(0);
+    if crc32fast::hash(&copy[..size as usize]) != stored {
+        return Err("header CRC mismatch".into());
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
+    let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
+    if u64_at(24) != expect_lba {
+        return Err(format!(
+            "header at LBA {expect_lba} claims LBA {}",
+            u64_at(24)
+        ));
+    }
+    let mut g = [0u8; 16];
+    g.copy_from_slice(&h[56..72]);
+    let count = u32_at(80);
+    let entry_size = u32_at(84);
+    if !(128..=4096).contains(&entry_size) || entry_size % 8 != 0 || count > 16384 {
+        return Err(format!("entry geometry {count} x {entry_size}"));
+    }
+    Ok(Header {
+        disk_guid: Guid::from_gpt_bytes(&g),
+        entries_lba: u64_at(72),
+        count,
+        entry_size,
+        entries_crc: u32_at(88),
+    })
+}
+
+fn read_at<R: Read + Seek>(r: &mut R, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    r.seek(SeekFrom::Start(off))?;
+    r.read_exact(buf)
+}
+
+/// Reads the disk GUID and used partition entries. Uses the primary header
+/// and falls back to the backup header if the primary one is damaged.
+pub fn read_table<R: Read + Seek>(r: &mut R) -> Result<(Guid, Vec<PartitionInfo>), GptError> {
+    let len = r.seek(SeekFrom::End(0))?;
+    let mut h = [0u8; SECTOR as usize];
+    read_at(r, SECTOR, &mut h)?;
+    let header = match parse_header(&h, 1) {
+        Ok(hd) => hd,
+        Err(primary) => {
+            let last = (len / SECTOR).checked_sub(1).ok_or_else(|| {
+                GptError::BadHeader(format!("primary: {primary}; disk too short"))
+            })?;
+            read_at(r, last * SECTOR, &mut h)?;
+            parse_header(&h, last)
+                .map_err(|b| GptError::BadHeader(format!("primary: {primary}; backup: {b}")))?
+        }
+    };
+    let mut array = vec![0u8; header.count as usize * header.entry_size as usize];
+    let at = header
+        .entries_lba
+        .checked_mul(SECTOR)
+        .ok_or_else(|| GptError::BadHeader("entry array LBA out of range".into()))?;
+    read_at(r, at, &mut array)?;
+    if crc32fast::hash(&array) != header.entries_crc {
+        return Err(GptError::BadEntriesCrc);
+    }
+    let mut out = Vec::new();
+    for (i, e) in array.chunks_exact(header.entry_size as usize).enumerate() {
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&e[0..16]);
+        let type_guid = Guid::from_gpt_bytes(&t);
+        if type_guid == Guid::NIL {
+            continue;
+        }
+        let mut u = [0u8; 16];
+        u.copy_from_slice(&e[16..32]);
+        let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().unwrap_or_default());
+        let units: Vec<u16> = e[56..128]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .take_while(|&c| c != 0)
+            .collect();
+        out.push(PartitionInfo {
+            index: i as u32 + 1,
+            entry: PartitionEntry {
+                type_guid,
+                guid: Guid::from_gpt_bytes(&u),
+                first_lba: u64_at(32),
+                last_lba: u64_at(40),
+                attributes: u64_at(48),
+                name: String::from_utf16_lossy(&units),
+            },
+        });
+    }
+    Ok((header.disk_guid, out))
+}
+
+/// The used partition entries of a GPT disk (see [`read_table`]).
+/// For an in-memory image pass `&mut std::io::Cursor::new(bytes)`.
+pub fn read_partitions<R: Read + Seek>(r: &mut R) -> Result<Vec<PartitionInfo>, GptError> {
+    read_table(r).map(|(_, p)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn guid_display_and_parse_round_trip() {
+        assert_eq!(ESP_TYPE.to_string(), "c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+        assert_eq!(
+            Guid::parse("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709").unwrap(),
+            LINUX_ROOT_X86_64_TYPE
+        );
+        let g: Guid = "00112233-4455-6677-8899-aabbccddeeff".parse().unwrap();
+        assert_eq!(g.to_string(), "00112233-4455-6677-8899-aabbccddeeff");
+    }
+
+    #[test]
+    fn guid_parse_rejects_garbage() {
+        for s in [
+            "",
+            "c12a7328f81f11d2ba4b00a0c93ec93b",
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93",
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93bb",
+            "c12a7328_f81f-11d2-ba4b-00a0c93ec93b",
+            "g12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec9é",
+        ] {
+            assert!(Guid::parse(s).is_err(), "{s:?} accepted");
+        }
+    }
+
+    #[test]
+    fn gpt_byte_order_is_mixed_endian() {
+        // Known on-disk bytes of the ESP type GUID.
+        assert_eq!(
+            ESP_TYPE.to_gpt_bytes(),
+            [
+                0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+                0xc9, 0x3b
+            ]
+        );
+        assert_eq!(Guid::from_gpt_bytes(&ESP_TYPE.to_gpt_bytes()), ESP_TYPE);
+    }
+
+    #[test]
+    fn derive_is_stable_and_versioned() {
+        let a = Guid::derive("kiln/disk", b"x");
+        assert_eq!(a, Guid::derive("kiln/disk", b"x"));
+        assert_ne!(a, Guid::derive("kiln/disk", b"y"));
+        assert_ne!(Guid::derive("ab", b"c"), Guid::derive("a", b"bc"));
+        let s = a.to_string();
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+    }
+
+    #[test]
+    fn encode_then_read_back() {
+        let total = 8192;
+        let entries = vec![
+            PartitionEntry {
+                type_guid: ESP_TYPE,
+                guid: Guid::derive("t", b"1"),
+                first_lba: 2048,
+                last_lba: 4095,
+                attributes: 0,
+                name: "esp".into(),
+            },
+            PartitionEntry {
+                type_guid: LINUX_ROOT_X86_64_TYPE,
+                guid: Guid::derive("t", b"2"),
+                first_lba: 4096,
+                last_lba: 6143,
+                attributes: 1 << 60,
+                name: "root-ä".into(),
+            },
+        ];
+        let img = encode(Guid::derive("t", b"disk"), total, &entries).unwrap();
+        let mut disk = vec![0u8; (total * SECTOR) as usize];
+        disk[..img.head.len()].copy_from_slice(&img.head);
+        let tail_at = disk.len() - img.tail.len();
+        disk[tail_at..].copy_from_slice(&img.tail);
+        let (g, parts) = read_table(&mut Cursor::new(&disk)).unwrap();
+        assert_eq!(g, Guid::derive("t", b"disk"));
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].index, 1);
+        assert_eq!(parts[1].entry, entries[1]);
+
+        // Damage the primary header: the backup still answers.
+        disk[SECTOR as usize + 30] ^= 0xff;
+        let parts2 = read_partitions(&mut Cursor::new(&disk)).unwrap();
+        assert_eq!(parts2.len(), 2);
+        // Damage the backup too: a typed error, no panic.
+        let last = disk.len() - 512;
+        disk[last] = 0;
+        assert!(matches!(
+            read_partitions(&mut Cursor::new(&disk)),
+            Err(GptError::BadHeader(_))
+        ));
+    }
+
+    #[test]
+    fn name_too_long_and_small_disk_are_errors() {
+        let e = PartitionEntry {
+            type_guid: ESP_TYPE,
+            guid: Guid::NIL,
+            first_lba: 34,
+            last_lba: 40,
+            attributes: 0,
+            name: "x".repeat(37),
+        };
+        assert!(matches!(
+            encode(Guid::NIL, 8192, &[e]),
+            Err(GptError::NameTooLong(_))
+        ));
+        assert!(matches!(
+            encode(Guid::NIL, 60, &[]),
+            Err(GptError::DiskTooSmall(60))
+        ));
+    }
+
+    #[test]
+    fn reader_rejects_short_or_garbage_input() {
+        assert!(read_partitions(&mut Cursor::new(vec![0u8; 100])).is_err());
+        assert!(read_partitions(&mut Cursor::new(vec![0u8; 1 << 20])).is_err());
+    }
+}
