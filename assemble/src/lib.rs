@@ -5,3 +5,4 @@
 
 pub mod cache;
 pub mod layers;
+pub mod oci;
