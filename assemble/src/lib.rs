@@ -6,3 +6,5 @@
 pub mod cache;
 pub mod layers;
 pub mod oci;
+pub mod debian;
+pub mod kernel;

@@ -1,0 +1,454 @@
+//! A verified Debian archive client.
+//!
+//! Trust flows from the keyring: `InRelease` must carry a valid signature
+//! by a keyring key, its SHA256 list pins `Packages.xz`, and each package
+//! entry pins its `.deb`. Everything but `InRelease` is cached by digest, so
+//! a warm build downloads only that one small file.
+
+mod ar;
+pub mod index;
+mod inrelease;
+pub mod version;
+
+use crate::cache::{Cache, CacheError, Digest};
+use crate::layers::{Compression, Layer};
+use index::Index;
+use serde::{Serialize, Serializer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use inrelease::verify_inrelease;
+
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+pub const DEFAULT_SUITE: &str = "trixie";
+pub const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+/// The only architecture indexed (plus `all`).
+pub const ARCH: &str = "amd64";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DebianError {
+    #[error("reading keyring {path}: {source}")]
+    Keyring {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("keyring: {0}")]
+    BadKeyring(String),
+    #[error("fetching {url}: {message}")]
+    Http { url: String, message: String },
+    #[error("InRelease signature: {0}")]
+    Signature(String),
+    #[error("InRelease: {0}")]
+    Release(String),
+    #[error("{what}: expected {expected}, got {actual}")]
+    Mismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("Packages index: {what}")]
+    Index { what: String },
+    #[error("cannot satisfy `{dependency}`, wanted by {}", chain_text(.chain))]
+    Unsatisfiable {
+        dependency: String,
+        chain: Vec<String>,
+    },
+    #[error("`{want}` needs another version of {package} than the chosen {have}, wanted by {}", chain_text(.chain))]
+    Conflict {
+        package: String,
+        have: String,
+        want: String,
+        chain: Vec<String>,
+    },
+    #[error("{package}: {message}")]
+    Deb { package: String, message: String },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+fn chain_text(chain: &[String]) -> String {
+    if chain.is_empty() {
+        "the recipe".to_string()
+    } else {
+        chain.join(" -> ")
+    }
+}
+
+fn digest_string<S: Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&d.to_string())
+}
+
+/// A binary package as pinned by the index: what lock files and SBOMs record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    /// Path below the mirror root.
+    pub filename: String,
+    #[serde(serialize_with = "digest_string")]
+    pub sha256: Digest,
+    pub size: u64,
+}
+
+/// An opened, verified suite of one mirror.
+#[derive(Debug)]
+pub struct Archive {
+    mirror: String,
+    suite: String,
+    cache: Cache,
+    client: reqwest::Client,
+    inrelease: Digest,
+    packages_xz: Digest,
+    index: Index,
+}
+
+/// Path of the index inside a suite; the one InRelease entry we need.
+const PACKAGES_PATH: &str = "main/binary-amd64/Packages.xz";
+
+impl Archive {
+    /// Fetches and verifies `dists/SUITE/InRelease`, then loads the amd64
+    /// `main` index it pins (from the cache when already there).
+    pub async fn open(
+        mirror: &str,
+        suite: &str,
+        keyring: &Path,
+        cache: &Cache,
+    ) -> Result<Archive, DebianError> {
+        let keys = std::fs::read(keyring).map_err(|source| DebianError::Keyring {
+            path: keyring.to_path_buf(),
+            source,
+        })?;
+        let mirror = mirror.trim_end_matches('/').to_string();
+        let client = reqwest::Client::builder()
+            .build()
+            .map_err(|e| DebianError::Http {
+                url: mirror.clone(),
+                message: e.to_string(),
+            })?;
+        let url = format!("{mirror}/dists/{suite}/InRelease");
+        let raw = get(&client, &url).await?;
+        let inrelease = Digest::of(&raw);
+        let text = String::from_utf8(raw)
+            .map_err(|_| DebianError::Release("InRelease is not UTF-8".into()))?;
+        let signed = verify_inrelease(&text, &keys)?;
+        let release = inrelease::Release::parse(&signed)?;
+        if release.suite.as_deref() != Some(suite) && release.codename.as_deref() != Some(suite) {
+            // A validly signed InRelease of another suite (replay/mixup).
+            return Err(DebianError::Release(format!(
+                "asked for suite {suite:?}, InRelease is for {:?}/{:?}",
+                release.suite, release.codename
+            )));
+        }
+        let (packages_xz, size) =
+            release.sha256.get(PACKAGES_PATH).copied().ok_or_else(|| {
+                DebianError::Release(format!("no SHA256 entry for {PACKAGES_PATH}"))
+            })?;
+        let xz = match cache.get(&packages_xz)? {
+            Some(d) => d,
+            None => {
+                let url = format!("{mirror}/dists/{suite}/{PACKAGES_PATH}");
+                let d = get(&client, &url).await?;
+                if d.len() as u64 != size {
+                    return Err(DebianError::Http {
+                        url,
+                        message: format!("expected {size} bytes, got {}", d.len()),
+                    });
+                }
+                check(&url, &packages_xz, &d)?;
+                cache.put(&packages_xz, &d)?;
+                d
+            }
+        };
+        let text = liblzma::decode_all(&xz[..]).map_err(|e| DebianError::Index {
+            what: format!("decompressing {PACKAGES_PATH}: {e}"),
+        })?;
+        let text = String::from_utf8(text).map_err(|_| DebianError::Index {
+            what: "not UTF-8".into(),
+        })?;
+        let index = Index::new(index::parse_packages(&text)?);
+        Ok(Archive {
+            mirror,
+            suite: suite.to_string(),
+            cache: cache.clone(),
+            client,
+            inrelease,
+            packages_xz,
+            index,
+        })
+    }
+
+    /// Digest of the verified InRelease file: pins the whole suite.
+    pub fn inrelease_digest(&self) -> Digest {
+        self.inrelease
+    }
+
+    /// Digest of the Packages.xz the index came from.
+    pub fn packages_digest(&self) -> Digest {
+        self.packages_xz
+    }
+
+    pub fn mirror(&self) -> &str {
+        &self.mirror
+    }
+
+    pub fn suite(&self) -> &str {
+        &self.suite
+    }
+
+    /// The highest version of `name` in the index, if any.
+    pub fn package(&self, name: &str) -> Option<&Package> {
+        self.index.get(name).map(|e| &e.package)
+    }
+
+    /// The dependency closure of `roots` (names, optionally with a version
+    /// constraint such as `libc6 (>= 2.36)`), sorted by name.
+    pub fn resolve(&self, roots: &[String]) -> Result<Vec<Package>, DebianError> {
+        self.index.resolve(roots)
+    }
+
+    /// The .deb of `pkg`, verified against the index's SHA256.
+    pub async fn fetch(&self, pkg: &Package) -> Result<Vec<u8>, DebianError> {
+        if let Some(d) = self.cache.get(&pkg.sha256)? {
+            return Ok(d);
+        }
+        let url = format!("{}/{}", self.mirror, pkg.filename);
+        let data = get(&self.client, &url).await?;
+        check(&url, &pkg.sha256, &data)?;
+        self.cache.put(&pkg.sha256, &data)?;
+        Ok(data)
+    }
+}
+
+fn check(what: &str, expected: &Digest, data: &[u8]) -> Result<(), DebianError> {
+    let actual = Digest::of(data);
+    if actual != *expected {
+        return Err(DebianError::Mismatch {
+            what: what.to_string(),
+            expected: *expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, DebianError> {
+    let err = |message: String| DebianError::Http {
+        url: url.to_string(),
+        message,
+    };
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(err(format!("HTTP status {}", resp.status())));
+    }
+    let body = resp.bytes().await.map_err(|e| err(e.to_string()))?;
+    Ok(body.to_vec())
+}
+
+/// The filesystem payload of a .deb (`data.tar[.gz|.xz|.zst]`) as a layer.
+/// Maintainer scripts (in `control.tar`) are deliberately not used.
+/// `pkg_name_version` is `NAME=VERSION`; `digest` is the .deb's.
+pub fn deb_layer(pkg_name_version: &str, digest: Digest, deb: &[u8]) -> Result<Layer, DebianError> {
+    let bad = |message: String| DebianError::Deb {
+        package: pkg_name_version.to_string(),
+        message,
+    };
+    let members = ar::members(deb).map_err(bad)?;
+    match members.first() {
+        Some(m) if m.name == "debian-binary" && m.data.starts_with(b"2.") => {}
+        _ => return Err(bad("not a Debian 2.x binary package".into())),
+    }
+    let (compression, data) = members
+        .iter()
+        .find_map(|m| {
+            let c = match m.name {
+                "data.tar" => Compression::None,
+                "data.tar.gz" => Compression::Gzip,
+                "data.tar.xz" => Compression::Xz,
+                "data.tar.zst" => Compression::Zstd,
+                _ => return None,
+            };
+            Some((c, m.data))
+        })
+        .ok_or_else(|| bad("no data.tar member".into()))?;
+    Ok(Layer {
+        source: format!("debian:{pkg_name_version}"),
+        digest,
+        compression,
+        data: Arc::new(data.to_vec()),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A cache shared by the network tests (and their reruns), in the
+    /// target directory.
+    pub(crate) fn test_cache() -> Cache {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/<test binary>
+        let dir = exe
+            .ancestors()
+            .nth(3)
+            .map(|t| t.join("kiln-test-cache"))
+            .unwrap_or_else(|| std::env::temp_dir().join("kiln-test-cache"));
+        Cache::open(dir).unwrap()
+    }
+
+    pub(crate) async fn trixie() -> Archive {
+        Archive::open(
+            DEFAULT_MIRROR,
+            DEFAULT_SUITE,
+            Path::new(DEFAULT_KEYRING),
+            &test_cache(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Decompresses a layer's tar stream.
+    pub(crate) fn layer_tar(layer: &Layer) -> Vec<u8> {
+        let d = &layer.data[..];
+        match layer.compression {
+            Compression::None => d.to_vec(),
+            Compression::Gzip => {
+                let mut v = Vec::new();
+                flate2::read::GzDecoder::new(d).read_to_end(&mut v).unwrap();
+                v
+            }
+            Compression::Xz => liblzma::decode_all(d).unwrap(),
+            Compression::Zstd => zstd::decode_all(d).unwrap(),
+        }
+    }
+
+    fn tar_paths(tar: &[u8]) -> Vec<String> {
+        let mut a = tar::Archive::new(tar);
+        a.entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn layer_from_synthetic_deb() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, "./bin/x", &b"hi"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        let deb = ar::build(&[
+            ("debian-binary", b"2.0\n"),
+            ("control.tar.zst", b"ignored"),
+            ("data.tar.zst", &zst),
+        ]);
+        let d = Digest::of(&deb);
+        let l = deb_layer("x=1", d, &deb).unwrap();
+        assert_eq!(l.source, "debian:x=1");
+        assert_eq!(l.compression, Compression::Zstd);
+        assert_eq!(tar_paths(&layer_tar(&l)), vec!["bin/x"]);
+
+        let no_data = ar::build(&[("debian-binary", b"2.0\n")]);
+        assert!(deb_layer("x=1", d, &no_data).is_err());
+        let not_deb = ar::build(&[("data.tar", &tar)]);
+        assert!(deb_layer("x=1", d, &not_deb).is_err());
+    }
+
+    /// Parses a .deb built by dpkg-deb, the reference tool.
+    #[test]
+    fn layer_from_dpkg_deb() {
+        if std::process::Command::new("dpkg-deb")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("note: dpkg-deb not installed, skipping");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("pkg");
+        std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::write(
+            root.join("DEBIAN/control"),
+            "Package: kiln-test\nVersion: 1.0\nArchitecture: all\nMaintainer: k <k@example.org>\nDescription: test\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("usr/bin/hello"), "#!/bin/sh\necho hi\n").unwrap();
+        let out = dir.path().join("t.deb");
+        for (z, want) in [
+            ("xz", Compression::Xz),
+            ("gzip", Compression::Gzip),
+            ("none", Compression::None),
+        ] {
+            let st = std::process::Command::new("dpkg-deb")
+                .args(["--root-owner-group", "-Z", z, "--build"])
+                .arg(&root)
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(
+                st.status.success(),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+            let deb = std::fs::read(&out).unwrap();
+            let l = deb_layer("kiln-test=1.0", Digest::of(&deb), &deb).unwrap();
+            assert_eq!(l.compression, want);
+            let paths = tar_paths(&layer_tar(&l));
+            assert!(paths.iter().any(|p| p == "./usr/bin/hello"), "{paths:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn network_trixie_open_and_resolve_busybox() {
+        let a = trixie().await;
+        assert!(a.index.len() > 10_000);
+        let got = a.resolve(&["busybox-static".to_string()]).unwrap();
+        let names: Vec<&str> = got.iter().map(|p| p.name.as_str()).collect();
+        assert!(names.contains(&"busybox-static"), "{names:?}");
+        assert!(names.len() < 10, "closure too big: {names:?}");
+        let bb = got.iter().find(|p| p.name == "busybox-static").unwrap();
+        // Fetch, verify and unpack the real .deb.
+        let deb = a.fetch(bb).await.unwrap();
+        assert_eq!(Digest::of(&deb), bb.sha256);
+        let l = deb_layer(&format!("{}={}", bb.name, bb.version), bb.sha256, &deb).unwrap();
+        let paths = tar_paths(&layer_tar(&l));
+        assert!(paths.iter().any(|p| p == "./usr/bin/busybox"), "{paths:?}");
+        let json = serde_json::to_value(bb).unwrap();
+        assert_eq!(json["sha256"], bb.sha256.to_string());
+    }
+
+    #[tokio::test]
+    async fn network_trixie_kernel_meta_package() {
+        let a = trixie().await;
+        let got = a.resolve(&["linux-image-cloud-amd64".to_string()]).unwrap();
+        let names: Vec<&str> = got.iter().map(|p| p.name.as_str()).collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("linux-image-6.12") && n.ends_with("-cloud-amd64")),
+            "{names:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn network_rejects_unknown_suite() {
+        let r = Archive::open(
+            DEFAULT_MIRROR,
+            "no-such-suite",
+            Path::new(DEFAULT_KEYRING),
+            &test_cache(),
+        )
+        .await;
+        assert!(matches!(r, Err(DebianError::Http { .. })));
+    }
+}
