@@ -4,7 +4,10 @@
 //! This crate knows nothing about the command line.
 
 pub mod cache;
+pub mod debian;
+pub mod image;
+pub mod kernel;
 pub mod layers;
 pub mod oci;
-pub mod debian;
-pub mod kernel;
+pub mod recipe;
+pub mod users;

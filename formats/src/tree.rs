@@ -194,10 +194,7 @@ impl Tree {
     /// The node at `path` (`/` is the root directory itself).
     pub fn get(&self, path: &Path) -> Option<&Node> {
         let comps = components(path).ok()?;
-        let (last, parents) = match comps.split_last() {
-            Some(x) => x,
-            None => return None,
-        };
+        let (last, parents) = comps.split_last()?;
         let mut dir = &self.root;
         for c in parents {
             dir = dir.entries.get(*c)?.as_dir()?;

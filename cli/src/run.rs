@@ -1,0 +1,123 @@
+//! `kiln run`: boot an image under QEMU with OVMF, serial console on stdout.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Disk image to boot (raw; `.qcow2` is booted as qcow2).
+    image: PathBuf,
+    /// Use KVM instead of TCG software emulation.
+    #[arg(long)]
+    kvm: bool,
+    /// Kill the guest after this many seconds and exit non-zero.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// OVMF firmware code (read-only).
+    #[arg(long, default_value = "/usr/share/OVMF/OVMF_CODE_4M.fd")]
+    ovmf_code: PathBuf,
+    /// OVMF variable store template; the guest gets a private copy.
+    #[arg(long, default_value = "/usr/share/OVMF/OVMF_VARS_4M.fd")]
+    ovmf_vars: PathBuf,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+}
+
+/// Removes the private OVMF vars copy however `run` ends.
+struct TempFile(PathBuf);
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub fn run(a: &RunArgs) -> Result<ExitCode> {
+    for (what, p) in [
+        ("image", &a.image),
+        ("OVMF code", &a.ovmf_code),
+        ("OVMF vars", &a.ovmf_vars),
+    ] {
+        if !p.is_file() {
+            bail!(
+                "{what} {} not found (Debian/Ubuntu: apt-get install ovmf qemu-system-x86)",
+                p.display()
+            );
+        }
+    }
+    let vars =
+        TempFile(std::env::temp_dir().join(format!("kiln-ovmf-vars-{}.fd", std::process::id())));
+    std::fs::copy(&a.ovmf_vars, &vars.0)
+        .with_context(|| format!("copying {} to {}", a.ovmf_vars.display(), vars.0.display()))?;
+    let format = if a.image.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    };
+
+    let mut cmd = Command::new(&a.qemu);
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        if a.kvm { "kvm" } else { "tcg" },
+    ])
+    .args(["-m", &a.memory.to_string(), "-smp", &a.cpus.to_string()])
+    .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+    .args(["-no-reboot", "-nic", "none"])
+    .arg("-drive")
+    .arg(drive_arg("if=pflash,format=raw,readonly=on", &a.ovmf_code))
+    .arg("-drive")
+    .arg(drive_arg("if=pflash,format=raw", &vars.0))
+    .arg("-drive")
+    // The image is immutable: boot a throw-away overlay of it.
+    .arg(drive_arg(
+        &format!("if=virtio,format={format},snapshot=on"),
+        &a.image,
+    ))
+    .stdin(Stdio::null());
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "starting {} (apt-get install qemu-system-x86)",
+            a.qemu.display()
+        )
+    })?;
+
+    let deadline = a.timeout.map(|s| Instant::now() + Duration::from_secs(s));
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("kiln: QEMU exited with {status}");
+                ExitCode::FAILURE
+            });
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!(
+                "kiln: guest still running after {}s: killed",
+                a.timeout.unwrap_or(0)
+            );
+            return Ok(ExitCode::from(124));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `-drive` value; QEMU needs commas in file names doubled.
+fn drive_arg(opts: &str, file: &Path) -> String {
+    format!(
+        "{opts},file={}",
+        file.display().to_string().replace(',', ",,")
+    )
+}

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs what building, booting and testing kiln needs on Debian/Ubuntu.
+# Building itself needs only the Rust toolchain and the Debian archive keyring;
+# the rest is QEMU/OVMF to boot images and the standard tools tests check with.
+set -eu
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+  debian-archive-keyring ca-certificates gcc \
+  qemu-system-x86 ovmf \
+  docker-registry \
+  gdisk dosfstools mtools squashfs-tools cpio binutils util-linux \
+  >/dev/null
+if ! command -v cargo >/dev/null; then
+  echo "install Rust first: https://rustup.rs (or apt-get install cargo)" >&2
+  exit 1
+fi
+# The init is a static musl binary; without this target it falls back to glibc +crt-static.
+if command -v rustup >/dev/null; then
+  rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true
+fi

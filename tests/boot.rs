@@ -1,0 +1,190 @@
+//! Builds recipes/hello.toml from real Debian packages, checks every
+//! artifact with the standard tools, boots it under QEMU/OVMF and reads
+//! what the containers print on the serial console.
+
+use kiln_tests::kiln::{self as k, container_lines};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn kiln() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
+}
+
+fn hello() -> PathBuf {
+    k::workspace().join("recipes/hello.toml")
+}
+
+#[test]
+fn hello_builds_validates_and_boots() {
+    let out = k::scratch("hello");
+    k::build(&kiln(), &hello(), &out);
+    let image = out.join("hello.raw");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 256 << 20);
+    // No temp files left next to the output.
+    for e in std::fs::read_dir(&out).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "leftover {name}");
+    }
+
+    // GPT: valid, ESP then root, GUIDs as the plan says.
+    let parts = k::partitions(&image);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert_eq!(parts[0].4, "esp");
+    assert_eq!(parts[1].4, "root-a");
+
+    // ESP: a FAT filesystem fsck accepts, holding the UKI.
+    let esp = out.join("esp.img");
+    k::extract(
+        &image,
+        parts[0].1 * 512,
+        (parts[0].2 - parts[0].1 + 1) * 512,
+        &esp,
+    );
+    let fsck = k::run(Command::new("fsck.fat").arg("-n").arg(&esp));
+    assert!(fsck.ok, "fsck.fat -n:\n{}{}", fsck.stdout, fsck.stderr);
+    let uki = out.join("BOOTX64.EFI");
+    let m = k::run(
+        Command::new("mcopy")
+            .arg("-i")
+            .arg(&esp)
+            .arg("::/EFI/BOOT/BOOTX64.EFI")
+            .arg(&uki),
+    );
+    assert!(m.ok, "mcopy: {}", m.stderr);
+    let sections = k::run(Command::new("objdump").arg("-h").arg(&uki));
+    for s in [".osrel", ".cmdline", ".uname", ".initrd", ".linux"] {
+        assert!(
+            sections.stdout.contains(s),
+            "UKI lacks {s}:\n{}",
+            sections.stdout
+        );
+    }
+
+    // Root: squashfs that unsquashfs reads, with both containers and the config.
+    let root = out.join("root.img");
+    k::extract(
+        &image,
+        parts[1].1 * 512,
+        (parts[1].2 - parts[1].1 + 1) * 512,
+        &root,
+    );
+    let ls = k::run(Command::new("unsquashfs").arg("-lln").arg(&root));
+    assert!(ls.ok, "unsquashfs: {}", ls.stderr);
+    for p in [
+        "squashfs-root/kiln/config.json",
+        "squashfs-root/containers/greet/rootfs/bin/busybox",
+        "squashfs-root/containers/hello/rootfs/bin/busybox",
+        "squashfs-root/containers/hello/rootfs/proc",
+        "squashfs-root/etc/motd",
+    ] {
+        assert!(ls.stdout.contains(p), "root lacks {p}:\n{}", ls.stdout);
+    }
+
+    // Boot: onboot runs first, the service is PID 1 of its own namespace,
+    // sees its own hostname, a read-only root and Docker's capabilities;
+    // then the host powers off by itself.
+    let r = k::boot(&kiln(), &image, 300);
+    let console = &r.stdout;
+    assert!(
+        r.ok,
+        "guest did not power off cleanly:\n{console}\n{}",
+        r.stderr
+    );
+    let greet = container_lines(console, "greet");
+    assert!(
+        greet.contains(&"hello from an onboot container"),
+        "{console}"
+    );
+    let svc = container_lines(console, "hello");
+    assert!(
+        svc.iter()
+            .any(|l| l.starts_with("I am PID 1 in my own PID namespace, hostname hello")),
+        "{console}"
+    );
+    assert!(
+        svc.iter().any(|l| l.starts_with("Baked by kiln")),
+        "{console}"
+    );
+    assert!(svc.contains(&"root is read-only"), "{console}");
+    assert!(
+        svc.iter()
+            .any(|l| l.replace(['\t', ' '], "") == "CapEff:00000000a80425fb"),
+        "{console}"
+    );
+    let onboot_at = console.find("greet| hello").unwrap();
+    let service_at = console.find("hello| I am PID").unwrap();
+    assert!(onboot_at < service_at, "onboot ran after the service");
+}
+
+/// A build as an unprivileged user (nobody) produces the same bytes as one
+/// as root: building needs no privileges, and outputs are reproducible.
+#[test]
+fn unprivileged_build_is_identical() {
+    if not_root() {
+        eprintln!(
+            "not root: cannot switch to uid 65534 here; the build itself already runs unprivileged"
+        );
+    }
+    let a = k::scratch("repro-a");
+    k::build(&kiln(), &hello(), &a);
+
+    // nobody needs its own readable copy of the recipe, cache and binary.
+    let b = k::scratch("repro-b");
+    let home = b.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let cache = b.join("cache");
+    copy_dir(&k::shared_cache(), &cache);
+    let bin = b.join("kiln");
+    std::fs::copy(kiln(), &bin).unwrap();
+    let recipe = b.join("hello.toml");
+    std::fs::copy(hello(), &recipe).unwrap();
+    let outb = b.join("out");
+    std::fs::create_dir_all(&outb).unwrap();
+    chown_recursive(&b);
+
+    let mut cmd = if not_root() {
+        Command::new(&bin)
+    } else {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&bin);
+        c
+    };
+    let r = k::run(
+        cmd.env("HOME", &home)
+            .env_remove("XDG_CACHE_HOME")
+            .args(["build", "--quiet"])
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&outb)
+            .arg("--cache")
+            .arg(&cache),
+    );
+    assert!(r.ok, "unprivileged build failed:\n{}", r.stderr);
+    let ia = std::fs::read(a.join("hello.raw")).unwrap();
+    let ib = std::fs::read(outb.join("hello.raw")).unwrap();
+    assert!(ia == ib, "root and nobody builds differ");
+}
+
+fn not_root() -> bool {
+    k::run(Command::new("id").arg("-u")).stdout.trim() != "0"
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let r = k::run(Command::new("cp").arg("-a").arg(from).arg(to));
+    assert!(r.ok, "cp: {}", r.stderr);
+}
+
+fn chown_recursive(dir: &Path) {
+    if not_root() {
+        return;
+    }
+    let r = k::run(Command::new("chown").args(["-R", "65534:65534"]).arg(dir));
+    assert!(r.ok, "chown: {}", r.stderr);
+    // The scratch dir's parents must be traversable by nobody.
+    let mut p = dir.parent();
+    while let Some(d) = p {
+        let _ = k::run(Command::new("chmod").arg("o+x").arg(d));
+        p = d.parent();
+    }
+}

@@ -1,0 +1,153 @@
+//! Running the `kiln` binary, booting its images and checking them with the
+//! standard tools.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The workspace root (tests/ is one level below it).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A cache shared by every test run, so Debian packages and registry blobs
+/// are fetched once per machine rather than once per test.
+pub fn shared_cache() -> PathBuf {
+    let dir = std::env::var_os("KILN_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target").join("kiln-test-cache"));
+    std::fs::create_dir_all(&dir).expect("creating the test cache");
+    dir
+}
+
+/// A scratch directory under target/ that survives the test for post-mortems
+/// but is emptied first.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = workspace()
+        .join("target")
+        .join("kiln-test-scratch")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a scratch dir");
+    dir
+}
+
+/// Output of a command with stdout and stderr as text.
+pub struct Ran {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Ran {
+    fn from(o: Output) -> Self {
+        Ran {
+            ok: o.status.success(),
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `cmd` to completion, capturing its output.
+pub fn run(cmd: &mut Command) -> Ran {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    out.into()
+}
+
+/// `kiln build RECIPE -o OUT --quiet` with the shared cache; panics with
+/// kiln's stderr when the build fails.
+pub fn build(kiln: &Path, recipe: &Path, out: &Path) -> Ran {
+    let r = run(Command::new(kiln)
+        .args(["build", "--quiet"])
+        .arg(recipe)
+        .arg("-o")
+        .arg(out)
+        .arg("--cache")
+        .arg(shared_cache()));
+    assert!(
+        r.ok,
+        "kiln build {} failed:\n{}",
+        recipe.display(),
+        r.stderr
+    );
+    r
+}
+
+/// Boots `image` with `kiln run`, returning the serial console output.
+pub fn boot(kiln: &Path, image: &Path, timeout_secs: u64) -> Ran {
+    let r = run(Command::new(kiln)
+        .arg("run")
+        .arg(image)
+        .arg("--timeout")
+        .arg(timeout_secs.to_string()));
+    // Kept for post-mortems when an assertion fails.
+    let _ = std::fs::write(image.with_extension("console.log"), &r.stdout);
+    r
+}
+
+/// Copies `len` bytes at `offset` of `file` into a new file `to`.
+pub fn extract(file: &Path, offset: u64, len: u64, to: &Path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file).expect("opening image");
+    f.seek(SeekFrom::Start(offset)).expect("seeking");
+    let mut buf = vec![0; len as usize];
+    f.read_exact(&mut buf).expect("reading partition");
+    std::fs::write(to, buf).expect("writing partition copy");
+}
+
+/// Partitions of a GPT disk as `sgdisk -i` reports them: (number, first
+/// sector, last sector, unique GUID, name), checked with `sgdisk -v` first.
+pub fn partitions(image: &Path) -> Vec<(u32, u64, u64, String, String)> {
+    let v = run(Command::new("sgdisk").arg("-v").arg(image));
+    assert!(
+        v.ok && v.stdout.contains("No problems found"),
+        "sgdisk -v {}:\n{}{}",
+        image.display(),
+        v.stdout,
+        v.stderr
+    );
+    let p = run(Command::new("sgdisk").arg("-p").arg(image));
+    assert!(p.ok, "sgdisk -p: {}", p.stderr);
+    let mut out = Vec::new();
+    for line in p.stdout.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(n) = f.first().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let i = run(Command::new("sgdisk").arg(format!("-i{n}")).arg(image));
+        let guid = i
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Partition unique GUID: "))
+            .unwrap_or_default()
+            .to_lowercase();
+        out.push((
+            n,
+            f[1].parse().expect("first sector"),
+            f[2].parse().expect("last sector"),
+            guid,
+            f.last().copied().unwrap_or_default().to_string(),
+        ));
+    }
+    out
+}
+
+/// Lines the guest printed for container `name` (`NAME| ...`), prefix removed.
+pub fn container_lines<'a>(console: &'a str, name: &str) -> Vec<&'a str> {
+    let prefix = format!("{name}| ");
+    console
+        .lines()
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .split_once(&prefix)
+                .map(|(_, rest)| rest)
+        })
+        .collect()
+}
