@@ -10,7 +10,7 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   debian-archive-keyring ca-certificates gcc \
   qemu-system-x86 ovmf \
-  docker-registry \
+  docker-registry busybox-static \
   gdisk dosfstools mtools squashfs-tools cpio binutils util-linux \
   >/dev/null
 if ! command -v cargo >/dev/null; then

@@ -72,8 +72,8 @@ fn hello_builds_validates_and_boots() {
     assert!(ls.ok, "unsquashfs: {}", ls.stderr);
     for p in [
         "squashfs-root/kiln/config.json",
-        "squashfs-root/containers/greet/rootfs/bin/busybox",
-        "squashfs-root/containers/hello/rootfs/bin/busybox",
+        "squashfs-root/containers/greet/rootfs/usr/bin/busybox",
+        "squashfs-root/containers/hello/rootfs/usr/bin/busybox",
         "squashfs-root/containers/hello/rootfs/proc",
         "squashfs-root/etc/motd",
     ] {

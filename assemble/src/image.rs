@@ -784,3 +784,53 @@ fn container_config(
             .collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_usr_moves_top_level_dirs_into_usr() {
+        let mut t = Tree::new();
+        t.insert(Path::new("/bin/sh"), Node::file(0o755, "old"))
+            .unwrap();
+        t.insert(Path::new("/usr/bin/sh"), Node::file(0o755, "new"))
+            .unwrap();
+        t.insert(Path::new("/bin/only-top"), Node::file(0o755, "x"))
+            .unwrap();
+        t.insert(Path::new("/usr/lib/libc.so"), Node::file(0o644, "c"))
+            .unwrap();
+        merge_usr(&mut t).unwrap();
+        assert_eq!(t.get(Path::new("/bin")), Some(&Node::symlink("usr/bin")));
+        assert_eq!(t.get(Path::new("/lib")), Some(&Node::symlink("usr/lib")));
+        // /usr wins where both exist; nothing from /bin is lost.
+        assert_eq!(
+            t.get(Path::new("/usr/bin/sh")),
+            Some(&Node::file(0o755, "new"))
+        );
+        assert!(t.get(Path::new("/usr/bin/only-top")).is_some());
+        assert!(t.get(Path::new("/lib32")).is_none());
+    }
+
+    #[test]
+    fn esp_has_room_and_is_mib_aligned() {
+        assert_eq!(esp_size(0), 64 << 20);
+        let big = esp_size(100 << 20);
+        assert!(big >= (100 << 20) + (8 << 20));
+        assert_eq!(big % (1 << 20), 0);
+    }
+
+    #[test]
+    fn atomic_write_leaves_nothing_on_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.raw");
+        let r = write_atomically(&p, |f| {
+            f.write_all(b"partial")?;
+            Err(io::Error::other("boom"))
+        });
+        assert!(r.is_err());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        write_atomically(&p, |f| f.write_all(b"whole")).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"whole");
+    }
+}
