@@ -7,6 +7,7 @@ pub mod cache;
 pub mod debian;
 pub mod image;
 pub mod kernel;
+pub mod kernel_source;
 pub mod layers;
 pub mod oci;
 pub mod recipe;
