@@ -6,6 +6,7 @@
 use crate::cache::{Cache, CacheError, Digest};
 use crate::debian::{self, Archive, DebianError, Package};
 use crate::kernel::{Kernel, KernelError};
+use crate::kernel_source::{self, KernelSourceError};
 use crate::layers::{self, Layer, LayerError};
 use crate::oci::{self, ImageConfig, OciError};
 use crate::recipe::{self, ContainerSpec, ImageSource, Validated};
@@ -35,6 +36,8 @@ pub enum BuildError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    KernelSource(#[from] KernelSourceError),
     #[error("{recipe}: container {container}: {source}")]
     User {
         recipe: PathBuf,
@@ -88,6 +91,8 @@ pub struct Plan {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PinnedKernel {
+    /// Where it came from: `debian:SUITE:PACKAGE`, `path:FILE` or an image.
+    pub source: String,
     pub release: String,
     pub packages: Vec<Package>,
 }
@@ -193,26 +198,43 @@ pub async fn build(
         .unwrap_or_else(|| recipe::DEFAULT_MIRROR.to_string());
 
     // Kernel.
-    let (kernel, kernel_packages) = match &r.kernel.debian {
-        Some(pkg) => {
-            let archive = archives.get(&mirror, &suite).await?;
-            let closure = archive.resolve(std::slice::from_ref(pkg.get_ref()))?;
-            // The metapackage pulls in tools (kmod, initramfs-tools...) that
-            // an appliance does not need: keep only kernel image packages.
-            let pkgs: Vec<Package> = closure
-                .into_iter()
-                .filter(|p| p.name.starts_with("linux-image-") || p.name == *pkg.get_ref())
-                .collect();
-            let tree = debian_tree(archive, &pkgs, progress).await?;
-            (Kernel::from_tree(&tree)?, pkgs)
-        }
-        None => {
-            return Err(BuildError::Input {
-                recipe: recipe.path.clone(),
-                what: "kernel".into(),
-                message: "only `debian` kernels are supported by this version".into(),
-            })
-        }
+    let (kernel, kernel_packages, kernel_source) = if let Some(pkg) = &r.kernel.debian {
+        let archive = archives.get(&mirror, &suite).await?;
+        let closure = archive.resolve(std::slice::from_ref(pkg.get_ref()))?;
+        // The metapackage pulls in tools (kmod, initramfs-tools...) that
+        // an appliance does not need: keep only kernel image packages.
+        let pkgs: Vec<Package> = closure
+            .into_iter()
+            .filter(|p| p.name.starts_with("linux-image-") || p.name == *pkg.get_ref())
+            .collect();
+        let tree = debian_tree(archive, &pkgs, progress).await?;
+        let source = format!("debian:{suite}:{}", pkg.get_ref());
+        (Kernel::from_tree(&tree)?, pkgs, source)
+    } else if let Some(path) = &r.kernel.path {
+        progress.step(&format!("reading kernel {}", path.get_ref()));
+        let modules = r.kernel.modules.as_ref().map(|m| m.get_ref().as_str());
+        let tree = kernel_source::from_path(recipe.dir(), path.get_ref(), modules)?;
+        (
+            Kernel::from_tree(&tree)?,
+            Vec::new(),
+            format!("path:{}", path.get_ref()),
+        )
+    } else if let Some(image) = &r.kernel.image {
+        progress.step(&format!("pulling kernel image {}", image.get_ref()));
+        let reference = resolve_local_ref(recipe, image.get_ref());
+        let tree = kernel_source::from_image(&reference, &opts.cache).await?;
+        (
+            Kernel::from_tree(&tree)?,
+            Vec::new(),
+            image.get_ref().clone(),
+        )
+    } else {
+        // Validation requires exactly one source; kept for robustness.
+        return Err(BuildError::Input {
+            recipe: recipe.path.clone(),
+            what: "kernel".into(),
+            message: "no kernel source (debian, image or path)".into(),
+        });
     };
 
     // systemd-stub from the same suite, for the UKI.
@@ -476,6 +498,7 @@ pub async fn build(
         name: recipe.name().to_string(),
         version: r.version.get_ref().clone(),
         kernel: PinnedKernel {
+            source: kernel_source,
             release: kernel.release.clone(),
             packages: kernel_packages,
         },
