@@ -151,3 +151,27 @@ pub fn container_lines<'a>(console: &'a str, name: &str) -> Vec<&'a str> {
         })
         .collect()
 }
+
+/// Parses the JSON file at `path` (e.g. a build's `NAME.plan.json`).
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_slice(&data).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// A TOML basic string holding `s` (quotes, backslashes and control
+/// characters escaped), for recipes written by tests.
+pub fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04X}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
