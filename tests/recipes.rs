@@ -112,3 +112,37 @@ fn failed_build_leaves_no_output() {
         );
     }
 }
+
+/// A Debian package that does not exist is reported against the recipe
+/// field that asked for it.
+#[test]
+fn unknown_debian_package_names_the_field() {
+    let dir = k::scratch("unknown-package");
+    let recipe = dir.join("r.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"nopkg\"\nversion = \"1\"\n[kernel]\ndebian = \"no-such-kernel-package\"\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let r = k::run(
+        Command::new(kiln())
+            .args(["build", "--quiet"])
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&out)
+            .arg("--cache")
+            .arg(k::shared_cache()),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    let want = format!(
+        "{}: kernel.debian: cannot satisfy `no-such-kernel-package`",
+        recipe.display()
+    );
+    assert!(
+        r.stderr.contains(&want),
+        "wanted {want:?} in:\n{}",
+        r.stderr
+    );
+    assert!(!out.join("nopkg.raw").exists());
+}

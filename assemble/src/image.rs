@@ -200,7 +200,13 @@ pub async fn build(
     // Kernel.
     let (kernel, kernel_packages, kernel_source) = if let Some(pkg) = &r.kernel.debian {
         let archive = archives.get(&mirror, &suite).await?;
-        let closure = archive.resolve(std::slice::from_ref(pkg.get_ref()))?;
+        let closure = archive
+            .resolve(std::slice::from_ref(pkg.get_ref()))
+            .map_err(|e| BuildError::Input {
+                recipe: recipe.path.clone(),
+                what: "kernel.debian".into(),
+                message: e.to_string(),
+            })?;
         // The metapackage pulls in tools (kmod, initramfs-tools...) that
         // an appliance does not need: keep only kernel image packages.
         let pkgs: Vec<Package> = closure
@@ -590,7 +596,11 @@ async fn container_tree(
         ImageSource::Debian { packages, suite } => {
             let suite = suite.as_deref().unwrap_or(default_suite);
             let archive = archives.get(mirror, suite).await?;
-            let closure = archive.resolve(packages)?;
+            let closure = archive.resolve(packages).map_err(|e| BuildError::Input {
+                recipe: recipe.path.clone(),
+                what: format!("container {name}: image"),
+                message: e.to_string(),
+            })?;
             let mut tree = debian_tree(archive, &closure, opts.progress.as_ref()).await?;
             merge_usr(&mut tree).map_err(|source| BuildError::Tree {
                 what: format!("container {name}: merging /usr"),
