@@ -92,15 +92,7 @@ fn failed_build_leaves_no_output() {
     )
     .unwrap();
     let out = dir.join("out");
-    let r = k::run(
-        Command::new(kiln())
-            .args(["build", "--quiet"])
-            .arg(&recipe)
-            .arg("-o")
-            .arg(&out)
-            .arg("--cache")
-            .arg(k::shared_cache()),
-    );
+    let r = k::try_build(&kiln(), &recipe, &out);
     assert!(!r.ok);
     assert!(r.stderr.contains("does-not-exist"), "{}", r.stderr);
     assert!(!out.join("broken.raw").exists());
@@ -125,15 +117,7 @@ fn unknown_debian_package_names_the_field() {
     )
     .unwrap();
     let out = dir.join("out");
-    let r = k::run(
-        Command::new(kiln())
-            .args(["build", "--quiet"])
-            .arg(&recipe)
-            .arg("-o")
-            .arg(&out)
-            .arg("--cache")
-            .arg(k::shared_cache()),
-    );
+    let r = k::try_build(&kiln(), &recipe, &out);
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     let want = format!(
         "{}: kernel.debian: cannot satisfy `no-such-kernel-package`",

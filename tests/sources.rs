@@ -487,15 +487,7 @@ fn wrong_digest_pin_fails_the_build() {
     )
     .unwrap();
     let out = dir.join("out");
-    let r = k::run(
-        Command::new(kiln())
-            .args(["build", "--quiet"])
-            .arg(&recipe)
-            .arg("-o")
-            .arg(&out)
-            .arg("--cache")
-            .arg(k::shared_cache()),
-    );
+    let r = k::try_build(&kiln(), &recipe, &out);
     eprintln!("kiln build (expected to fail):\n{}", r.stderr);
     assert_eq!(r.code, Some(1), "stderr:\n{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);

@@ -61,16 +61,21 @@ pub fn run(cmd: &mut Command) -> Ran {
     out.into()
 }
 
-/// `kiln build RECIPE -o OUT --quiet` with the shared cache; panics with
-/// kiln's stderr when the build fails.
-pub fn build(kiln: &Path, recipe: &Path, out: &Path) -> Ran {
-    let r = run(Command::new(kiln)
+/// `kiln build RECIPE -o OUT --quiet` with the shared cache, whatever its
+/// outcome.
+pub fn try_build(kiln: &Path, recipe: &Path, out: &Path) -> Ran {
+    run(Command::new(kiln)
         .args(["build", "--quiet"])
         .arg(recipe)
         .arg("-o")
         .arg(out)
         .arg("--cache")
-        .arg(shared_cache()));
+        .arg(shared_cache()))
+}
+
+/// [`try_build`] that panics with kiln's stderr when the build fails.
+pub fn build(kiln: &Path, recipe: &Path, out: &Path) -> Ran {
+    let r = try_build(kiln, recipe, out);
     assert!(
         r.ok,
         "kiln build {} failed:\n{}",
