@@ -522,8 +522,7 @@ mod tests {
     #[ignore = "downloads a Debian kernel and boots QEMU (~15 s)"]
     fn debian_kernel_mounts_images() {
         use crate::uki::testkit::{debian_kernel, module};
-        use std::io::Read;
-        use std::time::{Duration, Instant};
+        use std::time::Duration;
 
         if !Path::new("/bin/busybox").exists() {
             eprintln!("note: /bin/busybox missing, skipping");
@@ -603,43 +602,17 @@ $b poweroff -f
         let initrd = dir.join("initrd.cpio");
         std::fs::write(&initrd, &cpio).unwrap();
 
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot"])
-            .arg("-kernel")
-            .arg(kernel.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        let start = Instant::now();
-        let mut console = Vec::new();
-        while start.elapsed() < Duration::from_secs(120) {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(chunk) => console.extend_from_slice(&chunk),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(_) => break,
-            }
-            if String::from_utf8_lossy(&console).contains("KILN-SQFS-DONE") {
-                break;
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let text = String::from_utf8_lossy(&console).replace('\r', "");
+        let (text, _) = crate::uki::testkit::console_until(
+            Command::new("qemu-system-x86_64")
+                .args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot"])
+                .arg("-kernel")
+                .arg(kernel.join("vmlinuz"))
+                .arg("-initrd")
+                .arg(&initrd)
+                .args(["-append", "console=ttyS0 panic=-1 quiet"]),
+            "KILN-SQFS-DONE",
+            Duration::from_secs(120),
+        );
         assert!(text.contains("KILN-SQFS-DONE"), "no end marker:\n{text}");
         for i in ["z", "g"] {
             for want in [

@@ -373,6 +373,51 @@ pub(crate) mod testkit {
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
+    /// Spawns `cmd` (QEMU) and collects its stdout until `marker` shows up
+    /// or `timeout` passes, then kills it. Returns the console text (CRs
+    /// removed) and whether the marker was seen.
+    pub(crate) fn console_until(
+        cmd: &mut Command,
+        marker: &str,
+        timeout: std::time::Duration,
+    ) -> (String, bool) {
+        use std::io::Read;
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting qemu-system-x86_64");
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let start = std::time::Instant::now();
+        let mut console = Vec::new();
+        let mut found = false;
+        while start.elapsed() < timeout {
+            match rx.recv_timeout(std::time::Duration::from_millis(500)) {
+                Ok(chunk) => console.extend_from_slice(&chunk),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => break,
+            }
+            if String::from_utf8_lossy(&console).contains(marker) {
+                found = true;
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        (String::from_utf8_lossy(&console).replace('\r', ""), found)
+    }
+
     /// An unpacked Debian cloud kernel package: `$KILN_TEST_KERNEL_ROOT`,
     /// or downloaded with apt into `dir`. The returned directory holds
     /// `vmlinuz` (a link to `boot/vmlinuz-*`) and `lib/modules/*/kernel`.
@@ -669,7 +714,6 @@ mod tests {
     #[ignore = "downloads a Debian kernel and boots QEMU/OVMF (30+ s)"]
     fn uki_boots_under_ovmf() {
         use crate::tree::{DeviceKind, Meta, Node, Tree};
-        use std::io::Read;
         use std::path::Path;
         use std::time::{Duration, Instant};
 
@@ -742,46 +786,19 @@ mod tests {
         let vars = dir.join("vars.fd");
         std::fs::copy(VARS, &vars).unwrap();
 
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot"])
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,readonly=on,file={CODE}"))
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-            .arg("-drive")
-            .arg(format!("format=raw,file={}", esp.display()))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
         let start = Instant::now();
-        let mut console = Vec::new();
-        let mut found = false;
-        while start.elapsed() < Duration::from_secs(180) {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(chunk) => console.extend_from_slice(&chunk),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(_) => break,
-            }
-            if String::from_utf8_lossy(&console).contains(MARKER) {
-                found = true;
-                break;
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let text = String::from_utf8_lossy(&console);
+        let (text, found) = testkit::console_until(
+            Command::new("qemu-system-x86_64")
+                .args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot"])
+                .arg("-drive")
+                .arg(format!("if=pflash,format=raw,readonly=on,file={CODE}"))
+                .arg("-drive")
+                .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+                .arg("-drive")
+                .arg(format!("format=raw,file={}", esp.display())),
+            MARKER,
+            Duration::from_secs(180),
+        );
         assert!(
             found,
             "no marker on the console after {:?}:\n{text}",
