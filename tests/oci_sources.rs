@@ -269,3 +269,176 @@ fn write_archive_with_config(file: &Path, img: &TestImage, config: &[u8]) {
     add("manifest.json", &serde_json::to_vec(&m).unwrap());
     std::fs::write(file, b.into_inner().unwrap()).unwrap();
 }
+
+// ---- a registry that requires credentials ----
+
+const USER: &str = "kiln";
+const PASSWORD: &str = "s3cret:with-colon";
+
+/// `DOCKER_CONFIG` is process-wide: tests that set it hold this lock, and
+/// the guard puts the old value back when dropped.
+static ENV_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct DockerConfig {
+    old: Option<std::ffi::OsString>,
+    _dir: tempfile::TempDir,
+    _lock: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl DockerConfig {
+    /// Points `DOCKER_CONFIG` at a fresh directory whose config.json is
+    /// `config`, or that has no config.json when `None`.
+    async fn set(config: Option<serde_json::Value>) -> DockerConfig {
+        let lock = ENV_LOCK.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(c) = config {
+            std::fs::write(
+                dir.path().join("config.json"),
+                serde_json::to_vec(&c).unwrap(),
+            )
+            .unwrap();
+        }
+        let old = std::env::var_os("DOCKER_CONFIG");
+        std::env::set_var("DOCKER_CONFIG", dir.path());
+        DockerConfig {
+            old,
+            _dir: dir,
+            _lock: lock,
+        }
+    }
+}
+
+impl Drop for DockerConfig {
+    fn drop(&mut self) {
+        match self.old.take() {
+            Some(v) => std::env::set_var("DOCKER_CONFIG", v),
+            None => std::env::remove_var("DOCKER_CONFIG"),
+        }
+    }
+}
+
+/// `auths.HOST.auth = base64(user:password)`, as `docker login` writes it.
+fn auth_config(host: &str, user: &str, password: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    serde_json::json!({"auths": {host: {"auth": auth}}})
+}
+
+/// Pushes `img` as `HOST/REPO:TAG` with `auth`. Returns the manifest digest.
+async fn push_as(
+    img: &TestImage,
+    host: &str,
+    repo: &str,
+    tag: &str,
+    auth: &oci_client::secrets::RegistryAuth,
+) -> Result<String, oci_client::errors::OciDistributionError> {
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::HttpsExcept(vec![host.to_string()]),
+        ..Default::default()
+    });
+    let r: oci_client::Reference = format!("{host}/{repo}:{tag}").parse().unwrap();
+    client
+        .auth(&r, auth, oci_client::RegistryOperation::Push)
+        .await?;
+    let b = img.blobs();
+    for blob in std::iter::once(&b.config).chain(&b.layers) {
+        client
+            .push_blob(&r, blob.clone(), &images::sha256(blob))
+            .await?;
+    }
+    client
+        .push_manifest_raw(
+            &r,
+            b.manifest.clone(),
+            http::HeaderValue::from_static(images::MT_OCI_MANIFEST),
+        )
+        .await?;
+    Ok(b.manifest_digest())
+}
+
+fn basic(user: &str, password: &str) -> oci_client::secrets::RegistryAuth {
+    oci_client::secrets::RegistryAuth::Basic(user.into(), password.into())
+}
+
+#[tokio::test]
+async fn auth_registry_pull_with_docker_config() {
+    let Some(reg) = Registry::start_with_auth(USER, PASSWORD) else {
+        return;
+    };
+    let host = reg.host();
+    let img = base_image();
+
+    // The registry really checks: anonymous and wrong-password pushes fail.
+    let anon = oci_client::secrets::RegistryAuth::Anonymous;
+    assert!(push_as(&img, &host, "test/app", "1", &anon).await.is_err());
+    let wrong = basic(USER, "nope");
+    assert!(push_as(&img, &host, "test/app", "1", &wrong).await.is_err());
+    let manifest = push_as(&img, &host, "test/app", "1", &basic(USER, PASSWORD))
+        .await
+        .unwrap_or_else(|e| panic!("authorised push: {e}\n{}", reg.log()));
+
+    let _env = DockerConfig::set(Some(auth_config(&host, USER, PASSWORD))).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = Cache::open(work.path().join("cache")).unwrap();
+    let source = format!("{host}/test/app:1");
+    let pulled = oci::pull(&source, &cache)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", reg.log()));
+    assert_eq!(pulled.manifest_digest, digest(&manifest));
+    check_image(&pulled);
+
+    // `username`/`password` entries work too; a fresh cache forces the
+    // digest-pinned pull to fetch every blob with credentials.
+    drop(_env);
+    let plain = serde_json::json!({"auths": {format!("http://{host}"): {
+        "username": USER, "password": PASSWORD}}});
+    let _env = DockerConfig::set(Some(plain)).await;
+    let cache2 = Cache::open(work.path().join("cache2")).unwrap();
+    let pinned = oci::pull(&format!("{host}/test/app@{manifest}"), &cache2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", reg.log()));
+    assert_eq!(pinned.layers[1].digest, pulled.layers[1].digest);
+}
+
+#[tokio::test]
+async fn auth_registry_refuses_missing_or_wrong_credentials() {
+    let Some(reg) = Registry::start_with_auth(USER, PASSWORD) else {
+        return;
+    };
+    let host = reg.host();
+    let manifest = push_as(
+        &base_image(),
+        &host,
+        "test/app",
+        "1",
+        &basic(USER, PASSWORD),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("authorised push: {e}\n{}", reg.log()));
+    let work = tempfile::tempdir().unwrap();
+    let by_tag = format!("{host}/test/app:1");
+    let by_digest = format!("{host}/test/app@{manifest}");
+
+    let cases = [
+        ("no config.json", None),
+        ("wrong password", Some(auth_config(&host, USER, "wrong"))),
+        ("unknown user", Some(auth_config(&host, "eve", PASSWORD))),
+        (
+            "credentials for another registry",
+            Some(auth_config("127.0.0.1:1", USER, PASSWORD)),
+        ),
+    ];
+    for (i, (what, config)) in cases.into_iter().enumerate() {
+        let _env = DockerConfig::set(config).await;
+        // A fresh cache each time, so nothing is served without the registry.
+        let cache = Cache::open(work.path().join(format!("cache{i}"))).unwrap();
+        for source in [&by_tag, &by_digest] {
+            let e = oci::pull(source, &cache).await.unwrap_err();
+            assert!(matches!(e, OciError::Registry { .. }), "{what}: {e}");
+            let msg = e.to_string();
+            assert!(msg.starts_with(&format!("{source}: ")), "{what}: {msg}");
+            // Refused for want of credentials, not e.g. a connection error.
+            assert!(msg.contains("Not authorized"), "{what}: {msg}");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! A throwaway local OCI registry (Debian's `docker-registry`, CNCF
-//! distribution) on 127.0.0.1, killed when dropped.
+//! distribution) on 127.0.0.1, killed when dropped; optionally requiring
+//! HTTP basic auth from an htpasswd file.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,12 +14,33 @@ pub struct Registry {
     child: Option<Child>,
     dir: tempfile::TempDir,
     port: u16,
+    /// Whether /v2/ answers 401 (credentials required) when ready.
+    auth: bool,
+}
+
+/// An htpasswd line `user:$2y$...` (bcrypt, the only hash distribution
+/// accepts).
+/// The salt is fixed: the file is throwaway and tests stay deterministic.
+fn htpasswd_line(user: &str, password: &str) -> String {
+    // Cost 4, bcrypt's minimum, keeps every authenticated request cheap.
+    let hash = bcrypt::hash_with_salt(password, 4, *b"kiln-test-salt!!").expect("bcrypt");
+    format!("{user}:{}", hash.format_for_version(bcrypt::Version::TwoY))
 }
 
 impl Registry {
     /// Starts a registry, or returns `None` (after printing a note) when the
     /// binary is not installed.
     pub fn start() -> Option<Registry> {
+        Self::start_inner(None)
+    }
+
+    /// Like [`Registry::start`], but every request must carry HTTP basic
+    /// credentials `user:password` (distribution's htpasswd auth, bcrypt).
+    pub fn start_with_auth(user: &str, password: &str) -> Option<Registry> {
+        Self::start_inner(Some((user, password)))
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>) -> Option<Registry> {
         if !Path::new(BINARY).exists() {
             eprintln!("note: {BINARY} not installed; skipping registry test");
             return None;
@@ -32,17 +54,23 @@ impl Registry {
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("storage dir");
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\n\
-                 log: {{level: warn}}\n\
-                 storage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\n\
-                 http: {{addr: 127.0.0.1:{port}, secret: test}}\n",
-                storage.display()
-            ),
-        )
-        .expect("registry config");
+        let mut yaml = format!(
+            "version: 0.1\n\
+             log: {{level: warn}}\n\
+             storage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\n\
+             http: {{addr: 127.0.0.1:{port}, secret: test}}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = auth {
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{}\n", htpasswd_line(user, password)))
+                .expect("htpasswd");
+            yaml.push_str(&format!(
+                "auth: {{htpasswd: {{realm: test, path: {}}}}}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yaml).expect("registry config");
         let log = std::fs::File::create(dir.path().join("registry.log")).expect("log file");
         let child = Command::new(BINARY)
             .arg("serve")
@@ -56,6 +84,7 @@ impl Registry {
             child: Some(child),
             dir,
             port,
+            auth: auth.is_some(),
         };
         reg.wait_ready();
         Some(reg)
@@ -89,7 +118,9 @@ impl Registry {
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).unwrap_or(0);
         let head = String::from_utf8_lossy(&buf[..n]);
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")
+        let want = if self.auth { "401" } else { "200" };
+        head.starts_with(&format!("HTTP/1.1 {want}"))
+            || head.starts_with(&format!("HTTP/1.0 {want}"))
     }
 
     /// `127.0.0.1:PORT`, the registry part of image references.
