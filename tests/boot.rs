@@ -34,12 +34,7 @@ fn hello_builds_validates_and_boots() {
 
     // ESP: a FAT filesystem fsck accepts, holding the UKI.
     let esp = out.join("esp.img");
-    k::extract(
-        &image,
-        parts[0].1 * 512,
-        (parts[0].2 - parts[0].1 + 1) * 512,
-        &esp,
-    );
+    k::extract_partition(&image, &parts[0], &esp);
     let fsck = k::run(Command::new("fsck.fat").arg("-n").arg(&esp));
     assert!(fsck.ok, "fsck.fat -n:\n{}{}", fsck.stdout, fsck.stderr);
     let uki = out.join("BOOTX64.EFI");
@@ -62,12 +57,7 @@ fn hello_builds_validates_and_boots() {
 
     // Root: squashfs that unsquashfs reads, with both containers and the config.
     let root = out.join("root.img");
-    k::extract(
-        &image,
-        parts[1].1 * 512,
-        (parts[1].2 - parts[1].1 + 1) * 512,
-        &root,
-    );
+    k::extract_partition(&image, &parts[1], &root);
     let ls = k::run(Command::new("unsquashfs").arg("-lln").arg(&root));
     assert!(ls.ok, "unsquashfs: {}", ls.stderr);
     for p in [

@@ -312,12 +312,7 @@ size = "256M"
     assert_eq!(parts.len(), 2, "{parts:?}");
     assert_eq!(parts[1].4, "root-a");
     let root = out.join("root.img");
-    k::extract(
-        &image,
-        parts[1].1 * 512,
-        (parts[1].2 - parts[1].1 + 1) * 512,
-        &root,
-    );
+    k::extract_partition(&image, &parts[1], &root);
     let ls = k::run(Command::new("unsquashfs").arg("-lln").arg(&root));
     assert!(ls.ok, "unsquashfs: {}", ls.stderr);
     let listing = squashfs_listing(&ls.stdout);

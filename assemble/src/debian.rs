@@ -313,6 +313,18 @@ pub(crate) mod tests {
     }
 
     /// Decompresses a layer's tar stream.
+    /// The data layer of trixie's real cloud kernel package (cached).
+    pub(crate) async fn trixie_cloud_kernel() -> Layer {
+        let a = trixie().await;
+        let pkgs = a.resolve(&["linux-image-cloud-amd64".to_string()]).unwrap();
+        let pkg = pkgs
+            .iter()
+            .find(|p| p.name.starts_with("linux-image-6.12") && p.name.ends_with("-cloud-amd64"))
+            .unwrap();
+        let deb = a.fetch(pkg).await.unwrap();
+        deb_layer(&format!("{}={}", pkg.name, pkg.version), pkg.sha256, &deb).unwrap()
+    }
+
     pub(crate) fn layer_tar(layer: &Layer) -> Vec<u8> {
         let d = &layer.data[..];
         match layer.compression {

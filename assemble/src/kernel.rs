@@ -603,16 +603,8 @@ mod tests {
     /// The real trixie cloud kernel, through the verified archive client.
     #[tokio::test]
     async fn network_trixie_cloud_kernel() {
-        use crate::debian::{self, tests as dt};
-        let a = dt::trixie().await;
-        let pkgs = a.resolve(&["linux-image-cloud-amd64".to_string()]).unwrap();
-        let pkg = pkgs
-            .iter()
-            .find(|p| p.name.starts_with("linux-image-6.12") && p.name.ends_with("-cloud-amd64"))
-            .unwrap();
-        let deb = a.fetch(pkg).await.unwrap();
-        let layer =
-            debian::deb_layer(&format!("{}={}", pkg.name, pkg.version), pkg.sha256, &deb).unwrap();
+        use crate::debian::tests as dt;
+        let layer = dt::trixie_cloud_kernel().await;
         let tree = tree_from_tar(&dt::layer_tar(&layer));
         let k = Kernel::from_tree(&tree).unwrap();
         assert!(k.release.starts_with("6.12"), "{}", k.release);

@@ -847,16 +847,8 @@ mod tests {
     /// a bzImage plus modules directory and as a LinuxKit image.
     #[tokio::test]
     async fn network_trixie_kernel_from_path_and_image() {
-        use crate::debian::{self, tests as dt};
-        let a = dt::trixie().await;
-        let pkgs = a.resolve(&["linux-image-cloud-amd64".to_string()]).unwrap();
-        let pkg = pkgs
-            .iter()
-            .find(|p| p.name.starts_with("linux-image-6.12") && p.name.ends_with("-cloud-amd64"))
-            .unwrap();
-        let deb = a.fetch(pkg).await.unwrap();
-        let layer =
-            debian::deb_layer(&format!("{}={}", pkg.name, pkg.version), pkg.sha256, &deb).unwrap();
+        use crate::debian::tests as dt;
+        let layer = dt::trixie_cloud_kernel().await;
         let mut deb_tree = Tree::new();
         layers::apply(&mut deb_tree, &layer).unwrap();
         let reference = Kernel::from_tree(&deb_tree).unwrap();

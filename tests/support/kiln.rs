@@ -97,10 +97,12 @@ pub fn boot(kiln: &Path, image: &Path, timeout_secs: u64) -> Ran {
     r
 }
 
-/// Copies `len` bytes at `offset` of `file` into a new file `to`.
-pub fn extract(file: &Path, offset: u64, len: u64, to: &Path) {
+/// Copies partition `part` (as [`partitions`] lists it) of `image` into a
+/// new file `to`, for the standard tools to check.
+pub fn extract_partition(image: &Path, part: &(u32, u64, u64, String, String), to: &Path) {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(file).expect("opening image");
+    let (offset, len) = (part.1 * 512, (part.2 - part.1 + 1) * 512);
+    let mut f = std::fs::File::open(image).expect("opening image");
     f.seek(SeekFrom::Start(offset)).expect("seeking");
     let mut buf = vec![0; len as usize];
     f.read_exact(&mut buf).expect("reading partition");
