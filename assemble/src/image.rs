@@ -378,12 +378,7 @@ pub async fn build(
     initrd_tree
         .insert(
             Path::new("/dev/console"),
-            Node::Device {
-                meta: Meta::root(0o600),
-                kind: kiln_formats::tree::DeviceKind::Char,
-                major: 5,
-                minor: 1,
-            },
+            Node::device(kiln_formats::tree::DeviceKind::Char, 0o600, 5, 1),
         )
         .map_err(|source| BuildError::Tree {
             what: "initramfs".into(),

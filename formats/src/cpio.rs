@@ -221,22 +221,12 @@ mod tests {
             .unwrap();
         t.insert(
             Path::new("/dev/console"),
-            Node::Device {
-                meta: Meta::root(0o600),
-                kind: DeviceKind::Char,
-                major: 5,
-                minor: 1,
-            },
+            Node::device(DeviceKind::Char, 0o600, 5, 1),
         )
         .unwrap();
         t.insert(
             Path::new("/dev/vda"),
-            Node::Device {
-                meta: Meta::root(0o660),
-                kind: DeviceKind::Block,
-                major: 254,
-                minor: 300,
-            },
+            Node::device(DeviceKind::Block, 0o660, 254, 300),
         )
         .unwrap();
         t.insert(

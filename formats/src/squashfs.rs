@@ -336,12 +336,7 @@ mod tests {
         let mut dev = Tree::new();
         dev.insert(
             Path::new("/d"),
-            Node::Device {
-                meta: Meta::root(0o600),
-                kind: DeviceKind::Char,
-                major: 5000,
-                minor: 0,
-            },
+            Node::device(DeviceKind::Char, 0o600, 5000, 0),
         )
         .unwrap();
         assert!(matches!(
@@ -570,12 +565,7 @@ mod tests {
         add(&mut ir, "/big.bin", 0o644, big.to_vec());
         ir.insert(
             Path::new("/dev/console"),
-            Node::Device {
-                meta: Meta::root(0o600),
-                kind: DeviceKind::Char,
-                major: 5,
-                minor: 1,
-            },
+            Node::device(DeviceKind::Char, 0o600, 5, 1),
         )
         .unwrap();
         let init = r#"#!/bin/busybox sh

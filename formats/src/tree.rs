@@ -119,6 +119,16 @@ impl Node {
         }
     }
 
+    /// A device node owned by root.
+    pub fn device(kind: DeviceKind, mode: u32, major: u32, minor: u32) -> Self {
+        Node::Device {
+            meta: Meta::root(mode),
+            kind,
+            major,
+            minor,
+        }
+    }
+
     /// An empty directory owned by root.
     pub fn dir(mode: u32) -> Self {
         Node::Dir(Dir::new(Meta::root(mode)))

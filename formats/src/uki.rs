@@ -713,7 +713,7 @@ mod tests {
     #[test]
     #[ignore = "downloads a Debian kernel and boots QEMU/OVMF (30+ s)"]
     fn uki_boots_under_ovmf() {
-        use crate::tree::{DeviceKind, Meta, Node, Tree};
+        use crate::tree::{DeviceKind, Node, Tree};
         use std::path::Path;
         use std::time::{Duration, Instant};
 
@@ -745,12 +745,7 @@ mod tests {
         // Without /dev/console the kernel starts init with no stdout.
         t.insert(
             Path::new("/dev/console"),
-            Node::Device {
-                meta: Meta::root(0o600),
-                kind: DeviceKind::Char,
-                major: 5,
-                minor: 1,
-            },
+            Node::device(DeviceKind::Char, 0o600, 5, 1),
         )
         .unwrap();
         let mut initrd = Vec::new();
