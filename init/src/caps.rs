@@ -77,7 +77,9 @@ pub fn mask(names: &[String]) -> Result<u64, CapError> {
 pub struct CapPlan {
     /// Capabilities to drop from the bounding set, ascending.
     pub drop_bounding: u64,
-    /// Effective = permitted = inheritable, set before exec.
+    /// Effective = permitted, set before exec. Inheritable stays empty
+    /// (CVE-2022-24769): a file with inheritable file capabilities must not
+    /// gain them across exec, as in runc and Docker.
     pub sets: u64,
 }
 
@@ -126,7 +128,7 @@ struct CapHeader {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CapData {
     effective: u32,
     permitted: u32,
@@ -135,27 +137,25 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Sets effective, permitted and inheritable to `plan.sets`, and clears the
-/// ambient set.
+/// The two capset(2) words for `plan`: effective and permitted get
+/// `plan.sets`, inheritable nothing.
+fn cap_data(plan: &CapPlan) -> [CapData; 2] {
+    let word = |bits: u32| CapData {
+        effective: bits,
+        permitted: bits,
+        inheritable: 0,
+    };
+    [word(plan.sets as u32), word((plan.sets >> 32) as u32)]
+}
+
+/// Sets effective and permitted to `plan.sets`, empties inheritable, and
+/// clears the ambient set.
 pub fn set_sets(plan: &CapPlan) -> std::io::Result<()> {
     let mut hdr = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let lo = plan.sets as u32;
-    let hi = (plan.sets >> 32) as u32;
-    let data = [
-        CapData {
-            effective: lo,
-            permitted: lo,
-            inheritable: lo,
-        },
-        CapData {
-            effective: hi,
-            permitted: hi,
-            inheritable: hi,
-        },
-    ];
+    let data = cap_data(plan);
     // SAFETY: header and two data structs laid out as capset(2) expects.
     let r = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) };
     if r == -1 {
@@ -215,5 +215,26 @@ mod tests {
         // Asking for a capability the kernel lacks keeps nothing extra.
         assert_eq!(plan(1 << 50, 0, 40).sets, 0);
         assert_eq!(plan(u64::MAX, 0, 63).drop_bounding, 0);
+    }
+
+    #[test]
+    fn inheritable_set_is_empty() {
+        let keep = (1u64 << 40) | 0xa804_25fb;
+        let data = cap_data(&plan(keep, 0, 40));
+        assert_eq!(
+            data,
+            [
+                CapData {
+                    effective: 0xa804_25fb,
+                    permitted: 0xa804_25fb,
+                    inheritable: 0,
+                },
+                CapData {
+                    effective: 1 << 8,
+                    permitted: 1 << 8,
+                    inheritable: 0,
+                },
+            ]
+        );
     }
 }
