@@ -6,6 +6,7 @@ use crate::gpt;
 use crate::sys::{self, Sys};
 use kiln_init::config::{FileEntry, HostConfig};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -80,24 +81,23 @@ pub fn mount_pseudo(sys: &dyn Sys) -> Vec<BootError> {
 
 /// Makes fds 0-2 point at the console when the kernel could not open it
 /// (an initramfs without /dev/console), so later fds never land there.
-/// Returns the console fd for logging.
-pub fn setup_console() -> Option<i32> {
-    let path = c"/dev/console";
-    // SAFETY: valid C string; flags only.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
+/// Returns the console for logging.
+pub fn setup_console() -> Option<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // std adds O_CLOEXEC.
+    let console = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/console")
+        .ok()?;
+    let fd = OwnedFd::from(console);
     for std_fd in 0..3 {
-        // SAFETY: F_GETFD probes whether the fd is open.
+        // SAFETY: F_GETFD only probes whether the fd is open.
         if unsafe { libc::fcntl(std_fd, libc::F_GETFD) } == -1 {
-            // SAFETY: duplicating our console fd.
-            unsafe { libc::dup2(fd, std_fd) };
+            // SAFETY: duplicating our open console onto a free standard fd;
+            // the copy is deliberately never closed.
+            unsafe { libc::dup2(fd.as_raw_fd(), std_fd) };
         }
     }
     Some(fd)

@@ -2,7 +2,7 @@
 //! program allowing only the minimal /dev's character devices.
 
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 /// One eBPF instruction as the kernel reads it (`struct bpf_insn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,8 +157,8 @@ fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
 
 /// Loads `prog` and attaches it to the cgroup directory `cgroup_fd`.
 /// Returns the program fd (the attachment keeps the program alive, so the
-/// caller may close it).
-pub fn load_and_attach(prog: &[Insn], cgroup_fd: RawFd) -> io::Result<RawFd> {
+/// caller may drop it).
+pub fn load_and_attach(prog: &[Insn], cgroup: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let license = c"Apache-2.0";
     let mut load = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
@@ -167,17 +167,14 @@ pub fn load_and_attach(prog: &[Insn], cgroup_fd: RawFd) -> io::Result<RawFd> {
         license: license.as_ptr() as u64,
         ..Default::default()
     };
-    let fd = bpf(BPF_PROG_LOAD, &mut load)? as RawFd;
+    let fd = crate::sys::owned(bpf(BPF_PROG_LOAD, &mut load)? as libc::c_int)?;
     let mut attach = ProgAttachAttr {
-        target_fd: cgroup_fd as u32,
-        attach_bpf_fd: fd as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: fd.as_raw_fd() as u32,
         attach_type: BPF_CGROUP_DEVICE,
         ..Default::default()
     };
-    if let Err(e) = bpf(BPF_PROG_ATTACH, &mut attach) {
-        crate::sys::close(fd);
-        return Err(e);
-    }
+    bpf(BPF_PROG_ATTACH, &mut attach)?;
     Ok(fd)
 }
 

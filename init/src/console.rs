@@ -2,24 +2,31 @@
 //! to the console, container lines also to `/var/log/NAME.log`.
 
 use crate::sys;
-use std::os::unix::io::RawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
 
 /// Longest line kept whole; longer output is cut into pieces this size so
 /// a process that never prints a newline cannot grow our memory.
 pub const MAX_LINE: usize = 4096;
 
-/// Console fd; 2 (stderr) until [`set_console`] is called.
-static CONSOLE: AtomicI32 = AtomicI32::new(2);
+/// The console, held for the life of the process; stderr until
+/// [`set_console`] is called.
+static CONSOLE: OnceLock<OwnedFd> = OnceLock::new();
 
-pub fn set_console(fd: RawFd) {
-    CONSOLE.store(fd, Ordering::Relaxed);
+/// Sends log output to `fd` from now on (only the first call counts).
+pub fn set_console(fd: OwnedFd) {
+    let _ = CONSOLE.set(fd);
 }
 
 /// Writes raw bytes to the console, ignoring errors: there is nowhere else
 /// to report them.
 pub fn write_console(data: &[u8]) {
-    let _ = sys::write_all(CONSOLE.load(Ordering::Relaxed), data);
+    let stderr = std::io::stderr();
+    let fd = match CONSOLE.get() {
+        Some(fd) => fd.as_fd(),
+        None => stderr.as_fd(),
+    };
+    let _ = sys::write_all(fd, data);
 }
 
 /// Logs one init message: `kiln-init: [UPTIME] MSG`.

@@ -8,7 +8,7 @@ use crate::sys::{self, check, cstr, mount};
 use kiln_init::config::{Container, Net};
 use std::ffi::CString;
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use thiserror::Error;
 
 /// Where per-container cgroups live.
@@ -37,8 +37,8 @@ pub enum ContainerError {
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: libc::pid_t,
-    pub stdout: RawFd,
-    pub stderr: RawFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
 }
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
@@ -55,10 +55,9 @@ fn make_cgroup(name: &str) -> Result<String, ContainerError> {
         path: path.clone(),
         source: e,
     })?;
-    use std::os::unix::io::AsRawFd;
     let prog = bpf::program(&bpf::DEFAULT_RULES);
-    let fd = bpf::load_and_attach(&prog, dir.as_raw_fd()).map_err(ContainerError::DeviceFilter)?;
-    sys::close(fd);
+    // The attachment keeps the program; its fd can go.
+    bpf::load_and_attach(&prog, dir.as_fd()).map_err(ContainerError::DeviceFilter)?;
     Ok(path)
 }
 
@@ -83,40 +82,40 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     // SAFETY: the init is single-threaded, so the child may run Rust code.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        sys::close(out_r);
-        sys::close(err_r);
-        sys::close(rep_r);
+        drop((out_r, err_r, rep_r));
         // A panic here must never unwind into the init's own fatal path
         // (which would power the machine off from a child).
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            intermediate(c, &cgroup, &root, &plan, &exec, rep_w, out_w, err_w)
+            intermediate(
+                c,
+                &cgroup,
+                &root,
+                &plan,
+                &exec,
+                rep_w.as_fd(),
+                out_w.as_fd(),
+                err_w.as_fd(),
+            )
         }));
-        report(rep_w, "Epanic during setup");
+        report(rep_w.as_fd(), "Epanic during setup");
         exit(127);
     }
-    sys::close(out_w);
-    sys::close(err_w);
-    sys::close(rep_w);
-    let fail = |e: ContainerError| {
-        sys::close(out_r);
-        sys::close(err_r);
-        e
-    };
+    // Only the children may hold the write ends, so reads end when they go.
+    drop((out_w, err_w, rep_w));
     if pid < 0 {
-        sys::close(rep_r);
-        return Err(fail(ContainerError::Io("fork", io::Error::last_os_error())));
+        return Err(ContainerError::Io("fork", io::Error::last_os_error()));
     }
     // Everything the children report, until the last copy of the write end
     // closes (exec or exit).
     let mut report = Vec::new();
     let mut buf = [0u8; 512];
-    while let Ok(n) = sys::read(rep_r, &mut buf) {
+    while let Ok(n) = sys::read(rep_r.as_fd(), &mut buf) {
         if n == 0 || report.len() > 64 * 1024 {
             break;
         }
         report.extend_from_slice(&buf[..n]);
     }
-    sys::close(rep_r);
+    drop(rep_r);
     let mut status = 0;
     // SAFETY: reaping our own direct child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -131,7 +130,7 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
         }
     }
     if !errors.is_empty() {
-        return Err(fail(ContainerError::Setup(errors.join("; "))));
+        return Err(ContainerError::Setup(errors.join("; ")));
     }
     match grandchild {
         Some(pid) => Ok(Spawned {
@@ -139,14 +138,14 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
             stdout: out_r,
             stderr: err_r,
         }),
-        None => Err(fail(ContainerError::Setup(
+        None => Err(ContainerError::Setup(
             "container process did not start".to_string(),
-        ))),
+        )),
     }
 }
 
 /// Sends one report message (`P<pid>` or `E<error>`), NUL-terminated.
-fn report(fd: RawFd, msg: &str) {
+fn report(fd: BorrowedFd<'_>, msg: &str) {
     let mut b = msg.as_bytes().to_vec();
     b.push(0);
     let _ = sys::write_all(fd, &b);
@@ -166,9 +165,9 @@ fn intermediate(
     root: &str,
     plan: &CapPlan,
     exec: &ExecPlan,
-    rep: RawFd,
-    out: RawFd,
-    err: RawFd,
+    rep: BorrowedFd<'_>,
+    out: BorrowedFd<'_>,
+    err: BorrowedFd<'_>,
 ) -> ! {
     // Join before forking so the container never runs outside the filter.
     if let Err(e) = std::fs::write(format!("{cgroup}/cgroup.procs"), "0") {
@@ -263,8 +262,8 @@ fn setup(
     root: &str,
     plan: &CapPlan,
     exec: &ExecPlan,
-    out: RawFd,
-    err: RawFd,
+    out: BorrowedFd<'_>,
+    err: BorrowedFd<'_>,
 ) -> Result<std::convert::Infallible, String> {
     // The init blocks SIGCHLD for its signalfd; the mask survives exec.
     // SAFETY: an empty, initialised signal set.
@@ -275,10 +274,10 @@ fn setup(
         libc::umask(0o022);
     }
     let null = step("open /dev/null", std::fs::File::open("/dev/null"))?;
-    use std::os::unix::io::AsRawFd;
-    for (from, to) in [(null.as_raw_fd(), 0), (out, 1), (err, 2)] {
-        // SAFETY: duplicating fds we hold onto the standard ones.
-        step("dup2", check(unsafe { libc::dup2(from, to) }))?;
+    for (from, to) in [(null.as_fd(), 0), (out, 1), (err, 2)] {
+        // SAFETY: duplicating fds we hold onto the standard ones, which
+        // the exec'd program owns from here on.
+        step("dup2", check(unsafe { libc::dup2(from.as_raw_fd(), to) }))?;
     }
     drop(null);
     step(
@@ -540,8 +539,10 @@ struct IfreqFlags {
 /// `ip link set lo up` in a fresh network namespace.
 fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket creation.
-    let fd =
-        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = sys::owned(unsafe {
+        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+    })?;
+    let raw = fd.as_raw_fd();
     let mut req = IfreqFlags {
         name: [0; libc::IFNAMSIZ],
         flags: 0,
@@ -550,16 +551,14 @@ fn loopback_up() -> io::Result<()> {
     req.name[..2].copy_from_slice(b"lo");
     // SAFETY: req is a valid ifreq for both ioctls.
     let r = unsafe {
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req as *mut IfreqFlags) == -1 {
+        if libc::ioctl(raw, libc::SIOCGIFFLAGS as _, &mut req as *mut IfreqFlags) == -1 {
             -1
         } else {
             req.flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &mut req as *mut IfreqFlags)
+            libc::ioctl(raw, libc::SIOCSIFFLAGS as _, &mut req as *mut IfreqFlags)
         }
     };
-    let res = check(r).map(|_| ());
-    sys::close(fd);
-    res
+    check(r).map(|_| ())
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use crate::console::{self, LineSplitter, Sink};
 use crate::container;
 use crate::sys;
 use kiln_init::config::Container;
-use std::os::unix::io::RawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// How long output pipes may stay open after their container exited (a
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 struct Stream {
-    fd: RawFd,
+    fd: OwnedFd,
     split: LineSplitter,
 }
 
@@ -43,7 +43,7 @@ pub fn describe_status(status: libc::c_int) -> String {
 
 pub struct Supervisor {
     jobs: Vec<Job>,
-    sigfd: Option<RawFd>,
+    sigfd: Option<OwnedFd>,
     log_dir: String,
 }
 
@@ -57,11 +57,15 @@ impl Supervisor {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGCHLD);
             libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+            sys::owned(libc::signalfd(
+                -1,
+                &set,
+                libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
+            ))
         };
         Supervisor {
             jobs: Vec::new(),
-            sigfd: (sigfd >= 0).then_some(sigfd),
+            sigfd: sigfd.ok(),
             log_dir: log_dir.to_string(),
         }
     }
@@ -125,9 +129,9 @@ impl Supervisor {
     fn pump(&mut self) {
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut owners: Vec<(usize, usize)> = Vec::new();
-        if let Some(fd) = self.sigfd {
+        if let Some(fd) = &self.sigfd {
             fds.push(libc::pollfd {
-                fd,
+                fd: fd.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -135,7 +139,7 @@ impl Supervisor {
         for (j, job) in self.jobs.iter().enumerate() {
             for (s, st) in job.streams.iter().enumerate() {
                 fds.push(libc::pollfd {
-                    fd: st.fd,
+                    fd: st.fd.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 });
@@ -151,10 +155,10 @@ impl Supervisor {
             return;
         }
         let skip = usize::from(self.sigfd.is_some());
-        if let Some(fd) = self.sigfd {
+        if let Some(fd) = &self.sigfd {
             if fds[0].revents != 0 {
                 let mut buf = [0u8; 128 * 4];
-                let _ = sys::read(fd, &mut buf);
+                let _ = sys::read(fd.as_fd(), &mut buf);
             }
         }
         // Output first, so lines written just before exit precede its report.
@@ -184,11 +188,11 @@ impl Supervisor {
         closed.dedup();
         for &(j, s) in closed.iter().rev() {
             let job = &mut self.jobs[j];
+            // Dropping the stream closes its pipe.
             let mut st = job.streams.remove(s);
             if let Some(line) = st.split.finish() {
                 job.sink.line(&line);
             }
-            sys::close(st.fd);
         }
     }
 
@@ -196,7 +200,7 @@ impl Supervisor {
     fn read_stream(&mut self, j: usize, s: usize) -> bool {
         let job = &mut self.jobs[j];
         let mut buf = [0u8; 4096];
-        match sys::read(job.streams[s].fd, &mut buf) {
+        match sys::read(job.streams[s].fd.as_fd(), &mut buf) {
             Ok(0) | Err(_) => false,
             Ok(n) => {
                 for line in job.streams[s].split.push(&buf[..n]) {

@@ -3,8 +3,8 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{AsRawFd, RawFd};
 
 /// `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses the module itself.
 pub const MODULE_INIT_COMPRESSED_FILE: libc::c_int = 4;
@@ -176,26 +176,27 @@ pub fn sethostname(name: &str) -> io::Result<()> {
 }
 
 /// pipe2 with `O_CLOEXEC`; returns (read, write).
-pub fn pipe() -> io::Result<(RawFd, RawFd)> {
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: fds has room for the two descriptors.
     check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    Ok((fds[0], fds[1]))
+    // SAFETY: pipe2 succeeded, so both are fresh descriptors nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// close(2), errors ignored: there is nothing useful to do about them.
-pub fn close(fd: RawFd) {
-    // SAFETY: closing an fd we own.
-    unsafe {
-        libc::close(fd);
-    }
+/// Takes ownership of a descriptor a syscall just returned, or its errno.
+pub fn owned(ret: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = check(ret)?;
+    // SAFETY: a non-negative return of an fd-creating syscall is a new
+    // descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// write(2) of the whole buffer, retrying on EINTR and short writes.
-pub fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+pub fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         // SAFETY: pointer and length describe `data`.
-        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -212,10 +213,10 @@ pub fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
 }
 
 /// read(2) into `buf`, retrying on EINTR; 0 is end of file.
-pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: pointer and length describe `buf`.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -232,6 +233,28 @@ pub fn uptime() -> String {
     match std::fs::read_to_string("/proc/uptime") {
         Ok(s) => s.split_whitespace().next().unwrap_or("?").to_string(),
         Err(_) => "?".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn pipe_is_cloexec_and_ends_when_writer_drops() {
+        let (r, w) = pipe().expect("pipe");
+        for fd in [&r, &w] {
+            // SAFETY: F_GETFD on a descriptor we own.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+            assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        }
+        write_all(w.as_fd(), b"hi").expect("write");
+        drop(w);
+        let mut buf = [0u8; 8];
+        assert_eq!(read(r.as_fd(), &mut buf).expect("read"), 2);
+        assert_eq!(&buf[..2], b"hi");
+        assert_eq!(read(r.as_fd(), &mut buf).expect("read"), 0);
     }
 }
 
