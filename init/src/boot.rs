@@ -3,7 +3,7 @@
 //! root's tmpfs mounts, cgroups, hostname and runtime files.
 
 use crate::gpt;
-use crate::sys::{self, Sys};
+use crate::sys::Sys;
 use kiln_init::config::{FileEntry, HostConfig};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -202,11 +202,11 @@ pub fn switch_root(sys: &dyn Sys, new_root: &str) -> Result<(), BootError> {
                 source,
             })?;
     }
-    std::env::set_current_dir(new_root).map_err(BootError::SwitchRoot)?;
+    sys.chdir(new_root).map_err(BootError::SwitchRoot)?;
     sys.mount(Some("."), "/", None, libc::MS_MOVE, None)
         .map_err(BootError::SwitchRoot)?;
-    sys::chroot(".").map_err(BootError::SwitchRoot)?;
-    std::env::set_current_dir("/").map_err(BootError::SwitchRoot)
+    sys.chroot(".").map_err(BootError::SwitchRoot)?;
+    sys.chdir("/").map_err(BootError::SwitchRoot)
 }
 
 /// Mounts of the real root. Failures are returned for logging; the boot
@@ -260,7 +260,8 @@ pub fn setup_cgroups(sys: &dyn Sys) -> Vec<String> {
     let _ = sys.mkdir_all("/sys/fs/cgroup/kiln");
     for ctl in ["pids", "memory"] {
         for dir in ["/sys/fs/cgroup", "/sys/fs/cgroup/kiln"] {
-            if std::fs::write(format!("{dir}/cgroup.subtree_control"), format!("+{ctl}")).is_err() {
+            let knob = format!("{dir}/cgroup.subtree_control");
+            if sys.write_file(&knob, format!("+{ctl}").as_bytes()).is_err() {
                 failed.push(format!("{ctl} in {dir}"));
             }
         }
@@ -286,9 +287,9 @@ pub fn write_file(f: &FileEntry) -> io::Result<()> {
 }
 
 /// Hostname and runtime files of the host config; returns error messages.
-pub fn apply_host(cfg: &HostConfig) -> Vec<String> {
+pub fn apply_host(sys: &dyn Sys, cfg: &HostConfig) -> Vec<String> {
     let mut errs = Vec::new();
-    if let Err(e) = sys::sethostname(&cfg.hostname) {
+    if let Err(e) = sys.sethostname(&cfg.hostname) {
         errs.push(format!("sethostname {:?}: {e}", cfg.hostname));
     }
     for f in cfg.files.iter().filter(|f| is_runtime_path(&f.path)) {
@@ -370,9 +371,8 @@ mod tests {
         let sys = FakeSys::default();
         assert!(mount_pseudo(&sys).is_empty());
         assert!(mount_runtime(&sys).is_empty());
-        let targets: Vec<String> = sys.mounts.borrow().iter().map(|m| m.1.clone()).collect();
         assert_eq!(
-            targets,
+            sys.mount_targets(),
             vec![
                 "/proc",
                 "/sys",
@@ -383,6 +383,53 @@ mod tests {
                 "/dev/pts",
                 "/sys/fs/cgroup",
                 "/run/kiln"
+            ]
+        );
+    }
+
+    #[test]
+    fn switch_root_moves_then_chroots() {
+        let sys = FakeSys::default();
+        switch_root(&sys, "/sysroot").expect("switch");
+        assert_eq!(
+            sys.log(),
+            vec![
+                "mkdir -p /sysroot/proc",
+                "mount /proc /sysroot/proc - move -",
+                "mkdir -p /sysroot/sys",
+                "mount /sys /sysroot/sys - move -",
+                "mkdir -p /sysroot/dev",
+                "mount /dev /sysroot/dev - move -",
+                "chdir /sysroot",
+                "mount . / - move -",
+                "chroot .",
+                "chdir /",
+            ]
+        );
+    }
+
+    #[test]
+    fn cgroup_controllers_each_alone() {
+        let sys = FakeSys {
+            fail_at: Some((
+                "/sys/fs/cgroup/kiln/cgroup.subtree_control".into(),
+                libc::EINVAL,
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            setup_cgroups(&sys),
+            vec![
+                "pids in /sys/fs/cgroup/kiln",
+                "memory in /sys/fs/cgroup/kiln"
+            ]
+        );
+        assert_eq!(
+            sys.log(),
+            vec![
+                "mkdir -p /sys/fs/cgroup/kiln",
+                "write /sys/fs/cgroup/cgroup.subtree_control +pids",
+                "write /sys/fs/cgroup/cgroup.subtree_control +memory",
             ]
         );
     }

@@ -4,7 +4,7 @@
 
 use crate::bpf;
 use crate::caps::{self, CapPlan};
-use crate::sys::{self, check, cstr, mount};
+use crate::sys::{self, check, cstr, Kind, RealSys, Sys};
 use kiln_init::config::{Container, Net};
 use std::ffi::CString;
 use std::io;
@@ -43,14 +43,20 @@ pub struct Spawned {
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
 
-/// Creates the container's cgroup and attaches the device filter.
-fn make_cgroup(name: &str) -> Result<String, ContainerError> {
+/// Creates the container's cgroup directory, or reuses a leftover one.
+fn make_cgroup_dir(sys: &dyn Sys, name: &str) -> Result<String, ContainerError> {
     let path = format!("{CGROUP_DIR}/{name}");
-    if let Err(e) = std::fs::create_dir(&path) {
+    if let Err(e) = sys.mkdir(&path) {
         if e.kind() != io::ErrorKind::AlreadyExists {
             return Err(ContainerError::Cgroup { path, source: e });
         }
     }
+    Ok(path)
+}
+
+/// Creates the container's cgroup and attaches the device filter.
+fn make_cgroup(name: &str) -> Result<String, ContainerError> {
+    let path = make_cgroup_dir(&RealSys, name)?;
     let dir = std::fs::File::open(&path).map_err(|e| ContainerError::Cgroup {
         path: path.clone(),
         source: e,
@@ -70,7 +76,9 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     let plan = caps::plan(caps::mask(&c.capabilities)?, c.uid, caps::last_cap());
     let cgroup = make_cgroup(&c.name)?;
     let root = format!("{PLUMBING_DIR}/{}", c.name);
-    std::fs::create_dir_all(&root).map_err(|e| ContainerError::Io("plumbing dir", e))?;
+    RealSys
+        .mkdir_all(&root)
+        .map_err(|e| ContainerError::Io("plumbing dir", e))?;
     // Built before fork so the child allocates little.
     let exec = ExecPlan::new(c)?;
 
@@ -170,7 +178,7 @@ fn intermediate(
     err: BorrowedFd<'_>,
 ) -> ! {
     // Join before forking so the container never runs outside the filter.
-    if let Err(e) = std::fs::write(format!("{cgroup}/cgroup.procs"), "0") {
+    if let Err(e) = RealSys.write_file(&format!("{cgroup}/cgroup.procs"), b"0") {
         report(rep, &format!("Ejoin cgroup {cgroup}: {e}"));
         exit(1);
     }
@@ -280,60 +288,10 @@ fn setup(
         step("dup2", check(unsafe { libc::dup2(from.as_raw_fd(), to) }))?;
     }
     drop(null);
-    step(
-        "make / private",
-        mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None),
-    )?;
-    step("sethostname", sys::sethostname(&c.name))?;
     if c.net == Net::None {
         step("bring up lo", loopback_up())?;
     }
-    // Root: a read-only bind of the image's rootfs.
-    step(
-        "bind rootfs",
-        mount(
-            Some(&c.rootfs),
-            root,
-            None,
-            libc::MS_BIND | libc::MS_REC,
-            None,
-        ),
-    )?;
-    remount_bind(root, true, 0).map_err(|e| format!("remount rootfs read-only: {e}"))?;
-    let at = |p: &str| format!("{root}{p}");
-    tmpfs(&at("/tmp"), NOSUID_NODEV, "mode=1777")?;
-    tmpfs(&at("/run"), NOSUID_NODEV, "mode=755")?;
-    make_dev(&at("/dev"))?;
-    make_proc(&at("/proc"), &at("/dev/null"))?;
-    step(
-        "mount /sys",
-        mount(
-            Some("sysfs"),
-            &at("/sys"),
-            Some("sysfs"),
-            NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
-            None,
-        ),
-    )?;
-    mask(&at("/sys/firmware"), &at("/dev/null"))?;
-    for b in &c.binds {
-        let target = at(&b.target);
-        step(
-            &format!("bind {} to {}", b.source, b.target),
-            mount(
-                Some(&b.source),
-                &target,
-                None,
-                libc::MS_BIND | libc::MS_REC,
-                None,
-            ),
-        )?;
-        step(
-            &format!("remount bind {}", b.target),
-            remount_bind(&target, b.readonly, 0),
-        )?;
-    }
-    pivot(root)?;
+    setup_root(&RealSys, c, root)?;
 
     // Credentials: bounding set first (needs CAP_SETPCAP), then ids, then
     // the sets, which setuid to non-root has already emptied.
@@ -374,25 +332,83 @@ fn setup(
     ))
 }
 
-fn tmpfs(path: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
+/// The container's filesystem tree and hostname, from a fresh mount
+/// namespace to being inside the new root: a read-only bind of the
+/// rootfs, tmpfs /tmp and /run, a minimal /dev, /proc and /sys with
+/// Docker's masking, the recipe's binds, then pivot_root.
+pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), String> {
+    step(
+        "make / private",
+        sys.mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None),
+    )?;
+    step("sethostname", sys.sethostname(&c.name))?;
+    step(
+        "bind rootfs",
+        sys.mount(
+            Some(&c.rootfs),
+            root,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        ),
+    )?;
+    remount_bind(sys, root, true, 0).map_err(|e| format!("remount rootfs read-only: {e}"))?;
+    let at = |p: &str| format!("{root}{p}");
+    tmpfs(sys, &at("/tmp"), NOSUID_NODEV, "mode=1777")?;
+    tmpfs(sys, &at("/run"), NOSUID_NODEV, "mode=755")?;
+    make_dev(sys, &at("/dev"))?;
+    make_proc(sys, &at("/proc"), &at("/dev/null"))?;
+    step(
+        "mount /sys",
+        sys.mount(
+            Some("sysfs"),
+            &at("/sys"),
+            Some("sysfs"),
+            NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+            None,
+        ),
+    )?;
+    mask(sys, &at("/sys/firmware"), &at("/dev/null"))?;
+    for b in &c.binds {
+        let target = at(&b.target);
+        step(
+            &format!("bind {} to {}", b.source, b.target),
+            sys.mount(
+                Some(&b.source),
+                &target,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            ),
+        )?;
+        step(
+            &format!("remount bind {}", b.target),
+            remount_bind(sys, &target, b.readonly, 0),
+        )?;
+    }
+    pivot(sys, root)
+}
+
+fn tmpfs(sys: &dyn Sys, path: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
     step(
         &format!("tmpfs on {path}"),
-        mount(Some("tmpfs"), path, Some("tmpfs"), flags, Some(data)),
+        sys.mount(Some("tmpfs"), path, Some("tmpfs"), flags, Some(data)),
     )
 }
 
 /// Remounts a bind mount with nosuid,nodev (+ read-only, + `extra`).
-fn remount_bind(path: &str, readonly: bool, extra: libc::c_ulong) -> io::Result<()> {
+fn remount_bind(sys: &dyn Sys, path: &str, readonly: bool, extra: libc::c_ulong) -> io::Result<()> {
     let mut flags = libc::MS_REMOUNT | libc::MS_BIND | NOSUID_NODEV | extra;
     if readonly {
         flags |= libc::MS_RDONLY;
     }
-    mount(None, path, None, flags, None)
+    sys.mount(None, path, None, flags, None)
 }
 
 /// The minimal /dev: real device nodes on a tmpfs, a private devpts, shm.
-fn make_dev(dev: &str) -> Result<(), String> {
+fn make_dev(sys: &dyn Sys, dev: &str) -> Result<(), String> {
     tmpfs(
+        sys,
         dev,
         libc::MS_NOSUID | libc::MS_NOEXEC,
         "mode=755,size=65536k",
@@ -408,19 +424,17 @@ fn make_dev(dev: &str) -> Result<(), String> {
         let p = format!("{dev}/{name}");
         step(
             &format!("mknod {p}"),
-            sys::mknod(&p, libc::S_IFCHR | 0o666, major, minor),
+            sys.mknod(&p, libc::S_IFCHR | 0o666, major, minor),
         )?;
         // The umask applied at mknod.
-        let c = cstr(&p).map_err(|e| e.to_string())?;
-        // SAFETY: valid C string.
-        step("chmod", check(unsafe { libc::chmod(c.as_ptr(), 0o666) }))?;
+        step("chmod", sys.chmod(&p, 0o666))?;
     }
     for d in ["pts", "shm"] {
-        step("mkdir", std::fs::create_dir(format!("{dev}/{d}")))?;
+        step("mkdir", sys.mkdir(&format!("{dev}/{d}")))?;
     }
     step(
         "mount devpts",
-        mount(
+        sys.mount(
             Some("devpts"),
             &format!("{dev}/pts"),
             Some("devpts"),
@@ -429,6 +443,7 @@ fn make_dev(dev: &str) -> Result<(), String> {
         ),
     )?;
     tmpfs(
+        sys,
         &format!("{dev}/shm"),
         NOSUID_NODEV | libc::MS_NOEXEC,
         "mode=1777,size=65536k",
@@ -442,7 +457,7 @@ fn make_dev(dev: &str) -> Result<(), String> {
     ] {
         step(
             &format!("symlink /dev/{link}"),
-            std::os::unix::fs::symlink(target, format!("{dev}/{link}")),
+            sys.symlink(target, &format!("{dev}/{link}")),
         )?;
     }
     Ok(())
@@ -465,28 +480,25 @@ pub const PROC_READONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"
 
 /// Hides `path`: an empty read-only tmpfs over a directory, the null
 /// device over a file; absent paths are fine.
-fn mask(path: &str, null: &str) -> Result<(), String> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    let r = if meta.is_dir() {
-        mount(
+fn mask(sys: &dyn Sys, path: &str, null: &str) -> Result<(), String> {
+    let r = match sys.kind(path) {
+        None => return Ok(()),
+        Some(Kind::Dir) => sys.mount(
             Some("tmpfs"),
             path,
             Some("tmpfs"),
             NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
             Some("size=0"),
-        )
-    } else {
-        mount(Some(null), path, None, libc::MS_BIND, None)
+        ),
+        Some(Kind::Other) => sys.mount(Some(null), path, None, libc::MS_BIND, None),
     };
     step(&format!("mask {path}"), r)
 }
 
-fn make_proc(proc: &str, null: &str) -> Result<(), String> {
+fn make_proc(sys: &dyn Sys, proc: &str, null: &str) -> Result<(), String> {
     step(
         "mount /proc",
-        mount(
+        sys.mount(
             Some("proc"),
             proc,
             Some("proc"),
@@ -495,37 +507,33 @@ fn make_proc(proc: &str, null: &str) -> Result<(), String> {
         ),
     )?;
     for m in PROC_MASKED {
-        mask(&format!("{proc}/{m}"), null)?;
+        mask(sys, &format!("{proc}/{m}"), null)?;
     }
     for r in PROC_READONLY {
         let p = format!("{proc}/{r}");
-        if std::fs::symlink_metadata(&p).is_err() {
+        if sys.kind(&p).is_none() {
             continue;
         }
         step(
             &format!("bind {p}"),
-            mount(Some(&p), &p, None, libc::MS_BIND | libc::MS_REC, None),
+            sys.mount(Some(&p), &p, None, libc::MS_BIND | libc::MS_REC, None),
         )?;
         step(
             &format!("read-only {p}"),
-            remount_bind(&p, true, libc::MS_NOEXEC),
+            remount_bind(sys, &p, true, libc::MS_NOEXEC),
         )?;
     }
     Ok(())
 }
 
 /// pivot_root into `root`, dropping the old root.
-fn pivot(root: &str) -> Result<(), String> {
-    step("chdir new root", std::env::set_current_dir(root))?;
-    let dot = c".";
-    // SAFETY: valid C strings; pivot_root(".", ".") stacks the old root on
-    // the new one, which the detach below removes.
-    let r = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
-    if r == -1 {
-        return Err(format!("pivot_root: {}", io::Error::last_os_error()));
-    }
-    step("detach old root", sys::umount(".", libc::MNT_DETACH))?;
-    step("chdir /", std::env::set_current_dir("/"))
+fn pivot(sys: &dyn Sys, root: &str) -> Result<(), String> {
+    step("chdir new root", sys.chdir(root))?;
+    // pivot_root(".", ".") stacks the old root on the new one, which the
+    // detach below removes.
+    step("pivot_root", sys.pivot_root(".", "."))?;
+    step("detach old root", sys.umount(".", libc::MNT_DETACH))?;
+    step("chdir /", sys.chdir("/"))
 }
 
 /// `struct ifreq` with the flags member of its union.
@@ -564,6 +572,8 @@ fn loopback_up() -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::fake::{FakeSys, Op};
+    use kiln_init::config::Bind;
 
     #[test]
     fn resolves_through_path() {
@@ -578,6 +588,214 @@ mod tests {
         assert_eq!(resolve("./x", &env, &exists).as_deref(), Some("./x"));
         // Without PATH, Docker's default applies.
         assert_eq!(resolve("sh", &[], &exists).as_deref(), Some("/bin/sh"));
+    }
+
+    fn container() -> Container {
+        Container {
+            name: "web".into(),
+            rootfs: "/containers/web/rootfs".into(),
+            args: vec!["nginx".into()],
+            env: vec![],
+            cwd: String::new(),
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            net: Net::Host,
+            binds: vec![
+                Bind {
+                    source: "/var/lib/web".into(),
+                    target: "/data".into(),
+                    readonly: false,
+                },
+                Bind {
+                    source: "/etc/web".into(),
+                    target: "/etc/web".into(),
+                    readonly: true,
+                },
+            ],
+            capabilities: vec![],
+        }
+    }
+
+    const ROOT: &str = "/run/kiln/web";
+
+    /// A fake whose container root has some of the /proc and /sys paths
+    /// Docker masks: a file, directories, and others absent.
+    fn fake_root() -> FakeSys {
+        let sys = FakeSys::default();
+        for p in [
+            "/proc/kcore",
+            "/proc/acpi/wakeup",
+            "/proc/sys/kernel/hostname",
+            "/proc/sysrq-trigger",
+            "/sys/firmware/acpi/tables",
+        ] {
+            sys.add(&format!("{ROOT}{p}"), b"");
+        }
+        sys
+    }
+
+    fn mounts(sys: &FakeSys) -> Vec<Op> {
+        let ops = sys.ops.borrow();
+        ops.iter()
+            .filter(|op| matches!(op, Op::Mount { .. }))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn root_is_a_read_only_bind_then_pivoted() {
+        let sys = fake_root();
+        setup_root(&sys, &container(), ROOT).expect("setup");
+        let log = sys.log();
+        assert_eq!(
+            log[..4],
+            [
+                "mount - / - rec,private -",
+                "sethostname web",
+                "mount /containers/web/rootfs /run/kiln/web - bind,rec -",
+                "mount - /run/kiln/web - ro,nosuid,nodev,remount,bind -",
+            ]
+        );
+        assert_eq!(
+            log[log.len() - 4..],
+            [
+                "chdir /run/kiln/web",
+                "pivot_root . .",
+                "umount . 0x2",
+                "chdir /",
+            ]
+        );
+    }
+
+    #[test]
+    fn proc_and_sys_are_masked() {
+        let sys = fake_root();
+        setup_root(&sys, &container(), ROOT).expect("setup");
+        let log = sys.log();
+        for want in [
+            "mount proc /run/kiln/web/proc proc nosuid,nodev,noexec -",
+            // A file gets the null device, a directory an empty tmpfs.
+            "mount /run/kiln/web/dev/null /run/kiln/web/proc/kcore - bind -",
+            "mount tmpfs /run/kiln/web/proc/acpi tmpfs ro,nosuid,nodev,noexec size=0",
+            "mount /run/kiln/web/proc/sys /run/kiln/web/proc/sys - bind,rec -",
+            "mount - /run/kiln/web/proc/sys - ro,nosuid,nodev,noexec,remount,bind -",
+            "mount - /run/kiln/web/proc/sysrq-trigger - ro,nosuid,nodev,noexec,remount,bind -",
+            "mount sysfs /run/kiln/web/sys sysfs ro,nosuid,nodev,noexec -",
+            "mount tmpfs /run/kiln/web/sys/firmware tmpfs ro,nosuid,nodev,noexec size=0",
+        ] {
+            assert!(
+                log.iter().any(|l| l == want),
+                "missing {want:?} in {log:#?}"
+            );
+        }
+        // Absent paths are skipped, and masking follows the /proc mount.
+        let targets = sys.mount_targets();
+        assert!(!targets.iter().any(|t| t.ends_with("/proc/keys")));
+        let at = |t: &str| targets.iter().position(|x| x == t).expect(t);
+        assert!(at("/run/kiln/web/proc") < at("/run/kiln/web/proc/kcore"));
+        assert!(at("/run/kiln/web/sys") < at("/run/kiln/web/sys/firmware"));
+    }
+
+    #[test]
+    fn binds_keep_their_mode_and_get_nosuid_nodev() {
+        let sys = fake_root();
+        setup_root(&sys, &container(), ROOT).expect("setup");
+        let log = sys.log();
+        let rw = [
+            "mount /var/lib/web /run/kiln/web/data - bind,rec -",
+            "mount - /run/kiln/web/data - nosuid,nodev,remount,bind -",
+        ];
+        let ro = [
+            "mount /etc/web /run/kiln/web/etc/web - bind,rec -",
+            "mount - /run/kiln/web/etc/web - ro,nosuid,nodev,remount,bind -",
+        ];
+        for pair in [rw, ro] {
+            let i = log.iter().position(|l| l == pair[0]).expect(pair[0]);
+            assert_eq!(log[i + 1], pair[1]);
+        }
+        // The binds land in the new root before it becomes `/`.
+        let pivot = log
+            .iter()
+            .position(|l| l == "pivot_root . .")
+            .expect("pivot");
+        assert!(log.iter().position(|l| l == ro[1]).expect("ro") < pivot);
+    }
+
+    #[test]
+    fn every_mount_is_nosuid_and_only_dev_allows_devices() {
+        let sys = fake_root();
+        setup_root(&sys, &container(), ROOT).expect("setup");
+        for op in mounts(&sys) {
+            let Op::Mount {
+                target,
+                fstype,
+                flags,
+                ..
+            } = &op
+            else {
+                unreachable!()
+            };
+            // Plain binds take their flags at the remount that follows;
+            // making / private changes propagation only.
+            let fresh = fstype.is_some() || flags & libc::MS_REMOUNT != 0;
+            if !fresh {
+                continue;
+            }
+            assert_ne!(flags & libc::MS_NOSUID, 0, "{op}");
+            let dev = target == "/run/kiln/web/dev" || target == "/run/kiln/web/dev/pts";
+            assert_eq!(flags & libc::MS_NODEV == 0, dev, "{op}");
+        }
+    }
+
+    #[test]
+    fn dev_has_the_nodes_and_links() {
+        let sys = fake_root();
+        setup_root(&sys, &container(), ROOT).expect("setup");
+        let log = sys.log();
+        for want in [
+            "mount tmpfs /run/kiln/web/dev tmpfs nosuid,noexec mode=755,size=65536k",
+            "mknod /run/kiln/web/dev/null 20666 1:3",
+            "chmod /run/kiln/web/dev/null 666",
+            "mknod /run/kiln/web/dev/tty 20666 5:0",
+            "mount devpts /run/kiln/web/dev/pts devpts nosuid,noexec newinstance,ptmxmode=0666,mode=0620,gid=5",
+            "symlink /run/kiln/web/dev/ptmx -> pts/ptmx",
+            "symlink /run/kiln/web/dev/stderr -> /proc/self/fd/2",
+        ] {
+            assert!(log.iter().any(|l| l == want), "missing {want:?} in {log:#?}");
+        }
+        assert_eq!(log.iter().filter(|l| l.starts_with("mknod ")).count(), 6);
+    }
+
+    #[test]
+    fn a_failing_step_stops_setup_and_says_which() {
+        let sys = FakeSys {
+            fail_at: Some(("/run/kiln/web/data".into(), libc::ENOENT)),
+            ..fake_root()
+        };
+        let err = setup_root(&sys, &container(), ROOT).expect_err("must fail");
+        assert!(err.starts_with("bind /var/lib/web to /data: "), "{err}");
+        assert!(!sys.log().iter().any(|l| l.starts_with("pivot_root")));
+    }
+
+    #[test]
+    fn cgroup_is_created_once() {
+        let sys = FakeSys::default();
+        let path = make_cgroup_dir(&sys, "web").expect("cgroup");
+        assert_eq!(path, "/sys/fs/cgroup/kiln/web");
+        let sys = FakeSys {
+            fail_at: Some((path.clone(), libc::EEXIST)),
+            ..Default::default()
+        };
+        assert_eq!(make_cgroup_dir(&sys, "web").expect("exists"), path);
+        let sys = FakeSys {
+            fail_at: Some((path.clone(), libc::EACCES)),
+            ..Default::default()
+        };
+        assert!(matches!(
+            make_cgroup_dir(&sys, "web"),
+            Err(ContainerError::Cgroup { .. })
+        ));
     }
 
     #[test]

@@ -99,7 +99,7 @@ fn run() -> Result<std::convert::Infallible, String> {
         ));
     }
     let cfg: HostConfig = read_json(&sys, HOST_CONFIG_PATH)?;
-    for e in boot::apply_host(&cfg) {
+    for e in boot::apply_host(&sys, &cfg) {
         log(&format!("warning: {e}"));
     }
     log(&format!(

@@ -1,5 +1,6 @@
-//! A narrow wrapper over the syscalls the boot logic needs, so module
-//! loading and root discovery can be tested without root against a fake.
+//! The one seam between the init's logic and the kernel: boot, module
+//! loading and container setup call the syscalls through [`Sys`], so what
+//! they do can be tested without root against the recording fake.
 
 use std::ffi::CString;
 use std::io;
@@ -28,6 +29,28 @@ pub trait Sys {
     /// Loads a kernel module file; `EEXIST` counts as success.
     fn finit_module(&self, path: &str, compressed: bool) -> io::Result<()>;
     fn sleep_ms(&self, ms: u64);
+    /// mkdir(2) with mode 0755 (less the umask).
+    fn mkdir(&self, path: &str) -> io::Result<()>;
+    /// Writes `data` to an existing file (a cgroup or proc knob) or a new one.
+    fn write_file(&self, path: &str, data: &[u8]) -> io::Result<()>;
+    /// What `path` itself is (symlinks not followed); `None` if absent.
+    fn kind(&self, path: &str) -> Option<Kind>;
+    fn mknod(&self, path: &str, mode: libc::mode_t, major: u32, minor: u32) -> io::Result<()>;
+    fn chmod(&self, path: &str, mode: libc::mode_t) -> io::Result<()>;
+    fn symlink(&self, target: &str, link: &str) -> io::Result<()>;
+    fn sethostname(&self, name: &str) -> io::Result<()>;
+    fn chdir(&self, path: &str) -> io::Result<()>;
+    fn chroot(&self, path: &str) -> io::Result<()>;
+    /// pivot_root(2) with the old root stacked on the new one.
+    fn pivot_root(&self, new_root: &str, put_old: &str) -> io::Result<()>;
+    fn umount(&self, target: &str, flags: libc::c_int) -> io::Result<()>;
+}
+
+/// The type of a filesystem entry, as far as setup cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    Other,
 }
 
 /// The real kernel.
@@ -127,6 +150,70 @@ impl Sys for RealSys {
     fn sleep_ms(&self, ms: u64) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+
+    fn mkdir(&self, path: &str) -> io::Result<()> {
+        std::fs::create_dir(path)
+    }
+
+    fn write_file(&self, path: &str, data: &[u8]) -> io::Result<()> {
+        std::fs::write(path, data)
+    }
+
+    fn kind(&self, path: &str) -> Option<Kind> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        Some(if meta.is_dir() {
+            Kind::Dir
+        } else {
+            Kind::Other
+        })
+    }
+
+    fn mknod(&self, path: &str, mode: libc::mode_t, major: u32, minor: u32) -> io::Result<()> {
+        let p = cstr(path)?;
+        let dev = libc::makedev(major, minor);
+        // SAFETY: p is a valid C string.
+        check(unsafe { libc::mknod(p.as_ptr(), mode, dev) }).map(|_| ())
+    }
+
+    fn chmod(&self, path: &str, mode: libc::mode_t) -> io::Result<()> {
+        let p = cstr(path)?;
+        // SAFETY: p is a valid C string.
+        check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(|_| ())
+    }
+
+    fn symlink(&self, target: &str, link: &str) -> io::Result<()> {
+        std::os::unix::fs::symlink(target, link)
+    }
+
+    fn sethostname(&self, name: &str) -> io::Result<()> {
+        // SAFETY: pointer and length describe the borrowed string.
+        check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(|_| ())
+    }
+
+    fn chdir(&self, path: &str) -> io::Result<()> {
+        std::env::set_current_dir(path)
+    }
+
+    fn chroot(&self, path: &str) -> io::Result<()> {
+        let p = cstr(path)?;
+        // SAFETY: p is a valid C string.
+        check(unsafe { libc::chroot(p.as_ptr()) }).map(|_| ())
+    }
+
+    fn pivot_root(&self, new_root: &str, put_old: &str) -> io::Result<()> {
+        let new = cstr(new_root)?;
+        let old = cstr(put_old)?;
+        // SAFETY: valid C strings alive for the call.
+        let r = unsafe { libc::syscall(libc::SYS_pivot_root, new.as_ptr(), old.as_ptr()) };
+        if r == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn umount(&self, target: &str, flags: libc::c_int) -> io::Result<()> {
+        umount(target, flags)
+    }
 }
 
 /// mount(2).
@@ -152,27 +239,6 @@ pub fn umount(target: &str, flags: libc::c_int) -> io::Result<()> {
     let t = cstr(target)?;
     // SAFETY: t is a valid C string.
     check(unsafe { libc::umount2(t.as_ptr(), flags) }).map(|_| ())
-}
-
-/// chroot(2).
-pub fn chroot(path: &str) -> io::Result<()> {
-    let p = cstr(path)?;
-    // SAFETY: p is a valid C string.
-    check(unsafe { libc::chroot(p.as_ptr()) }).map(|_| ())
-}
-
-/// mknod(2).
-pub fn mknod(path: &str, mode: libc::mode_t, major: u32, minor: u32) -> io::Result<()> {
-    let p = cstr(path)?;
-    let dev = libc::makedev(major, minor);
-    // SAFETY: p is a valid C string.
-    check(unsafe { libc::mknod(p.as_ptr(), mode, dev) }).map(|_| ())
-}
-
-/// sethostname(2).
-pub fn sethostname(name: &str) -> io::Result<()> {
-    // SAFETY: pointer and length describe the borrowed string.
-    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(|_| ())
 }
 
 /// pipe2 with `O_CLOEXEC`; returns (read, write).
@@ -260,20 +326,111 @@ mod tests {
 
 #[cfg(test)]
 pub mod fake {
-    //! An in-memory stand-in for [`Sys`](super::Sys).
+    //! An in-memory stand-in for [`Sys`](super::Sys) that records what it
+    //! was asked to do.
     use super::*;
     use std::cell::RefCell;
     use std::collections::BTreeMap;
+    use std::fmt;
 
     /// Called after a module loads, to make new devices appear.
     pub type OnLoad = Box<dyn Fn(&str, &FakeSys)>;
+
+    /// One recorded call.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Op {
+        Mount {
+            src: Option<String>,
+            target: String,
+            fstype: Option<String>,
+            flags: libc::c_ulong,
+            data: Option<String>,
+        },
+        MkdirAll(String),
+        Mkdir(String),
+        Write(String, Vec<u8>),
+        Mknod(String, libc::mode_t, u32, u32),
+        Chmod(String, libc::mode_t),
+        Symlink(String, String),
+        Sethostname(String),
+        Chdir(String),
+        Chroot(String),
+        PivotRoot(String, String),
+        Umount(String, libc::c_int),
+    }
+
+    const FLAG_NAMES: [(libc::c_ulong, &str); 10] = [
+        (libc::MS_RDONLY, "ro"),
+        (libc::MS_NOSUID, "nosuid"),
+        (libc::MS_NODEV, "nodev"),
+        (libc::MS_NOEXEC, "noexec"),
+        (libc::MS_REMOUNT, "remount"),
+        (libc::MS_BIND, "bind"),
+        (libc::MS_MOVE, "move"),
+        (libc::MS_REC, "rec"),
+        (libc::MS_PRIVATE, "private"),
+        (libc::MS_SLAVE, "slave"),
+    ];
+
+    /// Mount flags as names, e.g. `bind,rec`; unknown bits in hex.
+    pub fn flag_names(flags: libc::c_ulong) -> String {
+        let mut names: Vec<String> = Vec::new();
+        let mut rest = flags;
+        for (bit, name) in FLAG_NAMES {
+            if flags & bit != 0 {
+                names.push(name.to_string());
+                rest &= !bit;
+            }
+        }
+        if rest != 0 {
+            names.push(format!("{rest:#x}"));
+        }
+        names.join(",")
+    }
+
+    /// Compact, for readable assertions: `mount tmpfs /x tmpfs nosuid,nodev mode=755`
+    /// (absent values are `-`).
+    impl fmt::Display for Op {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".to_string());
+            match self {
+                Op::Mount {
+                    src,
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                } => write!(
+                    f,
+                    "mount {} {target} {} {} {}",
+                    opt(src),
+                    opt(fstype),
+                    flag_names(*flags),
+                    opt(data)
+                ),
+                Op::MkdirAll(p) => write!(f, "mkdir -p {p}"),
+                Op::Mkdir(p) => write!(f, "mkdir {p}"),
+                Op::Write(p, d) => write!(f, "write {p} {}", String::from_utf8_lossy(d)),
+                Op::Mknod(p, mode, ma, mi) => write!(f, "mknod {p} {mode:o} {ma}:{mi}"),
+                Op::Chmod(p, mode) => write!(f, "chmod {p} {mode:o}"),
+                Op::Symlink(t, l) => write!(f, "symlink {l} -> {t}"),
+                Op::Sethostname(n) => write!(f, "sethostname {n}"),
+                Op::Chdir(p) => write!(f, "chdir {p}"),
+                Op::Chroot(p) => write!(f, "chroot {p}"),
+                Op::PivotRoot(n, o) => write!(f, "pivot_root {n} {o}"),
+                Op::Umount(t, fl) => write!(f, "umount {t} {fl:#x}"),
+            }
+        }
+    }
 
     #[derive(Default)]
     pub struct FakeSys {
         pub files: RefCell<BTreeMap<String, Vec<u8>>>,
         pub loaded: RefCell<Vec<(String, bool)>>,
-        pub mounts: RefCell<Vec<(String, String, String)>>,
+        pub ops: RefCell<Vec<Op>>,
         pub fail_load: Vec<String>,
+        /// Calls whose path (a mount's target) is this fail with the errno.
+        pub fail_at: Option<(String, i32)>,
         pub on_load: Option<OnLoad>,
     }
 
@@ -282,6 +439,33 @@ pub mod fake {
             self.files
                 .borrow_mut()
                 .insert(path.to_string(), data.to_vec());
+        }
+
+        /// Every recorded call, rendered.
+        pub fn log(&self) -> Vec<String> {
+            self.ops.borrow().iter().map(Op::to_string).collect()
+        }
+
+        /// Targets of the recorded mounts, in order.
+        pub fn mount_targets(&self) -> Vec<String> {
+            self.ops
+                .borrow()
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Mount { target, .. } => Some(target.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn record(&self, path: &str, op: Op) -> io::Result<()> {
+            if let Some((p, errno)) = &self.fail_at {
+                if p == path {
+                    return Err(io::Error::from_raw_os_error(*errno));
+                }
+            }
+            self.ops.borrow_mut().push(op);
+            Ok(())
         }
     }
 
@@ -295,18 +479,20 @@ pub mod fake {
             src: Option<&str>,
             target: &str,
             fstype: Option<&str>,
-            _flags: libc::c_ulong,
-            _data: Option<&str>,
+            flags: libc::c_ulong,
+            data: Option<&str>,
         ) -> io::Result<()> {
-            self.mounts.borrow_mut().push((
-                src.unwrap_or("").to_string(),
-                target.to_string(),
-                fstype.unwrap_or("").to_string(),
-            ));
-            Ok(())
+            let op = Op::Mount {
+                src: src.map(str::to_string),
+                target: target.to_string(),
+                fstype: fstype.map(str::to_string),
+                flags,
+                data: data.map(str::to_string),
+            };
+            self.record(target, op)
         }
-        fn mkdir_all(&self, _path: &str) -> io::Result<()> {
-            Ok(())
+        fn mkdir_all(&self, path: &str) -> io::Result<()> {
+            self.record(path, Op::MkdirAll(path.to_string()))
         }
         fn read_file(&self, path: &str) -> io::Result<Vec<u8>> {
             self.files.borrow().get(path).cloned().ok_or_else(not_found)
@@ -334,9 +520,7 @@ pub mod fake {
             Ok(out)
         }
         fn exists(&self, path: &str) -> bool {
-            let files = self.files.borrow();
-            let prefix = format!("{path}/");
-            files.contains_key(path) || files.keys().any(|k| k.starts_with(&prefix))
+            self.kind(path).is_some()
         }
         fn finit_module(&self, path: &str, compressed: bool) -> io::Result<()> {
             if self.fail_load.iter().any(|f| f == path) {
@@ -351,5 +535,46 @@ pub mod fake {
             Ok(())
         }
         fn sleep_ms(&self, _ms: u64) {}
+        fn mkdir(&self, path: &str) -> io::Result<()> {
+            self.record(path, Op::Mkdir(path.to_string()))
+        }
+        fn write_file(&self, path: &str, data: &[u8]) -> io::Result<()> {
+            self.record(path, Op::Write(path.to_string(), data.to_vec()))
+        }
+        /// Files are the added paths; directories their parents.
+        fn kind(&self, path: &str) -> Option<Kind> {
+            let files = self.files.borrow();
+            let prefix = format!("{path}/");
+            if files.keys().any(|k| k.starts_with(&prefix)) {
+                Some(Kind::Dir)
+            } else {
+                files.contains_key(path).then_some(Kind::Other)
+            }
+        }
+        fn mknod(&self, path: &str, mode: libc::mode_t, major: u32, minor: u32) -> io::Result<()> {
+            self.record(path, Op::Mknod(path.to_string(), mode, major, minor))
+        }
+        fn chmod(&self, path: &str, mode: libc::mode_t) -> io::Result<()> {
+            self.record(path, Op::Chmod(path.to_string(), mode))
+        }
+        fn symlink(&self, target: &str, link: &str) -> io::Result<()> {
+            self.record(link, Op::Symlink(target.to_string(), link.to_string()))
+        }
+        fn sethostname(&self, name: &str) -> io::Result<()> {
+            self.record(name, Op::Sethostname(name.to_string()))
+        }
+        fn chdir(&self, path: &str) -> io::Result<()> {
+            self.record(path, Op::Chdir(path.to_string()))
+        }
+        fn chroot(&self, path: &str) -> io::Result<()> {
+            self.record(path, Op::Chroot(path.to_string()))
+        }
+        fn pivot_root(&self, new_root: &str, put_old: &str) -> io::Result<()> {
+            let op = Op::PivotRoot(new_root.to_string(), put_old.to_string());
+            self.record(new_root, op)
+        }
+        fn umount(&self, target: &str, flags: libc::c_int) -> io::Result<()> {
+            self.record(target, Op::Umount(target.to_string(), flags))
+        }
     }
 }
