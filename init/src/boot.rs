@@ -11,7 +11,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum BootError {
-    #[error("mount {what} on {target}: {source}")]
+    #[error("mount {what} on {target}")]
     Mount {
         what: String,
         target: String,
@@ -19,8 +19,8 @@ pub enum BootError {
     },
     #[error("no partition with GUID {guid} appeared (disks: {seen})")]
     RootNotFound { guid: String, seen: String },
-    #[error("switch root: {0}")]
-    SwitchRoot(io::Error),
+    #[error("switch root")]
+    SwitchRoot(#[source] io::Error),
 }
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;

@@ -35,6 +35,18 @@ pub fn log(msg: &str) {
     write_console(line.as_bytes());
 }
 
+/// An error and its causes, `outer: inner: root`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
 /// Splits a byte stream into lines.
 #[derive(Debug, Default)]
 pub struct LineSplitter {
@@ -140,6 +152,16 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(lines.iter().all(|l| l.len() == MAX_LINE));
         assert_eq!(s.finish().map(|l| l.len()), Some(10));
+    }
+
+    #[test]
+    fn chains_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("mount /proc")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("denied"));
+        assert_eq!(chain(&e), "mount /proc: denied");
+        assert_eq!(chain(&std::io::Error::other("x")), "x");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use crate::bpf;
 use crate::caps::{self, CapPlan};
+use crate::msg::{ChildMsg, DecodeError, Failure};
 use crate::sys::{self, check, cstr, Kind, RealSys, Sys};
 use kiln_init::config::{Container, Net};
 use std::ffi::CString;
@@ -18,16 +19,28 @@ pub const PLUMBING_DIR: &str = "/run/kiln";
 
 #[derive(Debug, Error)]
 pub enum ContainerError {
-    #[error("capabilities: {0}")]
+    #[error("capabilities")]
     Caps(#[from] caps::CapError),
-    #[error("cgroup {path}: {source}")]
-    Cgroup { path: String, source: io::Error },
-    #[error("device filter: {0}")]
-    DeviceFilter(io::Error),
-    #[error("{0}: {1}")]
-    Io(&'static str, io::Error),
-    #[error("setup failed: {0}")]
-    Setup(String),
+    #[error("cgroup {path}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("device filter")]
+    DeviceFilter(#[source] io::Error),
+    #[error("{0}")]
+    Io(&'static str, #[source] io::Error),
+    #[error("setup: {step}")]
+    Setup {
+        step: String,
+        #[source]
+        source: Option<io::Error>,
+    },
+    #[error("bad report from the setup process")]
+    Report(#[source] DecodeError),
+    #[error("container process did not start")]
+    NotStarted,
     #[error("no args to run")]
     NoArgs,
 }
@@ -105,7 +118,7 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
                 err_w.as_fd(),
             )
         }));
-        report(rep_w.as_fd(), "Epanic during setup");
+        report(rep_w.as_fd(), Failure::other("panic during setup"));
         exit(127);
     }
     // Only the children may hold the write ends, so reads end when they go.
@@ -127,36 +140,41 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     let mut status = 0;
     // SAFETY: reaping our own direct child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    let text = String::from_utf8_lossy(&report);
-    let mut grandchild = None;
-    let mut errors = Vec::new();
-    for msg in text.split('\0').filter(|m| !m.is_empty()) {
-        if let Some(p) = msg.strip_prefix('P') {
-            grandchild = p.parse::<libc::pid_t>().ok();
-        } else {
-            errors.push(msg.strip_prefix('E').unwrap_or(msg).to_string());
-        }
-    }
-    if !errors.is_empty() {
-        return Err(ContainerError::Setup(errors.join("; ")));
-    }
-    match grandchild {
-        Some(pid) => Ok(Spawned {
-            pid,
-            stdout: out_r,
-            stderr: err_r,
-        }),
-        None => Err(ContainerError::Setup(
-            "container process did not start".to_string(),
-        )),
-    }
+    let pid = outcome(&report)?;
+    Ok(Spawned {
+        pid,
+        stdout: out_r,
+        stderr: err_r,
+    })
 }
 
-/// Sends one report message (`P<pid>` or `E<error>`), NUL-terminated.
-fn report(fd: BorrowedFd<'_>, msg: &str) {
-    let mut b = msg.as_bytes().to_vec();
-    b.push(0);
-    let _ = sys::write_all(fd, &b);
+/// The container's PID from what the setup processes reported: the first
+/// failure wins, and silence means they died before saying anything.
+fn outcome(report: &[u8]) -> Result<libc::pid_t, ContainerError> {
+    let msgs = ChildMsg::decode_all(report).map_err(ContainerError::Report)?;
+    let mut started = None;
+    for m in msgs {
+        match m {
+            ChildMsg::Started { pid } => started = Some(pid),
+            ChildMsg::Failed(f) => {
+                return Err(ContainerError::Setup {
+                    source: f.os_error(),
+                    step: f.step,
+                })
+            }
+        }
+    }
+    started.ok_or(ContainerError::NotStarted)
+}
+
+/// Sends one message in a single write, so the two children's never mix.
+fn send(fd: BorrowedFd<'_>, msg: &ChildMsg) {
+    let _ = sys::write_all(fd, &msg.encode());
+}
+
+/// Reports a failed step.
+fn report(fd: BorrowedFd<'_>, f: Failure) {
+    send(fd, &ChildMsg::Failed(f));
 }
 
 fn exit(code: libc::c_int) -> ! {
@@ -179,7 +197,7 @@ fn intermediate(
 ) -> ! {
     // Join before forking so the container never runs outside the filter.
     if let Err(e) = RealSys.write_file(&format!("{cgroup}/cgroup.procs"), b"0") {
-        report(rep, &format!("Ejoin cgroup {cgroup}: {e}"));
+        report(rep, Failure::os(format!("join cgroup {cgroup}"), &e));
         exit(1);
     }
     let mut flags =
@@ -189,7 +207,7 @@ fn intermediate(
     }
     // SAFETY: unshare with flags only.
     if let Err(e) = check(unsafe { libc::unshare(flags) }) {
-        report(rep, &format!("Eunshare: {e}"));
+        report(rep, Failure::os("unshare", &e));
         exit(1);
     }
     // SAFETY: still single-threaded.
@@ -199,14 +217,14 @@ fn intermediate(
             Err(e) => e,
             Ok(never) => match never {},
         };
-        report(rep, &format!("E{e}"));
+        report(rep, e);
         exit(127);
     }
     if pid < 0 {
-        report(rep, &format!("Efork: {}", io::Error::last_os_error()));
+        report(rep, Failure::os("fork", &io::Error::last_os_error()));
         exit(1);
     }
-    report(rep, &format!("P{pid}"));
+    send(rep, &ChildMsg::Started { pid });
     exit(0);
 }
 
@@ -260,8 +278,8 @@ fn is_executable(path: &str) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn step<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
-    r.map_err(|e| format!("{what}: {e}"))
+fn step<T>(what: &str, r: io::Result<T>) -> Result<T, Failure> {
+    r.map_err(|e| Failure::os(what, &e))
 }
 
 /// Runs in the container's PID 1 before exec. Only returns on error.
@@ -272,7 +290,7 @@ fn setup(
     exec: &ExecPlan,
     out: BorrowedFd<'_>,
     err: BorrowedFd<'_>,
-) -> Result<std::convert::Infallible, String> {
+) -> Result<std::convert::Infallible, Failure> {
     // The init blocks SIGCHLD for its signalfd; the mask survives exec.
     // SAFETY: an empty, initialised signal set.
     unsafe {
@@ -317,18 +335,17 @@ fn setup(
     )?;
 
     let prog = resolve(&c.args[0], &c.env, &is_executable)
-        .ok_or_else(|| format!("{}: not found in PATH", c.args[0]))?;
-    let prog = cstr(&prog).map_err(|e| e.to_string())?;
+        .ok_or_else(|| Failure::other(format!("{}: not found in PATH", c.args[0])))?;
+    let prog = step("program path", cstr(&prog))?;
     let mut argv: Vec<*const libc::c_char> = exec.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
     // SAFETY: NULL-terminated arrays of valid C strings kept alive by `exec`.
     unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    Err(format!(
-        "exec {}: {}",
-        c.args[0],
-        io::Error::last_os_error()
+    Err(Failure::os(
+        format!("exec {}", c.args[0]),
+        &io::Error::last_os_error(),
     ))
 }
 
@@ -336,7 +353,7 @@ fn setup(
 /// namespace to being inside the new root: a read-only bind of the
 /// rootfs, tmpfs /tmp and /run, a minimal /dev, /proc and /sys with
 /// Docker's masking, the recipe's binds, then pivot_root.
-pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), String> {
+pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), Failure> {
     step(
         "make / private",
         sys.mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None),
@@ -352,7 +369,7 @@ pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), String
             None,
         ),
     )?;
-    remount_bind(sys, root, true, 0).map_err(|e| format!("remount rootfs read-only: {e}"))?;
+    step("remount rootfs read-only", remount_bind(sys, root, true, 0))?;
     let at = |p: &str| format!("{root}{p}");
     tmpfs(sys, &at("/tmp"), NOSUID_NODEV, "mode=1777")?;
     tmpfs(sys, &at("/run"), NOSUID_NODEV, "mode=755")?;
@@ -389,7 +406,7 @@ pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), String
     pivot(sys, root)
 }
 
-fn tmpfs(sys: &dyn Sys, path: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
+fn tmpfs(sys: &dyn Sys, path: &str, flags: libc::c_ulong, data: &str) -> Result<(), Failure> {
     step(
         &format!("tmpfs on {path}"),
         sys.mount(Some("tmpfs"), path, Some("tmpfs"), flags, Some(data)),
@@ -406,7 +423,7 @@ fn remount_bind(sys: &dyn Sys, path: &str, readonly: bool, extra: libc::c_ulong)
 }
 
 /// The minimal /dev: real device nodes on a tmpfs, a private devpts, shm.
-fn make_dev(sys: &dyn Sys, dev: &str) -> Result<(), String> {
+fn make_dev(sys: &dyn Sys, dev: &str) -> Result<(), Failure> {
     tmpfs(
         sys,
         dev,
@@ -480,7 +497,7 @@ pub const PROC_READONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"
 
 /// Hides `path`: an empty read-only tmpfs over a directory, the null
 /// device over a file; absent paths are fine.
-fn mask(sys: &dyn Sys, path: &str, null: &str) -> Result<(), String> {
+fn mask(sys: &dyn Sys, path: &str, null: &str) -> Result<(), Failure> {
     let r = match sys.kind(path) {
         None => return Ok(()),
         Some(Kind::Dir) => sys.mount(
@@ -495,7 +512,7 @@ fn mask(sys: &dyn Sys, path: &str, null: &str) -> Result<(), String> {
     step(&format!("mask {path}"), r)
 }
 
-fn make_proc(sys: &dyn Sys, proc: &str, null: &str) -> Result<(), String> {
+fn make_proc(sys: &dyn Sys, proc: &str, null: &str) -> Result<(), Failure> {
     step(
         "mount /proc",
         sys.mount(
@@ -527,7 +544,7 @@ fn make_proc(sys: &dyn Sys, proc: &str, null: &str) -> Result<(), String> {
 }
 
 /// pivot_root into `root`, dropping the old root.
-fn pivot(sys: &dyn Sys, root: &str) -> Result<(), String> {
+fn pivot(sys: &dyn Sys, root: &str) -> Result<(), Failure> {
     step("chdir new root", sys.chdir(root))?;
     // pivot_root(".", ".") stacks the old root on the new one, which the
     // detach below removes.
@@ -774,7 +791,13 @@ mod tests {
             ..fake_root()
         };
         let err = setup_root(&sys, &container(), ROOT).expect_err("must fail");
-        assert!(err.starts_with("bind /var/lib/web to /data: "), "{err}");
+        assert_eq!(
+            err,
+            Failure {
+                step: "bind /var/lib/web to /data".into(),
+                errno: libc::ENOENT
+            }
+        );
         assert!(!sys.log().iter().any(|l| l.starts_with("pivot_root")));
     }
 
@@ -795,6 +818,31 @@ mod tests {
         assert!(matches!(
             make_cgroup_dir(&sys, "web"),
             Err(ContainerError::Cgroup { .. })
+        ));
+    }
+
+    #[test]
+    fn outcome_of_reports() {
+        let started = ChildMsg::Started { pid: 77 }.encode();
+        assert_eq!(outcome(&started).ok(), Some(77));
+        let failed = ChildMsg::Failed(Failure {
+            step: "mount /proc".into(),
+            errno: libc::EPERM,
+        })
+        .encode();
+        // The container's PID 1 can fail after the intermediate reported it.
+        let both = [started.clone(), failed].concat();
+        let err = outcome(&both).expect_err("failed");
+        assert_eq!(err.to_string(), "setup: mount /proc");
+        let cause = std::error::Error::source(&err).expect("errno kept as the cause");
+        assert_eq!(
+            cause.to_string(),
+            io::Error::from_raw_os_error(libc::EPERM).to_string()
+        );
+        assert!(matches!(outcome(&[]), Err(ContainerError::NotStarted)));
+        assert!(matches!(
+            outcome(&started[..3]),
+            Err(ContainerError::Report(DecodeError::Truncated))
         ));
     }
 

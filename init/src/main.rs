@@ -13,6 +13,7 @@ mod container;
 mod glob;
 mod gpt;
 mod modules;
+mod msg;
 mod supervisor;
 mod sys;
 
@@ -63,11 +64,11 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<(), String> {
         log(&format!("module {name} failed: {err}"));
     }
     let dev = boot::wait_for_partition(sys, &boot.root_partuuid, ROOT_WAIT_MS)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| console::chain(&e))?;
     boot::mount_fs(sys, &dev, SYSROOT, &boot.root_fstype, libc::MS_RDONLY, None)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| console::chain(&e))?;
     log(&format!("root {dev} ({}) mounted", boot.root_fstype));
-    boot::switch_root(sys, SYSROOT).map_err(|e| e.to_string())
+    boot::switch_root(sys, SYSROOT).map_err(|e| console::chain(&e))
 }
 
 fn run() -> Result<std::convert::Infallible, String> {
@@ -80,7 +81,7 @@ fn run() -> Result<std::convert::Infallible, String> {
     }
     log("starting");
     for e in pseudo_errs {
-        log(&format!("warning: {e}"));
+        log(&format!("warning: {}", console::chain(&e)));
     }
     if sys.exists(BOOT_CONFIG_PATH) {
         let boot: BootConfig = read_json(&sys, BOOT_CONFIG_PATH)?;
@@ -89,7 +90,7 @@ fn run() -> Result<std::convert::Infallible, String> {
         log("no boot config: assuming the real root is already mounted");
     }
     for e in boot::mount_runtime(&sys) {
-        log(&format!("warning: {e}"));
+        log(&format!("warning: {}", console::chain(&e)));
     }
     let failed = boot::setup_cgroups(&sys);
     if !failed.is_empty() {

@@ -95,7 +95,11 @@ impl Supervisor {
                 Some(self.jobs.len() - 1)
             }
             Err(e) => {
-                console::log(&format!("{}: failed to start: {e}", c.name));
+                console::log(&format!(
+                    "{}: failed to start: {}",
+                    c.name,
+                    console::chain(&e)
+                ));
                 // The half-started process, if any, is reaped as an orphan.
                 self.reap();
                 let _ = std::fs::remove_dir(format!("{}/{}", container::CGROUP_DIR, c.name));
