@@ -19,6 +19,7 @@ mod sys;
 
 use console::log;
 use kiln_init::config::{BootConfig, HostConfig, WhenDone, BOOT_CONFIG_PATH, HOST_CONFIG_PATH};
+use supervisor::UnitKind;
 use sys::{RealSys, Sys};
 
 /// Mount point of the real root inside the initramfs.
@@ -111,14 +112,18 @@ fn run() -> Result<std::convert::Infallible, String> {
     ));
 
     let mut sup = supervisor::Supervisor::new("/var/log");
-    for c in &cfg.onboot {
-        if let Some(idx) = sup.start(c) {
-            sup.wait_job(idx);
+    let units = cfg
+        .onboot
+        .iter()
+        .map(|c| (c, UnitKind::Onboot))
+        .chain(cfg.services.iter().map(|c| (c, UnitKind::Service)));
+    for (c, kind) in units {
+        if let Err(e) = sup.add(c.clone(), kind) {
+            log(&format!("{e}: only the first runs"));
         }
     }
-    for c in &cfg.services {
-        sup.start(c);
-    }
+    sup.run_onboot();
+    sup.start_services();
     match cfg.when_done {
         WhenDone::Poweroff => {
             sup.wait_all();

@@ -1,5 +1,6 @@
-//! Running containers: spawn, forward their output, reap every child (the
-//! init inherits all orphans), and shut the machine down.
+//! Running containers as units: each has a name, a kind and a state;
+//! the supervisor starts them, forwards their output, reaps every child
+//! (the init inherits all orphans), and shuts the machine down.
 
 use crate::console::{self, LineSplitter, Sink};
 use crate::container;
@@ -7,26 +8,151 @@ use crate::sys;
 use kiln_init::config::Container;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
+use thiserror::Error;
 
 /// How long output pipes may stay open after their container exited (a
 /// child that escaped the PID namespace's teardown cannot hold us up).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
+/// One output pipe of a unit.
 struct Stream {
     fd: OwnedFd,
     split: LineSplitter,
 }
 
-struct Job {
-    sink: Sink,
-    pid: Option<libc::pid_t>,
+/// When a unit runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitKind {
+    /// Runs to completion, in order, before services.
+    Onboot,
+    /// Long-running.
+    Service,
+}
+
+/// Where a unit is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Not started yet.
+    Pending,
+    /// Its process runs (PID in the init's namespace).
+    Running { pid: libc::pid_t },
+    /// Its process ended with this wait status.
+    Exited { status: libc::c_int },
+    /// It could not be started.
+    Failed { reason: String },
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Running { .. } => "running",
+            State::Exited { .. } => "exited",
+            State::Failed { .. } => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("unit {unit}: cannot become {to} while {from}")]
+pub struct BadTransition {
+    unit: String,
+    from: &'static str,
+    to: &'static str,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("two containers are named {0:?}")]
+pub struct DuplicateUnit(String);
+
+/// A supervised container.
+pub struct Unit {
+    spec: Container,
+    kind: UnitKind,
+    state: State,
     exited_at: Option<Instant>,
+    sink: Option<Sink>,
     streams: Vec<Stream>,
 }
 
-impl Job {
-    fn done(&self) -> bool {
-        self.pid.is_none() && self.streams.is_empty()
+impl Unit {
+    pub fn new(spec: Container, kind: UnitKind) -> Unit {
+        Unit {
+            spec,
+            kind,
+            state: State::Pending,
+            exited_at: None,
+            sink: None,
+            streams: Vec::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn kind(&self) -> UnitKind {
+        self.kind
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn pid(&self) -> Option<libc::pid_t> {
+        match self.state {
+            State::Running { pid } => Some(pid),
+            _ => None,
+        }
+    }
+
+    fn go(&mut self, allowed: bool, to: State) -> Result<(), BadTransition> {
+        if !allowed {
+            return Err(BadTransition {
+                unit: self.name().to_string(),
+                from: self.state.name(),
+                to: to.name(),
+            });
+        }
+        self.state = to;
+        Ok(())
+    }
+
+    /// Pending → Running.
+    pub fn started(&mut self, pid: libc::pid_t) -> Result<(), BadTransition> {
+        let ok = self.state == State::Pending;
+        self.go(ok, State::Running { pid })
+    }
+
+    /// Running → Exited.
+    pub fn exited(&mut self, status: libc::c_int, at: Instant) -> Result<(), BadTransition> {
+        let ok = matches!(self.state, State::Running { .. });
+        self.go(ok, State::Exited { status })?;
+        self.exited_at = Some(at);
+        Ok(())
+    }
+
+    /// Pending → Failed.
+    pub fn failed(&mut self, reason: String) -> Result<(), BadTransition> {
+        let ok = self.state == State::Pending;
+        self.go(ok, State::Failed { reason })
+    }
+
+    /// Whether its process runs or its output is still being drained.
+    pub fn busy(&self) -> bool {
+        matches!(self.state, State::Running { .. }) || !self.streams.is_empty()
+    }
+
+    /// Whether it exited more than `grace` before `now`.
+    fn exited_before(&self, now: Instant, grace: Duration) -> bool {
+        self.exited_at
+            .is_some_and(|t| now.duration_since(t) > grace)
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        if let Some(sink) = &mut self.sink {
+            sink.line(line);
+        }
     }
 }
 
@@ -42,7 +168,7 @@ pub fn describe_status(status: libc::c_int) -> String {
 }
 
 pub struct Supervisor {
-    jobs: Vec<Job>,
+    units: Units,
     sigfd: Option<OwnedFd>,
     log_dir: String,
 }
@@ -64,60 +190,82 @@ impl Supervisor {
             ))
         };
         Supervisor {
-            jobs: Vec::new(),
+            units: Units::default(),
             sigfd: sigfd.ok(),
             log_dir: log_dir.to_string(),
         }
     }
 
-    /// Starts a container; errors are logged and leave no job behind.
-    /// Returns the job index.
-    pub fn start(&mut self, c: &Container) -> Option<usize> {
-        console::log(&format!("{}: starting {:?}", c.name, c.args));
-        match container::spawn(c) {
-            Ok(s) => {
-                console::log(&format!("{}: started, pid {}", c.name, s.pid));
-                self.jobs.push(Job {
-                    sink: Sink::open(&c.name, &self.log_dir),
-                    pid: Some(s.pid),
-                    exited_at: None,
-                    streams: vec![
-                        Stream {
-                            fd: s.stdout,
-                            split: LineSplitter::default(),
-                        },
-                        Stream {
-                            fd: s.stderr,
-                            split: LineSplitter::default(),
-                        },
-                    ],
-                });
-                Some(self.jobs.len() - 1)
-            }
-            Err(e) => {
-                console::log(&format!(
-                    "{}: failed to start: {}",
-                    c.name,
-                    console::chain(&e)
-                ));
-                // The half-started process, if any, is reaped as an orphan.
-                self.reap();
-                let _ = std::fs::remove_dir(format!("{}/{}", container::CGROUP_DIR, c.name));
-                None
-            }
+    /// Registers a container as a pending unit.
+    pub fn add(&mut self, spec: Container, kind: UnitKind) -> Result<(), DuplicateUnit> {
+        self.units.add(Unit::new(spec, kind))
+    }
+
+    /// Starts each onboot unit in turn, waiting for it to finish.
+    pub fn run_onboot(&mut self) {
+        for name in self.units.names(UnitKind::Onboot) {
+            self.start(&name);
+            self.wait(&name);
         }
     }
 
-    /// Runs until job `idx` exited and its output is drained.
-    pub fn wait_job(&mut self, idx: usize) {
-        while self.jobs.get(idx).is_some_and(|j| !j.done()) {
+    /// Starts every service unit.
+    pub fn start_services(&mut self) {
+        for name in self.units.names(UnitKind::Service) {
+            self.start(&name);
+        }
+    }
+
+    /// Starts a pending unit; failures are logged and leave it Failed.
+    pub fn start(&mut self, name: &str) {
+        let log_dir = self.log_dir.clone();
+        let Some(unit) = self.units.get_mut(name) else {
+            return;
+        };
+        if unit.state() != &State::Pending {
+            let now = unit.state().name();
+            console::log(&format!("{name}: not started again, it is {now}"));
+            return;
+        }
+        console::log(&format!("{name}: starting {:?}", unit.spec.args));
+        let res = match container::spawn(&unit.spec) {
+            Ok(s) => {
+                console::log(&format!("{name}: started, pid {}", s.pid));
+                unit.sink = Some(Sink::open(name, &log_dir));
+                unit.streams = [s.stdout, s.stderr]
+                    .into_iter()
+                    .map(|fd| Stream {
+                        fd,
+                        split: LineSplitter::default(),
+                    })
+                    .collect();
+                unit.started(s.pid)
+            }
+            Err(e) => {
+                let reason = console::chain(&e);
+                console::log(&format!("{name}: failed to start: {reason}"));
+                let res = unit.failed(reason);
+                // The half-started process, if any, is reaped as an orphan.
+                self.reap();
+                let _ = std::fs::remove_dir(format!("{}/{name}", container::CGROUP_DIR));
+                res
+            }
+        };
+        if let Err(e) = res {
+            console::log(&e.to_string());
+        }
+    }
+
+    /// Runs until unit `name` exited and its output is drained.
+    pub fn wait(&mut self, name: &str) {
+        while self.units.get(name).is_some_and(Unit::busy) {
             self.pump();
         }
     }
 
-    /// Runs until every job exited and its output is drained.
+    /// Runs until every started unit exited and its output is drained.
     pub fn wait_all(&mut self) {
-        while self.jobs.iter().any(|j| !j.done()) {
+        while self.units.0.iter().any(Unit::busy) {
             self.pump();
         }
     }
@@ -132,6 +280,7 @@ impl Supervisor {
     /// One round: wait for output or a child exit, then handle both.
     fn pump(&mut self) {
         let mut fds: Vec<libc::pollfd> = Vec::new();
+        // (unit, stream) of each polled pipe, valid for this round only.
         let mut owners: Vec<(usize, usize)> = Vec::new();
         if let Some(fd) = &self.sigfd {
             fds.push(libc::pollfd {
@@ -140,14 +289,14 @@ impl Supervisor {
                 revents: 0,
             });
         }
-        for (j, job) in self.jobs.iter().enumerate() {
-            for (s, st) in job.streams.iter().enumerate() {
+        for (u, unit) in self.units.0.iter().enumerate() {
+            for (s, st) in unit.streams.iter().enumerate() {
                 fds.push(libc::pollfd {
                     fd: st.fd.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 });
-                owners.push((j, s));
+                owners.push((u, s));
             }
         }
         let timeout = if self.sigfd.is_some() { 1000 } else { 100 };
@@ -171,51 +320,31 @@ impl Supervisor {
             if pfd.revents == 0 {
                 continue;
             }
-            let (j, s) = owners[k - skip];
-            if !self.read_stream(j, s) {
-                closed.push((j, s));
+            let (u, s) = owners[k - skip];
+            if !read_stream(&mut self.units.0[u], s) {
+                closed.push((u, s));
             }
         }
         self.reap();
         let now = Instant::now();
-        for (j, job) in self.jobs.iter().enumerate() {
-            if job
-                .exited_at
-                .is_some_and(|t| now.duration_since(t) > DRAIN_GRACE)
-            {
-                for s in 0..job.streams.len() {
-                    closed.push((j, s));
-                }
+        for (u, unit) in self.units.0.iter().enumerate() {
+            if unit.exited_before(now, DRAIN_GRACE) {
+                closed.extend((0..unit.streams.len()).map(|s| (u, s)));
             }
         }
         closed.sort();
         closed.dedup();
-        for &(j, s) in closed.iter().rev() {
-            let job = &mut self.jobs[j];
+        for &(u, s) in closed.iter().rev() {
+            let unit = &mut self.units.0[u];
             // Dropping the stream closes its pipe.
-            let mut st = job.streams.remove(s);
+            let mut st = unit.streams.remove(s);
             if let Some(line) = st.split.finish() {
-                job.sink.line(&line);
+                unit.line(&line);
             }
         }
     }
 
-    /// Reads what is available; false at end of stream.
-    fn read_stream(&mut self, j: usize, s: usize) -> bool {
-        let job = &mut self.jobs[j];
-        let mut buf = [0u8; 4096];
-        match sys::read(job.streams[s].fd.as_fd(), &mut buf) {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                for line in job.streams[s].split.push(&buf[..n]) {
-                    job.sink.line(&line);
-                }
-                true
-            }
-        }
-    }
-
-    /// Collects every exited child, logging the containers'.
+    /// Collects every exited child, logging the units'.
     pub fn reap(&mut self) {
         loop {
             let mut status = 0;
@@ -224,13 +353,66 @@ impl Supervisor {
             if pid <= 0 {
                 return;
             }
-            if let Some(job) = self.jobs.iter_mut().find(|j| j.pid == Some(pid)) {
-                console::log(&format!("{}: {}", job.sink.name, describe_status(status)));
-                job.pid = None;
-                job.exited_at = Some(Instant::now());
-                // Empty once the PID namespace is gone; a leftover is harmless.
-                let _ = std::fs::remove_dir(format!("{}/{}", container::CGROUP_DIR, job.sink.name));
+            let Some(unit) = self.units.by_pid_mut(pid) else {
+                continue;
+            };
+            console::log(&format!("{}: {}", unit.name(), describe_status(status)));
+            if let Err(e) = unit.exited(status, Instant::now()) {
+                console::log(&e.to_string());
             }
+            // Empty once the PID namespace is gone; a leftover is harmless.
+            let _ = std::fs::remove_dir(format!("{}/{}", container::CGROUP_DIR, unit.name()));
+        }
+    }
+}
+
+/// The units, in the order added, found by name or PID.
+#[derive(Default)]
+pub struct Units(Vec<Unit>);
+
+impl Units {
+    /// Adds `unit` unless one with its name exists.
+    pub fn add(&mut self, unit: Unit) -> Result<(), DuplicateUnit> {
+        if self.get(unit.name()).is_some() {
+            return Err(DuplicateUnit(unit.name().to_string()));
+        }
+        self.0.push(unit);
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Unit> {
+        self.0.iter().find(|u| u.name() == name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Unit> {
+        self.0.iter_mut().find(|u| u.name() == name)
+    }
+
+    /// The running unit whose process is `pid`.
+    pub fn by_pid_mut(&mut self, pid: libc::pid_t) -> Option<&mut Unit> {
+        self.0.iter_mut().find(|u| u.pid() == Some(pid))
+    }
+
+    /// Names of the units of `kind`, in the order they were added.
+    pub fn names(&self, kind: UnitKind) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|u| u.kind() == kind)
+            .map(|u| u.name().to_string())
+            .collect()
+    }
+}
+
+/// Reads what is available from stream `s`; false at end of stream.
+fn read_stream(unit: &mut Unit, s: usize) -> bool {
+    let mut buf = [0u8; 4096];
+    match sys::read(unit.streams[s].fd.as_fd(), &mut buf) {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            for line in unit.streams[s].split.push(&buf[..n]) {
+                unit.line(&line);
+            }
+            true
         }
     }
 }
@@ -290,7 +472,117 @@ fn unmount_all() {
 
 #[cfg(test)]
 mod tests {
-    use super::describe_status;
+    use super::*;
+    use kiln_init::config::Net;
+
+    fn spec(name: &str) -> Container {
+        Container {
+            name: name.into(),
+            rootfs: format!("/containers/{name}/rootfs"),
+            args: vec!["true".into()],
+            env: vec![],
+            cwd: String::new(),
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            net: Net::Host,
+            binds: vec![],
+            capabilities: vec![],
+        }
+    }
+
+    #[test]
+    fn unit_life() {
+        let mut u = Unit::new(spec("web"), UnitKind::Service);
+        assert_eq!((u.name(), u.kind()), ("web", UnitKind::Service));
+        assert_eq!(u.state(), &State::Pending);
+        assert!(!u.busy());
+        assert_eq!(u.pid(), None);
+        u.started(42).expect("start");
+        assert_eq!(u.pid(), Some(42));
+        assert!(u.busy());
+        let t = Instant::now();
+        u.exited(256, t).expect("exit");
+        assert_eq!(u.state(), &State::Exited { status: 256 });
+        assert_eq!(u.pid(), None);
+        assert!(!u.busy());
+        assert!(!u.exited_before(t, DRAIN_GRACE));
+        assert!(u.exited_before(t + DRAIN_GRACE * 2, DRAIN_GRACE));
+    }
+
+    #[test]
+    fn bad_transitions_are_refused() {
+        let mut u = Unit::new(spec("job"), UnitKind::Onboot);
+        let t = Instant::now();
+        assert_eq!(
+            u.exited(0, t),
+            Err(BadTransition {
+                unit: "job".into(),
+                from: "pending",
+                to: "exited"
+            })
+        );
+        u.started(7).expect("start");
+        assert!(u.started(8).is_err());
+        assert!(u.failed("late".into()).is_err());
+        assert_eq!(u.pid(), Some(7));
+        u.exited(0, t).expect("exit");
+        assert!(u.exited(0, t).is_err());
+        assert!(u.exited_at.is_some());
+
+        let mut f = Unit::new(spec("bad"), UnitKind::Onboot);
+        f.failed("no such file".into()).expect("fail");
+        assert_eq!(
+            f.state(),
+            &State::Failed {
+                reason: "no such file".into()
+            }
+        );
+        assert!(!f.busy());
+        assert!(f.started(1).is_err());
+    }
+
+    #[test]
+    fn units_by_name_and_pid() {
+        let mut units = Units::default();
+        for (name, kind) in [
+            ("setup", UnitKind::Onboot),
+            ("web", UnitKind::Service),
+            ("migrate", UnitKind::Onboot),
+            ("db", UnitKind::Service),
+        ] {
+            units.add(Unit::new(spec(name), kind)).expect(name);
+        }
+        assert_eq!(
+            units.add(Unit::new(spec("web"), UnitKind::Onboot)),
+            Err(DuplicateUnit("web".into()))
+        );
+        assert_eq!(units.names(UnitKind::Onboot), ["setup", "migrate"]);
+        assert_eq!(units.names(UnitKind::Service), ["web", "db"]);
+        assert_eq!(units.get("db").map(Unit::kind), Some(UnitKind::Service));
+        assert!(units.get("nope").is_none());
+        units
+            .get_mut("web")
+            .expect("web")
+            .started(10)
+            .expect("start");
+        units.get_mut("db").expect("db").started(11).expect("start");
+        assert_eq!(
+            units
+                .by_pid_mut(11)
+                .map(|u| u.name().to_string())
+                .as_deref(),
+            Some("db")
+        );
+        assert!(units.by_pid_mut(12).is_none());
+        units
+            .by_pid_mut(10)
+            .expect("web")
+            .exited(0, Instant::now())
+            .expect("exit");
+        // An exited unit's PID may be reused by an unrelated orphan.
+        assert!(units.by_pid_mut(10).is_none());
+    }
 
     #[test]
     fn statuses() {
