@@ -102,6 +102,8 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
 
     // SAFETY: the init is single-threaded, so the child may run Rust code.
     let pid = unsafe { libc::fork() };
+    // Before the closes below can touch errno.
+    let fork_err = (pid < 0).then(io::Error::last_os_error);
     if pid == 0 {
         drop((out_r, err_r, rep_r));
         // A panic here must never unwind into the init's own fatal path
@@ -123,8 +125,8 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     }
     // Only the children may hold the write ends, so reads end when they go.
     drop((out_w, err_w, rep_w));
-    if pid < 0 {
-        return Err(ContainerError::Io("fork", io::Error::last_os_error()));
+    if let Some(e) = fork_err {
+        return Err(ContainerError::Io("fork", e));
     }
     // Everything the children report, until the last copy of the write end
     // closes (exec or exit).
