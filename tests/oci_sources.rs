@@ -83,14 +83,18 @@ async fn registry_pull_index_and_cache() {
     let img = base_image();
     let manifest = img.push(&host, "test/app", "1").await;
     let source = format!("{host}/test/app:1");
-    let pulled = oci::pull(&source, &cache).await.unwrap();
+    let pulled = oci::pull(&source, &cache, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(pulled.manifest_digest, digest(&manifest));
     assert_eq!(pulled.reference, source);
     check_image(&pulled);
 
     // A wrong pinned digest is refused and named.
     let wrong = format!("{host}/test/app:1@sha256:{}", "0".repeat(64));
-    let e = oci::pull(&wrong, &cache).await.unwrap_err();
+    let e = oci::pull(&wrong, &cache, &Default::default())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains(&wrong), "{e}");
 
     // Multi-arch index: amd64 is chosen.
@@ -102,9 +106,13 @@ async fn registry_pull_index_and_cache() {
         "arch", "amd64", 0o644,
     )])]);
     let index = images::push_index(&host, "test/multi", "latest", &[&arm, &amd]).await;
-    let multi = oci::pull(&format!("{host}/test/multi:latest"), &cache)
-        .await
-        .unwrap();
+    let multi = oci::pull(
+        &format!("{host}/test/multi:latest"),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(multi.manifest_digest, digest(&index));
     let t = tree_of(&multi);
     match t.get(Path::new("/arch")) {
@@ -114,17 +122,27 @@ async fn registry_pull_index_and_cache() {
 
     // With the registry gone, digest-pinned pulls come from the cache.
     reg.stop();
-    let again = oci::pull(&format!("{host}/test/app@{manifest}"), &cache)
-        .await
-        .unwrap();
+    let again = oci::pull(
+        &format!("{host}/test/app@{manifest}"),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     check_image(&again);
     assert_eq!(again.layers[0].digest, pulled.layers[0].digest);
-    let multi2 = oci::pull(&format!("{host}/test/multi:latest@{index}"), &cache)
-        .await
-        .unwrap();
+    let multi2 = oci::pull(
+        &format!("{host}/test/multi:latest@{index}"),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(multi2.layers[0].digest, multi.layers[0].digest);
     // ...but a tag needs the registry.
-    let e = oci::pull(&source, &cache).await.unwrap_err();
+    let e = oci::pull(&source, &cache, &Default::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, OciError::Registry { .. }), "{e}");
 }
 
@@ -136,19 +154,31 @@ async fn oci_layout_pull_and_tamper() {
     let img = base_image();
     let manifest = img.write_oci_layout(&dir, "v1");
 
-    let by_tag = oci::pull(&format!("oci-layout:{}:v1", dir.display()), &cache)
-        .await
-        .unwrap();
+    let by_tag = oci::pull(
+        &format!("oci-layout:{}:v1", dir.display()),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(by_tag.manifest_digest, digest(&manifest));
     check_image(&by_tag);
     // The only manifest is picked without a tag.
-    let only = oci::pull(&format!("oci-layout:{}", dir.display()), &cache)
-        .await
-        .unwrap();
+    let only = oci::pull(
+        &format!("oci-layout:{}", dir.display()),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(only.manifest_digest, by_tag.manifest_digest);
-    let e = oci::pull(&format!("oci-layout:{}:nope", dir.display()), &cache)
-        .await
-        .unwrap_err();
+    let e = oci::pull(
+        &format!("oci-layout:{}:nope", dir.display()),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
 
     // Tamper with the top layer: the pull fails naming that blob.
@@ -159,7 +189,9 @@ async fn oci_layout_pull_and_tamper() {
     data[last] ^= 0xff;
     std::fs::write(&path, data).unwrap();
     let source = format!("oci-layout:{}:v1", dir.display());
-    let e = oci::pull(&source, &cache).await.unwrap_err();
+    let e = oci::pull(&source, &cache, &Default::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, OciError::Mismatch { .. }), "{e}");
     let msg = e.to_string();
     assert!(
@@ -196,9 +228,13 @@ async fn oci_layout_multi_arch_index() {
         &blobs,
         &[(images::MT_OCI_INDEX, &index, Some("multi"), None)],
     );
-    let img = oci::pull(&format!("oci-layout:{}:multi", dir.display()), &cache)
-        .await
-        .unwrap();
+    let img = oci::pull(
+        &format!("oci-layout:{}:multi", dir.display()),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(img.manifest_digest, digest(&images::sha256(&index)));
     match tree_of(&img).get(Path::new("/arch")) {
         Some(Node::File { data, .. }) => assert_eq!(&data[..], b"amd64"),
@@ -216,9 +252,13 @@ async fn docker_archive_pull_and_diff_ids() {
     let again = img.layers[1].clone();
     img.layers.push(again);
     img.write_docker_archive(&file, "test/app:1");
-    let pulled = oci::pull(&format!("docker-archive:{}", file.display()), &cache)
-        .await
-        .unwrap();
+    let pulled = oci::pull(
+        &format!("docker-archive:{}", file.display()),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(pulled.layers.len(), 3);
     assert_eq!(
         pulled.manifest_digest,
@@ -227,6 +267,7 @@ async fn docker_archive_pull_and_diff_ids() {
     let named = oci::pull(
         &format!("docker-archive:{}:test/app:1", file.display()),
         &cache,
+        &Default::default(),
     )
     .await
     .unwrap();
@@ -240,9 +281,13 @@ async fn docker_archive_pull_and_diff_ids() {
     bad.layers = good_layers;
     let bad_file = work.path().join("bad.tar");
     write_archive_with_config(&bad_file, &bad, &config);
-    let e = oci::pull(&format!("docker-archive:{}", bad_file.display()), &cache)
-        .await
-        .unwrap_err();
+    let e = oci::pull(
+        &format!("docker-archive:{}", bad_file.display()),
+        &cache,
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, OciError::Mismatch { .. }), "{e}");
     assert!(e.to_string().contains("diff_ids"), "{e}");
 }
@@ -381,7 +426,7 @@ async fn auth_registry_pull_with_docker_config() {
     let work = tempfile::tempdir().unwrap();
     let cache = Cache::open(work.path().join("cache")).unwrap();
     let source = format!("{host}/test/app:1");
-    let pulled = oci::pull(&source, &cache)
+    let pulled = oci::pull(&source, &cache, &Default::default())
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", reg.log()));
     assert_eq!(pulled.manifest_digest, digest(&manifest));
@@ -394,9 +439,13 @@ async fn auth_registry_pull_with_docker_config() {
         "username": USER, "password": PASSWORD}}});
     let _env = DockerConfig::set(Some(plain)).await;
     let cache2 = Cache::open(work.path().join("cache2")).unwrap();
-    let pinned = oci::pull(&format!("{host}/test/app@{manifest}"), &cache2)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", reg.log()));
+    let pinned = oci::pull(
+        &format!("{host}/test/app@{manifest}"),
+        &cache2,
+        &Default::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", reg.log()));
     assert_eq!(pinned.layers[1].digest, pulled.layers[1].digest);
 }
 
@@ -433,7 +482,9 @@ async fn auth_registry_refuses_missing_or_wrong_credentials() {
         // A fresh cache each time, so nothing is served without the registry.
         let cache = Cache::open(work.path().join(format!("cache{i}"))).unwrap();
         for source in [&by_tag, &by_digest] {
-            let e = oci::pull(source, &cache).await.unwrap_err();
+            let e = oci::pull(source, &cache, &Default::default())
+                .await
+                .unwrap_err();
             assert!(matches!(e, OciError::Registry { .. }), "{what}: {e}");
             let msg = e.to_string();
             assert!(msg.starts_with(&format!("{source}: ")), "{what}: {msg}");

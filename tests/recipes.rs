@@ -1,13 +1,18 @@
-//! Bad input gets a clear error and a non-zero exit, never a panic or a
-//! partial output file; every example recipe validates.
+//! Bad input gets a clear error and a non-zero exit (2 for the recipe or
+//! command line, 1 for the environment), never a panic or a partial output
+//! file; every example recipe validates; progress is reported as plain
+//! lines or JSON events.
 
 use kiln_tests::kiln as k;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn kiln() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
+
+const HEAD: &str =
+    "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n";
 
 #[test]
 fn example_recipes_validate() {
@@ -24,39 +29,76 @@ fn example_recipes_validate() {
     assert!(n >= 1, "no recipes found in {}", dir.display());
 }
 
+/// Errors found by `validate` (and so by `build`, before any work).
 #[test]
 fn recipe_errors_name_file_line_and_field() {
     let dir = k::scratch("bad-recipes");
-    let cases = [
+    let cases: Vec<(&str, String, &str)> = vec![
         (
             "unknown-key.toml",
-            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdlin = \"x\"\n",
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdlin = \"x\"\n".into(),
             ":5:1: kernel.cmdlin: unknown field",
         ),
         (
             "two-kernels.toml",
-            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"a\"\npath = \"vmlinuz\"\n",
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"a\"\npath = \"vmlinuz\"\n".into(),
             ":5:8: kernel.path: [kernel] takes exactly one of",
         ),
         (
             "bad-net.toml",
-            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"a\"\n\n[[service]]\nname = \"s\"\nimage = \"r/i:1\"\nnet = \"bridge\"\n",
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"a\"\n\n[[service]]\nname = \"s\"\nimage = \"r/i:1\"\nnet = \"bridge\"\n".into(),
             ":9:7: service[0].net: expected \"host\" or \"none\"",
         ),
         (
             "wrong-type.toml",
-            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"a\"\n[disk]\nsize = 5\n",
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"a\"\n[disk]\nsize = 5\n".into(),
             ":6:8: disk.size: invalid type",
         ),
+        (
+            "no-kernel.toml",
+            "name = \"x\"\nversion = \"1\"\n".into(),
+            ":1:1: kernel: missing",
+        ),
+        (
+            "empty-command.toml",
+            format!("{HEAD}[[service]]\nname = \"s\"\nimage = \"r/i:1\"\ncommand = []\n"),
+            ":8:11: service[0].command: must not be empty",
+        ),
+        (
+            "duplicate-key.toml",
+            format!("{HEAD}[disk]\nsize = \"1G\"\nsize = \"2G\"\n"),
+            ":7:1: disk.size: duplicate key `size`",
+        ),
+        (
+            "too-small.toml",
+            format!("{HEAD}[disk]\nsize = \"64M\"\n"),
+            ":6:8: disk.size: 64M is too small",
+        ),
+        (
+            "too-large.toml",
+            format!("{HEAD}[disk]\nsize = \"100000T\"\n"),
+            ":6:8: disk.size: 100000T is too large",
+        ),
+        (
+            "file-source-missing.toml",
+            format!("{HEAD}[[file]]\npath = \"/etc/x\"\nsource = \"no-such-file\"\n"),
+            ":7:10: file[0].source: cannot read",
+        ),
     ];
-    for (file, text, want) in cases {
+    for (file, text, want) in &cases {
         let p = dir.join(file);
         std::fs::write(&p, text).unwrap();
         for verb in ["validate", "build"] {
             let out = dir.join("out");
-            let r = k::run(Command::new(kiln()).arg(verb).arg(&p).arg("--quiet"));
+            let r = k::run(
+                Command::new(kiln())
+                    .arg(verb)
+                    .arg(&p)
+                    .arg("--quiet")
+                    .current_dir(&dir),
+            );
             assert!(!r.ok, "{verb} {file} succeeded");
-            assert_eq!(r.code, Some(1), "{verb} {file}: {}", r.stderr);
+            assert_eq!(r.code, Some(2), "{verb} {file}: {}", r.stderr);
             assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
             let expected = format!("{}{want}", p.display());
             assert!(
@@ -70,11 +112,18 @@ fn recipe_errors_name_file_line_and_field() {
 }
 
 #[test]
-fn missing_recipe_is_a_clear_error() {
+fn missing_recipe_is_an_environment_error_printed_once() {
     let r = k::run(Command::new(kiln()).args(["validate", "/nonexistent/recipe.toml"]));
-    assert!(!r.ok);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(
         r.stderr.contains("/nonexistent/recipe.toml"),
+        "{}",
+        r.stderr
+    );
+    // The cause once, not repeated by every layer of the chain.
+    assert_eq!(
+        r.stderr.matches("No such file or directory").count(),
+        1,
         "{}",
         r.stderr
     );
@@ -96,12 +145,20 @@ fn failed_build_leaves_no_output() {
     assert!(!r.ok);
     assert!(r.stderr.contains("does-not-exist"), "{}", r.stderr);
     assert!(!out.join("broken.raw").exists());
-    if out.exists() {
-        assert_eq!(
-            std::fs::read_dir(&out).unwrap().count(),
-            0,
-            "partial files left"
-        );
+    assert_no_files(&out);
+    assert!(
+        !dir.join("r.lock").exists(),
+        "a failed build wrote its lock"
+    );
+}
+
+fn assert_no_files(dir: &Path) {
+    if dir.exists() {
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
     }
 }
 
@@ -118,9 +175,9 @@ fn unknown_debian_package_names_the_field() {
     .unwrap();
     let out = dir.join("out");
     let r = k::try_build(&kiln(), &recipe, &out);
-    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
     let want = format!(
-        "{}: kernel.debian: cannot satisfy `no-such-kernel-package`",
+        "{}:4:10: kernel.debian: cannot satisfy `no-such-kernel-package`",
         recipe.display()
     );
     assert!(
@@ -129,4 +186,212 @@ fn unknown_debian_package_names_the_field() {
         r.stderr
     );
     assert!(!out.join("nopkg.raw").exists());
+}
+
+/// Errors only the trees can show (a command missing from its image, a
+/// bind source missing from the host root) fail the build with exit 2,
+/// located in the recipe, and leave nothing behind.
+#[test]
+fn late_recipe_errors_are_located() {
+    let dir = k::scratch("late-errors");
+    let cases = [
+        (
+            "no-command.toml",
+            format!("{HEAD}[[service]]\nname = \"s\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"nginx\", \"-g\", \"daemon off;\"]\n"),
+            ":8:11: service[0].command: container s: nginx is not in the image's PATH",
+        ),
+        (
+            "bind-missing.toml",
+            format!("{HEAD}[[service]]\nname = \"s\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"/bin/busybox\", \"true\"]\nbinds = [\"/etc/nope:/etc/nope:ro\"]\n"),
+            ":9:10: service[0].binds[0]: source /etc/nope is not in the host root",
+        ),
+    ];
+    for (file, text, want) in &cases {
+        let p = dir.join(file);
+        std::fs::write(&p, text).unwrap();
+        let out = dir.join("out");
+        let r = k::try_build(&kiln(), &p, &out);
+        assert_eq!(r.code, Some(2), "{file}: {}", r.stderr);
+        let expected = format!("{}{want}", p.display());
+        assert!(
+            r.stderr.contains(&expected),
+            "{file}: wanted {expected:?} in:\n{}",
+            r.stderr
+        );
+        assert_no_files(&out);
+    }
+}
+
+fn tiny_recipe(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny.toml");
+    std::fs::write(
+        &p,
+        format!("{HEAD}[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"/bin/busybox\", \"true\"]\n"),
+    )
+    .unwrap();
+    p
+}
+
+/// Output paths are checked before any work: a file is a command-line
+/// error (2), a read-only directory an environment one (1).
+#[test]
+fn output_path_problems_fail_early() {
+    let dir = k::scratch("output-path");
+    let recipe = tiny_recipe(&dir);
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let r = k::try_build(&kiln(), &recipe, &file);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("is a file, not a directory"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains("kiln: fetch"),
+        "work was done: {}",
+        r.stderr
+    );
+
+    // A read-only directory: a read-only mount as root (root ignores mode
+    // bits), mode 0555 otherwise.
+    let ro = dir.join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    let r = if is_root() {
+        let script = format!(
+            "mount -t tmpfs -o ro none {ro} && exec {kiln} build --quiet {recipe} -o {ro} --cache {cache}",
+            ro = ro.display(),
+            kiln = kiln().display(),
+            recipe = recipe.display(),
+            cache = k::shared_cache().display()
+        );
+        k::run(Command::new("unshare").args(["-m", "sh", "-c", &script]))
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        k::try_build(&kiln(), &recipe, &ro)
+    };
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("output directory {}", ro.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("Read-only file system") || r.stderr.contains("Permission denied"),
+        "{}",
+        r.stderr
+    );
+}
+
+fn is_root() -> bool {
+    k::run(Command::new("id").arg("-u")).stdout.trim() == "0"
+}
+
+/// Off a terminal, one line per stage; with `--json`, one JSON event per
+/// line on stdout, every stage started and ended, the output reported.
+#[test]
+fn progress_is_plain_lines_or_json() {
+    let dir = k::scratch("progress");
+    let recipe = tiny_recipe(&dir);
+    let out = dir.join("out");
+    let r = k::run(
+        Command::new(kiln())
+            .arg("build")
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&out)
+            .arg("--cache")
+            .arg(k::shared_cache()),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    for stage in ["resolve", "fetch", "trees", "encode", "write"] {
+        assert!(
+            r.stderr
+                .lines()
+                .any(|l| l.starts_with(&format!("kiln: {stage} ")) && l.trim_end().contains('s')),
+            "no {stage} line in:\n{}",
+            r.stderr
+        );
+    }
+
+    let r = k::run(
+        Command::new(kiln())
+            .arg("build")
+            .arg("--json")
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&out)
+            .arg("--cache")
+            .arg(k::shared_cache()),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.is_empty(), "stderr with --json: {}", r.stderr);
+    let events: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    for stage in ["resolve", "fetch", "trees", "encode", "write"] {
+        for kind in ["stage-start", "stage-end"] {
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e["event"] == kind && e["stage"] == stage),
+                "no {kind} {stage} in {events:?}"
+            );
+        }
+    }
+    let inputs: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "input").collect();
+    assert!(inputs.iter().all(|e| e["cached"] == true), "{inputs:?}");
+    assert!(inputs.len() >= 3, "kernel, stub and busybox: {inputs:?}");
+    let output = events
+        .iter()
+        .find(|e| e["event"] == "output")
+        .expect("an output event");
+    assert_eq!(output["path"], out.join("x.raw").display().to_string());
+
+    let r = k::run(
+        Command::new(kiln())
+            .arg("build")
+            .arg("--quiet")
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&out)
+            .arg("--cache")
+            .arg(k::shared_cache()),
+    );
+    assert!(
+        r.ok && r.stdout.is_empty() && r.stderr.is_empty(),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+}
+
+/// `--help` describes every argument; `-q` is only where it does something;
+/// `kiln run` on a missing file says so, without an install hint.
+#[test]
+fn help_texts_and_run_on_a_missing_file() {
+    let r = k::run(Command::new(kiln()).args(["build", "--help"]));
+    assert!(r.ok);
+    assert!(r.stdout.contains("<RECIPE>  The recipe"), "{}", r.stdout);
+    assert!(r.stdout.contains("--locked"), "{}", r.stdout);
+    assert!(r.stdout.contains("Examples:"), "{}", r.stdout);
+    let r = k::run(Command::new(kiln()).args(["run", "--quiet", "x.raw"]));
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    let r = k::run(Command::new(kiln()).args(["run", "/nonexistent/disk.raw"]));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("/nonexistent/disk.raw: not found"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("apt-get"), "{}", r.stderr);
+    let junk = k::scratch("run-junk").join("junk.raw");
+    std::fs::write(&junk, vec![0x5a; 1 << 20]).unwrap();
+    let r = k::run(Command::new(kiln()).arg("run").arg(&junk));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("no GPT"), "{}", r.stderr);
 }

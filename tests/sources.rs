@@ -284,23 +284,32 @@ size = "256M"
 
     // The plan pins each source to what was pushed or written.
     let plan = k::read_json(&out.join("sources.plan.json"));
-    let pins: Vec<(String, String, String)> = plan["containers"]
+    let pins: Vec<(String, String, String)> = plan["image"]
         .as_array()
-        .expect("plan.containers")
+        .expect("plan.image")
         .iter()
         .map(|c| {
             (
                 c["container"].as_str().unwrap_or_default().to_string(),
                 c["source"].as_str().unwrap_or_default().to_string(),
-                c["manifest"].as_str().unwrap_or_default().to_string(),
+                c["digest"].as_str().unwrap_or_default().to_string(),
             )
         })
         .collect();
+    // Local sources below the recipe are recorded relative to it.
     let want_pins: Vec<(String, String, String)> = [
         ("reg", &refs[0], &moved_digest),
         ("pinned", &refs[1], &pinned_digest),
-        ("layout", &refs[2], &layout_digest),
-        ("archive", &refs[3], &archive_id),
+        (
+            "layout",
+            &"oci-layout:layout:v2".to_string(),
+            &layout_digest,
+        ),
+        (
+            "archive",
+            &"docker-archive:archive.tar".to_string(),
+            &archive_id,
+        ),
     ]
     .iter()
     .map(|(n, r, d)| (n.to_string(), r.to_string(), d.to_string()))

@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("cache {path}: {source}")]
+    #[error("cache {}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("blob does not match its digest: expected {expected}, got {actual}")]
     Mismatch { expected: Digest, actual: Digest },
@@ -60,6 +60,19 @@ impl fmt::Display for Digest {
     }
 }
 
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
@@ -85,6 +98,8 @@ impl Cache {
         let dir = dir.into();
         let blobs = dir.join("sha256");
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        // Temp blobs of killed builds (not those of a running one).
+        crate::output::sweep(&blobs);
         Ok(Cache { dir })
     }
 
@@ -104,8 +119,39 @@ impl Cache {
         &self.dir
     }
 
+    /// A small named record beside the blobs (`DIR/refs/KIND/KEY`), for
+    /// facts such as "the InRelease last verified for this suite" or "this
+    /// manifest was served by that repository". Keys are hashed into names.
+    pub fn read_ref(&self, kind: &str, key: &str) -> Option<String> {
+        fs::read_to_string(self.ref_path(kind, key)).ok()
+    }
+
+    /// Records `value` under (`kind`, `key`), replacing it atomically.
+    pub fn write_ref(&self, kind: &str, key: &str, value: &str) -> Result<(), CacheError> {
+        let path = self.ref_path(kind, key);
+        let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut tmp = tempfile_in(&dir).map_err(io_err(&dir))?;
+        tmp.1.write_all(value.as_bytes()).map_err(io_err(&tmp.0))?;
+        fs::rename(&tmp.0, &path).map_err(io_err(&path))?;
+        Ok(())
+    }
+
+    fn ref_path(&self, kind: &str, key: &str) -> PathBuf {
+        self.dir
+            .join("refs")
+            .join(kind)
+            .join(Digest::of(key.as_bytes()).hex())
+    }
+
     fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.dir.join("sha256").join(digest.hex())
+    }
+
+    /// Whether a blob is stored under `digest` (not verified: for progress
+    /// display; [`Cache::get`] verifies).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
     }
 
     /// The blob's bytes if cached and intact. A corrupt blob is removed and
@@ -151,10 +197,19 @@ impl Cache {
         }
         let dir = self.dir.join("sha256");
         let mut tmp = tempfile_in(&dir).map_err(io_err(&dir))?;
-        tmp.1.write_all(data).map_err(io_err(&tmp.0))?;
-        tmp.1.sync_all().map_err(io_err(&tmp.0))?;
-        fs::rename(&tmp.0, &path).map_err(io_err(&path))?;
-        Ok(())
+        crate::output::track_temp(&tmp.0);
+        let result = (|| {
+            // Locked while written, so a concurrent build's sweep spares it.
+            tmp.1.lock()?;
+            tmp.1.write_all(data)?;
+            tmp.1.sync_all()?;
+            fs::rename(&tmp.0, &path)
+        })();
+        crate::output::untrack_temp(&tmp.0);
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp.0);
+        }
+        result.map_err(io_err(&path))
     }
 }
 
@@ -205,5 +260,20 @@ mod tests {
         fs::write(cache.blob_path(&good), b"tampered").unwrap();
         assert_eq!(cache.get(&good).unwrap(), None);
         assert!(!cache.blob_path(&good).exists());
+    }
+
+    #[test]
+    fn refs_round_trip_and_digests_serialize_as_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        assert_eq!(cache.read_ref("k", "a/b"), None);
+        cache.write_ref("k", "a/b", "one").unwrap();
+        cache.write_ref("k", "a/b", "two").unwrap();
+        assert_eq!(cache.read_ref("k", "a/b").as_deref(), Some("two"));
+        let d = Digest::of(b"x");
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{d}\""));
+        assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
+        assert!(serde_json::from_str::<Digest>("\"md5:0\"").is_err());
     }
 }

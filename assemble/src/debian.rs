@@ -13,7 +13,7 @@ pub mod version;
 use crate::cache::{Cache, CacheError, Digest};
 use crate::layers::{Compression, Layer};
 use index::Index;
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,7 +27,7 @@ pub const ARCH: &str = "amd64";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebianError {
-    #[error("reading keyring {path}: {source}")]
+    #[error("reading keyring {}", path.display())]
     Keyring {
         path: PathBuf,
         source: std::io::Error,
@@ -40,6 +40,10 @@ pub enum DebianError {
     Signature(String),
     #[error("InRelease: {0}")]
     Release(String),
+    #[error("offline: no verified InRelease of {suite} from {mirror} in the cache (build once with network, or use a lock file)")]
+    NotCachedOffline { mirror: String, suite: String },
+    #[error("offline: {name} {version} is not in the cache")]
+    DebNotCachedOffline { name: String, version: String },
     #[error("{what}: expected {expected}, got {actual}")]
     Mismatch {
         what: String,
@@ -66,6 +70,17 @@ pub enum DebianError {
     Cache(#[from] CacheError),
 }
 
+impl DebianError {
+    /// Whether the recipe (not the environment) is at fault: a package
+    /// that does not exist or cannot be installed.
+    pub fn is_recipe_error(&self) -> bool {
+        matches!(
+            self,
+            DebianError::Unsatisfiable { .. } | DebianError::Conflict { .. }
+        )
+    }
+}
+
 fn chain_text(chain: &[String]) -> String {
     if chain.is_empty() {
         "the recipe".to_string()
@@ -74,32 +89,86 @@ fn chain_text(chain: &[String]) -> String {
     }
 }
 
-fn digest_string<S: Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&d.to_string())
-}
-
 /// A binary package as pinned by the index: what lock files and SBOMs record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Package {
     pub name: String,
     pub version: String,
     pub architecture: String,
     /// Path below the mirror root.
     pub filename: String,
-    #[serde(serialize_with = "digest_string")]
     pub sha256: Digest,
     pub size: u64,
+}
+
+/// Downloads pinned .debs from one mirror, through the cache. Needs no
+/// index: the pin (from an index or a lock file) names file and digest.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    url: String,
+    client: reqwest::Client,
+    cache: Cache,
+    offline: bool,
+}
+
+impl Mirror {
+    pub fn new(url: &str, cache: &Cache, offline: bool) -> Result<Mirror, DebianError> {
+        let url = url.trim_end_matches('/').to_string();
+        let client = http_client().map_err(|e| DebianError::Http {
+            url: url.clone(),
+            message: crate::error_chain(&e),
+        })?;
+        Ok(Mirror {
+            url,
+            client,
+            cache: cache.clone(),
+            offline,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The .deb of `pkg`, verified against its pinned SHA256.
+    pub async fn fetch(&self, pkg: &Package) -> Result<Vec<u8>, DebianError> {
+        if let Some(d) = self.cache.get(&pkg.sha256)? {
+            return Ok(d);
+        }
+        if self.offline {
+            return Err(DebianError::DebNotCachedOffline {
+                name: pkg.name.clone(),
+                version: pkg.version.clone(),
+            });
+        }
+        let url = format!("{}/{}", self.url, pkg.filename);
+        let data = get(&self.client, &url).await?;
+        check(&url, &pkg.sha256, &data)?;
+        self.cache.put(&pkg.sha256, &data)?;
+        Ok(data)
+    }
+
+    /// Whether the .deb is already cached (and intact).
+    pub fn is_cached(&self, pkg: &Package) -> bool {
+        self.cache.contains(&pkg.sha256)
+    }
+}
+
+fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .build()
 }
 
 /// An opened, verified suite of one mirror.
 #[derive(Debug)]
 pub struct Archive {
-    mirror: String,
+    mirror: Mirror,
     suite: String,
-    cache: Cache,
-    client: reqwest::Client,
     inrelease: Digest,
     packages_xz: Digest,
+    date: Option<u64>,
     index: Index,
 }
 
@@ -108,26 +177,37 @@ const PACKAGES_PATH: &str = "main/binary-amd64/Packages.xz";
 
 impl Archive {
     /// Fetches and verifies `dists/SUITE/InRelease`, then loads the amd64
-    /// `main` index it pins (from the cache when already there).
+    /// `main` index it pins (from the cache when already there). With
+    /// `offline`, the InRelease verified last for this suite is used from
+    /// the cache instead (its signature is checked again).
     pub async fn open(
-        mirror: &str,
+        mirror_url: &str,
         suite: &str,
         keyring: &Path,
         cache: &Cache,
+        offline: bool,
     ) -> Result<Archive, DebianError> {
         let keys = std::fs::read(keyring).map_err(|source| DebianError::Keyring {
             path: keyring.to_path_buf(),
             source,
         })?;
-        let mirror = mirror.trim_end_matches('/').to_string();
-        let client = reqwest::Client::builder()
-            .build()
-            .map_err(|e| DebianError::Http {
-                url: mirror.clone(),
-                message: e.to_string(),
-            })?;
-        let url = format!("{mirror}/dists/{suite}/InRelease");
-        let raw = get(&client, &url).await?;
+        let mirror = Mirror::new(mirror_url, cache, offline)?;
+        let ref_key = format!("{}/dists/{suite}", mirror.url);
+        let raw = if offline {
+            cache
+                .read_ref("inrelease", &ref_key)
+                .and_then(|d| d.parse::<Digest>().ok())
+                .map(|d| cache.get(&d))
+                .transpose()?
+                .flatten()
+                .ok_or_else(|| DebianError::NotCachedOffline {
+                    mirror: mirror.url.clone(),
+                    suite: suite.to_string(),
+                })?
+        } else {
+            let url = format!("{}/dists/{suite}/InRelease", mirror.url);
+            get(&mirror.client, &url).await?
+        };
         let inrelease = Digest::of(&raw);
         let text = String::from_utf8(raw)
             .map_err(|_| DebianError::Release("InRelease is not UTF-8".into()))?;
@@ -140,15 +220,25 @@ impl Archive {
                 release.suite, release.codename
             )));
         }
+        if !offline {
+            cache.put(&inrelease, text.as_bytes())?;
+            cache.write_ref("inrelease", &ref_key, &inrelease.to_string())?;
+        }
         let (packages_xz, size) =
             release.sha256.get(PACKAGES_PATH).copied().ok_or_else(|| {
                 DebianError::Release(format!("no SHA256 entry for {PACKAGES_PATH}"))
             })?;
         let xz = match cache.get(&packages_xz)? {
             Some(d) => d,
+            None if offline => {
+                return Err(DebianError::NotCachedOffline {
+                    mirror: mirror.url.clone(),
+                    suite: suite.to_string(),
+                })
+            }
             None => {
-                let url = format!("{mirror}/dists/{suite}/{PACKAGES_PATH}");
-                let d = get(&client, &url).await?;
+                let url = format!("{}/dists/{suite}/{PACKAGES_PATH}", mirror.url);
+                let d = get(&mirror.client, &url).await?;
                 if d.len() as u64 != size {
                     return Err(DebianError::Http {
                         url,
@@ -170,10 +260,9 @@ impl Archive {
         Ok(Archive {
             mirror,
             suite: suite.to_string(),
-            cache: cache.clone(),
-            client,
             inrelease,
             packages_xz,
+            date: release.date,
             index,
         })
     }
@@ -188,7 +277,12 @@ impl Archive {
         self.packages_xz
     }
 
-    pub fn mirror(&self) -> &str {
+    /// When the archive published this InRelease (seconds since the epoch).
+    pub fn date(&self) -> Option<u64> {
+        self.date
+    }
+
+    pub fn mirror(&self) -> &Mirror {
         &self.mirror
     }
 
@@ -209,14 +303,7 @@ impl Archive {
 
     /// The .deb of `pkg`, verified against the index's SHA256.
     pub async fn fetch(&self, pkg: &Package) -> Result<Vec<u8>, DebianError> {
-        if let Some(d) = self.cache.get(&pkg.sha256)? {
-            return Ok(d);
-        }
-        let url = format!("{}/{}", self.mirror, pkg.filename);
-        let data = get(&self.client, &url).await?;
-        check(&url, &pkg.sha256, &data)?;
-        self.cache.put(&pkg.sha256, &data)?;
-        Ok(data)
+        self.mirror.fetch(pkg).await
     }
 }
 
@@ -241,11 +328,14 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, DebianError
         .get(url)
         .send()
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(crate::error_chain(&e)))?;
     if !resp.status().is_success() {
         return Err(err(format!("HTTP status {}", resp.status())));
     }
-    let body = resp.bytes().await.map_err(|e| err(e.to_string()))?;
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| err(crate::error_chain(&e)))?;
     Ok(body.to_vec())
 }
 
@@ -307,6 +397,7 @@ pub(crate) mod tests {
             DEFAULT_SUITE,
             Path::new(DEFAULT_KEYRING),
             &test_cache(),
+            false,
         )
         .await
         .unwrap()
@@ -459,6 +550,7 @@ pub(crate) mod tests {
             "no-such-suite",
             Path::new(DEFAULT_KEYRING),
             &test_cache(),
+            false,
         )
         .await;
         assert!(matches!(r, Err(DebianError::Http { .. })));

@@ -20,7 +20,7 @@
 //! rules as for image layers hold. Files read from a directory become
 //! `root:root` with mtime 0, so the output does not depend on the checkout.
 
-use crate::cache::{Cache, Digest};
+use crate::cache::Digest;
 use crate::layers::{self, Compression, Layer, LayerError};
 use crate::oci::{self, OciError};
 use kiln_formats::tree::{Dir, Meta, Node, Tree, TreeError};
@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelSourceError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -63,7 +63,7 @@ pub enum KernelSourceError {
     Layer(#[from] LayerError),
     #[error(transparent)]
     Oci(#[from] OciError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Tree { what: String, source: TreeError },
 }
 
@@ -152,8 +152,8 @@ pub fn from_path(
 /// `/kernel.tar` (modules, any layout the module docs accept; optional, as
 /// for a kernel with everything built in). `/System.map` and `/ucode.cpio`
 /// are ignored.
-pub async fn from_image(reference: &str, cache: &Cache) -> Result<Tree, KernelSourceError> {
-    let image = oci::pull(reference, cache).await?;
+pub fn from_image(image: &oci::Image) -> Result<Tree, KernelSourceError> {
+    let reference = image.reference.as_str();
     let mut fs = Tree::new();
     for l in &image.layers {
         layers::apply(&mut fs, l)?;
@@ -404,7 +404,14 @@ fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Cache;
     use crate::kernel::Kernel;
+
+    /// Pulls `reference` and reads it as a LinuxKit kernel image.
+    async fn pulled(reference: &str, cache: &Cache) -> Result<Tree, KernelSourceError> {
+        let image = oci::pull(reference, cache, &Default::default()).await?;
+        from_image(&image)
+    }
     use std::io::Write;
 
     const REL: &str = "6.1.0-test-amd64";
@@ -766,12 +773,12 @@ mod tests {
         let layout = d.path().join("img");
         write_layout(&layout, &fs);
         let reference = format!("oci-layout:{}", layout.display());
-        check_tree(&from_image(&reference, &cache).await.unwrap());
+        check_tree(&pulled(&reference, &cache).await.unwrap());
 
         // Without kernel.tar: the kernel alone.
         let layout = d.path().join("bare");
         write_layout(&layout, &linuxkit_fs(&[("kernel", &kernel)]));
-        let t = from_image(&format!("oci-layout:{}", layout.display()), &cache)
+        let t = pulled(&format!("oci-layout:{}", layout.display()), &cache)
             .await
             .unwrap();
         assert_eq!(Kernel::from_tree(&t).unwrap().release, REL);
@@ -779,7 +786,7 @@ mod tests {
         // No /kernel.
         let layout = d.path().join("nokernel");
         write_layout(&layout, &linuxkit_fs(&[("kernel.tar", &modules)]));
-        let e = from_image(&format!("oci-layout:{}", layout.display()), &cache)
+        let e = pulled(&format!("oci-layout:{}", layout.display()), &cache)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("/kernel: missing"), "{e}");
@@ -791,7 +798,7 @@ mod tests {
             &layout,
             &linuxkit_fs(&[("kernel", &kernel), ("kernel.tar", &evil)]),
         );
-        let e = from_image(&format!("oci-layout:{}", layout.display()), &cache)
+        let e = pulled(&format!("oci-layout:{}", layout.display()), &cache)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("/kernel.tar"), "{e}");
@@ -903,7 +910,7 @@ mod tests {
         write_layout(&layout, &fs);
         let cache = Cache::open(d.path().join("cache")).unwrap();
         check(
-            &from_image(&format!("oci-layout:{}", layout.display()), &cache)
+            &pulled(&format!("oci-layout:{}", layout.display()), &cache)
                 .await
                 .unwrap(),
         );

@@ -79,16 +79,24 @@ pub enum OciError {
     Format { reference: String, message: String },
     #[error("{reference}: registry: {message}")]
     Registry { reference: String, message: String },
-    #[error("{reference}: {path}: {source}")]
+    #[error("{reference}: {}", path.display())]
     Io {
         reference: String,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{reference}: cache: {source}")]
+    #[error("{reference}: cache")]
     Cache {
         reference: String,
         source: CacheError,
+    },
+    #[error("{reference}: offline, and {what} is not in the cache")]
+    Offline { reference: String, what: String },
+    #[error("{reference}: the pinned {digest} is gone ({message}); run `kiln lock --update` to pin what it names today")]
+    PinGone {
+        reference: String,
+        digest: Digest,
+        message: String,
     },
 }
 
@@ -160,15 +168,132 @@ const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
+/// How registries are reached.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// `HOST[:PORT]` spoken to over plain HTTP (loopback always is).
+    pub insecure: Vec<String>,
+    /// Never use the network: manifests and blobs must be cached.
+    pub offline: bool,
+}
+
 /// Resolves `source` to a verified image. See the module docs for the forms.
-pub async fn pull(source: &str, cache: &Cache) -> Result<Image, OciError> {
+pub async fn pull(source: &str, cache: &Cache, opts: &RegistryOptions) -> Result<Image, OciError> {
     if let Some(rest) = source.strip_prefix("oci-layout:") {
-        pull_layout(source, rest).await
+        pull_layout(source, rest, None).await
     } else if let Some(rest) = source.strip_prefix("docker-archive:") {
         pull_docker_archive(source, rest).await
     } else {
-        pull_registry(source, cache).await
+        pull_registry(source, None, cache, opts).await
     }
+}
+
+/// The digest `source` resolves to today (see [`Image::manifest_digest`]),
+/// fetching no layer from a registry or layout.
+pub async fn resolve_digest(
+    source: &str,
+    cache: &Cache,
+    opts: &RegistryOptions,
+) -> Result<Digest, OciError> {
+    if let Some(rest) = source.strip_prefix("oci-layout:") {
+        let (dir, tag) = split_layout(rest);
+        Ok(layout_top(source, Path::new(dir), tag).await?.0)
+    } else if source.starts_with("docker-archive:") {
+        // A local file: reading it whole is the cheap way to its image ID.
+        Ok(pull(source, cache, opts).await?.manifest_digest)
+    } else {
+        registry_digest(source, cache, opts).await
+    }
+}
+
+/// What a registry reference's tag (or pinned digest) names.
+async fn registry_digest(
+    source: &str,
+    cache: &Cache,
+    opts: &RegistryOptions,
+) -> Result<Digest, OciError> {
+    let (client, reference, auth) = registry_client(source, opts)?;
+    if let Some(d) = reference.digest() {
+        return parse_digest(source, "pinned", d);
+    }
+    if opts.offline {
+        return Err(OciError::Offline {
+            reference: source.to_string(),
+            what: "the tag's manifest".into(),
+        });
+    }
+    let (bytes, _) = client
+        .pull_manifest_raw(&reference, &auth, MANIFEST_TYPES)
+        .await
+        .map_err(|e| registry_err(source, "fetching manifest", &e))?;
+    let data = bytes.to_vec();
+    let d = Digest::of(&data);
+    cache.put(&d, &data).map_err(|e| OciError::Cache {
+        reference: source.to_string(),
+        source: e,
+    })?;
+    record_served(cache, &reference, &d);
+    Ok(d)
+}
+
+/// The image `source` named when it resolved to `digest` (from a lock):
+/// a registry is asked for exactly that manifest (the cache serves it when
+/// this repository served it before), a layout must still hold it, an
+/// archive must still be that image.
+pub async fn pull_pinned(
+    source: &str,
+    digest: Digest,
+    cache: &Cache,
+    opts: &RegistryOptions,
+) -> Result<Image, OciError> {
+    let image = if let Some(rest) = source.strip_prefix("oci-layout:") {
+        pull_layout(source, rest, Some(digest)).await?
+    } else if let Some(rest) = source.strip_prefix("docker-archive:") {
+        pull_docker_archive(source, rest).await?
+    } else {
+        pull_registry(source, Some(digest), cache, opts).await?
+    };
+    if image.manifest_digest != digest {
+        return Err(OciError::PinGone {
+            reference: source.to_string(),
+            digest,
+            message: format!("it is now {}", image.manifest_digest),
+        });
+    }
+    Ok(image)
+}
+
+fn registry_err(reference: &str, what: &str, e: &dyn std::error::Error) -> OciError {
+    OciError::Registry {
+        reference: reference.to_string(),
+        message: format!("{what}: {}", crate::error_chain(e)),
+    }
+}
+
+/// Cache record: `reference`'s repository served manifest `digest`. A
+/// digest pinned for one repository is not served from the cache because
+/// another repository had it.
+fn served_key(reference: &oci_client::Reference) -> String {
+    format!(
+        "{}/{}",
+        reference.resolve_registry(),
+        reference.repository()
+    )
+}
+
+fn record_served(cache: &Cache, reference: &oci_client::Reference, digest: &Digest) {
+    // Only an optimisation for later offline use: failing to record is harmless.
+    let _ = cache.write_ref(
+        "served",
+        &format!("{}@{digest}", served_key(reference)),
+        "1",
+    );
+}
+
+fn was_served(cache: &Cache, reference: &oci_client::Reference, digest: &Digest) -> bool {
+    cache
+        .read_ref("served", &format!("{}@{digest}", served_key(reference)))
+        .is_some()
 }
 
 // ---- shared resolution ----
@@ -180,6 +305,7 @@ enum Store<'a> {
         reference: &'a oci_client::Reference,
         auth: &'a oci_client::secrets::RegistryAuth,
         cache: &'a Cache,
+        offline: bool,
     },
     Layout {
         dir: &'a Path,
@@ -233,17 +359,27 @@ impl Store<'_> {
                 reference: r,
                 auth,
                 cache,
+                offline,
             } => {
                 let cache_err = |source| OciError::Cache {
                     reference: reference.to_string(),
                     source,
                 };
-                if let Some(data) = cache.get(digest).map_err(cache_err)? {
-                    return Ok(data);
+                // A manifest counts as cached only for a repository that
+                // served it; blobs are shared content.
+                if !manifest || was_served(cache, r, digest) {
+                    if let Some(data) = cache.get(digest).map_err(cache_err)? {
+                        return Ok(data);
+                    }
                 }
-                let reg_err = |e: oci_client::errors::OciDistributionError| OciError::Registry {
-                    reference: reference.to_string(),
-                    message: format!("fetching {what} {digest}: {e}"),
+                if *offline {
+                    return Err(OciError::Offline {
+                        reference: reference.to_string(),
+                        what: format!("{what} {digest}"),
+                    });
+                }
+                let reg_err = |e: oci_client::errors::OciDistributionError| {
+                    registry_err(reference, &format!("fetching {what} {digest}"), &e)
                 };
                 let data = if manifest {
                     let by_digest = r.clone_with_digest(digest.to_string());
@@ -262,6 +398,9 @@ impl Store<'_> {
                 };
                 verify(reference, what, digest, &data)?;
                 cache.put(digest, &data).map_err(cache_err)?;
+                if manifest {
+                    record_served(cache, r, digest);
+                }
                 Ok(data)
             }
         }
@@ -545,19 +684,27 @@ fn is_loopback(registry: &str) -> bool {
     matches!(host, "localhost" | "::1") || host.starts_with("127.")
 }
 
-async fn pull_registry(source: &str, cache: &Cache) -> Result<Image, OciError> {
+/// A client for `source`'s registry: plain HTTP for loopback and the
+/// hosts named insecure, credentials from the docker config.
+fn registry_client(
+    source: &str,
+    opts: &RegistryOptions,
+) -> Result<
+    (
+        oci_client::Client,
+        oci_client::Reference,
+        oci_client::secrets::RegistryAuth,
+    ),
+    OciError,
+> {
     use oci_client::client::{ClientConfig, ClientProtocol};
-    let bad = |reason: String| OciError::BadSource {
+    let reference: oci_client::Reference = source.parse().map_err(|e| OciError::BadSource {
         reference: source.to_string(),
-        reason,
-    };
-    let reference: oci_client::Reference = source.parse().map_err(|e| bad(format!("{e}")))?;
-    let pinned = reference
-        .digest()
-        .map(|d| parse_digest(source, "pinned", d))
-        .transpose()?;
+        reason: format!("{e}"),
+    })?;
     let registry = reference.resolve_registry().to_string();
-    let protocol = if is_loopback(&registry) {
+    let insecure = is_loopback(&registry) || opts.insecure.contains(&registry);
+    let protocol = if insecure {
         ClientProtocol::HttpsExcept(vec![registry.clone()])
     } else {
         ClientProtocol::Https
@@ -567,32 +714,36 @@ async fn pull_registry(source: &str, cache: &Cache) -> Result<Image, OciError> {
         ..Default::default()
     });
     let auth = docker_auth(&registry);
+    Ok((client, reference, auth))
+}
+
+async fn pull_registry(
+    source: &str,
+    pin: Option<Digest>,
+    cache: &Cache,
+    opts: &RegistryOptions,
+) -> Result<Image, OciError> {
+    let (client, reference, auth) = registry_client(source, opts)?;
+    let pinned = match pin {
+        Some(d) => Some(d),
+        None => reference
+            .digest()
+            .map(|d| parse_digest(source, "pinned", d))
+            .transpose()?,
+    };
     let store = Store::Registry {
         client: &client,
         reference: &reference,
         auth: &auth,
         cache,
+        offline: opts.offline,
     };
-    let (digest, data) = match pinned {
-        // A pinned manifest is content: the cache can serve it.
-        Some(d) => (d, store.get(source, "manifest", &d, true).await?),
-        None => {
-            let (bytes, _) = client
-                .pull_manifest_raw(&reference, &auth, MANIFEST_TYPES)
-                .await
-                .map_err(|e| OciError::Registry {
-                    reference: source.to_string(),
-                    message: format!("fetching manifest: {e}"),
-                })?;
-            let data = bytes.to_vec();
-            let d = Digest::of(&data);
-            cache.put(&d, &data).map_err(|e| OciError::Cache {
-                reference: source.to_string(),
-                source: e,
-            })?;
-            (d, data)
-        }
+    let digest = match pinned {
+        Some(d) => d,
+        None => registry_digest(source, cache, opts).await?,
     };
+    // A pinned manifest is content: the cache can serve it.
+    let data = store.get(source, "manifest", &digest, true).await?;
     resolve(source, &store, digest, data).await
 }
 
@@ -604,17 +755,23 @@ struct LayoutIndex {
     manifests: Vec<Descriptor>,
 }
 
-async fn pull_layout(source: &str, rest: &str) -> Result<Image, OciError> {
-    // `DIR:TAG` unless the whole thing names a directory.
-    let (dir, tag) = if Path::new(rest).is_dir() {
-        (rest, None)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((d, t)) => (d, Some(t)),
-            None => (rest, None),
-        }
-    };
-    let dir = Path::new(dir);
+/// `DIR:TAG` unless the whole thing names a directory.
+fn split_layout(rest: &str) -> (&str, Option<&str>) {
+    if Path::new(rest).is_dir() {
+        return (rest, None);
+    }
+    match rest.rsplit_once(':') {
+        Some((d, t)) => (d, Some(t)),
+        None => (rest, None),
+    }
+}
+
+/// The manifest (or index) that the layout's index.json names for `tag`.
+async fn layout_top(
+    source: &str,
+    dir: &Path,
+    tag: Option<&str>,
+) -> Result<(Digest, Option<u64>), OciError> {
     let read = |name: &str| {
         let path = dir.join(name);
         async move {
@@ -668,10 +825,28 @@ async fn pull_layout(source: &str, rest: &str) -> Result<Image, OciError> {
             })
         }
     };
-    let digest = parse_digest(source, "manifest", &desc.digest)?;
+    Ok((parse_digest(source, "manifest", &desc.digest)?, desc.size))
+}
+
+async fn pull_layout(source: &str, rest: &str, pin: Option<Digest>) -> Result<Image, OciError> {
+    let (dir, tag) = split_layout(rest);
+    let dir = Path::new(dir);
+    let (digest, size) = match pin {
+        Some(d) => (d, None),
+        None => layout_top(source, dir, tag).await?,
+    };
     let store = Store::Layout { dir };
     let data = store.get(source, "manifest", &digest, true).await?;
-    check_size(source, "manifest", desc, &digest, data.len())?;
+    if let Some(s) = size {
+        if s != data.len() as u64 {
+            return Err(OciError::Invalid {
+                reference: source.to_string(),
+                what: "manifest".into(),
+                digest,
+                message: format!("size {} differs from the descriptor's {s}", data.len()),
+            });
+        }
+    }
     resolve(source, &store, digest, data).await
 }
 
@@ -1012,18 +1187,28 @@ mod tests {
     async fn bad_sources_name_the_reference() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path().join("cache")).unwrap();
-        let e = pull("oci-layout:/nonexistent/dir", &cache)
-            .await
-            .unwrap_err();
+        let e = pull(
+            "oci-layout:/nonexistent/dir",
+            &cache,
+            &RegistryOptions::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, OciError::Io { .. }), "{e}");
-        let e = pull("docker-archive:/nonexistent.tar", &cache)
-            .await
-            .unwrap_err();
+        let e = pull(
+            "docker-archive:/nonexistent.tar",
+            &cache,
+            &RegistryOptions::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(
             e.to_string().contains("docker-archive:/nonexistent.tar"),
             "{e}"
         );
-        let e = pull("UPPER/Case", &cache).await.unwrap_err();
+        let e = pull("UPPER/Case", &cache, &RegistryOptions::default())
+            .await
+            .unwrap_err();
         assert!(matches!(e, OciError::BadSource { .. }), "{e}");
     }
 }

@@ -1,9 +1,12 @@
-//! The recipe: kiln's public interface, parsed from TOML and validated.
+//! The recipe: kiln's public interface, parsed from TOML into typed values.
 //!
-//! Every error names the file, line, column and the dotted field path
-//! (`service[0].image`), whether it comes from TOML syntax, the schema
-//! (unknown keys, wrong types) or validation (impossible combinations).
+//! Parsing is done once: [`load`] turns the text into a [`Recipe`] whose
+//! fields are enums, numbers and paths, never strings to parse again. Every
+//! value a later stage may reject keeps its [`Loc`] (line, column, dotted
+//! field), so an error found at build time (a command missing from its
+//! image, a disk too small) still points into the recipe file.
 
+use kiln_init::config::{Net, WhenDone};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,22 +17,18 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 /// A recipe problem, located in its file.
-#[derive(Debug, thiserror::Error)]
-#[error("{}:{line}:{column}: {field}: {message}", file.display())]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{}:{}: {}: {message}", file.display(), loc.line, loc.column, loc.field)]
 pub struct RecipeError {
     pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    /// Dotted path of the offending field, e.g. `kernel.debian`; `(recipe)`
-    /// when the problem is the document as a whole.
-    pub field: String,
+    pub loc: Loc,
     pub message: String,
 }
 
 /// Errors from reading a recipe.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{}: {source}", path.display())]
+    #[error("reading recipe {}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -38,126 +37,131 @@ pub enum LoadError {
     Invalid(#[from] Box<RecipeError>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Recipe {
-    pub name: Spanned<String>,
-    pub version: Spanned<String>,
-    pub kernel: Kernel,
-    #[serde(default)]
-    pub onboot: Vec<ContainerSpec>,
-    #[serde(default, rename = "service")]
-    pub services: Vec<ContainerSpec>,
-    #[serde(default, rename = "file")]
-    pub files: Vec<FileSpec>,
-    #[serde(default)]
-    pub host: Host,
-    #[serde(default)]
-    pub disk: Disk,
-    #[serde(default)]
-    pub output: Output,
+/// Where a value sits in the recipe.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Loc {
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path such as `service[0].image`; `(recipe)` for the whole
+    /// document.
+    pub field: String,
 }
 
-/// Default Debian suite: the current stable.
-pub const DEFAULT_SUITE: &str = "trixie";
-pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+/// A value and where the recipe wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct At<T> {
+    pub value: T,
+    pub loc: Loc,
+}
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Kernel {
-    pub debian: Option<Spanned<String>>,
-    pub suite: Option<Spanned<String>>,
-    pub mirror: Option<Spanned<String>>,
-    pub image: Option<Spanned<String>>,
-    pub path: Option<Spanned<String>>,
-    pub modules: Option<Spanned<String>>,
-    pub cmdline: Option<Spanned<String>>,
+impl<T> std::ops::Deref for At<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+/// A validated recipe: every field typed, defaults applied.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// The recipe file; relative paths in it were resolved against its
+    /// directory.
+    pub path: PathBuf,
+    pub name: At<String>,
+    pub version: At<String>,
+    pub kernel: KernelSpec,
+    /// Onboot containers (in order) then services.
+    pub containers: Vec<ContainerSpec>,
+    pub files: Vec<FileSpec>,
+    pub host: HostSpec,
+    pub disk: DiskSpec,
+    pub output: OutputSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct KernelSpec {
+    pub source: At<KernelSource>,
+    pub cmdline: At<String>,
+}
+
+/// Where the kernel (and its modules) come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// A Debian package (usually a metapackage) and its kernel image closure.
+    Debian(DebianSuite, String),
+    /// An OCI image in LinuxKit layout: `/kernel` plus `/kernel.tar`.
+    Image(ImageRef),
+    /// A bzImage file, with `lib/modules/REL` from a directory or tarball.
+    Path {
+        image: PathBuf,
+        modules: Option<PathBuf>,
+    },
+}
+
+/// One suite of one Debian mirror.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DebianSuite {
+    pub mirror: String,
+    pub suite: String,
+}
+
+/// Container image references other than Debian package sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRef {
+    /// `host[:port]/repo[:tag][@sha256:...]`.
+    Registry(String),
+    /// An OCI image layout directory, optionally a tag in its index.
+    OciLayout { dir: PathBuf, tag: Option<String> },
+    /// A `docker save` tarball.
+    DockerArchive(PathBuf),
+}
+
+impl ImageRef {
+    /// The source string `oci::pull` takes, with paths already resolved.
+    pub fn source(&self) -> String {
+        match self {
+            ImageRef::Registry(r) => r.clone(),
+            ImageRef::OciLayout { dir, tag: None } => format!("oci-layout:{}", dir.display()),
+            ImageRef::OciLayout { dir, tag: Some(t) } => {
+                format!("oci-layout:{}:{t}", dir.display())
+            }
+            ImageRef::DockerArchive(f) => format!("docker-archive:{}", f.display()),
+        }
+    }
 }
 
 /// Where a container's root filesystem comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
-    /// A registry reference, `oci-layout:DIR[:TAG]` or `docker-archive:FILE`.
-    Ref(String),
-    /// An image assembled from Debian packages (and their dependencies).
+    Oci(ImageRef),
+    /// Debian packages and their dependency closure.
     Debian {
+        suite: DebianSuite,
         packages: Vec<String>,
-        suite: Option<String>,
     },
 }
 
-impl<'de> Deserialize<'de> for ImageSource {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ImageSource;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an image reference string or { debian = [PACKAGES] }")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<ImageSource, E> {
-                Ok(ImageSource::Ref(s.to_string()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ImageSource, A::Error> {
-                let mut packages: Option<Vec<String>> = None;
-                let mut suite = None;
-                while let Some(k) = map.next_key::<String>()? {
-                    match k.as_str() {
-                        "debian" => packages = Some(map.next_value()?),
-                        "suite" => suite = Some(map.next_value()?),
-                        other => return Err(de::Error::unknown_field(other, &["debian", "suite"])),
-                    }
-                }
-                let packages = packages.ok_or_else(|| de::Error::missing_field("debian"))?;
-                Ok(ImageSource::Debian { packages, suite })
-            }
-        }
-        d.deserialize_any(V)
-    }
+/// When a container runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// To completion, in order, before services.
+    Onboot,
+    /// Long-running.
+    Service,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct ContainerSpec {
-    pub name: Spanned<String>,
-    pub image: Spanned<ImageSource>,
-    pub command: Option<Vec<String>>,
-    #[serde(default)]
+    pub kind: Kind,
+    pub name: At<String>,
+    pub image: At<ImageSource>,
+    /// `None`: the image's Entrypoint + Cmd.
+    pub command: Option<At<Vec<String>>>,
     pub env: BTreeMap<String, String>,
-    pub cwd: Option<Spanned<String>>,
-    pub user: Option<Spanned<String>>,
-    pub net: Option<Spanned<String>>,
-    #[serde(default)]
-    pub binds: Vec<Spanned<String>>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSpec {
-    pub path: Spanned<String>,
-    pub contents: Option<String>,
-    pub source: Option<Spanned<String>>,
-    pub mode: Option<Spanned<String>>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Host {
-    pub hostname: Option<Spanned<String>>,
-    pub when_done: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Disk {
-    pub size: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Output {
-    pub formats: Option<Spanned<Vec<String>>>,
+    pub cwd: Option<At<String>>,
+    pub user: Option<At<String>>,
+    pub net: Net,
+    pub binds: Vec<At<BindSpec>>,
 }
 
 /// A bind mount as written in a recipe: `SRC:DST[:ro|rw]`.
@@ -168,61 +172,137 @@ pub struct BindSpec {
     pub readonly: bool,
 }
 
-/// A recipe that passed validation, with defaults applied, plus where it
-/// came from (relative `source` paths resolve against its directory).
 #[derive(Debug, Clone)]
-pub struct Validated {
-    pub path: PathBuf,
-    pub recipe: Recipe,
-    /// Disk size in bytes.
-    pub disk_size: u64,
-    pub formats: Vec<String>,
+pub struct FileSpec {
+    pub path: At<String>,
+    pub contents: FileContents,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
-impl Validated {
-    pub fn name(&self) -> &str {
-        self.recipe.name.get_ref()
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileContents {
+    Inline(Vec<u8>),
+    /// A file on the build host, resolved against the recipe's directory
+    /// (checked to exist when the recipe is loaded).
+    Source(At<PathBuf>),
+}
+
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    pub hostname: String,
+    pub when_done: WhenDone,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Bytes.
+    pub size: At<u64>,
+}
+
+/// Output container formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Format {
+    Raw,
+}
+
+impl Format {
+    pub const ALL: &[(&str, Format)] = &[("raw", Format::Raw)];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+        }
     }
+
+    /// File name suffix in the output directory.
+    pub fn extension(self) -> &'static str {
+        self.name()
+    }
+
+    pub fn parse(s: &str) -> Option<Format> {
+        Format::ALL.iter().find(|(n, _)| *n == s).map(|(_, f)| *f)
+    }
+}
+
+/// Compressor of the root filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootCompression {
+    pub zstd_level: u32,
+}
+
+impl Default for RootCompression {
+    fn default() -> Self {
+        RootCompression { zstd_level: 15 }
+    }
+}
+
+impl RootCompression {
+    /// `zstd` or `zstd:LEVEL` (1-22).
+    pub fn parse(s: &str) -> Option<RootCompression> {
+        let level = match s.split_once(':') {
+            None if s == "zstd" => RootCompression::default().zstd_level,
+            Some(("zstd", l)) => l.parse().ok()?,
+            _ => return None,
+        };
+        (1..=22)
+            .contains(&level)
+            .then_some(RootCompression { zstd_level: level })
+    }
+}
+
+impl fmt::Display for RootCompression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "zstd:{}", self.zstd_level)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    pub formats: At<Vec<Format>>,
+    pub root_compression: At<RootCompression>,
+}
+
+impl Recipe {
+    pub fn name(&self) -> &str {
+        &self.name.value
+    }
+
+    /// The recipe's directory.
     pub fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))
     }
-    pub fn hostname(&self) -> String {
-        self.recipe
-            .host
-            .hostname
-            .as_ref()
-            .map(|h| h.get_ref().clone())
-            .unwrap_or_else(|| self.name().to_string())
+
+    /// An error at `loc` in this recipe.
+    pub fn error(&self, loc: &Loc, message: impl Into<String>) -> Box<RecipeError> {
+        Box::new(RecipeError {
+            file: self.path.clone(),
+            loc: loc.clone(),
+            message: message.into(),
+        })
     }
-    pub fn poweroff_when_done(&self) -> bool {
-        self.recipe
-            .host
-            .when_done
-            .as_ref()
-            .map(|w| w.get_ref().as_str())
-            == Some("poweroff")
+
+    pub fn onboot(&self) -> impl Iterator<Item = &ContainerSpec> {
+        self.containers.iter().filter(|c| c.kind == Kind::Onboot)
     }
-    pub fn cmdline(&self) -> String {
-        self.recipe
-            .kernel
-            .cmdline
-            .as_ref()
-            .map(|c| c.get_ref().clone())
-            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string())
-    }
-    /// Onboot containers then services, in recipe order.
-    pub fn containers(&self) -> impl Iterator<Item = &ContainerSpec> {
-        self.recipe.onboot.iter().chain(self.recipe.services.iter())
+
+    pub fn services(&self) -> impl Iterator<Item = &ContainerSpec> {
+        self.containers.iter().filter(|c| c.kind == Kind::Service)
     }
 }
 
+pub const DEFAULT_SUITE: &str = "trixie";
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
-pub const DEFAULT_DISK_SIZE: &str = "1G";
-/// Output formats this version writes.
-pub const SUPPORTED_FORMATS: &[&str] = &["raw"];
+pub const DEFAULT_DISK_SIZE: u64 = 1 << 30;
+/// The ESP alone takes 64 MiB; below this nothing fits.
+pub const MIN_DISK_SIZE: u64 = 128 << 20;
+/// ext4 and most hosts' filesystems cap a file at 16 TiB.
+pub const MAX_DISK_SIZE: u64 = 16 << 40;
 
 /// Reads, parses and validates the recipe at `path`.
-pub fn load(path: &Path) -> Result<Validated, LoadError> {
+pub fn load(path: &Path) -> Result<Recipe, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -232,44 +312,126 @@ pub fn load(path: &Path) -> Result<Validated, LoadError> {
 
 /// Parses and validates recipe `text`; `path` is used in errors and to
 /// resolve relative paths.
-pub fn parse(path: &Path, text: &str) -> Result<Validated, Box<RecipeError>> {
-    let locate = Locator { path, text };
-    let recipe: Recipe = toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        locate.error(span, e.message().trim_end())
-    })?;
-    validate(&locate, recipe)
+pub fn parse(path: &Path, text: &str) -> Result<Recipe, Box<RecipeError>> {
+    let locate = Locator::new(path, text);
+    let raw: raw::Recipe = toml::from_str(text).map_err(|e| locate.toml_error(&e))?;
+    validate(&locate, raw)
 }
 
 /// Turns byte spans into file:line:column and field paths.
 struct Locator<'a> {
     path: &'a Path,
     text: &'a str,
+    table: Option<DeTable<'a>>,
 }
 
-impl Locator<'_> {
-    fn error(&self, span: Range<usize>, message: impl Into<String>) -> Box<RecipeError> {
-        let start = span.start.min(self.text.len());
-        let before = &self.text[..start];
+impl<'a> Locator<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Self {
+        let table = DeTable::parse(text).ok().map(|t| t.into_inner());
+        Locator { path, text, table }
+    }
+
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
-        let field = field_at(self.text, &span).unwrap_or_else(|| "(recipe)".to_string());
-        Box::new(RecipeError {
-            file: self.path.to_path_buf(),
+        (line, column)
+    }
+
+    fn loc(&self, span: Range<usize>) -> Loc {
+        let (line, column) = self.line_col(span.start);
+        let field = self
+            .table
+            .as_ref()
+            .and_then(|t| field_at(t, &span))
+            .unwrap_or_else(|| "(recipe)".to_string());
+        Loc {
             line,
             column,
             field,
+        }
+    }
+
+    fn loc_field(&self, span: Range<usize>, field: String) -> Loc {
+        let (line, column) = self.line_col(span.start);
+        Loc {
+            line,
+            column,
+            field,
+        }
+    }
+
+    fn error_at(&self, loc: Loc, message: impl Into<String>) -> Box<RecipeError> {
+        Box::new(RecipeError {
+            file: self.path.to_path_buf(),
+            loc,
             message: message.into(),
         })
     }
 
     fn at<T>(&self, s: &Spanned<T>, message: impl Into<String>) -> Box<RecipeError> {
-        self.error(s.span(), message)
+        self.error_at(self.loc(s.span()), message)
+    }
+
+    fn located<T>(&self, s: Spanned<T>) -> At<T> {
+        let loc = self.loc(s.span());
+        At {
+            value: s.into_inner(),
+            loc,
+        }
+    }
+
+    /// A TOML syntax or schema error. Two cases need help to name their
+    /// field: a duplicate key (the document does not parse as a table, so
+    /// the key is read from the text at the span) and a missing field (the
+    /// span is its parent table).
+    fn toml_error(&self, e: &toml::de::Error) -> Box<RecipeError> {
+        let span = e.span().unwrap_or(0..0);
+        let message = e.message().trim_end().to_string();
+        if let Some(missing) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+        {
+            // toml gives 0..0 for the document itself, else the table's body.
+            let parent = self
+                .table
+                .as_ref()
+                .filter(|_| span != (0..0))
+                .and_then(|t| field_at(t, &span));
+            let field = match parent {
+                Some(ref p) => format!("{p}.{missing}"),
+                None => missing.to_string(),
+            };
+            let start = if parent.is_none() { 0 } else { span.start };
+            return self.error_at(self.loc_field(start..start, field), message);
+        }
+        if message.contains("duplicate key") {
+            let key = self.text[span.clone()].trim().trim_matches('"').to_string();
+            let field = match header_before(self.text, span.start) {
+                Some(h) => format!("{h}.{key}"),
+                None => key.clone(),
+            };
+            return self.error_at(
+                self.loc_field(span, field),
+                format!("duplicate key `{key}`: each key may appear once per table"),
+            );
+        }
+        self.error_at(self.loc(span), message)
     }
 }
 
+/// The `[table]` or `[[array]]` header in force at `offset`, if any.
+fn header_before(text: &str, offset: usize) -> Option<String> {
+    text[..offset.min(text.len())]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+}
+
 /// The dotted path of the innermost key or value covering `span`.
-fn field_at(text: &str, span: &Range<usize>) -> Option<String> {
+fn field_at(table: &DeTable, span: &Range<usize>) -> Option<String> {
     fn covers(r: &Range<usize>, s: &Range<usize>) -> bool {
         r.start <= s.start && s.end <= r.end.max(r.start + 1)
     }
@@ -315,12 +477,134 @@ fn field_at(text: &str, span: &Range<usize>) -> Option<String> {
             _ => false,
         }
     }
-    let table = DeTable::parse(text).ok()?;
     let mut path = Vec::new();
-    if walk_table(table.get_ref(), span, &mut path) && !path.is_empty() {
+    if walk_table(table, span, &mut path) && !path.is_empty() {
         Some(path.join("."))
     } else {
         None
+    }
+}
+
+/// The TOML schema as written: optional where the recipe may omit a key,
+/// spans kept. [`validate`] turns it into [`Recipe`].
+mod raw {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Recipe {
+        pub name: Spanned<String>,
+        pub version: Spanned<String>,
+        pub kernel: Option<Spanned<Kernel>>,
+        #[serde(default)]
+        pub onboot: Vec<Spanned<Container>>,
+        #[serde(default, rename = "service")]
+        pub services: Vec<Spanned<Container>>,
+        #[serde(default, rename = "file")]
+        pub files: Vec<File>,
+        #[serde(default)]
+        pub host: Host,
+        #[serde(default)]
+        pub disk: Disk,
+        #[serde(default)]
+        pub output: Output,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Kernel {
+        pub debian: Option<Spanned<String>>,
+        pub suite: Option<Spanned<String>>,
+        pub mirror: Option<Spanned<String>>,
+        pub image: Option<Spanned<String>>,
+        pub path: Option<Spanned<String>>,
+        pub modules: Option<Spanned<String>>,
+        pub cmdline: Option<Spanned<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Container {
+        pub name: Spanned<String>,
+        pub image: Spanned<Image>,
+        pub command: Option<Spanned<Vec<String>>>,
+        pub env: Option<Spanned<BTreeMap<String, String>>>,
+        pub cwd: Option<Spanned<String>>,
+        pub user: Option<Spanned<String>>,
+        pub net: Option<Spanned<String>>,
+        #[serde(default)]
+        pub binds: Vec<Spanned<String>>,
+    }
+
+    #[derive(Debug)]
+    pub enum Image {
+        Ref(String),
+        Debian {
+            packages: Vec<String>,
+            suite: Option<String>,
+        },
+    }
+
+    impl<'de> Deserialize<'de> for Image {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Image;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("an image reference string or { debian = [PACKAGES] }")
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<Image, E> {
+                    Ok(Image::Ref(s.to_string()))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Image, A::Error> {
+                    let mut packages: Option<Vec<String>> = None;
+                    let mut suite = None;
+                    while let Some(k) = map.next_key::<String>()? {
+                        match k.as_str() {
+                            "debian" => packages = Some(map.next_value()?),
+                            "suite" => suite = Some(map.next_value()?),
+                            other => {
+                                return Err(de::Error::unknown_field(other, &["debian", "suite"]))
+                            }
+                        }
+                    }
+                    let packages = packages.ok_or_else(|| de::Error::missing_field("debian"))?;
+                    Ok(Image::Debian { packages, suite })
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub path: Spanned<String>,
+        pub contents: Option<Spanned<String>>,
+        pub source: Option<Spanned<String>>,
+        pub mode: Option<Spanned<String>>,
+        pub uid: Option<u32>,
+        pub gid: Option<u32>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Host {
+        pub hostname: Option<Spanned<String>>,
+        pub when_done: Option<Spanned<String>>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Disk {
+        pub size: Option<Spanned<String>>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Output {
+        pub formats: Option<Spanned<Vec<String>>>,
+        pub root_compression: Option<Spanned<String>>,
     }
 }
 
@@ -378,37 +662,76 @@ pub fn is_clean_absolute(p: &str) -> bool {
     p.starts_with('/') && !p.split('/').any(|c| c == "..") && p.len() > 1
 }
 
-fn validate(l: &Locator, recipe: Recipe) -> Result<Validated, Box<RecipeError>> {
-    if !is_name(recipe.name.get_ref()) {
+fn size_text(n: u64) -> String {
+    if n.is_multiple_of(1 << 40) {
+        format!("{}T", n >> 40)
+    } else if n.is_multiple_of(1 << 30) {
+        format!("{}G", n >> 30)
+    } else {
+        format!("{}M", n >> 20)
+    }
+}
+
+fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
+    type Res<T> = Result<T, Box<RecipeError>>;
+    let dir = l.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let resolve = |p: &str| -> PathBuf {
+        if Path::new(p).is_absolute() {
+            PathBuf::from(p)
+        } else {
+            dir.join(p)
+        }
+    };
+
+    if !is_name(r.name.get_ref()) {
         return Err(l.at(
-            &recipe.name,
+            &r.name,
             "must be 1-63 characters of a-z, 0-9 and `-` (it names output files)",
         ));
     }
-    if recipe.version.get_ref().trim().is_empty() {
-        return Err(l.at(&recipe.version, "must not be empty"));
+    if r.version.get_ref().trim().is_empty() {
+        return Err(l.at(&r.version, "must not be empty"));
     }
 
-    let k = &recipe.kernel;
+    let Some(kernel_table) = r.kernel else {
+        return Err(l.error_at(
+            l.loc_field(0..0, "kernel".into()),
+            "missing: add a [kernel] table with one source (debian, image or path)",
+        ));
+    };
+    let kernel_span = kernel_table.span();
+    let k = kernel_table.into_inner();
+    let suite_of =
+        |suite: &Option<Spanned<String>>, mirror: &Option<Spanned<String>>| DebianSuite {
+            mirror: mirror
+                .as_ref()
+                .map(|m| m.get_ref().trim_end_matches('/').to_string())
+                .unwrap_or_else(|| DEFAULT_MIRROR.to_string()),
+            suite: suite
+                .as_ref()
+                .map(|s| s.get_ref().clone())
+                .unwrap_or_else(|| DEFAULT_SUITE.to_string()),
+        };
+    let kernel_suite = suite_of(&k.suite, &k.mirror);
     let sources: Vec<&Spanned<String>> = [&k.debian, &k.image, &k.path]
         .into_iter()
         .flatten()
         .collect();
-    match sources.as_slice() {
+    let source_span = match sources.as_slice() {
         [] => {
-            return Err(l.error(
-                0..0,
-                "[kernel] needs exactly one source: debian, image or path",
+            return Err(l.error_at(
+                l.loc_field(kernel_span, "kernel".into()),
+                "needs exactly one source: debian, image or path",
             ))
         }
-        [_] => {}
+        [one] => one.span(),
         [_, second, ..] => {
             return Err(l.at(
                 second,
                 "[kernel] takes exactly one of debian, image or path",
             ))
         }
-    }
+    };
     if k.debian.is_none() {
         if let Some(s) = k.suite.as_ref().or(k.mirror.as_ref()) {
             return Err(l.at(s, "only applies to a `debian` kernel"));
@@ -419,19 +742,50 @@ fn validate(l: &Locator, recipe: Recipe) -> Result<Validated, Box<RecipeError>> 
             return Err(l.at(m, "only applies to a `path` kernel"));
         }
     }
-    if let Some(d) = &k.debian {
+    let kernel_source = if let Some(d) = &k.debian {
         if d.get_ref().trim().is_empty() {
             return Err(l.at(d, "names no package"));
         }
-    }
-    if let Some(c) = &k.cmdline {
-        if c.get_ref().contains('\n') {
-            return Err(l.at(c, "must be one line"));
+        KernelSource::Debian(kernel_suite.clone(), d.get_ref().trim().to_string())
+    } else if let Some(i) = &k.image {
+        KernelSource::Image(image_ref(l, i, &resolve)?)
+    } else if let Some(p) = &k.path {
+        KernelSource::Path {
+            image: resolve(p.get_ref()),
+            modules: k.modules.as_ref().map(|m| resolve(m.get_ref())),
         }
-    }
+    } else {
+        unreachable!("one source was found above")
+    };
+    let cmdline = match k.cmdline {
+        Some(c) => {
+            if c.get_ref().contains('\n') {
+                return Err(l.at(&c, "must be one line"));
+            }
+            l.located(c)
+        }
+        None => At {
+            value: DEFAULT_CMDLINE.to_string(),
+            loc: l.loc_field(kernel_span.clone(), "kernel.cmdline".into()),
+        },
+    };
+    let kernel = KernelSpec {
+        source: At {
+            value: kernel_source,
+            loc: l.loc(source_span),
+        },
+        cmdline,
+    };
 
     let mut names = BTreeSet::new();
-    for c in recipe.onboot.iter().chain(&recipe.services) {
+    let mut containers = Vec::new();
+    let all = r
+        .onboot
+        .into_iter()
+        .map(|c| (Kind::Onboot, c))
+        .chain(r.services.into_iter().map(|c| (Kind::Service, c)));
+    for (kind, spanned) in all {
+        let c = spanned.into_inner();
         let name = c.name.get_ref();
         if !is_name(name) {
             return Err(l.at(&c.name, "must be 1-63 characters of a-z, 0-9 and `-`"));
@@ -442,23 +796,37 @@ fn validate(l: &Locator, recipe: Recipe) -> Result<Validated, Box<RecipeError>> 
                 format!("another container is already named {name:?}"),
             ));
         }
-        match c.image.get_ref() {
-            ImageSource::Ref(r) if r.trim().is_empty() => {
-                return Err(l.at(&c.image, "is empty"));
-            }
-            ImageSource::Debian { packages, .. } if packages.is_empty() => {
+        let image_span = c.image.span();
+        let image = match c.image.get_ref() {
+            raw::Image::Ref(s) if s.trim().is_empty() => return Err(l.at(&c.image, "is empty")),
+            raw::Image::Ref(s) => ImageSource::Oci(image_ref_str(l, &c.image, s, &resolve)?),
+            raw::Image::Debian { packages, .. } if packages.is_empty() => {
                 return Err(l.at(&c.image, "lists no Debian package"));
             }
-            _ => {}
-        }
+            raw::Image::Debian { packages, suite } => ImageSource::Debian {
+                suite: DebianSuite {
+                    mirror: kernel_suite.mirror.clone(),
+                    suite: suite.clone().unwrap_or_else(|| kernel_suite.suite.clone()),
+                },
+                packages: packages.clone(),
+            },
+        };
         if let Some(cmd) = &c.command {
-            if cmd.is_empty() {
-                return Err(l.at(&c.name, "`command` must not be empty when given"));
+            if cmd.get_ref().is_empty() {
+                return Err(l.at(
+                    cmd,
+                    "must not be empty when given (omit it to use the image's Entrypoint and Cmd)",
+                ));
+            }
+            if cmd.get_ref()[0].is_empty() {
+                return Err(l.at(cmd, "the program (first element) is empty"));
             }
         }
-        for key in c.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(l.at(&c.name, format!("env key {key:?} is not a valid name")));
+        if let Some(env) = &c.env {
+            for key in env.get_ref().keys() {
+                if key.is_empty() || key.contains('=') || key.contains('\0') {
+                    return Err(l.at(env, format!("key {key:?} is not a valid variable name")));
+                }
             }
         }
         if let Some(cwd) = &c.cwd {
@@ -472,18 +840,44 @@ fn validate(l: &Locator, recipe: Recipe) -> Result<Validated, Box<RecipeError>> 
                 return Err(l.at(u, "expected USER[:GROUP] (names or numeric ids)"));
             }
         }
-        if let Some(n) = &c.net {
-            if !matches!(n.get_ref().as_str(), "host" | "none") {
-                return Err(l.at(n, "expected \"host\" or \"none\""));
-            }
-        }
-        for b in &c.binds {
-            parse_bind(b.get_ref()).map_err(|m| l.at(b, m))?;
-        }
+        let net = match &c.net {
+            None => Net::Host,
+            Some(n) => match n.get_ref().as_str() {
+                "host" => Net::Host,
+                "none" => Net::None,
+                _ => return Err(l.at(n, "expected \"host\" or \"none\"")),
+            },
+        };
+        let binds = c
+            .binds
+            .into_iter()
+            .map(|b| {
+                let spec = parse_bind(b.get_ref()).map_err(|m| l.at(&b, m))?;
+                Ok(At {
+                    value: spec,
+                    loc: l.loc(b.span()),
+                })
+            })
+            .collect::<Res<Vec<_>>>()?;
+        containers.push(ContainerSpec {
+            kind,
+            name: l.located(c.name),
+            image: At {
+                value: image,
+                loc: l.loc(image_span),
+            },
+            command: c.command.map(|c| l.located(c)),
+            env: c.env.map(Spanned::into_inner).unwrap_or_default(),
+            cwd: c.cwd.map(|c| l.located(c)),
+            user: c.user.map(|u| l.located(u)),
+            net,
+            binds,
+        });
     }
 
     let mut paths = BTreeSet::new();
-    for f in &recipe.files {
+    let mut files = Vec::new();
+    for f in r.files {
         let p = f.path.get_ref();
         if !is_clean_absolute(p) {
             return Err(l.at(&f.path, "must be an absolute path without `..`"));
@@ -491,75 +885,218 @@ fn validate(l: &Locator, recipe: Recipe) -> Result<Validated, Box<RecipeError>> 
         if !paths.insert(p.clone()) {
             return Err(l.at(&f.path, format!("{p} is declared twice")));
         }
-        match (&f.contents, &f.source) {
+        let contents = match (f.contents, f.source) {
             (Some(_), Some(s)) => {
-                return Err(l.at(s, "give either `contents` or `source`, not both"))
+                return Err(l.at(&s, "give either `contents` or `source`, not both"))
             }
             (None, None) => return Err(l.at(&f.path, "needs `contents` or `source`")),
-            _ => {}
-        }
-        if let Some(m) = &f.mode {
-            if u32::from_str_radix(m.get_ref(), 8)
+            (Some(c), None) => FileContents::Inline(c.into_inner().into_bytes()),
+            (None, Some(s)) => {
+                let full = resolve(s.get_ref());
+                match std::fs::metadata(&full) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => return Err(l.at(&s, format!("{} is not a file", full.display()))),
+                    Err(e) => return Err(l.at(&s, format!("cannot read {}: {e}", full.display()))),
+                }
+                FileContents::Source(At {
+                    value: full,
+                    loc: l.loc(s.span()),
+                })
+            }
+        };
+        let mode = match &f.mode {
+            Some(m) => u32::from_str_radix(m.get_ref(), 8)
                 .ok()
                 .filter(|m| *m <= 0o7777)
-                .is_none()
+                .ok_or_else(|| l.at(m, "expected an octal mode such as \"0644\""))?,
+            None => 0o644,
+        };
+        files.push(FileSpec {
+            path: l.located(f.path),
+            contents,
+            mode,
+            uid: f.uid.unwrap_or(0),
+            gid: f.gid.unwrap_or(0),
+        });
+    }
+
+    let hostname = match &r.host.hostname {
+        Some(h) => {
+            let s = h.get_ref();
+            if s.is_empty()
+                || s.len() > 64
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
             {
-                return Err(l.at(m, "expected an octal mode such as \"0644\""));
+                return Err(l.at(h, "not a valid hostname"));
             }
+            s.clone()
         }
-    }
-
-    if let Some(h) = &recipe.host.hostname {
-        let s = h.get_ref();
-        if s.is_empty()
-            || s.len() > 64
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        {
-            return Err(l.at(h, "not a valid hostname"));
-        }
-    }
-    if let Some(w) = &recipe.host.when_done {
-        if !matches!(w.get_ref().as_str(), "stay" | "poweroff") {
-            return Err(l.at(w, "expected \"stay\" or \"poweroff\""));
-        }
-    }
-
-    let disk_size = match &recipe.disk.size {
-        Some(s) => parse_size(s.get_ref())
-            .filter(|n| *n >= 64 << 20)
-            .ok_or_else(|| l.at(s, "expected a size of at least 64M, such as \"1G\""))?,
-        None => parse_size(DEFAULT_DISK_SIZE).unwrap_or(1 << 30),
+        None => r.name.get_ref().clone(),
+    };
+    let when_done = match &r.host.when_done {
+        None => WhenDone::Stay,
+        Some(w) => match w.get_ref().as_str() {
+            "stay" => WhenDone::Stay,
+            "poweroff" => WhenDone::Poweroff,
+            _ => return Err(l.at(w, "expected \"stay\" or \"poweroff\"")),
+        },
     };
 
-    let formats = match &recipe.output.formats {
+    let size = match r.disk.size {
+        Some(s) => {
+            let n = parse_size(s.get_ref())
+                .ok_or_else(|| l.at(&s, "expected a size such as \"1G\" or \"512M\""))?;
+            if n < MIN_DISK_SIZE {
+                return Err(l.at(
+                    &s,
+                    format!(
+                        "{} is too small: at least {} (the EFI system partition alone is 64M)",
+                        s.get_ref(),
+                        size_text(MIN_DISK_SIZE)
+                    ),
+                ));
+            }
+            if n > MAX_DISK_SIZE {
+                return Err(l.at(
+                    &s,
+                    format!(
+                        "{} is too large: at most {}",
+                        s.get_ref(),
+                        size_text(MAX_DISK_SIZE)
+                    ),
+                ));
+            }
+            if n % 512 != 0 {
+                return Err(l.at(&s, "must be a multiple of 512 bytes"));
+            }
+            At {
+                value: n,
+                loc: l.loc(s.span()),
+            }
+        }
+        None => At {
+            value: DEFAULT_DISK_SIZE,
+            loc: l.loc_field(0..0, "disk.size".into()),
+        },
+    };
+
+    let formats = match r.output.formats {
         Some(f) => {
             if f.get_ref().is_empty() {
-                return Err(l.at(f, "lists no format"));
+                return Err(l.at(&f, "lists no format"));
             }
+            let mut out = Vec::new();
             for name in f.get_ref() {
-                if !SUPPORTED_FORMATS.contains(&name.as_str()) {
-                    return Err(l.at(
-                        f,
+                let format = Format::parse(name).ok_or_else(|| {
+                    l.at(
+                        &f,
                         format!(
                             "format {name:?} is not supported (supported: {})",
-                            SUPPORTED_FORMATS.join(", ")
+                            Format::ALL
+                                .iter()
+                                .map(|(n, _)| *n)
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
-                    ));
+                    )
+                })?;
+                if out.contains(&format) {
+                    return Err(l.at(&f, format!("format {name:?} is listed twice")));
                 }
+                out.push(format);
             }
-            f.get_ref().clone()
+            At {
+                value: out,
+                loc: l.loc(f.span()),
+            }
         }
-        None => vec!["raw".to_string()],
+        None => At {
+            value: vec![Format::Raw],
+            loc: l.loc_field(0..0, "output.formats".into()),
+        },
+    };
+    let root_compression = match r.output.root_compression {
+        Some(c) => At {
+            value: RootCompression::parse(c.get_ref())
+                .ok_or_else(|| l.at(&c, "expected \"zstd\" or \"zstd:LEVEL\" with LEVEL 1-22"))?,
+            loc: l.loc(c.span()),
+        },
+        None => At {
+            value: RootCompression::default(),
+            loc: l.loc_field(0..0, "output.root_compression".into()),
+        },
     };
 
-    Ok(Validated {
+    Ok(Recipe {
         path: l.path.to_path_buf(),
-        recipe,
-        disk_size,
-        formats,
+        name: l.located(r.name),
+        version: l.located(r.version),
+        kernel,
+        containers,
+        files,
+        host: HostSpec {
+            hostname,
+            when_done,
+        },
+        disk: DiskSpec { size },
+        output: OutputSpec {
+            formats,
+            root_compression,
+        },
     })
+}
+
+fn image_ref(
+    l: &Locator,
+    s: &Spanned<String>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<ImageRef, Box<RecipeError>> {
+    image_ref_str(l, s, s.get_ref(), resolve)
+}
+
+/// `oci-layout:DIR[:TAG]`, `docker-archive:FILE` (relative to the recipe)
+/// or a registry reference.
+fn image_ref_str<T>(
+    l: &Locator,
+    at: &Spanned<T>,
+    s: &str,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<ImageRef, Box<RecipeError>> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix("oci-layout:") {
+        if rest.is_empty() {
+            return Err(l.at(at, "oci-layout: needs a directory"));
+        }
+        // `DIR:TAG` unless the whole thing names a directory.
+        let whole = resolve(rest);
+        if whole.is_dir() {
+            return Ok(ImageRef::OciLayout {
+                dir: whole,
+                tag: None,
+            });
+        }
+        return Ok(match rest.rsplit_once(':') {
+            Some((d, t)) if !t.contains('/') => ImageRef::OciLayout {
+                dir: resolve(d),
+                tag: Some(t.to_string()),
+            },
+            _ => ImageRef::OciLayout {
+                dir: whole,
+                tag: None,
+            },
+        });
+    }
+    if let Some(rest) = s.strip_prefix("docker-archive:") {
+        if rest.is_empty() {
+            return Err(l.at(at, "docker-archive: needs a file"));
+        }
+        return Ok(ImageRef::DockerArchive(resolve(rest)));
+    }
+    s.parse::<oci_client::Reference>()
+        .map_err(|e| l.at(at, format!("not an image reference: {e}")))?;
+    Ok(ImageRef::Registry(s.to_string()))
 }
 
 #[cfg(test)]
@@ -603,29 +1140,70 @@ size = "512M"
     }
 
     #[test]
-    fn good_recipe_parses() {
-        let v = parse(Path::new("r.toml"), GOOD).unwrap();
-        assert_eq!(v.name(), "hello");
-        assert_eq!(v.disk_size, 512 << 20);
-        assert_eq!(v.formats, vec!["raw"]);
-        assert!(v.poweroff_when_done());
-        assert_eq!(v.hostname(), "hello");
+    fn good_recipe_parses_into_types() {
+        let r = parse(Path::new("/x/r.toml"), GOOD).unwrap();
+        assert_eq!(r.name(), "hello");
+        assert_eq!(r.disk.size.value, 512 << 20);
+        assert_eq!(r.output.formats.value, vec![Format::Raw]);
+        assert_eq!(r.output.root_compression.value.zstd_level, 15);
+        assert_eq!(r.host.when_done, WhenDone::Poweroff);
+        assert_eq!(r.host.hostname, "hello");
         assert_eq!(
-            v.recipe.onboot[0].image.get_ref(),
-            &ImageSource::Debian {
+            r.containers[0].image.value,
+            ImageSource::Debian {
+                suite: DebianSuite {
+                    mirror: DEFAULT_MIRROR.into(),
+                    suite: DEFAULT_SUITE.into()
+                },
                 packages: vec!["busybox-static".into()],
-                suite: None
             }
         );
-        assert_eq!(v.containers().count(), 2);
+        assert_eq!(r.containers[0].kind, Kind::Onboot);
+        assert_eq!(r.containers[1].kind, Kind::Service);
+        assert_eq!(r.containers[1].net, Net::None);
+        assert_eq!(r.containers[1].binds[0].value.target, "/config");
+        assert_eq!(r.containers[1].binds[0].loc.field, "service[0].binds[0]");
+        assert_eq!(r.containers[0].command.as_ref().unwrap().loc.line, 12);
+        assert_eq!(
+            r.kernel.source.value,
+            KernelSource::Debian(
+                DebianSuite {
+                    mirror: DEFAULT_MIRROR.into(),
+                    suite: DEFAULT_SUITE.into()
+                },
+                "linux-image-cloud-amd64".into()
+            )
+        );
+        assert_eq!(r.kernel.source.loc.field, "kernel.debian");
+    }
+
+    #[test]
+    fn local_image_paths_resolve_against_the_recipe() {
+        let text = GOOD.replace("127.0.0.1:5000/web:1", "oci-layout:img:v2");
+        let r = parse(Path::new("/x/r.toml"), &text).unwrap();
+        assert_eq!(
+            r.containers[1].image.value,
+            ImageSource::Oci(ImageRef::OciLayout {
+                dir: "/x/img".into(),
+                tag: Some("v2".into())
+            })
+        );
+        let text = GOOD.replace("127.0.0.1:5000/web:1", "docker-archive:a.tar");
+        let r = parse(Path::new("/x/r.toml"), &text).unwrap();
+        assert_eq!(
+            r.containers[1].image.value,
+            ImageSource::Oci(ImageRef::DockerArchive("/x/a.tar".into()))
+        );
+        let e = err(&GOOD.replace("127.0.0.1:5000/web:1", "UPPER/Case::bad"));
+        assert_eq!(e.loc.field, "service[0].image", "{e}");
     }
 
     #[test]
     fn unknown_key_names_line_and_field() {
         let text = GOOD.replace("net = \"none\"", "nett = \"none\"");
         let e = err(&text);
-        assert_eq!(e.line, 18, "{e}");
-        assert_eq!(e.field, "service[0].nett", "{e}");
+        assert_eq!(e.loc.line, 18, "{e}");
+        assert_eq!(e.loc.field, "service[0].nett", "{e}");
         assert!(e.message.contains("unknown field"), "{e}");
         assert!(e.to_string().starts_with("r.toml:18:1: "), "{e}");
     }
@@ -634,7 +1212,7 @@ size = "512M"
     fn wrong_type_names_field() {
         let text = GOOD.replace("version = \"0.1.0\"", "version = 1");
         let e = err(&text);
-        assert_eq!((e.line, e.field.as_str()), (3, "version"), "{e}");
+        assert_eq!((e.loc.line, e.loc.field.as_str()), (3, "version"), "{e}");
     }
 
     #[test]
@@ -644,34 +1222,101 @@ size = "512M"
             "path = \"vmlinuz\"\ncmdline = \"console=ttyS0\"",
         );
         let e = err(&text);
-        assert_eq!(e.field, "kernel.path", "{e}");
-        assert_eq!(e.line, 7, "{e}");
+        assert_eq!(e.loc.field, "kernel.path", "{e}");
+        assert_eq!(e.loc.line, 7, "{e}");
+    }
+
+    #[test]
+    fn missing_kernel_is_reported_on_kernel() {
+        let text = "name = \"x\"\nversion = \"1\"\n";
+        let e = err(text);
+        assert_eq!(e.loc.field, "kernel", "{e}");
+        let e = err("name = \"x\"\nversion = \"1\"\n[kernel]\ncmdline = \"c\"\n");
+        assert_eq!(e.loc.field, "kernel", "{e}");
+        assert!(e.message.contains("one source"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let e = err("version = \"1\"\n[kernel]\ndebian = \"k\"\n");
+        assert_eq!(e.loc.field, "name", "{e}");
+        let text = GOOD.replace("name = \"web\"\n", "");
+        let e = err(&text);
+        assert!(e.loc.field.ends_with("name"), "{e}");
+        assert!(e.message.contains("missing field"), "{e}");
+    }
+
+    #[test]
+    fn empty_command_is_reported_on_command() {
+        let text = GOOD.replace(
+            "command = [\"/bin/busybox\", \"echo\", \"hello\"]",
+            "command = []",
+        );
+        let e = err(&text);
+        assert_eq!(
+            (e.loc.line, e.loc.field.as_str()),
+            (12, "onboot[0].command"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_key_is_named() {
+        let e = err(&GOOD.replace("size = \"512M\"", "size = \"512M\"\nsize = \"1G\""));
+        assert_eq!(e.loc.field, "disk.size", "{e}");
+        assert_eq!(e.loc.line, 31, "{e}");
+        assert!(e.message.contains("duplicate key `size`"), "{e}");
+    }
+
+    #[test]
+    fn disk_size_bounds_are_checked() {
+        let e = err(&GOOD.replace("512M", "64M"));
+        assert_eq!(e.loc.field, "disk.size", "{e}");
+        assert!(e.message.contains("too small"), "{e}");
+        let e = err(&GOOD.replace("512M", "100000T"));
+        assert!(e.message.contains("too large"), "{e}");
+        let e = err(&GOOD.replace("512M", "99999999999999999999T"));
+        assert_eq!(e.loc.field, "disk.size", "{e}");
+    }
+
+    #[test]
+    fn file_source_must_exist() {
+        let text = GOOD.replace("contents = \"hi\"", "source = \"no-such-file\"");
+        let e = err(&text);
+        assert_eq!(e.loc.field, "file[0].source", "{e}");
+        assert!(e.message.contains("no-such-file"), "{e}");
     }
 
     #[test]
     fn validation_errors_point_at_values() {
         let e = err(&GOOD.replace("net = \"none\"", "net = \"bridge\""));
-        assert_eq!((e.line, e.field.as_str()), (18, "service[0].net"), "{e}");
+        assert_eq!(
+            (e.loc.line, e.loc.field.as_str()),
+            (18, "service[0].net"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("size = \"512M\"", "size = \"lots\""));
-        assert_eq!(e.field, "disk.size", "{e}");
+        assert_eq!(e.loc.field, "disk.size", "{e}");
         let e = err(&GOOD.replace("mode = \"0644\"", "mode = \"999\""));
-        assert_eq!(e.field, "file[0].mode", "{e}");
+        assert_eq!(e.loc.field, "file[0].mode", "{e}");
         let e = err(&GOOD.replace(":/config:ro", ":../config:ro"));
-        assert_eq!(e.field, "service[0].binds[0]", "{e}");
+        assert_eq!(e.loc.field, "service[0].binds[0]", "{e}");
         let e = err(&GOOD.replace("name = \"web\"", "name = \"greet\""));
-        assert_eq!(e.field, "service[0].name", "{e}");
+        assert_eq!(e.loc.field, "service[0].name", "{e}");
         let e = err(&GOOD.replace("name = \"hello\"", "name = \"Hello\""));
-        assert_eq!((e.line, e.field.as_str()), (2, "name"), "{e}");
+        assert_eq!((e.loc.line, e.loc.field.as_str()), (2, "name"), "{e}");
+        let e = err(&GOOD.replace("[disk]", "[output]\nroot_compression = \"gzip\"\n[disk]"));
+        assert_eq!(e.loc.field, "output.root_compression", "{e}");
     }
 
     #[test]
     fn syntax_error_is_located() {
         let e = err("name = \"x\"\nversion = \n");
-        assert_eq!(e.line, 2, "{e}");
+        assert_eq!(e.loc.line, 2, "{e}");
     }
 
     #[test]
-    fn sizes_and_binds() {
+    fn sizes_binds_and_compression() {
         assert_eq!(parse_size("1G"), Some(1 << 30));
         assert_eq!(parse_size("2GiB"), Some(2 << 30));
         assert_eq!(parse_size("4096"), Some(4096));
@@ -686,5 +1331,9 @@ size = "512M"
         );
         assert!(parse_bind("a:/b").is_err());
         assert!(parse_bind("/a:/b:rx").is_err());
+        assert_eq!(RootCompression::parse("zstd:3").unwrap().zstd_level, 3);
+        assert_eq!(RootCompression::parse("zstd").unwrap().zstd_level, 15);
+        assert!(RootCompression::parse("zstd:23").is_none());
+        assert!(RootCompression::parse("xz").is_none());
     }
 }

@@ -4,11 +4,15 @@ mod progress;
 mod run;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use kiln_assemble::cache::Cache;
-use kiln_assemble::image::{self, BuildOptions};
-use kiln_assemble::recipe;
-use std::path::PathBuf;
+use kiln_assemble::image::{self, BuildError, BuildOptions};
+use kiln_assemble::oci::RegistryOptions;
+use kiln_assemble::plan::{self, LockMode, Plan, PlanError, ResolveOptions};
+use kiln_assemble::recipe::{self, LoadError, Recipe, RecipeError, RootCompression};
+use kiln_assemble::{output, progress::Stage, progress::StageTimer};
+use progress::{Mode, Reporter};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,36 +24,102 @@ static INIT: &[u8] = include_bytes!(env!("KILN_INIT_PATH"));
 #[command(
     name = "kiln",
     version,
-    about = "Bake immutable appliances: a TOML recipe to a bootable disk image"
+    about = "Bake immutable appliances: a TOML recipe to a bootable disk image",
+    after_help = "Examples:\n  kiln build recipes/hello.toml -o out\n  kiln run out/hello.raw\n  kiln lock recipes/hello.toml --update\n\nExit status: 0 success, 1 environment failure (network, I/O), 2 recipe or command-line error."
 )]
 struct Cli {
-    /// No progress output.
-    #[arg(long, short, global = true)]
-    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build the recipe's images into a directory.
-    Build {
-        recipe: PathBuf,
-        /// Output directory; images are written as DIR/NAME.FORMAT.
-        #[arg(long, short, default_value = "out")]
-        output: PathBuf,
-        /// Content-addressed cache (default: $XDG_CACHE_HOME/kiln).
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// OpenPGP keyring that signs the Debian archive.
-        #[arg(long, default_value = kiln_assemble::debian::DEFAULT_KEYRING)]
-        keyring: PathBuf,
-    },
+    /// Build the recipe's images into a directory (and write its lock file).
+    #[command(
+        after_help = "Examples:\n  kiln build recipes/hello.toml -o out\n  kiln build app.toml --locked --offline   # CI: exactly the lock, no network"
+    )]
+    Build(BuildArgs),
+    /// Pin every input of a recipe in its lock file without building.
+    #[command(
+        after_help = "Examples:\n  kiln lock app.toml                 # pin what is new or changed\n  kiln lock app.toml --update        # re-resolve everything (pick up fixes)\n  kiln lock app.toml --update web    # only the container `web`"
+    )]
+    Lock(LockArgs),
     /// Check a recipe without building it.
-    Validate { recipe: PathBuf },
+    Validate {
+        /// The recipe (TOML) to check.
+        recipe: PathBuf,
+        #[command(flatten)]
+        out: OutputMode,
+    },
     /// Boot an image in QEMU with UEFI firmware; the serial console is
     /// this terminal. Exits 0 when the guest powers off.
     Run(run::RunArgs),
+}
+
+#[derive(Args)]
+struct OutputMode {
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Newline-delimited JSON events on stdout (see docs/progress.md).
+    #[arg(long, conflicts_with = "quiet")]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InputArgs {
+    /// The recipe (TOML) to build.
+    recipe: PathBuf,
+    /// Lock file (default: the recipe's path with `.lock`).
+    #[arg(long)]
+    lock: Option<PathBuf>,
+    /// Content-addressed cache (default: $XDG_CACHE_HOME/kiln).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// OpenPGP keyring that signs the Debian archive.
+    #[arg(long, default_value = kiln_assemble::debian::DEFAULT_KEYRING)]
+    keyring: PathBuf,
+    /// Use no network: every input must be in the cache (without a lock,
+    /// the Debian index verified last is reused).
+    #[arg(long)]
+    offline: bool,
+    /// Speak plain HTTP to this registry (HOST[:PORT]); repeatable. Also
+    /// `insecure_registries` in $XDG_CONFIG_HOME/kiln/config.toml.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Output directory; images are written as DIR/NAME.FORMAT.
+    #[arg(long, short, default_value = "out")]
+    output: PathBuf,
+    /// Fail instead of resolving anything the lock does not pin.
+    #[arg(long)]
+    locked: bool,
+    /// Root filesystem compression, e.g. `zstd:3` (overrides the recipe).
+    #[arg(long, value_name = "zstd[:LEVEL]", value_parser = parse_compression)]
+    root_compression: Option<RootCompression>,
+    #[command(flatten)]
+    out: OutputMode,
+}
+
+#[derive(Args)]
+struct LockArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Re-resolve these inputs (container names, `kernel`, `stub`); all
+    /// when given without names.
+    #[arg(long, num_args = 0.., value_name = "NAME")]
+    update: Option<Vec<String>>,
+    #[command(flatten)]
+    out: OutputMode,
+}
+
+fn parse_compression(s: &str) -> Result<RootCompression, String> {
+    RootCompression::parse(s).ok_or_else(|| "expected zstd or zstd:LEVEL (1-22)".to_string())
 }
 
 fn main() -> ExitCode {
@@ -58,67 +128,275 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kiln: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&e))
         }
     }
 }
 
+/// 2 when the recipe or command line is at fault, 1 for the environment.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    let recipe_fault = e.chain().any(|c| {
+        c.downcast_ref::<RecipeError>().is_some()
+            || matches!(c.downcast_ref::<LoadError>(), Some(LoadError::Invalid(_)))
+            || c.downcast_ref::<PlanError>()
+                .is_some_and(PlanError::is_recipe_error)
+            || c.downcast_ref::<BuildError>()
+                .is_some_and(BuildError::is_recipe_error)
+            || matches!(
+                c.downcast_ref::<output::OutputError>(),
+                Some(output::OutputError::NotADirectory(_))
+            )
+    });
+    if recipe_fault {
+        2
+    } else {
+        1
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `insecure_registries` from `$XDG_CONFIG_HOME/kiln/config.toml`.
+fn config_insecure_registries() -> Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Config {
+        #[serde(default)]
+        insecure_registries: Vec<String>,
+    }
+    let dir = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(h) => PathBuf::from(h).join(".config"),
+            None => return Ok(Vec::new()),
+        },
+    };
+    let path = dir.join("kiln").join("config.toml");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let c: Config = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    Ok(c.insecure_registries)
+}
+
+struct Prepared {
+    recipe: Recipe,
+    lock_path: PathBuf,
+    lock: Option<Plan>,
+    cache: Cache,
+    registry: RegistryOptions,
+}
+
+fn prepare(input: &InputArgs) -> Result<Prepared> {
+    let recipe = recipe::load(&input.recipe)?;
+    let lock_path = input
+        .lock
+        .clone()
+        .unwrap_or_else(|| plan::default_lock_path(&input.recipe));
+    let lock = plan::read_lock(&lock_path)?;
+    let cache = Cache::open(input.cache.clone().unwrap_or_else(Cache::default_dir))
+        .context("opening the cache")?;
+    let mut insecure = config_insecure_registries()?;
+    insecure.extend(input.insecure_registry.iter().cloned());
+    Ok(Prepared {
+        recipe,
+        lock_path,
+        lock,
+        cache,
+        registry: RegistryOptions {
+            insecure,
+            offline: input.offline,
+        },
+    })
+}
+
 fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Validate { recipe: path } => {
-            let v = recipe::load(&path)?;
-            if !cli.quiet {
+        Command::Validate { recipe: path, out } => {
+            let r = recipe::load(&path)?;
+            let msg = format!(
+                "{}: ok ({} onboot, {} services)",
+                path.display(),
+                r.onboot().count(),
+                r.services().count()
+            );
+            if out.json {
                 println!(
-                    "{}: ok ({} onboot, {} services)",
-                    path.display(),
-                    v.recipe.onboot.len(),
-                    v.recipe.services.len()
+                    "{}",
+                    serde_json::json!({"event": "valid", "recipe": path, "onboot": r.onboot().count(), "services": r.services().count()})
                 );
+            } else if !out.quiet {
+                println!("{msg}");
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Build {
-            recipe: path,
-            output,
-            cache,
-            keyring,
-        } => {
-            let started = Instant::now();
-            let v = recipe::load(&path)?;
-            let cache = Cache::open(cache.unwrap_or_else(Cache::default_dir))
-                .context("opening the cache")?;
-            let progress = progress::Reporter::new(cli.quiet);
-            let opts = BuildOptions {
-                cache,
-                keyring,
-                init: Arc::new(INIT.to_vec()),
-                progress: progress.clone(),
-            };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            let built = rt.block_on(image::build(&v, &output, &opts));
-            progress.finish();
-            let built = built?;
-            if !cli.quiet {
-                for img in &built.images {
-                    let len = std::fs::metadata(img).map(|m| m.len()).unwrap_or(0);
-                    println!(
-                        "{} ({} MiB disk; root {:.1} MiB, ESP {} MiB; kernel {}) in {:.1}s",
-                        img.display(),
-                        len >> 20,
-                        built.root_size as f64 / (1 << 20) as f64,
-                        built.esp_size >> 20,
-                        built.plan.kernel.release,
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Build(args) => build(args),
+        Command::Lock(args) => lock(args),
         Command::Run(args) => run::run(&args),
     }
+}
+
+fn mode(out: &OutputMode) -> Mode {
+    Mode::choose(out.quiet, out.json)
+}
+
+/// Runs `fut`, removing this process's temp outputs and exiting 130/143
+/// if SIGINT or SIGTERM arrives first.
+fn run_interruptible<T>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return fut.await;
+        };
+        tokio::select! {
+            r = fut => r,
+            _ = int.recv() => {
+                output::remove_all_temps();
+                eprintln!("kiln: interrupted");
+                std::process::exit(130)
+            }
+            _ = term.recv() => {
+                output::remove_all_temps();
+                eprintln!("kiln: terminated");
+                std::process::exit(143)
+            }
+        }
+    })
+}
+
+fn build(args: BuildArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let mut p = prepare(&args.input)?;
+    if let Some(c) = args.root_compression {
+        p.recipe.output.root_compression.value = c;
+    }
+    output::prepare_dir(&args.output)?;
+    let reporter = Reporter::new(mode(&args.out));
+    let rt = runtime()?;
+    let lock_mode = if args.locked {
+        LockMode::Locked
+    } else {
+        LockMode::Reuse
+    };
+    let result = run_interruptible(&rt, async {
+        let t = StageTimer::start(reporter.as_ref(), Stage::Resolve);
+        let resolved = plan::resolve(
+            &p.recipe,
+            &ResolveOptions {
+                cache: &p.cache,
+                keyring: &args.input.keyring,
+                registry: &p.registry,
+                lock: p.lock.as_ref(),
+                mode: lock_mode,
+                progress: reporter.as_ref(),
+            },
+        )
+        .await?;
+        t.end();
+        let opts = BuildOptions {
+            cache: p.cache.clone(),
+            registry: p.registry.clone(),
+            init: Arc::new(INIT.to_vec()),
+            progress: reporter.clone(),
+        };
+        let built = image::build(&p.recipe, &resolved.plan, &args.output, &opts).await?;
+        if p.lock.as_ref() != Some(&resolved.plan) {
+            write_lock(&p.lock_path, &resolved.plan)?;
+        }
+        anyhow::Ok((built, resolved))
+    });
+    reporter.finish();
+    let (built, _) = result?;
+    if mode(&args.out) == Mode::Json {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.out.quiet {
+        for img in &built.images {
+            let len = std::fs::metadata(img).map(|m| m.len()).unwrap_or(0);
+            println!(
+                "{} ({} MiB disk; root {:.1} MiB, ESP {} MiB; kernel {}) in {:.1}s",
+                img.display(),
+                len >> 20,
+                built.root_size as f64 / (1 << 20) as f64,
+                built.esp_size >> 20,
+                built.kernel_release,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_lock(path: &Path, plan: &Plan) -> Result<()> {
+    output::write_file(path, plan::lock_text(plan).as_bytes())
+        .with_context(|| format!("writing lock file {}", path.display()))
+}
+
+fn lock(args: LockArgs) -> Result<ExitCode> {
+    let p = prepare(&args.input)?;
+    let reporter = Reporter::new(mode(&args.out));
+    let rt = runtime()?;
+    let lock_mode = match args.update {
+        Some(names) => LockMode::Update(names),
+        None => LockMode::Reuse,
+    };
+    let resolved = run_interruptible(&rt, async {
+        let t = StageTimer::start(reporter.as_ref(), Stage::Resolve);
+        let r = plan::resolve(
+            &p.recipe,
+            &ResolveOptions {
+                cache: &p.cache,
+                keyring: &args.input.keyring,
+                registry: &p.registry,
+                lock: p.lock.as_ref(),
+                mode: lock_mode,
+                progress: reporter.as_ref(),
+            },
+        )
+        .await;
+        t.end();
+        r
+    });
+    reporter.finish();
+    let resolved = resolved?;
+    if p.lock.as_ref() != Some(&resolved.plan) {
+        write_lock(&p.lock_path, &resolved.plan)?;
+    }
+    if args.out.json {
+        for c in &resolved.changes {
+            println!(
+                "{}",
+                serde_json::json!({"event": "lock-change", "input": c.input, "change": c.what})
+            );
+        }
+    } else if !args.out.quiet {
+        if resolved.changes.is_empty() {
+            println!("{}: up to date", p.lock_path.display());
+        } else {
+            println!(
+                "{}: {} change(s)",
+                p.lock_path.display(),
+                resolved.changes.len()
+            );
+            for c in &resolved.changes {
+                println!("  {c}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -129,20 +407,29 @@ mod tests {
     #[test]
     fn embedded_init_is_static_elf() {
         assert_eq!(&INIT[..4], b"\x7fELF");
+        assert_eq!(kiln_assemble::host::elf_interpreter(INIT), None);
         assert_eq!(INIT[4], 2, "64-bit");
-        let phoff = u64::from_le_bytes(INIT[0x20..0x28].try_into().unwrap()) as usize;
-        let phentsize = u16::from_le_bytes([INIT[0x36], INIT[0x37]]) as usize;
-        let phnum = u16::from_le_bytes([INIT[0x38], INIT[0x39]]) as usize;
-        for i in 0..phnum {
-            let p = phoff + i * phentsize;
-            let kind = u32::from_le_bytes(INIT[p..p + 4].try_into().unwrap());
-            assert_ne!(kind, 3, "kiln-init has an ELF interpreter: not static");
-        }
     }
 
     #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn quiet_is_offered_only_where_it_does_something() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        assert!(run.get_arguments().all(|a| a.get_id() != "quiet"));
+        let build = cmd.find_subcommand("build").unwrap();
+        assert!(build.get_arguments().any(|a| a.get_id() == "quiet"));
+        // Every positional argument is described in --help.
+        for sub in cmd.get_subcommands() {
+            for a in sub.get_positionals() {
+                assert!(a.get_help().is_some(), "{} {}", sub.get_name(), a.get_id());
+            }
+        }
     }
 }

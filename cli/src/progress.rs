@@ -1,29 +1,67 @@
-//! Progress display: a spinner with the current step on a TTY; nothing
-//! with `--quiet`, in CI, or when stderr is not a terminal.
+//! Showing build progress: a live bar on a terminal, one plain line per
+//! stage elsewhere (CI logs), JSON events with `--json`, nothing with
+//! `--quiet`.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_assemble::image::Progress;
-use std::io::IsTerminal;
-use std::sync::Arc;
+use kiln_assemble::progress::{Event, Progress, Stage};
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Quiet,
+    Json,
+    /// One line per stage on stderr.
+    Plain,
+    /// A live progress line on stderr.
+    Tty,
+}
+
+impl Mode {
+    pub fn choose(quiet: bool, json: bool) -> Mode {
+        if quiet {
+            Mode::Quiet
+        } else if json {
+            Mode::Json
+        } else if std::io::stderr().is_terminal() && std::env::var_os("CI").is_none() {
+            Mode::Tty
+        } else {
+            Mode::Plain
+        }
+    }
+}
+
+/// Inputs seen during the fetch stage, for its summary.
+#[derive(Default)]
+struct Counts {
+    inputs: u64,
+    downloaded: u64,
+    bytes: u64,
+}
+
 pub struct Reporter {
+    mode: Mode,
     bar: Option<ProgressBar>,
+    counts: Mutex<Counts>,
 }
 
 impl Reporter {
-    pub fn new(quiet: bool) -> Arc<Reporter> {
-        let show = !quiet && std::env::var_os("CI").is_none() && std::io::stderr().is_terminal();
-        let bar = show.then(|| {
+    pub fn new(mode: Mode) -> Arc<Reporter> {
+        let bar = (mode == Mode::Tty).then(|| {
             let bar = ProgressBar::new_spinner();
             bar.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+                ProgressStyle::with_template("{spinner} [{elapsed}] {prefix:>7} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
         });
-        Arc::new(Reporter { bar })
+        Arc::new(Reporter {
+            mode,
+            bar,
+            counts: Mutex::new(Counts::default()),
+        })
     }
 
     pub fn finish(&self) {
@@ -31,12 +69,75 @@ impl Reporter {
             bar.finish_and_clear();
         }
     }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The plain-text line for a finished stage.
+    fn stage_line(&self, stage: Stage, seconds: f64) -> String {
+        let detail = match stage {
+            Stage::Fetch => {
+                let c = self.counts();
+                format!(
+                    " ({} inputs, {} downloaded, {:.1} MiB)",
+                    c.inputs,
+                    c.downloaded,
+                    c.bytes as f64 / (1 << 20) as f64
+                )
+            }
+            _ => String::new(),
+        };
+        format!("kiln: {:<7} {seconds:6.2}s{detail}", stage.name())
+    }
 }
 
 impl Progress for Reporter {
-    fn step(&self, message: &str) {
-        if let Some(bar) = &self.bar {
-            bar.set_message(message.to_string());
+    fn event(&self, event: &Event) {
+        if let Event::Input { bytes, cached, .. } = event {
+            let mut c = self.counts();
+            c.inputs += 1;
+            if !cached {
+                c.downloaded += 1;
+                c.bytes += bytes;
+            }
+        }
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::Json => {
+                if let Ok(line) = serde_json::to_string(event) {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                }
+            }
+            Mode::Plain => {
+                if let Event::StageEnd { stage, seconds } = event {
+                    eprintln!("{}", self.stage_line(*stage, *seconds));
+                }
+            }
+            Mode::Tty => {
+                let Some(bar) = &self.bar else { return };
+                match event {
+                    Event::StageStart { stage } => bar.set_prefix(stage.name()),
+                    Event::StageEnd { stage, seconds } => {
+                        bar.println(self.stage_line(*stage, *seconds))
+                    }
+                    Event::Input {
+                        what,
+                        bytes,
+                        cached,
+                    } => {
+                        let how = if *cached {
+                            "cached".to_string()
+                        } else {
+                            format!("{:.1} MiB downloaded", *bytes as f64 / (1 << 20) as f64)
+                        };
+                        bar.set_message(format!("{what} ({how})"));
+                    }
+                    Event::Step { message } => bar.set_message(message.clone()),
+                    Event::Output { path, .. } => bar.set_message(path.clone()),
+                }
+            }
         }
     }
 }

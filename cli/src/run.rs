@@ -41,11 +41,22 @@ impl Drop for TempFile {
 }
 
 pub fn run(a: &RunArgs) -> Result<ExitCode> {
-    for (what, p) in [
-        ("image", &a.image),
-        ("OVMF code", &a.ovmf_code),
-        ("OVMF vars", &a.ovmf_vars),
-    ] {
+    if !a.image.is_file() {
+        bail!("{}: not found (or not a file)", a.image.display());
+    }
+    let is_qcow2 = a.image.extension().is_some_and(|e| e == "qcow2");
+    if !is_qcow2 {
+        // Refuse what OVMF would only boot into its shell after a timeout.
+        let mut f = std::fs::File::open(&a.image)
+            .with_context(|| format!("opening {}", a.image.display()))?;
+        kiln_formats::gpt::read_table(&mut f).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a bootable disk image (no GPT: {e})",
+                a.image.display()
+            )
+        })?;
+    }
+    for (what, p) in [("OVMF code", &a.ovmf_code), ("OVMF vars", &a.ovmf_vars)] {
         if !p.is_file() {
             bail!(
                 "{what} {} not found (Debian/Ubuntu: apt-get install ovmf qemu-system-x86)",
@@ -57,11 +68,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         TempFile(std::env::temp_dir().join(format!("kiln-ovmf-vars-{}.fd", std::process::id())));
     std::fs::copy(&a.ovmf_vars, &vars.0)
         .with_context(|| format!("copying {} to {}", a.ovmf_vars.display(), vars.0.display()))?;
-    let format = if a.image.extension().is_some_and(|e| e == "qcow2") {
-        "qcow2"
-    } else {
-        "raw"
-    };
+    let format = if is_qcow2 { "qcow2" } else { "raw" };
 
     let mut cmd = Command::new(&a.qemu);
     cmd.args([

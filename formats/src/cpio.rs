@@ -17,7 +17,7 @@ use crate::tree::{DeviceKind, Dir, Meta, Node, Tree};
 /// Errors from writing a cpio archive.
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
-    #[error("writing cpio archive: {0}")]
+    #[error("writing cpio archive")]
     Io(#[from] io::Error),
     /// newc stores sizes in 32 bits.
     #[error("{0}: {1} bytes is too large for a cpio newc entry (max 4 GiB - 1)")]

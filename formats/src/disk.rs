@@ -26,13 +26,13 @@ pub enum DiskError {
     ContentsMismatch { partitions: usize, contents: usize },
     #[error("data for partition `{name}` is larger than its {size} bytes")]
     ContentTooLarge { name: String, size: u64 },
-    #[error("reading data for partition `{name}`: {source}")]
+    #[error("reading data for partition `{name}`")]
     Read {
         name: String,
         source: std::io::Error,
     },
-    #[error("writing disk: {0}")]
-    Write(std::io::Error),
+    #[error("writing disk")]
+    Write(#[source] std::io::Error),
     #[error(transparent)]
     Gpt(#[from] GptError),
 }

@@ -44,7 +44,7 @@ pub enum GptError {
     BadHeader(String),
     #[error("partition entry array CRC mismatch")]
     BadEntriesCrc,
-    #[error("I/O error reading GPT: {0}")]
+    #[error("reading GPT")]
     Io(#[from] std::io::Error),
 }
 

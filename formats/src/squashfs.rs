@@ -25,9 +25,9 @@ use crate::tree::{DeviceKind, Meta, Node, Tree};
 /// Errors from writing a squashfs image.
 #[derive(Debug, thiserror::Error)]
 pub enum SquashfsError {
-    #[error("squashfs: {0}")]
+    #[error("squashfs")]
     Backhand(#[from] backhand::BackhandError),
-    #[error("writing squashfs image: {0}")]
+    #[error("writing squashfs image")]
     Io(#[from] std::io::Error),
     #[error("block size {0} is not a power of two between 4 KiB and 1 MiB")]
     BadBlockSize(u32),

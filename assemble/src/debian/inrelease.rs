@@ -53,6 +53,8 @@ pub fn verify_inrelease(text: &str, keyring: &[u8]) -> Result<String, DebianErro
 pub struct Release {
     pub suite: Option<String>,
     pub codename: Option<String>,
+    /// `Date:` in seconds since the epoch: when the archive was published.
+    pub date: Option<u64>,
     /// Path relative to `dists/SUITE/` → (sha256, size).
     pub sha256: BTreeMap<String, (Digest, u64)>,
 }
@@ -66,6 +68,7 @@ impl Release {
         let mut r = Release {
             suite: p.get("Suite").cloned(),
             codename: p.get("Codename").cloned(),
+            date: p.get("Date").and_then(|d| parse_date(d)),
             ..Release::default()
         };
         let list = p
@@ -89,9 +92,65 @@ impl Release {
     }
 }
 
+/// Parses an RFC 2822 date in UTC as Release files write it:
+/// `Sat, 08 Nov 2025 09:05:39 UTC`.
+pub fn parse_date(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let s = s.split_once(", ").map_or(s, |(_, rest)| rest);
+    let mut it = s.split_whitespace();
+    let day: u64 = it.next()?.parse().ok()?;
+    let month = match it.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = it.next()?.parse().ok()?;
+    let mut hms = it.next()?.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if !matches!(it.next(), Some("UTC" | "GMT" | "+0000") | None) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days)
+        .ok()
+        .map(|d| d * 86_400 + h * 3600 + m * 60 + sec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_dates() {
+        assert_eq!(parse_date("Thu, 01 Jan 1970 00:00:00 UTC"), Some(0));
+        assert_eq!(
+            parse_date("Sat, 08 Nov 2025 09:05:39 UTC"),
+            Some(1_762_592_739)
+        );
+        assert_eq!(
+            parse_date("Tue, 29 Feb 2028 12:00:00 UTC"),
+            Some(1_835_438_400)
+        );
+        assert_eq!(parse_date("yesterday"), None);
+        assert_eq!(parse_date("Sat, 08 Nov 2025 09:05:39 CET"), None);
+    }
 
     #[test]
     fn release_parsing() {

@@ -1,0 +1,338 @@
+//! Plan → cache: every pinned input downloaded (in parallel) and verified,
+//! then read back as trees and images. Needs no network when the cache
+//! already holds everything the plan pins.
+
+use crate::cache::Cache;
+use crate::debian::{self, DebianError, Mirror, Package};
+use crate::kernel::{Kernel, KernelError};
+use crate::kernel_source::{self, KernelSourceError};
+use crate::layers::{self, LayerError};
+use crate::oci::{self, Image, ImageConfig, OciError, RegistryOptions};
+use crate::plan::{Pin, Plan, STUB_PACKAGE};
+use crate::progress::{Event, Progress};
+use crate::recipe::{KernelSource, Recipe};
+use kiln_formats::tree::{Node, Tree, TreeError};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Where systemd-stub sits in its package.
+const STUB_PATH: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+/// Downloads in flight at once.
+const PARALLEL_DOWNLOADS: usize = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{input}")]
+    Debian { input: String, source: DebianError },
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    KernelSource(#[from] KernelSourceError),
+    #[error("{what}")]
+    Tree { what: String, source: TreeError },
+    #[error("{input}: the plan pins no {what}")]
+    Incomplete { input: String, what: &'static str },
+    #[error("{package}: has no {path}")]
+    NoStub { package: String, path: &'static str },
+}
+
+/// A container's image: its root tree and the runtime config it came with.
+#[derive(Debug)]
+pub struct ContainerImage {
+    pub tree: Tree,
+    pub config: ImageConfig,
+}
+
+/// Everything the plan pins, fetched and unpacked.
+#[derive(Debug)]
+pub struct Inputs {
+    pub kernel: Kernel,
+    /// systemd-stub's EFI binary.
+    pub stub: Arc<Vec<u8>>,
+    /// In recipe container order.
+    pub images: Vec<ContainerImage>,
+}
+
+/// Fetches and unpacks every input of `plan`.
+pub async fn fetch(
+    recipe: &Recipe,
+    plan: &Plan,
+    cache: &Cache,
+    registry: &RegistryOptions,
+    progress: &dyn Progress,
+) -> Result<Inputs, FetchError> {
+    // Every .deb first, all at once: they are independent.
+    let mut debs: Vec<(String, Package)> = Vec::new();
+    let pins = [("kernel", &plan.kernel), ("stub", &plan.stub)];
+    let image_pins: Vec<(String, Pin)> = plan
+        .images
+        .iter()
+        .map(|i| (i.container.clone(), i.pin()))
+        .collect();
+    for (input, pin) in pins
+        .iter()
+        .map(|(n, p)| (n.to_string(), *p))
+        .chain(image_pins.iter().map(|(n, p)| (n.clone(), p)))
+    {
+        for p in &pin.packages {
+            let mirror = pin.mirror.clone().ok_or(FetchError::Incomplete {
+                input: input.clone(),
+                what: "mirror",
+            })?;
+            debs.push((mirror, p.clone()));
+        }
+    }
+    debs.sort_by(|a, b| (&a.1.sha256, &a.0).cmp(&(&b.1.sha256, &b.0)));
+    debs.dedup_by(|a, b| a.1.sha256 == b.1.sha256);
+    download_debs(&debs, cache, registry.offline, progress).await?;
+
+    // OCI images (registry, layout, archive) in parallel.
+    let mut pulls = tokio::task::JoinSet::new();
+    let kernel_image = match &recipe.kernel.source.value {
+        KernelSource::Image(r) => Some(r.source()),
+        _ => None,
+    };
+    let oci_sources: Vec<(usize, String, crate::cache::Digest)> = recipe
+        .containers
+        .iter()
+        .zip(&plan.images)
+        .enumerate()
+        .filter_map(|(i, (c, pin))| match &c.image.value {
+            crate::recipe::ImageSource::Oci(r) => pin.digest.map(|d| (i, r.source(), d)),
+            _ => None,
+        })
+        .chain(
+            kernel_image
+                .iter()
+                .filter_map(|s| plan.kernel.digest.map(|d| (usize::MAX, s.clone(), d))),
+        )
+        .collect();
+    for (i, source, digest) in oci_sources {
+        let cache = cache.clone();
+        let registry = registry.clone();
+        pulls.spawn(async move {
+            let image = oci::pull_pinned(&source, digest, &cache, &registry).await;
+            (i, image)
+        });
+    }
+    let mut pulled: BTreeMap<usize, Image> = BTreeMap::new();
+    while let Some(done) = pulls.join_next().await {
+        let (i, image) = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let image = image?;
+        progress.event(&Event::Input {
+            what: image.reference.clone(),
+            bytes: image.layers.iter().map(|l| l.data.len() as u64).sum(),
+            cached: true,
+        });
+        pulled.insert(i, image);
+    }
+
+    // Kernel.
+    let kernel = match &recipe.kernel.source.value {
+        KernelSource::Debian(..) => Kernel::from_tree(&debian_tree(cache, &plan.kernel)?)?,
+        KernelSource::Image(_) => {
+            let image = pulled.remove(&usize::MAX).ok_or(FetchError::Incomplete {
+                input: "kernel".into(),
+                what: "image digest",
+            })?;
+            Kernel::from_tree(&kernel_source::from_image(&image)?)?
+        }
+        KernelSource::Path { image, modules } => {
+            let dir = recipe.dir();
+            let tree = kernel_source::from_path(
+                dir,
+                &image.display().to_string(),
+                modules.as_ref().map(|m| m.display().to_string()).as_deref(),
+            )?;
+            Kernel::from_tree(&tree)?
+        }
+    };
+
+    let stub_tree = debian_tree(cache, &plan.stub)?;
+    let stub = match stub_tree.get(Path::new(STUB_PATH)) {
+        Some(Node::File { data, .. }) => data.clone(),
+        _ => {
+            return Err(FetchError::NoStub {
+                package: STUB_PACKAGE.into(),
+                path: STUB_PATH,
+            })
+        }
+    };
+
+    let mut images = Vec::new();
+    for (i, (c, pin)) in recipe.containers.iter().zip(&plan.images).enumerate() {
+        let image = match pulled.remove(&i) {
+            Some(image) => {
+                let mut tree = Tree::new();
+                for l in &image.layers {
+                    layers::apply(&mut tree, l)?;
+                }
+                ContainerImage {
+                    tree,
+                    config: image.config,
+                }
+            }
+            None => {
+                let mut tree = debian_tree(cache, &pin.pin())?;
+                merge_usr(&mut tree).map_err(|source| FetchError::Tree {
+                    what: format!("container {}: merging /usr", c.name.value),
+                    source,
+                })?;
+                ContainerImage {
+                    tree,
+                    config: ImageConfig::default(),
+                }
+            }
+        };
+        images.push(image);
+    }
+    Ok(Inputs {
+        kernel,
+        stub,
+        images,
+    })
+}
+
+/// Downloads every missing .deb, `PARALLEL_DOWNLOADS` at a time.
+async fn download_debs(
+    debs: &[(String, Package)],
+    cache: &Cache,
+    offline: bool,
+    progress: &dyn Progress,
+) -> Result<(), FetchError> {
+    let mut mirrors: BTreeMap<String, Mirror> = BTreeMap::new();
+    for (url, _) in debs {
+        if !mirrors.contains_key(url) {
+            let m = Mirror::new(url, cache, offline).map_err(|source| FetchError::Debian {
+                input: url.clone(),
+                source,
+            })?;
+            mirrors.insert(url.clone(), m);
+        }
+    }
+    let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL_DOWNLOADS));
+    let mut set = tokio::task::JoinSet::new();
+    for (url, pkg) in debs {
+        let mirror = mirrors[url].clone();
+        if mirror.is_cached(pkg) {
+            progress.event(&Event::Input {
+                what: format!("{} {}", pkg.name, pkg.version),
+                bytes: pkg.size,
+                cached: true,
+            });
+            continue;
+        }
+        let pkg = pkg.clone();
+        let sem = Arc::clone(&sem);
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let r = mirror.fetch(&pkg).await.map(|_| ());
+            (pkg, r)
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        let (pkg, r) = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        r.map_err(|source| FetchError::Debian {
+            input: format!("{} {}", pkg.name, pkg.version),
+            source,
+        })?;
+        progress.event(&Event::Input {
+            what: format!("{} {}", pkg.name, pkg.version),
+            bytes: pkg.size,
+            cached: false,
+        });
+    }
+    Ok(())
+}
+
+/// The packages of `pin` (already in the cache) unpacked into one tree.
+fn debian_tree(cache: &Cache, pin: &Pin) -> Result<Tree, FetchError> {
+    let mirror = pin
+        .mirror
+        .as_deref()
+        .unwrap_or(crate::recipe::DEFAULT_MIRROR);
+    let mut tree = Tree::new();
+    for p in &pin.packages {
+        let what = format!("{} {}", p.name, p.version);
+        let deb = cache
+            .get(&p.sha256)
+            .map_err(|e| FetchError::Debian {
+                input: what.clone(),
+                source: e.into(),
+            })?
+            .ok_or_else(|| FetchError::Debian {
+                input: what.clone(),
+                source: DebianError::Http {
+                    url: format!("{mirror}/{}", p.filename),
+                    message: "vanished from the cache during the build".into(),
+                },
+            })?;
+        let layer = debian::deb_layer(&format!("{}={}", p.name, p.version), p.sha256, &deb)
+            .map_err(|source| FetchError::Debian {
+                input: what,
+                source,
+            })?;
+        layers::apply(&mut tree, &layer)?;
+    }
+    Ok(tree)
+}
+
+/// Debian's merged /usr layout, as base-files sets it up on a real system:
+/// `/bin`, `/sbin` and `/lib*` become symlinks into `/usr`, with whatever a
+/// package shipped there (older suites) moved below `/usr`.
+pub fn merge_usr(tree: &mut Tree) -> Result<(), TreeError> {
+    use std::path::PathBuf;
+    for dir in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        let top = PathBuf::from("/").join(dir);
+        let usr = PathBuf::from("/usr").join(dir);
+        match tree.get(&top) {
+            Some(Node::Dir(_)) => {
+                let Ok(Node::Dir(moved)) = tree.remove(&top) else {
+                    continue;
+                };
+                let target = tree.mkdir_p(&usr, &moved.meta)?;
+                for (name, node) in moved.entries {
+                    target.entries.entry(name).or_insert(node);
+                }
+            }
+            Some(_) => continue,
+            None if tree.get(&usr).is_none() && matches!(dir, "lib32" | "libx32") => continue,
+            None => {}
+        }
+        tree.insert(&top, Node::symlink(format!("usr/{dir}")))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_usr_moves_top_level_dirs_into_usr() {
+        let mut t = Tree::new();
+        t.insert(Path::new("/bin/sh"), Node::file(0o755, "old"))
+            .unwrap();
+        t.insert(Path::new("/usr/bin/sh"), Node::file(0o755, "new"))
+            .unwrap();
+        t.insert(Path::new("/bin/only-top"), Node::file(0o755, "x"))
+            .unwrap();
+        t.insert(Path::new("/usr/lib/libc.so"), Node::file(0o644, "c"))
+            .unwrap();
+        merge_usr(&mut t).unwrap();
+        assert_eq!(t.get(Path::new("/bin")), Some(&Node::symlink("usr/bin")));
+        assert_eq!(t.get(Path::new("/lib")), Some(&Node::symlink("usr/lib")));
+        // /usr wins where both exist; nothing from /bin is lost.
+        assert_eq!(
+            t.get(Path::new("/usr/bin/sh")),
+            Some(&Node::file(0o755, "new"))
+        );
+        assert!(t.get(Path::new("/usr/bin/only-top")).is_some());
+        assert!(t.get(Path::new("/lib32")).is_none());
+    }
+}

@@ -1,0 +1,515 @@
+//! Inputs → host tree: the container roots under /containers, the
+//! recipe's files, the init's config, and the checks that can only be made
+//! once the trees exist (a command missing from its image, a bind whose
+//! source is not in the host root), reported against the recipe.
+
+use crate::fetch::ContainerImage;
+use crate::oci::ImageConfig;
+use crate::recipe::{ContainerSpec, FileContents, Kind, Recipe, RecipeError};
+use crate::users;
+use kiln_formats::tree::{Meta, Node, Tree, TreeError};
+use kiln_init::config::{
+    self as initcfg, Bind, Container, FileEntry, HostConfig, DEFAULT_CAPABILITIES,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Recipe(#[from] Box<RecipeError>),
+    #[error("{what}")]
+    Tree { what: String, source: TreeError },
+    #[error("reading {}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Docker's PATH when an image sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Directories the init mounts over in the host root.
+const HOST_MOUNTPOINTS: &[&str] = &["/proc", "/sys", "/dev", "/run", "/tmp", "/var/log"];
+/// Directories the init mounts over in each container root.
+const CONTAINER_MOUNTPOINTS: &[&str] = &["/proc", "/sys", "/dev", "/tmp", "/run"];
+/// Host paths that only exist at run time (tmpfs or kernel filesystems):
+/// a bind from below them cannot be checked at build time.
+const RUNTIME_PREFIXES: &[&str] = &["/run", "/tmp", "/var/lib/kiln", "/dev", "/proc", "/sys"];
+
+/// The host root and what the init runs from it.
+#[derive(Debug)]
+pub struct Host {
+    pub tree: Tree,
+    pub config: HostConfig,
+}
+
+/// Assembles the host root from the container images (in recipe order).
+pub fn assemble(
+    recipe: &Recipe,
+    images: Vec<ContainerImage>,
+    source_date_epoch: u64,
+) -> Result<Host, HostError> {
+    let mut host = Tree::new();
+    let mut config = HostConfig {
+        hostname: recipe.host.hostname.clone(),
+        when_done: recipe.host.when_done,
+        files: Vec::new(),
+        onboot: Vec::new(),
+        services: Vec::new(),
+    };
+    let tree_err = |what: String| move |source| HostError::Tree { what, source };
+
+    // Recipe files first: bind sources are checked against them.
+    for f in &recipe.files {
+        let contents = match &f.contents {
+            FileContents::Inline(c) => c.clone(),
+            FileContents::Source(p) => std::fs::read(&p.value).map_err(|source| HostError::Io {
+                path: p.value.clone(),
+                source,
+            })?,
+        };
+        let entry = FileEntry {
+            path: f.path.value.clone(),
+            contents,
+            mode: f.mode,
+            uid: f.uid,
+            gid: f.gid,
+        };
+        let mut node = Node::file(entry.mode, entry.contents.clone());
+        node.meta_mut().uid = entry.uid;
+        node.meta_mut().gid = entry.gid;
+        node.meta_mut().mtime = source_date_epoch;
+        host.insert(Path::new(&entry.path), node)
+            .map_err(tree_err(format!("[[file]] {}", entry.path)))?;
+        config.files.push(entry);
+    }
+
+    for (spec, image) in recipe.containers.iter().zip(images) {
+        let mut rootfs = image.tree;
+        let c = container_config(recipe, spec, &mut rootfs, &image.config, &host)?;
+        clamp_mtimes(&mut rootfs.root, source_date_epoch);
+        host.insert(Path::new(&c.rootfs), Node::Dir(rootfs.root))
+            .map_err(tree_err(format!("container {}", c.name)))?;
+        match spec.kind {
+            Kind::Onboot => config.onboot.push(c),
+            Kind::Service => config.services.push(c),
+        }
+    }
+
+    for dir in HOST_MOUNTPOINTS
+        .iter()
+        .chain(&[initcfg::CONTAINERS_DIR, "/kiln"])
+    {
+        host.mkdir_p(Path::new(dir), &Meta::root(0o755))
+            .map_err(tree_err(format!("host directory {dir}")))?;
+    }
+    let json = serde_json::to_vec_pretty(&config).unwrap_or_else(|e| {
+        // Strings, numbers and lists only: serialising cannot fail.
+        unreachable!("host config serialises: {e}")
+    });
+    let mut node = Node::file(0o644, json);
+    node.meta_mut().mtime = source_date_epoch;
+    host.insert(Path::new(initcfg::HOST_CONFIG_PATH), node)
+        .map_err(tree_err("init config".into()))?;
+    Ok(Host { tree: host, config })
+}
+
+/// No timestamp in the image is later than the lock's epoch.
+fn clamp_mtimes(dir: &mut kiln_formats::tree::Dir, epoch: u64) {
+    dir.meta.mtime = dir.meta.mtime.min(epoch);
+    for node in dir.entries.values_mut() {
+        match node {
+            Node::Dir(d) => clamp_mtimes(d, epoch),
+            other => {
+                let m = other.meta_mut();
+                m.mtime = m.mtime.min(epoch);
+            }
+        }
+    }
+}
+
+/// Follows symlinks in `tree` like the kernel would inside the container
+/// (absolute targets from the container root, at most 40 hops); returns the
+/// final path and node.
+pub fn lookup<'t>(tree: &'t Tree, path: &str) -> Option<(PathBuf, &'t Node)> {
+    let mut pending: Vec<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .rev()
+        .map(String::from)
+        .collect();
+    let mut at: Vec<String> = Vec::new();
+    let mut hops = 0;
+    while let Some(c) = pending.pop() {
+        if c == ".." {
+            at.pop();
+            continue;
+        }
+        at.push(c);
+        let here = PathBuf::from(format!("/{}", at.join("/")));
+        if let Node::Symlink { target, .. } = tree.get(&here)? {
+            hops += 1;
+            if hops > 40 {
+                return None;
+            }
+            at.pop();
+            let target = target.to_string_lossy();
+            if target.starts_with('/') {
+                at.clear();
+            }
+            pending.extend(
+                target
+                    .split('/')
+                    .filter(|c| !c.is_empty() && *c != ".")
+                    .rev()
+                    .map(String::from),
+            );
+        }
+    }
+    let final_path = PathBuf::from(format!("/{}", at.join("/")));
+    let node = if at.is_empty() {
+        return None;
+    } else {
+        tree.get(&final_path)?
+    };
+    Some((final_path, node))
+}
+
+/// The ELF interpreter (`PT_INTERP`) named by `data`, if it is a
+/// dynamically linked ELF file.
+pub fn elf_interpreter(data: &[u8]) -> Option<String> {
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[5] != 1 {
+        return None;
+    }
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let wide = data[4] == 2;
+    let (phoff, phentsize, phnum) = if wide {
+        (u64_at(0x20)?, u16_at(0x36)?, u16_at(0x38)?)
+    } else {
+        (u64::from(u32_at(0x1c)?), u16_at(0x2a)?, u16_at(0x2c)?)
+    };
+    for i in 0..u64::from(phnum) {
+        let ph = usize::try_from(phoff + i * u64::from(phentsize)).ok()?;
+        if u32_at(ph)? != 3 {
+            continue;
+        }
+        let (off, size) = if wide {
+            (u64_at(ph + 8)?, u64_at(ph + 0x20)?)
+        } else {
+            (u64::from(u32_at(ph + 4)?), u64::from(u32_at(ph + 0x10)?))
+        };
+        let start = usize::try_from(off).ok()?;
+        let end = start.checked_add(usize::try_from(size).ok()?)?;
+        let raw = data.get(start..end)?;
+        let raw = raw.split(|b| *b == 0).next()?;
+        return Some(String::from_utf8_lossy(raw).into_owned());
+    }
+    None
+}
+
+/// Why `program` cannot run in `tree` with `path` (the container's PATH),
+/// or `None` when it can.
+pub fn command_problem(tree: &Tree, program: &str, path: &str) -> Option<String> {
+    let candidates: Vec<String> = if program.contains('/') {
+        vec![program.to_string()]
+    } else {
+        path.split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| format!("{}/{program}", d.trim_end_matches('/')))
+            .collect()
+    };
+    let mut found = None;
+    for c in &candidates {
+        if let Some((real, node @ Node::File { meta, .. })) = lookup(tree, c) {
+            if meta.mode & 0o111 != 0 {
+                found = Some((c.clone(), real, node));
+                break;
+            }
+        }
+    }
+    let Some((at, real, node)) = found else {
+        return Some(if program.contains('/') {
+            match lookup(tree, program) {
+                Some((_, Node::File { .. })) => format!("{program} is not executable"),
+                Some(_) => format!("{program} is not a file"),
+                None => format!("{program} does not exist in the image"),
+            }
+        } else {
+            format!("{program} is not in the image's PATH ({path})")
+        });
+    };
+    let Node::File { data, .. } = node else {
+        return None;
+    };
+    if let Some(interp) = elf_interpreter(data) {
+        if !matches!(lookup(tree, &interp), Some((_, Node::File { .. }))) {
+            return Some(format!(
+                "{at} ({}) needs the ELF interpreter {interp}, which the image lacks",
+                real.display()
+            ));
+        }
+    } else if let Some(line) = data.strip_prefix(b"#!") {
+        let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        if let Some(interp) = line.split_whitespace().next() {
+            if !matches!(lookup(tree, interp), Some((_, Node::File { .. }))) {
+                return Some(format!(
+                    "{at} is a script for {interp}, which the image lacks"
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The init's view of one container; adds the mount points it needs to
+/// `rootfs` (which is read-only at run time).
+fn container_config(
+    recipe: &Recipe,
+    spec: &ContainerSpec,
+    rootfs: &mut Tree,
+    image: &ImageConfig,
+    host: &Tree,
+) -> Result<Container, HostError> {
+    let name = spec.name.value.clone();
+    let at_image = |message: String| recipe.error(&spec.image.loc, message);
+
+    let (args, args_loc) = match &spec.command {
+        Some(c) => (c.value.clone(), &c.loc),
+        None => (
+            image.entrypoint.iter().chain(&image.cmd).cloned().collect(),
+            &spec.image.loc,
+        ),
+    };
+    if args.is_empty() {
+        return Err(
+            at_image("no `command` given and the image has no Entrypoint or Cmd".into()).into(),
+        );
+    }
+
+    let (user_spec, user_loc) = match &spec.user {
+        Some(u) => (u.value.clone(), &u.loc),
+        None => (image.user.clone(), &spec.image.loc),
+    };
+    let id = users::resolve(rootfs, &user_spec)
+        .map_err(|e| recipe.error(user_loc, format!("container {name}: {e}")))?;
+
+    // Image Env, then the recipe's over it; PATH and HOME as Docker does.
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for kv in &image.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if env.insert(k.to_string(), v.to_string()).is_none() {
+            order.push(k.to_string());
+        }
+    }
+    for (k, v) in &spec.env {
+        if env.insert(k.clone(), v.clone()).is_none() {
+            order.push(k.clone());
+        }
+    }
+    let mut env_list: Vec<String> = order.iter().map(|k| format!("{k}={}", env[k])).collect();
+    if !env.contains_key("PATH") {
+        env_list.insert(0, format!("PATH={DEFAULT_PATH}"));
+    }
+    if !env.contains_key("HOME") {
+        env_list.push(format!(
+            "HOME={}",
+            id.home.clone().unwrap_or_else(|| "/".into())
+        ));
+    }
+    let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+    if let Some(problem) = command_problem(rootfs, &args[0], path) {
+        return Err(recipe
+            .error(args_loc, format!("container {name}: {problem}"))
+            .into());
+    }
+
+    let cwd = spec
+        .cwd
+        .as_ref()
+        .map(|c| c.value.clone())
+        .or_else(|| Some(image.working_dir.clone()).filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+
+    let mut binds = Vec::new();
+    let mut mountpoints: Vec<(String, bool)> = CONTAINER_MOUNTPOINTS
+        .iter()
+        .map(|d| (d.to_string(), false))
+        .collect();
+    for b in &spec.binds {
+        let runtime = RUNTIME_PREFIXES
+            .iter()
+            .any(|p| b.source == *p || b.source.starts_with(&format!("{p}/")));
+        let source_node = host.get(Path::new(&b.source));
+        if !runtime && source_node.is_none() {
+            return Err(recipe
+                .error(
+                    &b.loc,
+                    format!(
+                        "source {} is not in the host root: declare it as a [[file]], or bind from a run-time path ({})",
+                        b.source,
+                        RUNTIME_PREFIXES.join(", ")
+                    ),
+                )
+                .into());
+        }
+        let is_file = matches!(source_node, Some(Node::File { .. }));
+        mountpoints.push((b.target.clone(), is_file));
+        binds.push(Bind {
+            source: b.source.clone(),
+            target: b.target.clone(),
+            readonly: b.readonly,
+        });
+    }
+    mountpoints.push((cwd.clone(), false));
+
+    // Mount points must exist in the read-only root.
+    for (path, is_file) in mountpoints {
+        let mount_err = |what: &str| {
+            recipe.error(
+                &spec.name.loc,
+                format!("container {name}: {path} in the image is not a {what} (it is needed as a mount point)"),
+            )
+        };
+        match rootfs.get(Path::new(&path)) {
+            Some(Node::Dir(_)) if !is_file => {}
+            Some(Node::File { .. }) if is_file => {}
+            Some(_) => return Err(mount_err(if is_file { "file" } else { "directory" }).into()),
+            None if is_file => {
+                rootfs
+                    .insert(Path::new(&path), Node::file(0o644, Vec::new()))
+                    .map_err(|source| HostError::Tree {
+                        what: format!("container {name}: mount point {path}"),
+                        source,
+                    })?;
+            }
+            None => {
+                rootfs
+                    .mkdir_p(Path::new(&path), &Meta::root(0o755))
+                    .map_err(|source| HostError::Tree {
+                        what: format!("container {name}: mount point {path}"),
+                        source,
+                    })?;
+            }
+        }
+    }
+
+    Ok(Container {
+        rootfs: format!("{}/{name}/rootfs", initcfg::CONTAINERS_DIR),
+        name,
+        args,
+        env: env_list,
+        cwd,
+        uid: id.uid,
+        gid: id.gid,
+        groups: id.groups,
+        net: spec.net,
+        binds,
+        capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> Tree {
+        let mut t = Tree::new();
+        t.insert(Path::new("/usr/bin/busybox"), Node::file(0o755, "static"))
+            .unwrap();
+        t.insert(Path::new("/usr/bin/sh"), Node::symlink("busybox"))
+            .unwrap();
+        t.insert(Path::new("/bin"), Node::symlink("usr/bin"))
+            .unwrap();
+        t.insert(Path::new("/usr/bin/data"), Node::file(0o644, "x"))
+            .unwrap();
+        t.insert(Path::new("/usr/bin/loop"), Node::symlink("loop"))
+            .unwrap();
+        t.insert(
+            Path::new("/usr/bin/script"),
+            Node::file(0o755, "#!/usr/bin/python3\nprint(1)\n"),
+        )
+        .unwrap();
+        t.insert(
+            Path::new("/usr/bin/dyn"),
+            Node::file(0o755, fake_elf("/lib64/ld.so")),
+        )
+        .unwrap();
+        t
+    }
+
+    /// A minimal 64-bit ELF header with one PT_INTERP program header.
+    fn fake_elf(interp: &str) -> Vec<u8> {
+        let mut d = vec![0u8; 0x40 + 0x38];
+        d[..4].copy_from_slice(b"\x7fELF");
+        d[4] = 2;
+        d[5] = 1;
+        d[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
+        d[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes());
+        d[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        let off = d.len() as u64;
+        d[0x40..0x44].copy_from_slice(&3u32.to_le_bytes());
+        d[0x48..0x50].copy_from_slice(&off.to_le_bytes());
+        d[0x60..0x68].copy_from_slice(&(interp.len() as u64 + 1).to_le_bytes());
+        d.extend_from_slice(interp.as_bytes());
+        d.push(0);
+        d
+    }
+
+    #[test]
+    fn lookup_follows_symlinks() {
+        let t = image();
+        let (p, _) = lookup(&t, "/bin/sh").unwrap();
+        assert_eq!(p, Path::new("/usr/bin/busybox"));
+        assert!(lookup(&t, "/usr/bin/loop").is_none());
+        assert!(lookup(&t, "/nope").is_none());
+        assert_eq!(
+            lookup(&t, "/usr/../bin/./sh").unwrap().0,
+            Path::new("/usr/bin/busybox")
+        );
+    }
+
+    #[test]
+    fn elf_interpreter_is_read() {
+        assert_eq!(
+            elf_interpreter(&fake_elf("/lib64/ld-linux-x86-64.so.2")).as_deref(),
+            Some("/lib64/ld-linux-x86-64.so.2")
+        );
+        assert_eq!(elf_interpreter(b"#!/bin/sh\n"), None);
+    }
+
+    #[test]
+    fn commands_are_checked() {
+        let t = image();
+        assert_eq!(command_problem(&t, "sh", DEFAULT_PATH), None);
+        assert_eq!(command_problem(&t, "/bin/sh", DEFAULT_PATH), None);
+        let p = command_problem(&t, "nginx", DEFAULT_PATH).unwrap();
+        assert!(p.contains("not in the image's PATH"), "{p}");
+        let p = command_problem(&t, "/usr/bin/data", DEFAULT_PATH).unwrap();
+        assert!(p.contains("not executable"), "{p}");
+        let p = command_problem(&t, "/usr/sbin/x", DEFAULT_PATH).unwrap();
+        assert!(p.contains("does not exist"), "{p}");
+        let p = command_problem(&t, "script", DEFAULT_PATH).unwrap();
+        assert!(p.contains("/usr/bin/python3"), "{p}");
+        let p = command_problem(&t, "dyn", DEFAULT_PATH).unwrap();
+        assert!(p.contains("ELF interpreter /lib64/ld.so"), "{p}");
+        let mut t = t;
+        t.insert(Path::new("/usr/lib64/ld.so"), Node::file(0o755, "ld"))
+            .unwrap();
+        t.insert(Path::new("/lib64"), Node::symlink("usr/lib64"))
+            .unwrap();
+        assert_eq!(command_problem(&t, "dyn", DEFAULT_PATH), None);
+        assert!(command_problem(&t, "sh", "/opt/bin").is_some());
+    }
+}

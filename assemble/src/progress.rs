@@ -1,0 +1,119 @@
+//! What a build reports while it runs. The CLI turns these events into a
+//! progress bar, plain lines or JSON; tests collect them.
+
+use serde::Serialize;
+use std::time::Duration;
+
+/// The pipeline's stages, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Recipe → plan: every input pinned (lock read, indexes and tags resolved).
+    Resolve,
+    /// Plan → cache: .debs, image manifests and layers downloaded and verified.
+    Fetch,
+    /// Cache → trees: layers applied, host root assembled, checks run.
+    Trees,
+    /// Trees → filesystems: root, initramfs, UKI, ESP.
+    Encode,
+    /// Filesystems → output files.
+    Write,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Resolve => "resolve",
+            Stage::Fetch => "fetch",
+            Stage::Trees => "trees",
+            Stage::Encode => "encode",
+            Stage::Write => "write",
+        }
+    }
+}
+
+/// One progress event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A stage begins.
+    StageStart { stage: Stage },
+    /// A stage ended; `seconds` is its wall time.
+    StageEnd { stage: Stage, seconds: f64 },
+    /// One input is in the cache: `cached` when nothing was downloaded.
+    Input {
+        what: String,
+        bytes: u64,
+        cached: bool,
+    },
+    /// A step inside a stage (e.g. which filesystem is being encoded).
+    Step { message: String },
+    /// An output file is complete.
+    Output { path: String, bytes: u64 },
+}
+
+/// Receives progress events; must be cheap and never fail.
+pub trait Progress: Send + Sync {
+    fn event(&self, event: &Event);
+}
+
+/// Shows nothing.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn event(&self, _: &Event) {}
+}
+
+/// Times a stage and reports its start and end.
+pub struct StageTimer<'a> {
+    progress: &'a dyn Progress,
+    stage: Stage,
+    started: std::time::Instant,
+}
+
+impl<'a> StageTimer<'a> {
+    pub fn start(progress: &'a dyn Progress, stage: Stage) -> Self {
+        progress.event(&Event::StageStart { stage });
+        StageTimer {
+            progress,
+            stage,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Reports the end; returns the elapsed time.
+    pub fn end(self) -> Duration {
+        let d = self.started.elapsed();
+        self.progress.event(&Event::StageEnd {
+            stage: self.stage,
+            seconds: d.as_secs_f64(),
+        });
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialize_as_tagged_json() {
+        let e = Event::StageEnd {
+            stage: Stage::Fetch,
+            seconds: 1.5,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"stage-end","stage":"fetch","seconds":1.5}"#
+        );
+        let e = Event::Input {
+            what: "busybox".into(),
+            bytes: 3,
+            cached: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"input","what":"busybox","bytes":3,"cached":true}"#
+        );
+    }
+}
