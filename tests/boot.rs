@@ -128,6 +128,8 @@ fn unprivileged_build_is_identical() {
     std::fs::copy(kiln(), &bin).unwrap();
     let recipe = b.join("hello.toml");
     std::fs::copy(hello(), &recipe).unwrap();
+    // The same pins as the root build (its lock is beside the recipe).
+    std::fs::copy(hello().with_extension("lock"), b.join("hello.lock")).unwrap();
     let outb = b.join("out");
     std::fs::create_dir_all(&outb).unwrap();
     chown_recursive(&b);
@@ -143,7 +145,7 @@ fn unprivileged_build_is_identical() {
     let r = k::run(
         cmd.env("HOME", &home)
             .env_remove("XDG_CACHE_HOME")
-            .args(["build", "--quiet"])
+            .args(["build", "--quiet", "--locked"])
             .arg(&recipe)
             .arg("-o")
             .arg(&outb)
@@ -154,6 +156,53 @@ fn unprivileged_build_is_identical() {
     let ia = std::fs::read(a.join("hello.raw")).unwrap();
     let ib = std::fs::read(outb.join("hello.raw")).unwrap();
     assert!(ia == ib, "root and nobody builds differ");
+}
+
+/// With a lock and a warm cache a build needs no network: it runs in a
+/// network namespace with no interfaces and gives the same bytes. Without
+/// a lock it needs the archive's index and says why it cannot get it,
+/// unless `--offline` lets it reuse the index verified last.
+#[test]
+fn locked_build_needs_no_network() {
+    let dir = k::scratch("offline");
+    let recipe = dir.join("hello.toml");
+    std::fs::copy(hello(), &recipe).unwrap();
+    let online = dir.join("online");
+    k::build(&kiln(), &recipe, &online);
+    let lock = std::fs::read_to_string(dir.join("hello.lock")).expect("build wrote a lock");
+    assert!(lock.contains("source_date_epoch = "), "{lock}");
+    assert!(lock.contains("[[image]]"), "{lock}");
+
+    let no_net = |args: &[&str], out: &Path| {
+        let mut c = Command::new("unshare");
+        c.arg(if not_root() { "-rn" } else { "-n" })
+            .arg(kiln())
+            .args(["build", "--quiet"])
+            .args(args)
+            .arg(&recipe)
+            .arg("-o")
+            .arg(out)
+            .arg("--cache")
+            .arg(k::shared_cache());
+        k::run(&mut c)
+    };
+    let offline = dir.join("offline");
+    let r = no_net(&["--locked"], &offline);
+    assert!(r.ok, "locked build without network failed:\n{}", r.stderr);
+    let a = std::fs::read(online.join("hello.raw")).unwrap();
+    let b = std::fs::read(offline.join("hello.raw")).unwrap();
+    assert!(a == b, "the offline build differs from the online one");
+
+    std::fs::remove_file(dir.join("hello.lock")).unwrap();
+    let r = no_net(&[], &dir.join("no-lock"));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("dns error") || r.stderr.contains("resolv"),
+        "the cause is not shown:\n{}",
+        r.stderr
+    );
+    let r = no_net(&["--offline"], &dir.join("no-lock-offline"));
+    assert!(r.ok, "--offline build failed:\n{}", r.stderr);
 }
 
 fn not_root() -> bool {

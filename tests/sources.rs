@@ -518,3 +518,97 @@ fn assert_no_files(dir: &Path) {
         assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
     }
 }
+
+/// A lock keeps a registry tag on the digest it resolved to until
+/// `kiln lock --update` moves it (printing the change); a digest pinned for
+/// one repository is not served from the cache because another repository
+/// had it.
+#[test]
+fn lock_pins_tags_until_updated() {
+    let Some(reg) = Registry::start() else {
+        return;
+    };
+    let (Some(one), Some(two)) = (registry_image("lock-one"), registry_image("lock-two")) else {
+        eprintln!("note: /bin/busybox (busybox-static) not installed; skipping");
+        return;
+    };
+    let host = reg.host();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d1 = rt.block_on(one.push(&host, "probe/locked", "1"));
+
+    let dir = k::scratch("sources-lock");
+    let recipe = dir.join("locked.toml");
+    let write_recipe = |image: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "name = \"locked\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n\n\
+                 [[service]]\nname = \"s\"\nimage = {}\n",
+                toml_str(image)
+            ),
+        )
+        .unwrap();
+    };
+    write_recipe(&format!("{host}/probe/locked:1"));
+    let kiln_cmd = |args: &[&str]| {
+        let mut c = Command::new(kiln());
+        c.args(args)
+            .arg(&recipe)
+            .arg("--cache")
+            .arg(k::shared_cache());
+        k::run(&mut c)
+    };
+    let r = kiln_cmd(&["lock"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains(&format!("s: {host}/probe/locked:1 added")),
+        "{}",
+        r.stdout
+    );
+    let lock_path = dir.join("locked.lock");
+    assert!(std::fs::read_to_string(&lock_path).unwrap().contains(&d1));
+
+    // The tag moves; the lock does not.
+    let d2 = rt.block_on(two.push(&host, "probe/locked", "1"));
+    assert_ne!(d1, d2);
+    let out = dir.join("out");
+    let pinned_digest = |out: &Path| {
+        k::read_json(&out.join("locked.plan.json"))["image"][0]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let r = kiln_cmd(&["build", "--quiet", "--locked", "-o", out.to_str().unwrap()]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(pinned_digest(&out), d1);
+
+    let r = kiln_cmd(&["lock", "--update"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains(&format!("{d1} -> {d2}")), "{}", r.stdout);
+    let r = kiln_cmd(&["lock"]);
+    assert!(r.stdout.contains("up to date"), "{}", r.stdout);
+    let r = kiln_cmd(&["build", "--quiet", "--locked", "-o", out.to_str().unwrap()]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(pinned_digest(&out), d2);
+
+    // A recipe change is drift for --locked: exit 2, nothing written.
+    write_recipe(&format!("{host}/probe/locked:1@{d1}"));
+    let out2 = dir.join("out2");
+    let r = kiln_cmd(&["build", "--quiet", "--locked", "-o", out2.to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--locked"), "{}", r.stderr);
+    assert_no_files(&out2);
+
+    // d1 is cached (probe/locked served it), but probe/other never had it.
+    std::fs::remove_file(&lock_path).unwrap();
+    write_recipe(&format!("{host}/probe/other:1@{d1}"));
+    let r = kiln_cmd(&["build", "--quiet", "-o", out2.to_str().unwrap()]);
+    assert_eq!(
+        r.code,
+        Some(1),
+        "a digest of another repository was accepted"
+    );
+    assert!(r.stderr.contains("probe/other"), "{}", r.stderr);
+    assert_no_files(&out2);
+}

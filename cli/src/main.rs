@@ -41,7 +41,7 @@ enum Command {
     Build(BuildArgs),
     /// Pin every input of a recipe in its lock file without building.
     #[command(
-        after_help = "Examples:\n  kiln lock app.toml                 # pin what is new or changed\n  kiln lock app.toml --update        # re-resolve everything (pick up fixes)\n  kiln lock app.toml --update web    # only the container `web`"
+        after_help = "Examples:\n  kiln lock app.toml                 # pin what is new or changed\n  kiln lock app.toml --update        # re-resolve everything (pick up fixes)\n  kiln lock --update app.toml web    # only the container `web`"
     )]
     Lock(LockArgs),
     /// Check a recipe without building it.
@@ -110,10 +110,12 @@ struct BuildArgs {
 struct LockArgs {
     #[command(flatten)]
     input: InputArgs,
-    /// Re-resolve these inputs (container names, `kernel`, `stub`); all
-    /// when given without names.
-    #[arg(long, num_args = 0.., value_name = "NAME")]
-    update: Option<Vec<String>>,
+    /// Re-resolve inputs the lock already pins: the NAMEs given, or all.
+    #[arg(long)]
+    update: bool,
+    /// With --update, only these inputs: container names, `kernel`, `stub`.
+    #[arg(value_name = "NAME", requires = "update")]
+    names: Vec<String>,
     #[command(flatten)]
     out: OutputMode,
 }
@@ -349,9 +351,10 @@ fn lock(args: LockArgs) -> Result<ExitCode> {
     let p = prepare(&args.input)?;
     let reporter = Reporter::new(mode(&args.out));
     let rt = runtime()?;
-    let lock_mode = match args.update {
-        Some(names) => LockMode::Update(names),
-        None => LockMode::Reuse,
+    let lock_mode = if args.update {
+        LockMode::Update(args.names.clone())
+    } else {
+        LockMode::Reuse
     };
     let resolved = run_interruptible(&rt, async {
         let t = StageTimer::start(reporter.as_ref(), Stage::Resolve);
