@@ -25,7 +25,7 @@ echo "pwd $(pwd)"
 echo "ids $(busybox id -u) $(busybox id -g) groups $(busybox id -G)"
 echo "env FROM_IMAGE=$FROM_IMAGE OVERRIDE=$OVERRIDE HOME=$HOME"
 echo "PATH=$PATH"
-busybox grep -E '^Cap(Prm|Eff|Bnd|Amb):' /proc/self/status
+busybox grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status
 if busybox touch /probe 2>/dev/null; then echo "root writable"; else echo "root read-only"; fi
 if busybox touch /tmp/probe 2>/dev/null; then echo "tmp writable"; else echo "tmp read-only"; fi
 echo "netdev" $(busybox awk -F: 'NR>2 {sub(/^ */, "", $1); print $1}' /proc/net/dev)
@@ -113,6 +113,7 @@ fn archive_image() -> Option<TestImage> {
 
 fn caps(prm: &str, eff: &str) -> Vec<String> {
     vec![
+        format!("CapInh:\t{NO_CAPS}"),
         format!("CapPrm:\t{prm}"),
         format!("CapEff:\t{eff}"),
         format!("CapBnd:\t{CAPS}"),

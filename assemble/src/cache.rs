@@ -213,6 +213,39 @@ impl Cache {
     }
 }
 
+/// Compressed squashfs blocks, one file per key under `DIR/squashfs/`;
+/// the writer checks what it reads, so a damaged file only costs a
+/// recompression.
+impl kiln_formats::squashfs::BlockStore for Cache {
+    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+        fs::read(self.block_path(key)).ok()
+    }
+
+    fn put(&self, key: &[u8; 32], compressed: &[u8]) {
+        let path = self.block_path(key);
+        let Some(dir) = path.parent() else { return };
+        if fs::create_dir_all(dir).is_err() {
+            return;
+        }
+        // Best effort: a block not kept is compressed again next time.
+        if let Ok((tmp, mut f)) = tempfile_in(dir) {
+            crate::output::track_temp(&tmp);
+            let ok = f.lock().is_ok() && f.write_all(compressed).is_ok();
+            if !ok || fs::rename(&tmp, &path).is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            crate::output::untrack_temp(&tmp);
+        }
+    }
+}
+
+impl Cache {
+    fn block_path(&self, key: &[u8; 32]) -> PathBuf {
+        let hex = hex::encode(key);
+        self.dir.join("squashfs").join(&hex[..2]).join(hex)
+    }
+}
+
 /// A uniquely named file in `dir` (pid + counter; no randomness needed).
 fn tempfile_in(dir: &Path) -> io::Result<(PathBuf, fs::File)> {
     use std::sync::atomic::{AtomicU64, Ordering};

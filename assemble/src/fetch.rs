@@ -132,9 +132,32 @@ pub async fn fetch(
         pulled.insert(i, image);
     }
 
-    // Kernel.
+    // Every tree's layers are read (decompressed, checked) on all cores,
+    // then applied in order. Trees: 0 kernel, 1 stub, 2.. containers.
+    const KERNEL: usize = 0;
+    const STUB: usize = 1;
+    let mut jobs: Vec<(usize, Source)> = Vec::new();
+    if let KernelSource::Debian(..) = &recipe.kernel.source.value {
+        jobs.extend(deb_jobs(KERNEL, &plan.kernel));
+    }
+    jobs.extend(deb_jobs(STUB, &plan.stub));
+    let mut configs = Vec::new();
+    for (i, pin) in plan.images.iter().enumerate() {
+        match pulled.remove(&i) {
+            Some(image) => {
+                jobs.extend(image.layers.into_iter().map(|l| (i + 2, Source::Layer(l))));
+                configs.push(image.config);
+            }
+            None => {
+                jobs.extend(deb_jobs(i + 2, &pin.pin()));
+                configs.push(ImageConfig::default());
+            }
+        }
+    }
+    let mut trees = unpack(cache, jobs, plan.images.len() + 2)?;
+
     let kernel = match &recipe.kernel.source.value {
-        KernelSource::Debian(..) => Kernel::from_tree(&debian_tree(cache, &plan.kernel)?)?,
+        KernelSource::Debian(..) => Kernel::from_tree(&trees[KERNEL])?,
         KernelSource::Image(_) => {
             let image = pulled.remove(&usize::MAX).ok_or(FetchError::Incomplete {
                 input: "kernel".into(),
@@ -143,9 +166,8 @@ pub async fn fetch(
             Kernel::from_tree(&kernel_source::from_image(&image)?)?
         }
         KernelSource::Path { image, modules } => {
-            let dir = recipe.dir();
             let tree = kernel_source::from_path(
-                dir,
+                recipe.dir(),
                 &image.display().to_string(),
                 modules.as_ref().map(|m| m.display().to_string()).as_deref(),
             )?;
@@ -153,8 +175,7 @@ pub async fn fetch(
         }
     };
 
-    let stub_tree = debian_tree(cache, &plan.stub)?;
-    let stub = match stub_tree.get(Path::new(STUB_PATH)) {
+    let stub = match trees[STUB].get(Path::new(STUB_PATH)) {
         Some(Node::File { data, .. }) => data.clone(),
         _ => {
             return Err(FetchError::NoStub {
@@ -165,31 +186,15 @@ pub async fn fetch(
     };
 
     let mut images = Vec::new();
-    for (i, (c, pin)) in recipe.containers.iter().zip(&plan.images).enumerate() {
-        let image = match pulled.remove(&i) {
-            Some(image) => {
-                let mut tree = Tree::new();
-                for l in &image.layers {
-                    layers::apply(&mut tree, l)?;
-                }
-                ContainerImage {
-                    tree,
-                    config: image.config,
-                }
-            }
-            None => {
-                let mut tree = debian_tree(cache, &pin.pin())?;
-                merge_usr(&mut tree).map_err(|source| FetchError::Tree {
-                    what: format!("container {}: merging /usr", c.name.value),
-                    source,
-                })?;
-                ContainerImage {
-                    tree,
-                    config: ImageConfig::default(),
-                }
-            }
-        };
-        images.push(image);
+    for ((c, config), tree) in recipe.containers.iter().zip(configs).zip(trees.drain(2..)) {
+        let mut tree = tree;
+        if matches!(c.image.value, crate::recipe::ImageSource::Debian { .. }) {
+            merge_usr(&mut tree).map_err(|source| FetchError::Tree {
+                what: format!("container {}: merging /usr", c.name.value),
+                source,
+            })?;
+        }
+        images.push(ContainerImage { tree, config });
     }
     Ok(Inputs {
         kernel,
@@ -197,6 +202,133 @@ pub async fn fetch(
         images,
     })
 }
+
+/// Where one layer of a tree comes from.
+enum Source {
+    /// A cached .deb: its data.tar.
+    Deb(Package),
+    /// An image layer already in memory.
+    Layer(layers::Layer),
+}
+
+fn deb_jobs(tree: usize, pin: &Pin) -> impl Iterator<Item = (usize, Source)> + '_ {
+    pin.packages
+        .iter()
+        .map(move |p| (tree, Source::Deb(p.clone())))
+}
+
+/// Reads every job's layer on all cores, then applies them in job order to
+/// `n` trees.
+fn unpack(cache: &Cache, jobs: Vec<(usize, Source)>, n: usize) -> Result<Vec<Tree>, FetchError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Result<layers::Parsed, FetchError>>>> =
+        jobs.iter().map(|_| Mutex::new(None)).collect();
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(jobs.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((_, source)) = jobs.get(i) else {
+                    break;
+                };
+                let r = read_layer(cache, source);
+                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            });
+        }
+    });
+    let mut trees: Vec<Tree> = (0..n).map(|_| Tree::new()).collect();
+    for ((tree, _), r) in jobs.iter().zip(results) {
+        let parsed = r
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .expect("every job index was taken by a worker")?;
+        layers::apply_parsed(&mut trees[*tree], &parsed)?;
+    }
+    Ok(trees)
+}
+
+fn read_layer(cache: &Cache, source: &Source) -> Result<layers::Parsed, FetchError> {
+    let layer = match source {
+        Source::Deb(p) => {
+            let what = format!("{} {}", p.name, p.version);
+            let deb = cache
+                .get(&p.sha256)
+                .map_err(|e| FetchError::Debian {
+                    input: what.clone(),
+                    source: e.into(),
+                })?
+                .ok_or_else(|| FetchError::Debian {
+                    input: what.clone(),
+                    source: DebianError::Http {
+                        url: p.filename.clone(),
+                        message: "vanished from the cache during the build".into(),
+                    },
+                })?;
+            debian::deb_layer(&format!("{}={}", p.name, p.version), p.sha256, &deb).map_err(
+                |source| FetchError::Debian {
+                    input: what,
+                    source,
+                },
+            )?
+        }
+        Source::Layer(l) => l.clone(),
+    };
+    Ok(layers::parse(&fast_layer(cache, layer)?)?)
+}
+
+/// Layers in a slow compression (xz, gzip) are decompressed once and kept
+/// in the cache as zstd, keyed by the digest of the blob they came from;
+/// later builds read the zstd copy (verified by its own digest).
+fn fast_layer(cache: &Cache, layer: layers::Layer) -> Result<layers::Layer, FetchError> {
+    use layers::Compression;
+    if matches!(layer.compression, Compression::None | Compression::Zstd) {
+        return Ok(layer);
+    }
+    let key = layer.digest.to_string();
+    let cached = cache
+        .read_ref(ZSTD_TAR_REF, &key)
+        .and_then(|d| d.parse().ok())
+        .and_then(|d| cache.get(&d).ok().flatten());
+    if let Some(data) = cached {
+        return Ok(layers::Layer {
+            compression: Compression::Zstd,
+            data: Arc::new(data),
+            ..layer
+        });
+    }
+    let read_err = |message: String| LayerError::Read {
+        source_name: layer.source.clone(),
+        digest: layer.digest,
+        message,
+    };
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(
+        &mut layers::decompress(&layer).map_err(|e| read_err(format!("decompressing: {e}")))?,
+        &mut tar,
+    )
+    .map_err(|e| read_err(format!("decompressing: {e}")))?;
+    // Only a speed-up: a failure to store it is not an error.
+    if let Ok(zst) = zstd::encode_all(&tar[..], ZSTD_TAR_LEVEL) {
+        if let Ok(d) = cache.put_new(&zst) {
+            let _ = cache.write_ref(ZSTD_TAR_REF, &key, &d.to_string());
+        }
+    }
+    Ok(layers::Layer {
+        compression: Compression::None,
+        data: Arc::new(tar),
+        ..layer
+    })
+}
+
+/// Cache record kind: blob digest → digest of its tar as zstd.
+const ZSTD_TAR_REF: &str = "zstd-tar";
+/// Fast to write, about 1 GB/s to read.
+const ZSTD_TAR_LEVEL: i32 = 3;
 
 /// Downloads every missing .deb, `PARALLEL_DOWNLOADS` at a time.
 async fn download_debs(
@@ -248,38 +380,6 @@ async fn download_debs(
         });
     }
     Ok(())
-}
-
-/// The packages of `pin` (already in the cache) unpacked into one tree.
-fn debian_tree(cache: &Cache, pin: &Pin) -> Result<Tree, FetchError> {
-    let mirror = pin
-        .mirror
-        .as_deref()
-        .unwrap_or(crate::recipe::DEFAULT_MIRROR);
-    let mut tree = Tree::new();
-    for p in &pin.packages {
-        let what = format!("{} {}", p.name, p.version);
-        let deb = cache
-            .get(&p.sha256)
-            .map_err(|e| FetchError::Debian {
-                input: what.clone(),
-                source: e.into(),
-            })?
-            .ok_or_else(|| FetchError::Debian {
-                input: what.clone(),
-                source: DebianError::Http {
-                    url: format!("{mirror}/{}", p.filename),
-                    message: "vanished from the cache during the build".into(),
-                },
-            })?;
-        let layer = debian::deb_layer(&format!("{}={}", p.name, p.version), p.sha256, &deb)
-            .map_err(|source| FetchError::Debian {
-                input: what,
-                source,
-            })?;
-        layers::apply(&mut tree, &layer)?;
-    }
-    Ok(tree)
 }
 
 /// Debian's merged /usr layout, as base-files sets it up on a real system:

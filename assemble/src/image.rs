@@ -98,7 +98,7 @@ pub async fn build(
     t.end();
 
     let t = StageTimer::start(progress, Stage::Encode);
-    let fs = encode(recipe, plan, &host, &kernel, &stub, &opts.init, progress)?;
+    let fs = encode(recipe, plan, &host, &kernel, &stub, opts)?;
     t.end();
 
     let t = StageTimer::start(progress, Stage::Write);
@@ -137,9 +137,9 @@ pub fn encode(
     host: &Host,
     kernel: &Kernel,
     stub: &[u8],
-    init: &Arc<Vec<u8>>,
-    progress: &dyn Progress,
+    opts: &BuildOptions,
 ) -> Result<Filesystems, BuildError> {
+    let (init, cache, progress) = (&opts.init, &opts.cache, opts.progress.as_ref());
     let step = |m: &str| {
         progress.event(&Event::Step {
             message: m.to_string(),
@@ -154,7 +154,7 @@ pub fn encode(
         mod_time: Some(u32::try_from(plan.source_date_epoch).unwrap_or(u32::MAX)),
         ..squashfs::SquashfsOptions::default()
     };
-    squashfs::write_squashfs(&host.tree, &mut root, &sq_opts)
+    squashfs::write_squashfs_with(&host.tree, &mut root, &sq_opts, Some(cache))
         .map_err(|e| encode_err("root squashfs")(Box::new(e)))?;
     let root = root.into_inner();
     let root_guid = Guid::derive(ROOT_NAMESPACE, &Digest::of(&root).0);

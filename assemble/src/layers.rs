@@ -91,19 +91,32 @@ struct Entry {
     kind: Kind,
 }
 
+/// A layer read into memory and checked, ready to apply: reading (the
+/// costly decompression) can run on any thread, applying is ordered.
+pub struct Parsed {
+    source: String,
+    digest: Digest,
+    entries: Vec<Entry>,
+}
+
 /// Applies `layer` on top of `tree`.
 pub fn apply(tree: &mut Tree, layer: &Layer) -> Result<(), LayerError> {
-    let entries = parse(layer)?;
+    apply_parsed(tree, &parse(layer)?)
+}
+
+/// Applies a layer read by [`parse`] on top of `tree`.
+pub fn apply_parsed(tree: &mut Tree, parsed: &Parsed) -> Result<(), LayerError> {
+    let entries = &parsed.entries;
     let unsafe_at = |e: &Entry, reason: &str| LayerError::Unsafe {
-        source_name: layer.source.clone(),
-        digest: layer.digest,
+        source_name: parsed.source.clone(),
+        digest: parsed.digest,
         path: e.raw.clone(),
         reason: reason.to_string(),
     };
 
     // Pass 1: deletions against the lower layers. Anything below a symlink
     // is simply not found (the tree never follows links); pass 2 rejects it.
-    for e in &entries {
+    for e in entries {
         match &e.kind {
             Kind::Whiteout(name) => {
                 if let Some(dir) = dir_at_mut(tree, &e.comps) {
@@ -120,7 +133,7 @@ pub fn apply(tree: &mut Tree, layer: &Layer) -> Result<(), LayerError> {
     }
 
     // Pass 2: validation and additions in order.
-    for e in &entries {
+    for e in entries {
         match &e.kind {
             Kind::Whiteout(_) | Kind::Opaque => {
                 check_parents(tree, &e.comps).map_err(|r| unsafe_at(e, r))?;
@@ -235,7 +248,8 @@ fn normalise(raw: &[u8]) -> Result<Vec<OsString>, &'static str> {
     Ok(out)
 }
 
-fn decompress<'a>(layer: &'a Layer) -> Result<Box<dyn Read + 'a>, std::io::Error> {
+/// The layer's tar stream, decompressed.
+pub fn decompress<'a>(layer: &'a Layer) -> Result<Box<dyn Read + 'a>, std::io::Error> {
     let data: &'a [u8] = &layer.data;
     Ok(match layer.compression {
         Compression::None => Box::new(data),
@@ -246,7 +260,15 @@ fn decompress<'a>(layer: &'a Layer) -> Result<Box<dyn Read + 'a>, std::io::Error
 }
 
 /// Reads every entry of the layer into memory, validating paths.
-fn parse(layer: &Layer) -> Result<Vec<Entry>, LayerError> {
+pub fn parse(layer: &Layer) -> Result<Parsed, LayerError> {
+    Ok(Parsed {
+        source: layer.source.clone(),
+        digest: layer.digest,
+        entries: parse_entries(layer)?,
+    })
+}
+
+fn parse_entries(layer: &Layer) -> Result<Vec<Entry>, LayerError> {
     let read_err = |message: String| LayerError::Read {
         source_name: layer.source.clone(),
         digest: layer.digest,

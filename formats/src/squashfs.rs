@@ -10,15 +10,26 @@
 //! reader is parallel), nodes come from the sorted tree walk, and the
 //! superblock time is taken from the tree, never the clock.
 //!
+//! Data blocks are compressed ahead of backhand, on every core, and
+//! optionally kept in a [`BlockStore`] between builds, keyed by the raw
+//! block and the compressor: backhand then finds each block already
+//! compressed (a custom `CompressionAction` that looks it up), so its
+//! serial writer only lays bytes out. The bytes are those backhand's own
+//! compressor gives, so the image is the same with or without them.
+//!
 //! Not supported by backhand's writer: extended attributes (dropped unless
 //! [`SquashfsOptions::strict_xattrs`] asks for an error) and the root
 //! directory's own mtime (always 0; its mode and owner are kept).
 
+use std::collections::HashMap;
 use std::io::{Cursor, Seek, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use backhand::compression::{CompressionOptions, Compressor, Zstd};
-use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
+use backhand::compression::{CompressionAction, CompressionOptions, Compressor, Zstd};
+use backhand::kind::Kind;
+use backhand::{BackhandError, FilesystemCompressor, FilesystemWriter, NodeHeader};
+use sha2::{Digest as _, Sha256};
 
 use crate::tree::{DeviceKind, Meta, Node, Tree};
 
@@ -79,6 +90,165 @@ impl Default for SquashfsOptions {
     }
 }
 
+/// Compressed data blocks kept between builds. Keys are sha256 over the
+/// compressor, its level and library version, and the raw block; what
+/// `get` returns is checked (decompressed and hashed) before use, so a
+/// store needs no integrity of its own.
+pub trait BlockStore: Sync {
+    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>>;
+    fn put(&self, key: &[u8; 32], compressed: &[u8]);
+}
+
+/// Blocks compressed ahead of the writer, by sha256 of the raw block.
+type Blocks = HashMap<[u8; 32], Arc<Vec<u8>>>;
+
+/// The blocks of the write in progress (one at a time, see [`WRITING`]).
+static CURRENT: Mutex<Option<Blocks>> = Mutex::new(None);
+/// Serialises writes: backhand's compressor hook is a `'static` with no
+/// way to tell writes apart.
+static WRITING: Mutex<()> = Mutex::new(());
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// backhand's compressor, answering data blocks from [`CURRENT`].
+struct Precompressed;
+static PRECOMPRESSED: Precompressed = Precompressed;
+
+impl CompressionAction for Precompressed {
+    type Error = BackhandError;
+    type Compressor = Compressor;
+    type FilesystemCompressor = FilesystemCompressor;
+    type SuperBlock = backhand::SuperBlock;
+
+    fn decompress(
+        &self,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+        compressor: Compressor,
+    ) -> Result<(), BackhandError> {
+        backhand::compression::DefaultCompressor.decompress(bytes, out, compressor)
+    }
+
+    fn compress(
+        &self,
+        bytes: &[u8],
+        fc: FilesystemCompressor,
+        block_size: u32,
+    ) -> Result<Vec<u8>, BackhandError> {
+        let hit = lock(&CURRENT)
+            .as_ref()
+            .and_then(|blocks| blocks.get(&block_hash(bytes)).cloned());
+        match hit {
+            Some(c) => Ok(c.to_vec()),
+            None => backhand::compression::DefaultCompressor.compress(bytes, fc, block_size),
+        }
+    }
+
+    fn compression_options(
+        &self,
+        superblock: &mut backhand::SuperBlock,
+        kind: &Kind,
+        fs_compressor: FilesystemCompressor,
+    ) -> Result<Option<Vec<u8>>, BackhandError> {
+        backhand::compression::DefaultCompressor.compression_options(
+            superblock,
+            kind,
+            fs_compressor,
+        )
+    }
+}
+
+fn block_hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The store key of a raw block: compressor, level, library version, data.
+fn store_key(level: u32, bytes: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"kiln squashfs block v1 zstd ");
+    h.update(zstd_version().to_le_bytes());
+    h.update(level.to_le_bytes());
+    h.update(bytes);
+    h.finalize().into()
+}
+
+/// The zstd library version: another may compress differently, so its
+/// blocks are not reused.
+fn zstd_version() -> u32 {
+    zstd::zstd_safe::version_number()
+}
+
+/// Compresses every full-size candidate data block of the tree's files on
+/// all cores (or takes it from `store`), the way backhand would.
+fn precompress(
+    tree: &Tree,
+    fc: FilesystemCompressor,
+    level: u32,
+    block_size: u32,
+    store: Option<&dyn BlockStore>,
+) -> Result<Blocks, BackhandError> {
+    let bs = block_size as usize;
+    // backhand compresses every block of a file of at least one block
+    // (the tail too) and fragments smaller files; zero blocks are holes.
+    let mut seen = std::collections::HashSet::new();
+    let mut chunks: Vec<&[u8]> = Vec::new();
+    for (_, node) in tree.walk() {
+        if let Node::File { data, .. } = node {
+            if data.len() >= bs && seen.insert(Arc::as_ptr(data)) {
+                chunks.extend(data.chunks(bs).filter(|c| c.iter().any(|b| *b != 0)));
+            }
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out: Mutex<Blocks> = Mutex::new(HashMap::new());
+    let failed: Mutex<Option<BackhandError>> = Mutex::new(None);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(chunks.len()).max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(chunk) = chunks.get(i) else { break };
+                let key = store.map(|_| store_key(level, chunk));
+                let stored = store
+                    .zip(key.as_ref())
+                    .and_then(|(st, k)| st.get(k))
+                    .filter(|c| verifies(c, chunk, bs));
+                let compressed = match stored {
+                    Some(c) => c,
+                    None => {
+                        match backhand::compression::DefaultCompressor
+                            .compress(chunk, fc, block_size)
+                        {
+                            Ok(c) => {
+                                if let (Some(st), Some(k)) = (store, key.as_ref()) {
+                                    st.put(k, &c);
+                                }
+                                c
+                            }
+                            Err(e) => {
+                                *lock(&failed) = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                };
+                lock(&out).insert(block_hash(chunk), Arc::new(compressed));
+            });
+        }
+    });
+    if let Some(e) = lock(&failed).take() {
+        return Err(e);
+    }
+    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Whether `compressed` (from a store) is `raw` compressed with zstd.
+fn verifies(compressed: &[u8], raw: &[u8], block_size: usize) -> bool {
+    zstd::bulk::decompress(compressed, block_size).is_ok_and(|d| d == raw)
+}
+
 /// squashfs times are 32-bit: later times are clamped to the maximum.
 fn time32(t: u64) -> u32 {
     u32::try_from(t).unwrap_or(u32::MAX)
@@ -106,8 +276,18 @@ fn encode_dev(major: u32, minor: u32) -> Option<u32> {
 /// bytes written (the image is padded to 4 KiB, as mksquashfs does).
 pub fn write_squashfs<W: Write + Seek>(
     tree: &Tree,
+    out: W,
+    opts: &SquashfsOptions,
+) -> Result<u64, SquashfsError> {
+    write_squashfs_with(tree, out, opts, None)
+}
+
+/// [`write_squashfs`], reusing and keeping compressed blocks in `store`.
+pub fn write_squashfs_with<W: Write + Seek>(
+    tree: &Tree,
     mut out: W,
     opts: &SquashfsOptions,
+    store: Option<&dyn BlockStore>,
 ) -> Result<u64, SquashfsError> {
     let bs = opts.block_size;
     if !bs.is_power_of_two() || !(backhand::MIN_BLOCK_SIZE..=backhand::MAX_BLOCK_SIZE).contains(&bs)
@@ -129,7 +309,29 @@ pub fn write_squashfs<W: Write + Seek>(
         Compression::Gzip => FilesystemCompressor::new(Compressor::Gzip, None)?,
     };
 
+    let _writing = lock(&WRITING);
+    let blocks = match opts.compression {
+        Compression::Zstd { level } => Some(precompress(tree, compressor, level, bs, store)?),
+        Compression::Gzip => None,
+    };
+    let result = write_inner(tree, &mut out, opts, compressor, blocks);
+    *lock(&CURRENT) = None;
+    result
+}
+
+fn write_inner<W: Write + Seek>(
+    tree: &Tree,
+    mut out: W,
+    opts: &SquashfsOptions,
+    compressor: FilesystemCompressor,
+    blocks: Option<Blocks>,
+) -> Result<u64, SquashfsError> {
+    let bs = opts.block_size;
     let mut fs = FilesystemWriter::default();
+    if blocks.is_some() {
+        *lock(&CURRENT) = blocks;
+        fs.set_kind(Kind::new_v4(&PRECOMPRESSED));
+    }
     fs.set_block_size(bs);
     fs.set_compressor(compressor);
     let root = &tree.root.meta;
@@ -203,6 +405,66 @@ mod tests {
             mtime,
             xattrs: Default::default(),
         }
+    }
+
+    /// A store in memory that counts what it serves.
+    #[derive(Default)]
+    struct MemStore {
+        blocks: Mutex<HashMap<[u8; 32], Vec<u8>>>,
+        hits: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockStore for MemStore {
+        fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+            let b = lock(&self.blocks).get(key).cloned();
+            if b.is_some() {
+                self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            b
+        }
+        fn put(&self, key: &[u8; 32], compressed: &[u8]) {
+            lock(&self.blocks).insert(*key, compressed.to_vec());
+        }
+    }
+
+    /// Blocks compressed ahead, kept in a store and reused, give exactly
+    /// the image backhand's own compressor gives; a damaged stored block
+    /// is not used.
+    #[test]
+    fn stored_blocks_change_nothing() {
+        let tree = sample();
+        let opts = SquashfsOptions::default();
+        let mut plain = Cursor::new(Vec::new());
+        write_inner(
+            &tree,
+            &mut plain,
+            &opts,
+            FilesystemCompressor::new(
+                Compressor::Zstd,
+                Some(CompressionOptions::Zstd(Zstd {
+                    compression_level: 15,
+                })),
+            )
+            .unwrap(),
+            None,
+        )
+        .unwrap();
+        let store = MemStore::default();
+        let write = |store: &MemStore| {
+            let mut out = Cursor::new(Vec::new());
+            write_squashfs_with(&tree, &mut out, &opts, Some(store)).unwrap();
+            out.into_inner()
+        };
+        assert_eq!(write(&store), plain.get_ref()[..], "first write");
+        let n = lock(&store.blocks).len();
+        assert!(n >= 3, "big.bin's blocks were not stored: {n}");
+        assert_eq!(store.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(write(&store), plain.get_ref()[..], "from the store");
+        assert_eq!(store.hits.load(std::sync::atomic::Ordering::Relaxed), n);
+        for v in lock(&store.blocks).values_mut() {
+            v[0] ^= 0xff;
+        }
+        assert_eq!(write(&store), plain.get_ref()[..], "damaged store");
     }
 
     fn sample() -> Tree {
