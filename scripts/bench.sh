@@ -1,8 +1,190 @@
-#!/bin/sh
-# Times kiln's encoders against mksquashfs, mkfs.fat+mcopy, cpio and
-# sgdisk+dd on the same input and prints ours/tool ratios.
-# KILN_BENCH_MB (input MiB, default 48) and KILN_BENCH_RUNS (default 3)
-# tune the run.
-set -eu
+#!/bin/bash
+# Benchmarks, each printed as a ratio against the standard tools on the
+# same input (below 1: kiln is faster or smaller).
+#
+#   scripts/bench.sh            encoders (cargo bench) and the pipeline
+#   scripts/bench.sh formats    only the encoders: squashfs, FAT32, cpio, GPT
+#   scripts/bench.sh pipeline   only the whole build:
+#     - hello.toml, warm cache and lock, against the shell pipeline a user
+#       would script from the same unpacked inputs (mksquashfs, objcopy UKI,
+#       mkfs.vfat + mcopy, sgdisk, dd);
+#     - a 112-package Debian image (python3, postgresql-17, nginx): first
+#       build with inputs cached against `mksquashfs -comp zstd` (level 15,
+#       128 KiB, as kiln) on the unpacked tree, unpacking the .debs as its
+#       own row; a rebuild with nothing changed; adding one small package;
+#       root_compression zstd:3; peak RSS at two tree sizes.
+#
+# KILN_BENCH_MB and KILN_BENCH_RUNS tune the encoder bench (see
+# formats/benches/formats.rs). Needs the packages of scripts/install-deps.sh
+# and network access to the Debian archive for the first run.
+set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo bench -p kiln-formats --bench formats "$@"
+what="${1:-all}"
+
+if [ "$what" = all ] || [ "$what" = formats ]; then
+  cargo bench -p kiln-formats --bench formats
+fi
+[ "$what" = all ] || [ "$what" = pipeline ] || exit 0
+
+cargo build --release -p kiln >/dev/null 2>&1 || cargo build --release -p kiln
+kiln="$PWD/target/release/kiln"
+work="$(mktemp -d /var/tmp/kiln-bench.XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+cache="$work/cache"
+
+# Wall seconds and peak RSS (MiB) of a command: "SECONDS RSS".
+measure() {
+  /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>"$work/stderr" || {
+    cat "$work/stderr" >&2
+    return 1
+  }
+  awk '{ printf "%s %d\n", $1, $2 / 1024 }' "$work/time"
+}
+# Best of three wall times of a command (quiet), for short runs.
+best3() {
+  local best=""
+  for _ in 1 2 3; do
+    local t
+    t=$(measure "$@" | cut -d' ' -f1)
+    if [ -z "$best" ] || awk "BEGIN { exit !($t < $best) }"; then best=$t; fi
+  done
+  echo "$best"
+}
+ratio() { awk "BEGIN { printf \"%.2f\", $1 / $2 }"; }
+row() { printf "| %-46s | %8s | %8s | %6s |\n" "$1" "$2" "$3" "$4"; }
+
+echo
+echo "## Pipeline (wall seconds; ratio = kiln / tools)"
+echo
+row "case" "kiln s" "tools s" "ratio"
+row "---" "---" "---" "---"
+
+# ---- hello.toml, warm ----
+mkdir -p "$work/hello"
+cp recipes/hello.toml "$work/hello/"
+"$kiln" build -q "$work/hello/hello.toml" -o "$work/hello/out" --cache "$cache"
+kiln_hello=$(best3 "$kiln" build -q --locked "$work/hello/hello.toml" -o "$work/hello/out" --cache "$cache")
+
+# The same unpacked inputs for the tools: kiln's root tree, kernel, initrd
+# and UKI metadata, and the stub from the cached systemd-boot-efi .deb.
+in="$work/hello/inputs"
+mkdir -p "$in"
+img="$work/hello/out/hello.raw"
+read -r esp_start esp_end < <(sgdisk -i1 "$img" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
+read -r root_start root_end < <(sgdisk -i2 "$img" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
+dd if="$img" of="$in/root.sqfs" bs=512 skip="$root_start" count=$((root_end - root_start + 1)) status=none
+dd if="$img" of="$in/esp.img" bs=512 skip="$esp_start" count=$((esp_end - esp_start + 1)) status=none
+unsquashfs -q -d "$in/root" "$in/root.sqfs" >/dev/null
+mcopy -i "$in/esp.img" ::/EFI/BOOT/BOOTX64.EFI "$in/kiln.efi"
+for s in linux initrd osrel cmdline uname; do
+  objcopy -O binary --only-section=".$s" "$in/kiln.efi" "$in/$s"
+done
+stub_sha=$(awk '/^\[stub\]/ {s=1} s && /^sha256 = / { gsub(/"|sha256:/, "", $3); print $3; exit }' "$work/hello/hello.lock")
+dpkg-deb -x "$cache/sha256/$stub_sha" "$in/stubpkg"
+stub="$in/stubpkg/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
+
+cat >"$work/tools.sh" <<'EOF'
+#!/bin/bash
+# What a user would script: squashfs, UKI (objcopy), ESP, GPT disk.
+set -euo pipefail
+in="$1" out="$2" stub="$3"
+rm -rf "$out"; mkdir -p "$out"
+mksquashfs "$in/root" "$out/root.sqfs" -comp zstd -Xcompression-level 15 -b 128K -noappend -quiet -no-progress >/dev/null
+# UKI: sections after the stub's last one, 4 KiB aligned.
+end=0
+while read -r idx _ size vma _; do
+  [[ "$idx" =~ ^[0-9]+$ ]] && end=$(( 0x$vma + 0x$size ))
+done < <(objdump -h "$stub")
+args=()
+for s in osrel cmdline uname initrd linux; do
+  vma=$(( (end + 4095) / 4096 * 4096 ))
+  args+=(--add-section ".$s=$in/$s" --change-section-vma ".$s=$(printf 0x%x "$vma")")
+  end=$(( vma + $(stat -c %s "$in/$s") ))
+done
+objcopy "${args[@]}" "$stub" "$out/uki.efi"
+truncate -s 64M "$out/esp.img"
+mkfs.vfat -F 32 -n KILN-ESP "$out/esp.img" >/dev/null
+mmd -i "$out/esp.img" ::/EFI ::/EFI/BOOT
+mcopy -i "$out/esp.img" "$out/uki.efi" ::/EFI/BOOT/BOOTX64.EFI
+truncate -s 256M "$out/disk.raw"
+root_mib=$(( ($(stat -c %s "$out/root.sqfs") + 1048575) / 1048576 ))
+sgdisk -n 1:2048:+64M -t 1:ef00 -n "2:0:+${root_mib}M" -t 2:8304 "$out/disk.raw" >/dev/null
+dd if="$out/esp.img" of="$out/disk.raw" bs=1M seek=1 conv=notrunc,sparse status=none
+dd if="$out/root.sqfs" of="$out/disk.raw" bs=1M seek=65 conv=notrunc,sparse status=none
+EOF
+chmod +x "$work/tools.sh"
+tools_hello=$(best3 "$work/tools.sh" "$in" "$work/hello/tools" "$stub")
+row "hello.toml warm build vs tool pipeline" "$kiln_hello" "$tools_hello" "$(ratio "$kiln_hello" "$tools_hello")"
+
+# ---- the 112-package image ----
+big="$work/big"
+mkdir -p "$big"
+write_recipe() { # NAME PACKAGES COMPRESSION
+  cat >"$big/$1.toml" <<EOF
+name = "$1"
+version = "1"
+[kernel]
+debian = "linux-image-cloud-amd64"
+[[service]]
+name = "app"
+image = { debian = [$2] }
+command = ["/usr/bin/python3", "-c", "print(1)"]
+[disk]
+size = "2G"
+[output]
+root_compression = "$3"
+EOF
+}
+pkgs='"python3", "postgresql-17", "nginx"'
+write_recipe big "$pkgs" zstd:15
+# Fetch everything once (network), then drop what kiln derives from it.
+"$kiln" build -q "$big/big.toml" -o "$big/out" --cache "$cache"
+npkg=$(grep -c '^\[\[image.packages\]\]' "$big/big.lock")
+reset_derived() { rm -rf "$cache/squashfs" "$cache/refs/zstd-tar"; }
+reset_derived
+read -r kiln_first rss_big < <(measure "$kiln" build -q --locked "$big/big.toml" -o "$big/out" --cache "$cache")
+read -r kiln_again _ < <(measure "$kiln" build -q --locked "$big/big.toml" -o "$big/out" --cache "$cache")
+
+# The tools: unpack every .deb of the image, then mksquashfs the tree.
+mkdir -p "$big/debs"
+awk '/^\[\[image\]\]/ {img=1} img && /^sha256 = / { gsub(/"|sha256:/, "", $3); print $3 }' "$big/big.lock" >"$big/debs.list"
+unpack() {
+  rm -rf "$big/tree"; mkdir -p "$big/tree"
+  while read -r sha; do dpkg-deb -x "$cache/sha256/$sha" "$big/tree"; done <"$big/debs.list"
+}
+read -r unpack_s _ < <(measure bash -c "$(declare -f unpack); big='$big'; cache='$cache'; unpack")
+unpack
+tree_mib=$(du -sm "$big/tree" | cut -f1)
+read -r mksq_s _ < <(measure mksquashfs "$big/tree" "$big/tools.sqfs" -comp zstd -Xcompression-level 15 -b 128K -noappend -quiet -no-progress)
+row "$npkg pkgs ($tree_mib MiB): unpack .debs (dpkg-deb -x)" "-" "$unpack_s" "-"
+row "$npkg pkgs: first build (inputs cached) vs mksquashfs" "$kiln_first" "$mksq_s" "$(ratio "$kiln_first" "$mksq_s")"
+row "$npkg pkgs: rebuild, nothing changed (vs first)" "$kiln_again" "$kiln_first" "$(ratio "$kiln_again" "$kiln_first")"
+
+write_recipe big "$pkgs, \"tree\"" zstd:15
+read -r kiln_add _ < <(measure "$kiln" build -q "$big/big.toml" -o "$big/out" --cache "$cache")
+row "$npkg pkgs: add one small package (vs first)" "$kiln_add" "$kiln_first" "$(ratio "$kiln_add" "$kiln_first")"
+
+write_recipe big3 "$pkgs" zstd:3
+"$kiln" lock -q "$big/big3.toml" --cache "$cache"
+rm -rf "$cache/squashfs"
+read -r kiln_z3 _ < <(measure "$kiln" build -q --locked "$big/big3.toml" -o "$big/out3" --cache "$cache")
+read -r mksq3_s _ < <(measure mksquashfs "$big/tree" "$big/tools3.sqfs" -comp zstd -Xcompression-level 3 -b 128K -noappend -quiet -no-progress)
+row "$npkg pkgs, zstd:3: first build vs mksquashfs -Xcompression-level 3" "$kiln_z3" "$mksq3_s" "$(ratio "$kiln_z3" "$mksq3_s")"
+
+root_size() { # IMAGE: bytes of partition 2
+  sgdisk -i2 "$1" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print (l - f + 1) * 512}'
+}
+echo
+echo "## Sizes and memory"
+echo
+printf "| %-46s | %10s |\n" "case" "value"
+printf "| %-46s | %10s |\n" "---" "---"
+printf "| %-46s | %10s |\n" "root partition, zstd:15 (MiB)" "$(( $(root_size "$big/out/big.raw") >> 20 ))"
+printf "| %-46s | %10s |\n" "root partition, zstd:3 (MiB)" "$(( $(root_size "$big/out3/big3.raw") >> 20 ))"
+printf "| %-46s | %10s |\n" "mksquashfs zstd 15 (MiB)" "$(( $(stat -c %s "$big/tools.sqfs") >> 20 ))"
+write_recipe small '"python3"' zstd:15
+"$kiln" build -q "$big/small.toml" -o "$big/outs" --cache "$cache"
+rm -rf "$cache/squashfs"
+read -r _ rss_small < <(measure "$kiln" build -q --locked "$big/small.toml" -o "$big/outs" --cache "$cache")
+printf "| %-46s | %10s |\n" "peak RSS, python3 image, root $(( $(root_size "$big/outs/small.raw") >> 20 )) MiB" "$rss_small"
+printf "| %-46s | %10s |\n" "peak RSS, $npkg-package image, root $(( $(root_size "$big/out/big.raw") >> 20 )) MiB" "$rss_big"

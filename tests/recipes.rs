@@ -296,6 +296,10 @@ fn progress_is_plain_lines_or_json() {
     let dir = k::scratch("progress");
     let recipe = tiny_recipe(&dir);
     let out = dir.join("out");
+    // A temp file left by a killed build (nobody holds its lock) is swept.
+    std::fs::create_dir_all(&out).unwrap();
+    let stale = out.join(".x.raw.tmp-4194304");
+    std::fs::write(&stale, b"left by a SIGKILLed build").unwrap();
     let r = k::run(
         Command::new(kiln())
             .arg("build")
@@ -306,6 +310,7 @@ fn progress_is_plain_lines_or_json() {
             .arg(k::shared_cache()),
     );
     assert!(r.ok, "{}", r.stderr);
+    assert!(!stale.exists(), "stale temp file not swept");
     for stage in ["resolve", "fetch", "trees", "encode", "write"] {
         assert!(
             r.stderr

@@ -250,9 +250,7 @@ impl Archive {
                 d
             }
         };
-        let text = liblzma::decode_all(&xz[..]).map_err(|e| DebianError::Index {
-            what: format!("decompressing {PACKAGES_PATH}: {e}"),
-        })?;
+        let text = packages_text(cache, &packages_xz, &xz)?;
         let text = String::from_utf8(text).map_err(|_| DebianError::Index {
             what: "not UTF-8".into(),
         })?;
@@ -305,6 +303,34 @@ impl Archive {
     pub async fn fetch(&self, pkg: &Package) -> Result<Vec<u8>, DebianError> {
         self.mirror.fetch(pkg).await
     }
+}
+
+/// Cache record kind: Packages.xz digest → digest of its text as zstd.
+const PACKAGES_ZSTD_REF: &str = "packages-zstd";
+
+/// The text of a verified Packages.xz. xz takes most of a second for
+/// trixie's 50 MB index; the text is kept as zstd (verified by its own
+/// digest) for the next build with the same index.
+fn packages_text(cache: &Cache, xz_digest: &Digest, xz: &[u8]) -> Result<Vec<u8>, DebianError> {
+    let key = xz_digest.to_string();
+    let cached = cache
+        .read_ref(PACKAGES_ZSTD_REF, &key)
+        .and_then(|d| d.parse::<Digest>().ok())
+        .and_then(|d| cache.get(&d).ok().flatten())
+        .and_then(|z| zstd::decode_all(&z[..]).ok());
+    if let Some(text) = cached {
+        return Ok(text);
+    }
+    let text = liblzma::decode_all(xz).map_err(|e| DebianError::Index {
+        what: format!("decompressing {PACKAGES_PATH}: {e}"),
+    })?;
+    // Only a speed-up: failing to keep it is not an error.
+    if let Ok(z) = zstd::encode_all(&text[..], 3) {
+        if let Ok(d) = cache.put_new(&z) {
+            let _ = cache.write_ref(PACKAGES_ZSTD_REF, &key, &d.to_string());
+        }
+    }
+    Ok(text)
 }
 
 fn check(what: &str, expected: &Digest, data: &[u8]) -> Result<(), DebianError> {

@@ -142,7 +142,13 @@ impl CompressionAction for Precompressed {
             .and_then(|blocks| blocks.get(&block_hash(bytes)).cloned());
         match hit {
             Some(c) => Ok(c.to_vec()),
-            None => backhand::compression::DefaultCompressor.compress(bytes, fc, block_size),
+            None => {
+                #[cfg(test)]
+                if bytes.len() > METADATA_BLOCK {
+                    DATA_MISSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                backhand::compression::DefaultCompressor.compress(bytes, fc, block_size)
+            }
         }
     }
 
@@ -159,6 +165,13 @@ impl CompressionAction for Precompressed {
         )
     }
 }
+
+/// Data blocks that were not compressed ahead (metadata blocks, at most
+/// 8 KiB, never are).
+#[cfg(test)]
+static DATA_MISSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+#[cfg(test)]
+const METADATA_BLOCK: usize = 8192;
 
 fn block_hash(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
@@ -191,15 +204,34 @@ fn precompress(
 ) -> Result<Blocks, BackhandError> {
     let bs = block_size as usize;
     // backhand compresses every block of a file of at least one block
-    // (the tail too) and fragments smaller files; zero blocks are holes.
+    // (the tail too); zero blocks are holes. Smaller files are packed into
+    // fragment blocks in path order (the tree walk's), a block closed when
+    // the next file does not fit: replay that to compress them here too.
+    // A block guessed wrong is only never asked for.
     let mut seen = std::collections::HashSet::new();
-    let mut chunks: Vec<&[u8]> = Vec::new();
+    let mut chunks: Vec<std::borrow::Cow<'_, [u8]>> = Vec::new();
+    let mut fragment: Vec<u8> = Vec::new();
     for (_, node) in tree.walk() {
-        if let Node::File { data, .. } = node {
-            if data.len() >= bs && seen.insert(Arc::as_ptr(data)) {
-                chunks.extend(data.chunks(bs).filter(|c| c.iter().any(|b| *b != 0)));
+        let Node::File { data, .. } = node else {
+            continue;
+        };
+        if data.len() >= bs {
+            if seen.insert(Arc::as_ptr(data)) {
+                chunks.extend(
+                    data.chunks(bs)
+                        .filter(|c| c.iter().any(|b| *b != 0))
+                        .map(std::borrow::Cow::Borrowed),
+                );
             }
+        } else if !data.is_empty() {
+            if fragment.len() + data.len() > bs {
+                chunks.push(std::mem::take(&mut fragment).into());
+            }
+            fragment.extend_from_slice(data);
         }
+    }
+    if !fragment.is_empty() {
+        chunks.push(fragment.into());
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let out: Mutex<Blocks> = Mutex::new(HashMap::new());
@@ -432,7 +464,16 @@ mod tests {
     /// is not used.
     #[test]
     fn stored_blocks_change_nothing() {
-        let tree = sample();
+        let mut tree = sample();
+        // Enough small files for two fragment blocks.
+        for i in 0..60u32 {
+            let data: Vec<u8> = (0..3000u32).map(|j| (j * 7 + i * 13) as u8).collect();
+            tree.insert(
+                Path::new(&format!("/small/{i:03}")),
+                Node::file(0o644, data),
+            )
+            .unwrap();
+        }
         let opts = SquashfsOptions::default();
         let mut plain = Cursor::new(Vec::new());
         write_inner(
@@ -450,12 +491,18 @@ mod tests {
         )
         .unwrap();
         let store = MemStore::default();
+        let misses = || DATA_MISSES.load(std::sync::atomic::Ordering::Relaxed);
+        let before = misses();
         let write = |store: &MemStore| {
             let mut out = Cursor::new(Vec::new());
             write_squashfs_with(&tree, &mut out, &opts, Some(store)).unwrap();
             out.into_inner()
         };
         assert_eq!(write(&store), plain.get_ref()[..], "first write");
+        // Every data block and fragment block was ready (the counter is
+        // shared with tests running alongside, whose writes should find
+        // theirs ready too).
+        assert_eq!(misses(), before, "a block was compressed late");
         let n = lock(&store.blocks).len();
         assert!(n >= 3, "big.bin's blocks were not stored: {n}");
         assert_eq!(store.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
