@@ -4,11 +4,12 @@
 //! and booted once under QEMU/OVMF. Each service runs a probe script that
 //! prints what the container sees, so the image config (Env, Entrypoint,
 //! Cmd, WorkingDir, User), the recipe overrides and the isolation are all
-//! checked line by line. Plus a build that must fail: a wrong digest pin.
+//! checked line by line. Plus builds without a boot: a wrong digest pin, the
+//! lock keeping a moved tag, and a registry on a non-loopback address.
 
 use kiln_tests::images::{self, Entry, TestImage, MT_OCI_MANIFEST};
 use kiln_tests::kiln::{self as k, container_lines, toml_str};
-use kiln_tests::registry::Registry;
+use kiln_tests::registry::{Registry, TestNetns};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -612,4 +613,85 @@ fn lock_pins_tags_until_updated() {
     );
     assert!(r.stderr.contains("probe/other"), "{}", r.stderr);
     assert_no_files(&out2);
+}
+
+/// A registry on a non-loopback address (a veth into a network namespace
+/// the test creates) is spoken to over HTTPS unless named insecure, with
+/// `--insecure-registry` or in `$XDG_CONFIG_HOME/kiln/config.toml`; the
+/// HTTPS failure shows its cause.
+#[test]
+fn insecure_registry_on_a_non_loopback_address() {
+    let Some(ns) = TestNetns::create() else {
+        return;
+    };
+    let Some(reg) = Registry::start_in_netns(&ns.name, &ns.ip) else {
+        return;
+    };
+    let Some(img) = registry_image("insecure") else {
+        eprintln!("note: /bin/busybox (busybox-static) not installed; skipping");
+        return;
+    };
+    let host = reg.host();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let digest = rt.block_on(img.push(&host, "probe/insecure", "1"));
+
+    let dir = k::scratch("sources-insecure");
+    let recipe = dir.join("insecure.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"insecure\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n\n\
+             [[service]]\nname = \"s\"\nimage = {}\n",
+            toml_str(&format!("{host}/probe/insecure:1"))
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let build = |extra: &[&str], config_home: &Path| {
+        let mut c = Command::new(kiln());
+        c.env("XDG_CONFIG_HOME", config_home)
+            .args(["build", "--quiet"])
+            .args(extra)
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&out)
+            .arg("--cache")
+            .arg(k::shared_cache());
+        k::run(&mut c)
+    };
+    let no_config = dir.join("no-config");
+    let r = build(&[], &no_config);
+    assert_eq!(
+        r.code,
+        Some(1),
+        "HTTPS to a plain-HTTP registry succeeded?\n{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(&host), "{}", r.stderr);
+    let lower = r.stderr.to_lowercase();
+    assert!(
+        ["tls", "ssl", "certificate", "corrupt", "handshake"]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "the cause is not shown:\n{}",
+        r.stderr
+    );
+    assert_no_files(&out);
+
+    let r = build(&["--insecure-registry", &host], &no_config);
+    assert!(r.ok, "{}", r.stderr);
+    let plan = k::read_json(&out.join("insecure.plan.json"));
+    assert_eq!(plan["image"][0]["digest"], digest.as_str());
+
+    // The same from the config file (no lock: the tag is resolved again).
+    std::fs::remove_file(dir.join("insecure.lock")).unwrap();
+    let config = dir.join("config");
+    std::fs::create_dir_all(config.join("kiln")).unwrap();
+    std::fs::write(
+        config.join("kiln/config.toml"),
+        format!("insecure_registries = [{}]\n", toml_str(&host)),
+    )
+    .unwrap();
+    let r = build(&[], &config);
+    assert!(r.ok, "{}", r.stderr);
 }

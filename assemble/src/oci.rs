@@ -213,6 +213,19 @@ async fn registry_digest(
     opts: &RegistryOptions,
 ) -> Result<Digest, OciError> {
     let (client, reference, auth) = registry_client(source, opts)?;
+    tag_digest(&client, &reference, &auth, source, cache, opts).await
+}
+
+/// What `reference` names, asking the registry through `client` (which
+/// then holds any token the registry issued).
+async fn tag_digest(
+    client: &oci_client::Client,
+    reference: &oci_client::Reference,
+    auth: &oci_client::secrets::RegistryAuth,
+    source: &str,
+    cache: &Cache,
+    opts: &RegistryOptions,
+) -> Result<Digest, OciError> {
     if let Some(d) = reference.digest() {
         return parse_digest(source, "pinned", d);
     }
@@ -223,7 +236,7 @@ async fn registry_digest(
         });
     }
     let (bytes, _) = client
-        .pull_manifest_raw(&reference, &auth, MANIFEST_TYPES)
+        .pull_manifest_raw(reference, auth, MANIFEST_TYPES)
         .await
         .map_err(|e| registry_err(source, "fetching manifest", &e))?;
     let data = bytes.to_vec();
@@ -232,7 +245,7 @@ async fn registry_digest(
         reference: source.to_string(),
         source: e,
     })?;
-    record_served(cache, &reference, &d);
+    record_served(cache, reference, &d);
     Ok(d)
 }
 
@@ -306,6 +319,8 @@ enum Store<'a> {
         auth: &'a oci_client::secrets::RegistryAuth,
         cache: &'a Cache,
         offline: bool,
+        /// Whether `client` holds the registry's token yet.
+        authed: &'a std::sync::atomic::AtomicBool,
     },
     Layout {
         dir: &'a Path,
@@ -360,6 +375,7 @@ impl Store<'_> {
                 auth,
                 cache,
                 offline,
+                authed,
             } => {
                 let cache_err = |source| OciError::Cache {
                     reference: reference.to_string(),
@@ -381,6 +397,14 @@ impl Store<'_> {
                 let reg_err = |e: oci_client::errors::OciDistributionError| {
                     registry_err(reference, &format!("fetching {what} {digest}"), &e)
                 };
+                // Blob requests carry the token a manifest request got; when
+                // the manifest came from the cache, get one first.
+                if !authed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    client
+                        .auth(r, auth, oci_client::RegistryOperation::Pull)
+                        .await
+                        .map_err(reg_err)?;
+                }
                 let data = if manifest {
                     let by_digest = r.clone_with_digest(digest.to_string());
                     let (bytes, _) = client
@@ -731,16 +755,22 @@ async fn pull_registry(
             .map(|d| parse_digest(source, "pinned", d))
             .transpose()?,
     };
+    let authed = std::sync::atomic::AtomicBool::new(false);
     let store = Store::Registry {
         client: &client,
         reference: &reference,
         auth: &auth,
         cache,
         offline: opts.offline,
+        authed: &authed,
     };
     let digest = match pinned {
         Some(d) => d,
-        None => registry_digest(source, cache, opts).await?,
+        None => {
+            let d = tag_digest(&client, &reference, &auth, source, cache, opts).await?;
+            authed.store(true, std::sync::atomic::Ordering::Relaxed);
+            d
+        }
     };
     // A pinned manifest is content: the cache can serve it.
     let data = store.get(source, "manifest", &digest, true).await?;

@@ -99,8 +99,12 @@ pub trait BlockStore: Sync {
     fn put(&self, key: &[u8; 32], compressed: &[u8]);
 }
 
-/// Blocks compressed ahead of the writer, by sha256 of the raw block.
-type Blocks = HashMap<[u8; 32], Arc<Vec<u8>>>;
+/// Blocks compressed ahead of the writer, by [`store_key`] of the raw
+/// block, and the zstd level they were compressed at.
+struct Blocks {
+    level: u32,
+    by_key: HashMap<[u8; 32], Arc<Vec<u8>>>,
+}
 
 /// The blocks of the write in progress (one at a time, see [`WRITING`]).
 static CURRENT: Mutex<Option<Blocks>> = Mutex::new(None);
@@ -137,9 +141,14 @@ impl CompressionAction for Precompressed {
         fc: FilesystemCompressor,
         block_size: u32,
     ) -> Result<Vec<u8>, BackhandError> {
-        let hit = lock(&CURRENT)
-            .as_ref()
-            .and_then(|blocks| blocks.get(&block_hash(bytes)).cloned());
+        let level = lock(&CURRENT).as_ref().map(|b| b.level);
+        // Hashed outside the lock; the level says which key to look for.
+        let key = level.map(|l| store_key(l, bytes));
+        let hit = key.and_then(|k| {
+            lock(&CURRENT)
+                .as_ref()
+                .and_then(|blocks| blocks.by_key.get(&k).cloned())
+        });
         match hit {
             Some(c) => Ok(c.to_vec()),
             None => {
@@ -172,10 +181,6 @@ impl CompressionAction for Precompressed {
 static DATA_MISSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 #[cfg(test)]
 const METADATA_BLOCK: usize = 8192;
-
-fn block_hash(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
 
 /// The store key of a raw block: compressor, level, library version, data.
 fn store_key(level: u32, bytes: &[u8]) -> [u8; 32] {
@@ -234,7 +239,7 @@ fn precompress(
         chunks.push(fragment.into());
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let out: Mutex<Blocks> = Mutex::new(HashMap::new());
+    let out: Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>> = Mutex::new(HashMap::new());
     let failed: Mutex<Option<BackhandError>> = Mutex::new(None);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|s| {
@@ -242,10 +247,9 @@ fn precompress(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(chunk) = chunks.get(i) else { break };
-                let key = store.map(|_| store_key(level, chunk));
+                let key = store_key(level, chunk);
                 let stored = store
-                    .zip(key.as_ref())
-                    .and_then(|(st, k)| st.get(k))
+                    .and_then(|st| st.get(&key))
                     .filter(|c| verifies(c, chunk, bs));
                 let compressed = match stored {
                     Some(c) => c,
@@ -254,8 +258,8 @@ fn precompress(
                             .compress(chunk, fc, block_size)
                         {
                             Ok(c) => {
-                                if let (Some(st), Some(k)) = (store, key.as_ref()) {
-                                    st.put(k, &c);
+                                if let Some(st) = store {
+                                    st.put(&key, &c);
                                 }
                                 c
                             }
@@ -266,14 +270,17 @@ fn precompress(
                         }
                     }
                 };
-                lock(&out).insert(block_hash(chunk), Arc::new(compressed));
+                lock(&out).insert(key, Arc::new(compressed));
             });
         }
     });
     if let Some(e) = lock(&failed).take() {
         return Err(e);
     }
-    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
+    Ok(Blocks {
+        level,
+        by_key: out.into_inner().unwrap_or_else(|p| p.into_inner()),
+    })
 }
 
 /// Whether `compressed` (from a store) is `raw` compressed with zstd.

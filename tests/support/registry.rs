@@ -13,6 +13,8 @@ const BINARY: &str = "/usr/bin/docker-registry";
 pub struct Registry {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Address it listens on (127.0.0.1, or an address in a test netns).
+    ip: String,
     port: u16,
     /// Whether /v2/ answers 401 (credentials required) when ready.
     auth: bool,
@@ -31,16 +33,22 @@ impl Registry {
     /// Starts a registry, or returns `None` (after printing a note) when the
     /// binary is not installed.
     pub fn start() -> Option<Registry> {
-        Self::start_inner(None)
+        Self::start_inner(None, None)
+    }
+
+    /// Starts a registry inside network namespace `netns`, listening on
+    /// `ip` (an address of that namespace the host can reach).
+    pub fn start_in_netns(netns: &str, ip: &str) -> Option<Registry> {
+        Self::start_inner(None, Some((netns, ip)))
     }
 
     /// Like [`Registry::start`], but every request must carry HTTP basic
     /// credentials `user:password` (distribution's htpasswd auth, bcrypt).
     pub fn start_with_auth(user: &str, password: &str) -> Option<Registry> {
-        Self::start_inner(Some((user, password)))
+        Self::start_inner(Some((user, password)), None)
     }
 
-    fn start_inner(auth: Option<(&str, &str)>) -> Option<Registry> {
+    fn start_inner(auth: Option<(&str, &str)>, netns: Option<(&str, &str)>) -> Option<Registry> {
         if !Path::new(BINARY).exists() {
             eprintln!("note: {BINARY} not installed; skipping registry test");
             return None;
@@ -51,6 +59,7 @@ impl Registry {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        let ip = netns.map_or("127.0.0.1", |(_, ip)| ip).to_string();
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("storage dir");
         let config = dir.path().join("config.yml");
@@ -58,7 +67,7 @@ impl Registry {
             "version: 0.1\n\
              log: {{level: warn}}\n\
              storage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\n\
-             http: {{addr: 127.0.0.1:{port}, secret: test}}\n",
+             http: {{addr: {ip}:{port}, secret: test}}\n",
             storage.display()
         );
         if let Some((user, password)) = auth {
@@ -72,7 +81,15 @@ impl Registry {
         }
         std::fs::write(&config, yaml).expect("registry config");
         let log = std::fs::File::create(dir.path().join("registry.log")).expect("log file");
-        let child = Command::new(BINARY)
+        let mut cmd = match netns {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BINARY]);
+                c
+            }
+            None => Command::new(BINARY),
+        };
+        let child = cmd
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
@@ -83,6 +100,7 @@ impl Registry {
         let mut reg = Registry {
             child: Some(child),
             dir,
+            ip,
             port,
             auth: auth.is_some(),
         };
@@ -107,11 +125,11 @@ impl Registry {
     }
 
     fn v2_answers(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+        let Ok(mut s) = TcpStream::connect((self.ip.as_str(), self.port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let req = format!("GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.port);
+        let req = format!("GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.host());
         if s.write_all(req.as_bytes()).is_err() {
             return false;
         }
@@ -123,9 +141,9 @@ impl Registry {
             || head.starts_with(&format!("HTTP/1.0 {want}"))
     }
 
-    /// `127.0.0.1:PORT`, the registry part of image references.
+    /// `IP:PORT`, the registry part of image references.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// The registry's storage directory.
@@ -144,6 +162,74 @@ impl Registry {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A network namespace joined to this one by a veth pair, each end with
+/// an address of a /30 no other host has: a registry in it is reached
+/// over a real, non-loopback interface, and traffic stays on this machine.
+pub struct TestNetns {
+    pub name: String,
+    /// The namespace's end.
+    pub ip: String,
+    host_if: String,
+}
+
+impl TestNetns {
+    /// Needs root (and iproute2); `None` otherwise.
+    pub fn create() -> Option<TestNetns> {
+        let id = std::process::id();
+        let name = format!("kiln-test-{id}");
+        let host_if = format!("kt{}", id % 100_000);
+        let ns_if = format!("kn{}", id % 100_000);
+        let net = id % 250;
+        let (host_ip, ns_ip) = (format!("10.231.{net}.1"), format!("10.231.{net}.2"));
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ip(&["netns", "add", &name]) {
+            eprintln!("note: cannot create a network namespace (not root?); skipping");
+            return None;
+        }
+        let ns = TestNetns {
+            name: name.clone(),
+            ip: ns_ip.clone(),
+            host_if: host_if.clone(),
+        };
+        let ok = ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]) && ip(&["link", "set", &ns_if, "netns", &name])
+            && ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])
+            && ip(&["link", "set", &host_if, "up"])
+            && ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{ns_ip}/30"),
+                "dev",
+                &ns_if,
+            ])
+            && ip(&["-n", &name, "link", "set", &ns_if, "up"])
+            && ip(&["-n", &name, "link", "set", "lo", "up"]);
+        assert!(ok, "setting up the veth pair into {name} failed");
+        Some(ns)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
