@@ -3,6 +3,8 @@
 //!
 //! This crate knows nothing about the command line.
 
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod debian;
 pub mod fetch;

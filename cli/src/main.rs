@@ -1,5 +1,7 @@
 //! `kiln`: bake immutable appliances from a TOML recipe.
 
+#![forbid(unsafe_code)]
+
 mod progress;
 mod run;
 

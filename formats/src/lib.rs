@@ -3,6 +3,8 @@
 //! Every encoder is deterministic: the same input yields the same bytes
 //! (sorted directory entries, no clock, no randomness).
 
+#![forbid(unsafe_code)]
+
 pub mod cpio;
 pub mod disk;
 pub mod fat;

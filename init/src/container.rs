@@ -317,20 +317,16 @@ fn setup(
     // the sets, which setuid to non-root has already emptied.
     step("drop bounding capabilities", caps::drop_bounding(plan))?;
     // SAFETY: pointer and length describe the groups vector.
-    step(
-        "setgroups",
-        check(unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) }),
-    )?;
+    let r = unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) };
+    step("setgroups", check(r))?;
     // SAFETY: integer arguments only.
     step("setgid", check(unsafe { libc::setgid(c.gid) }))?;
     // SAFETY: integer arguments only.
     step("setuid", check(unsafe { libc::setuid(c.uid) }))?;
     step("set capabilities", caps::set_sets(plan))?;
     // SAFETY: prctl with integer arguments only.
-    step(
-        "no_new_privs",
-        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }),
-    )?;
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    step("no_new_privs", check(r))?;
     step(
         &format!("chdir {}", exec.cwd),
         std::env::set_current_dir(&exec.cwd),
