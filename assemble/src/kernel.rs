@@ -334,7 +334,8 @@ fn elf_section<'a>(elf: &'a [u8], want: &str) -> Result<Option<&'a [u8]>, String
         return Err("not a little-endian ELF64 file".into());
     }
     let trunc = || "truncated ELF header".to_string();
-    let shoff = le_u64(elf, 0x28).ok_or_else(trunc)? as usize;
+    let shoff = usize::try_from(le_u64(elf, 0x28).ok_or_else(trunc)?)
+        .map_err(|_| "section header offset out of range".to_string())?;
     let shentsize = le_u16(elf, 0x3A).ok_or_else(trunc)? as usize;
     let shnum = le_u16(elf, 0x3C).ok_or_else(trunc)? as usize;
     let shstrndx = le_u16(elf, 0x3E).ok_or_else(trunc)? as usize;
@@ -348,8 +349,8 @@ fn elf_section<'a>(elf: &'a [u8], want: &str) -> Result<Option<&'a [u8]>, String
             .ok_or("overflow")?;
         let bad = || format!("section header {i} out of bounds");
         let name = le_u32(elf, at).ok_or_else(bad)? as usize;
-        let off = le_u64(elf, at + 24).ok_or_else(bad)? as usize;
-        let size = le_u64(elf, at + 32).ok_or_else(bad)? as usize;
+        let off = usize::try_from(le_u64(elf, at + 24).ok_or_else(bad)?).map_err(|_| bad())?;
+        let size = usize::try_from(le_u64(elf, at + 32).ok_or_else(bad)?).map_err(|_| bad())?;
         Ok((name, off, size))
     };
     let data = |off: usize, size: usize| -> Result<&'a [u8], String> {

@@ -245,6 +245,7 @@ pub fn write_raw<W: Write + Seek>(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::cast_possible_truncation)]
     use super::*;
     use crate::fat::testutil::{noise, run, scratch, tool};
     use crate::gpt::{read_table, ESP_TYPE, LINUX_ROOT_X86_64_TYPE};

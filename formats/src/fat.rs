@@ -80,6 +80,9 @@ impl Geometry {
     /// Picks the cluster size for `size` bytes: 4 KiB when that still gives
     /// FAT32's minimum cluster count, smaller for small volumes, larger
     /// only for volumes too big for 4 KiB clusters.
+    // total <= u32::MAX is checked first; spc <= 64, fat_sectors < total and
+    // clusters <= MAX_CLUSTERS, so every narrowing below is lossless.
+    #[allow(clippy::cast_possible_truncation)]
     pub fn for_size(size: u64) -> Result<Geometry, FatError> {
         if !size.is_multiple_of(SECTOR) {
             return Err(FatError::UnalignedSize(size));
@@ -168,8 +171,11 @@ impl FatImage {
     /// The whole image in memory. Unwritten regions stay untouched
     /// zero pages.
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.size as usize];
+        let size = usize::try_from(self.size).expect("FAT image larger than the address space");
+        let mut out = vec![0u8; size];
         for (off, data) in &self.segments {
+            // Below self.size, which fits in usize (checked above).
+            #[allow(clippy::cast_possible_truncation)]
             let off = *off as usize;
             out[off..off + data.len()].copy_from_slice(data);
         }
@@ -185,6 +191,9 @@ pub struct FatReader<B: Borrow<FatImage>> {
 }
 
 impl<B: Borrow<FatImage>> Read for FatReader<B> {
+    // `from` is inside the current segment's data and `n` at most
+    // `buf.len()`: both are in-memory lengths.
+    #[allow(clippy::cast_possible_truncation)]
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let img = self.image.borrow();
         if buf.is_empty() || self.pos >= img.size {
@@ -253,7 +262,7 @@ pub fn plan_fat32(
 
     let fat = Arc::new(encode_fat(&geometry, &p.chains));
     let fat_bytes = geometry.fat_sectors as u64 * SECTOR;
-    let reserved = encode_reserved(&geometry, volume_id, label, used as u32, p.next);
+    let reserved = encode_reserved(&geometry, volume_id, label, p.next - ROOT_CLUSTER, p.next);
     let mut segments = p.segments;
     segments.push((0, Arc::new(reserved)));
     for i in 0..NUM_FATS as u64 {
@@ -310,6 +319,9 @@ struct Named<'a> {
 impl Planner {
     /// Reserves `n` clusters; returns the first (0 when `n` is 0). Running
     /// past the volume is caught once planning ends.
+    // `next` is checked against clusters + 2 <= MAX_CLUSTERS + 2 before it
+    // is narrowed, and `n` is below it.
+    #[allow(clippy::cast_possible_truncation)]
     fn alloc(&mut self, n: u64) -> Result<u32, FatError> {
         if n == 0 {
             return Ok(0);
@@ -355,6 +367,8 @@ impl Planner {
         let clusters = ((slots * DIR_ENTRY) as u64).div_ceil(cs).max(1);
         let me = self.alloc(clusters)?;
 
+        // At most 65536 entries of 32 bytes, rounded up to a cluster.
+        #[allow(clippy::cast_possible_truncation)]
         let mut bytes = Vec::with_capacity((clusters * cs) as usize);
         let stamp = dos_time(dir.meta.mtime);
         match (parent, label) {
@@ -545,7 +559,10 @@ fn lfn_entries(long: &[u16], short: &[u8; 11]) -> Vec<u8> {
             units[chunk.len()] = 0;
         }
         let mut e = [0u8; DIR_ENTRY];
-        e[0] = (i as u8 + 1) | if i + 1 == parts { 0x40 } else { 0 };
+        // At most 20 parts: names are at most 255 UTF-16 units.
+        #[allow(clippy::cast_possible_truncation)]
+        let seq = i as u8 + 1;
+        e[0] = seq | if i + 1 == parts { 0x40 } else { 0 };
         e[11] = ATTR_LFN;
         e[13] = sum;
         let put = |e: &mut [u8; DIR_ENTRY], at: usize, us: &[u16]| {
@@ -561,6 +578,8 @@ fn lfn_entries(long: &[u16], short: &[u8; 11]) -> Vec<u8> {
     out
 }
 
+// The cluster number is split into its 16-bit halves on purpose.
+#[allow(clippy::cast_possible_truncation)]
 fn short_entry(name: &[u8; 11], attr: u8, cluster: u32, size: u32, stamp: (u16, u16)) -> [u8; 32] {
     let (date, time) = stamp;
     let mut e = [0u8; DIR_ENTRY];
@@ -578,6 +597,9 @@ fn short_entry(name: &[u8; 11], attr: u8, cluster: u32, size: u32, stamp: (u16, 
 }
 
 /// DOS (date, time) for Unix seconds, clamped to 1980..=2107 (UTC).
+// `days` < i64::MAX (u64::MAX / 86400); the year is clamped to 1980..=2107
+// before packing, and month, day, hours, minutes, seconds are small.
+#[allow(clippy::cast_possible_truncation)]
 fn dos_time(secs: u64) -> (u16, u16) {
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
@@ -603,6 +625,8 @@ fn dos_time(secs: u64) -> (u16, u16) {
     (date, time)
 }
 
+// The FAT is at most 4 bytes per cluster of MAX_CLUSTERS + 2 (1 GiB).
+#[allow(clippy::cast_possible_truncation)]
 fn encode_fat(geo: &Geometry, chains: &[(u32, u32)]) -> Vec<u8> {
     let mut fat = vec![0u8; (geo.fat_sectors as u64 * SECTOR) as usize];
     let mut set = |c: u32, v: u32| {
@@ -621,6 +645,8 @@ fn encode_fat(geo: &Geometry, chains: &[(u32, u32)]) -> Vec<u8> {
 }
 
 /// Reserved region: boot sector, FSInfo, and their backups at 6 and 7.
+// Narrows only constants (512, 32, 2, 1, 6) and sectors_per_cluster <= 64.
+#[allow(clippy::cast_possible_truncation)]
 fn encode_reserved(
     geo: &Geometry,
     volume_id: u32,
@@ -671,6 +697,7 @@ fn encode_reserved(
 /// Helpers for tests that validate images with the standard tools.
 #[cfg(test)]
 pub(crate) mod testutil {
+    #![allow(clippy::cast_possible_truncation)]
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
@@ -716,6 +743,7 @@ pub(crate) mod testutil {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::cast_possible_truncation)]
     use super::testutil::{noise, run, scratch, tool};
     use super::*;
     use crate::tree::Meta;

@@ -12,6 +12,10 @@ use sha2::{Digest, Sha256};
 
 /// Bytes per logical sector; kiln only writes 512-byte-sector disks.
 pub const SECTOR: u64 = 512;
+/// [`SECTOR`] as a buffer length.
+// 512 fits every integer type.
+#[allow(clippy::cast_possible_truncation)]
+const SECTOR_LEN: usize = SECTOR as usize;
 /// Number of partition entries in the array.
 pub const ENTRY_COUNT: u32 = 128;
 /// Size of one partition entry.
@@ -219,8 +223,8 @@ fn encode_header(
     last_usable: u64,
     entries_lba: u64,
     entries_crc: u32,
-) -> [u8; SECTOR as usize] {
-    let mut h = [0u8; SECTOR as usize];
+) -> [u8; SECTOR_LEN] {
+    let mut h = [0u8; SECTOR_LEN];
     h[0..8].copy_from_slice(SIGNATURE);
     h[8..12].copy_from_slice(&REVISION.to_le_bytes());
     h[12..16].copy_from_slice(&HEADER_SIZE.to_le_bytes());
@@ -241,15 +245,15 @@ fn encode_header(
 
 /// The protective MBR: one 0xEE partition covering the disk (capped at
 /// 2^32-1 sectors as the UEFI spec requires).
-pub fn protective_mbr(total_sectors: u64) -> [u8; SECTOR as usize] {
-    let mut m = [0u8; SECTOR as usize];
+pub fn protective_mbr(total_sectors: u64) -> [u8; SECTOR_LEN] {
+    let mut m = [0u8; SECTOR_LEN];
     let p = &mut m[446..462];
     p[0] = 0x00; // not bootable
     p[1..4].copy_from_slice(&[0x00, 0x02, 0x00]); // CHS of LBA 1
     p[4] = 0xEE;
     p[5..8].copy_from_slice(&[0xFF, 0xFF, 0xFF]);
     p[8..12].copy_from_slice(&1u32.to_le_bytes());
-    let len = total_sectors.saturating_sub(1).min(u32::MAX as u64) as u32;
+    let len = u32::try_from(total_sectors.saturating_sub(1)).unwrap_or(u32::MAX);
     p[12..16].copy_from_slice(&len.to_le_bytes());
     m[510] = 0x55;
     m[511] = 0xAA;
@@ -287,10 +291,13 @@ pub fn encode(
         backup_entries_lba,
         crc,
     );
+    // 34 and 33 sectors: constants.
+    #[allow(clippy::cast_possible_truncation)]
     let mut head = Vec::with_capacity((FIRST_USABLE_LBA * SECTOR) as usize);
     head.extend_from_slice(&protective_mbr(total_sectors));
     head.extend_from_slice(&primary);
     head.extend_from_slice(&array);
+    #[allow(clippy::cast_possible_truncation)]
     let mut tail = Vec::with_capacity((BACKUP_SECTORS * SECTOR) as usize);
     tail.extend_from_slice(&array);
     tail.extend_from_slice(&backup);
@@ -306,12 +313,12 @@ struct Header {
     entries_crc: u32,
 }
 
-fn parse_header(h: &[u8; SECTOR as usize], expect_lba: u64) -> Result<Header, String> {
+fn parse_header(h: &[u8; SECTOR_LEN], expect_lba: u64) -> Result<Header, String> {
     if &h[0..8] != SIGNATURE {
         return Err("missing `EFI PART` signature".into());
     }
     let size = u32::from_le_bytes(h[12..16].try_into().unwrap_or_default());
-    if !(HEADER_SIZE..=SECTOR as u32).contains(&size) {
+    if size < HEADER_SIZE || u64::from(size) > SECTOR {
         return Err(format!("header size {size}"));
     }
     let stored = u32::from_le_bytes(h[16..20].try_into().unwrap_or_default());
@@ -353,7 +360,7 @@ fn read_at<R: Read + Seek>(r: &mut R, off: u64, buf: &mut [u8]) -> std::io::Resu
 /// and falls back to the backup header if the primary one is damaged.
 pub fn read_table<R: Read + Seek>(r: &mut R) -> Result<(Guid, Vec<PartitionInfo>), GptError> {
     let len = r.seek(SeekFrom::End(0))?;
-    let mut h = [0u8; SECTOR as usize];
+    let mut h = [0u8; SECTOR_LEN];
     read_at(r, SECTOR, &mut h)?;
     let header = match parse_header(&h, 1) {
         Ok(hd) => hd,
@@ -377,6 +384,9 @@ pub fn read_table<R: Read + Seek>(r: &mut R) -> Result<(Guid, Vec<PartitionInfo>
     }
     let mut out = Vec::new();
     for (i, e) in array.chunks_exact(header.entry_size as usize).enumerate() {
+        // Fewer than header.count entries, a u32.
+        #[allow(clippy::cast_possible_truncation)]
+        let index = i as u32 + 1;
         let mut t = [0u8; 16];
         t.copy_from_slice(&e[0..16]);
         let type_guid = Guid::from_gpt_bytes(&t);
@@ -392,7 +402,7 @@ pub fn read_table<R: Read + Seek>(r: &mut R) -> Result<(Guid, Vec<PartitionInfo>
             .take_while(|&c| c != 0)
             .collect();
         out.push(PartitionInfo {
-            index: i as u32 + 1,
+            index,
             entry: PartitionEntry {
                 type_guid,
                 guid: Guid::from_gpt_bytes(&u),
@@ -414,6 +424,7 @@ pub fn read_partitions<R: Read + Seek>(r: &mut R) -> Result<Vec<PartitionInfo>, 
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::cast_possible_truncation)]
     use super::*;
     use std::io::Cursor;
 

@@ -431,6 +431,7 @@ fn write_inner<W: Write + Seek>(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::cast_possible_truncation)]
     use super::*;
     use std::path::Path;
     use std::process::Command;

@@ -186,6 +186,9 @@ fn parse(b: &[u8]) -> Result<Pe, UkiError> {
 
 /// The PE image checksum: a 16-bit ones'-complement-style sum of the file
 /// (with the checksum field itself read as zero) plus the file length.
+// `sum` is folded to 16 bits; the PE checksum adds the file length
+// modulo 2^32 by definition.
+#[allow(clippy::cast_possible_truncation)]
 fn pe_checksum(b: &[u8], checksum_at: usize) -> u32 {
     let mut sum: u64 = 0;
     for (i, chunk) in b.chunks(2).enumerate() {
@@ -258,11 +261,12 @@ pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, Uki
             available: first_raw,
         });
     }
-    if (needed as usize) > image.len() {
-        return Err(UkiError::Truncated("headers"));
-    }
+    let needed_end = match usize::try_from(needed) {
+        Ok(n) if n <= image.len() => n,
+        _ => return Err(UkiError::Truncated("headers")),
+    };
     // The slack must be unused: a non-zero byte there is data we would clobber.
-    if image[table_end..needed as usize].iter().any(|&b| b != 0) {
+    if image[table_end..needed_end].iter().any(|&b| b != 0) {
         return Err(UkiError::NoRoomForHeaders {
             count: ordered.len(),
             needed,
@@ -319,13 +323,14 @@ pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, Uki
     }
     let fit = |v: u64| u32::try_from(v).map_err(|_| UkiError::TooLarge);
     let new_size_of_image = fit(next_va)?;
-    fit(out_len)?;
+    let out_len = fit(out_len)?;
 
     image.resize(out_len as usize, 0);
-    image[table_end..needed as usize].copy_from_slice(&headers);
+    image[table_end..needed_end].copy_from_slice(&headers);
     for (ptr, data) in placed {
         if !data.is_empty() {
-            image[ptr as usize..ptr as usize + data.len()].copy_from_slice(data);
+            let ptr = usize::try_from(ptr).map_err(|_| UkiError::TooLarge)?;
+            image[ptr..ptr + data.len()].copy_from_slice(data);
         }
     }
 

@@ -138,6 +138,8 @@ struct ProgAttachAttr {
     pad: [u64; 4],
 }
 
+// The attr structs are a few dozen bytes.
+#[allow(clippy::cast_possible_truncation)]
 fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a zero-padded bpf_attr variant of the given size.
     let r = unsafe {
@@ -160,14 +162,18 @@ fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
 /// caller may drop it).
 pub fn load_and_attach(prog: &[Insn], cgroup: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let license = c"Apache-2.0";
+    let insn_cnt =
+        u32::try_from(prog.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut load = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
-        insn_cnt: prog.len() as u32,
+        insn_cnt,
         insns: prog.as_ptr() as u64,
         license: license.as_ptr() as u64,
         ..Default::default()
     };
-    let fd = crate::sys::owned(bpf(BPF_PROG_LOAD, &mut load)? as libc::c_int)?;
+    let fd = libc::c_int::try_from(bpf(BPF_PROG_LOAD, &mut load)?)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    let fd = crate::sys::owned(fd)?;
     let mut attach = ProgAttachAttr {
         target_fd: cgroup.as_raw_fd() as u32,
         attach_bpf_fd: fd.as_raw_fd() as u32,
@@ -180,6 +186,7 @@ pub fn load_and_attach(prog: &[Insn], cgroup: BorrowedFd<'_>) -> io::Result<Owne
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::cast_possible_truncation)]
     use super::*;
 
     /// Runs the subset of eBPF that [`program`] emits on a device context.

@@ -55,6 +55,8 @@ const NAMES: [&str; 41] = [
 
 /// Number of a capability name, with or without the `CAP_` prefix,
 /// any case.
+// Positions in NAMES, a list of about 41.
+#[allow(clippy::cast_possible_truncation)]
 pub fn number(name: &str) -> Result<u32, CapError> {
     let upper = name.to_ascii_uppercase();
     let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
@@ -139,6 +141,8 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// The two capset(2) words for `plan`: effective and permitted get
 /// `plan.sets`, inheritable nothing.
+// Splits the 64-bit set into its 32-bit halves on purpose.
+#[allow(clippy::cast_possible_truncation)]
 fn cap_data(plan: &CapPlan) -> [CapData; 2] {
     let word = |bits: u32| CapData {
         effective: bits,

@@ -560,6 +560,8 @@ struct IfreqFlags {
 }
 
 /// `ip link set lo up` in a fresh network namespace.
+// IFF_UP is 1: it fits c_short.
+#[allow(clippy::cast_possible_truncation)]
 fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket creation.
     let fd = sys::owned(unsafe {

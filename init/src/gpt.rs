@@ -120,11 +120,14 @@ pub fn parse_entries(h: &Header, data: &[u8]) -> Result<Vec<Partition>, GptError
     }
     let mut out = Vec::new();
     for (i, e) in data.chunks_exact(h.entry_size as usize).enumerate() {
+        // Fewer than h.num_entries entries, a u32.
+        #[allow(clippy::cast_possible_truncation)]
+        let number = i as u32 + 1;
         if e[0..16].iter().all(|&b| b == 0) {
             continue;
         }
         out.push(Partition {
-            number: i as u32 + 1,
+            number,
             guid: guid_string(&e[16..32]),
             first_lba: u64_at(e, 32),
             last_lba: u64_at(e, 40),
@@ -140,7 +143,10 @@ pub fn read_partitions(
 ) -> Result<Vec<Partition>, GptError> {
     let mut last = GptError::NoHeader;
     for sector in [512u64, 4096] {
-        let Ok(hdr) = read_at(sector, sector as usize) else {
+        // 512 or 4096.
+        #[allow(clippy::cast_possible_truncation)]
+        let len = sector as usize;
+        let Ok(hdr) = read_at(sector, len) else {
             continue;
         };
         let h = match parse_header(&hdr) {
@@ -165,6 +171,7 @@ pub fn read_partitions(
 
 #[cfg(test)]
 pub mod tests {
+    #![allow(clippy::cast_possible_truncation)]
     use super::*;
 
     /// A synthetic GPT disk image: 34 sectors of header and entries, with

@@ -94,7 +94,10 @@ impl ChildMsg {
                 let mut out = Vec::with_capacity(1 + 4 + 2 + step.len());
                 out.push(TAG_FAILED);
                 out.extend_from_slice(&f.errno.to_le_bytes());
-                out.extend_from_slice(&(step.len() as u16).to_le_bytes());
+                // At most MAX_STEP (1024) bytes.
+                #[allow(clippy::cast_possible_truncation)]
+                let step_len = step.len() as u16;
+                out.extend_from_slice(&step_len.to_le_bytes());
                 out.extend_from_slice(step);
                 out
             }

@@ -328,6 +328,7 @@ mod tests {
 pub mod fake {
     //! An in-memory stand-in for [`Sys`](super::Sys) that records what it
     //! was asked to do.
+    #![allow(clippy::cast_possible_truncation)]
     use super::*;
     use std::cell::RefCell;
     use std::collections::BTreeMap;

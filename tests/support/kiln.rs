@@ -104,7 +104,7 @@ pub fn extract_partition(image: &Path, part: &(u32, u64, u64, String, String), t
     let (offset, len) = (part.1 * 512, (part.2 - part.1 + 1) * 512);
     let mut f = std::fs::File::open(image).expect("opening image");
     f.seek(SeekFrom::Start(offset)).expect("seeking");
-    let mut buf = vec![0; len as usize];
+    let mut buf = vec![0; usize::try_from(len).expect("partition fits in memory")];
     f.read_exact(&mut buf).expect("reading partition");
     std::fs::write(to, buf).expect("writing partition copy");
 }
