@@ -17,6 +17,7 @@ use crate::tree::{DeviceKind, Dir, Meta, Node, Tree};
 /// Errors from writing a cpio archive.
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
+    /// Writing the archive to the output failed.
     #[error("writing cpio archive")]
     Io(#[from] io::Error),
     /// newc stores sizes in 32 bits.

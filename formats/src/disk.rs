@@ -16,23 +16,48 @@ const CHUNK: usize = 64 << 10;
 /// Errors from placing or writing a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
+    /// The disk size is not a whole number of 512-byte sectors.
     #[error("disk size {0} is not a multiple of 512 bytes")]
     UnalignedDiskSize(u64),
+    /// A partition was given size 0.
     #[error("partition `{0}` has size 0")]
     EmptyPartition(String),
+    /// The partitions (with GPT overhead and alignment) do not fit on the disk.
     #[error("partitions need {need} bytes but the disk is {size} bytes")]
-    DoesNotFit { need: u64, size: u64 },
+    DoesNotFit {
+        /// Bytes the layout needs.
+        need: u64,
+        /// Disk size in bytes.
+        size: u64,
+    },
+    /// The number of content streams differs from the number of partitions.
     #[error("{partitions} partitions given but {contents} contents")]
-    ContentsMismatch { partitions: usize, contents: usize },
+    ContentsMismatch {
+        /// Number of partitions in the layout.
+        partitions: usize,
+        /// Number of content streams given.
+        contents: usize,
+    },
+    /// A partition's content stream is longer than the partition.
     #[error("data for partition `{name}` is larger than its {size} bytes")]
-    ContentTooLarge { name: String, size: u64 },
+    ContentTooLarge {
+        /// Partition name.
+        name: String,
+        /// Partition size in bytes.
+        size: u64,
+    },
+    /// Reading a partition's content stream failed.
     #[error("reading data for partition `{name}`")]
     Read {
+        /// Partition name.
         name: String,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// Writing to the disk output failed.
     #[error("writing disk")]
     Write(#[source] std::io::Error),
+    /// Encoding the partition table failed.
     #[error(transparent)]
     Gpt(#[from] GptError),
 }
@@ -42,7 +67,9 @@ pub enum DiskError {
 pub struct PartitionSpec {
     /// GPT partition label (at most 36 UTF-16 units).
     pub name: String,
+    /// GPT partition type GUID.
     pub type_guid: Guid,
+    /// Unique partition GUID.
     pub guid: Guid,
     /// Bytes; rounded up to whole sectors.
     pub size: u64,
@@ -53,15 +80,20 @@ pub struct PartitionSpec {
 /// A whole disk: its GUID, total size in bytes, and partitions in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
+    /// Disk GUID written to the GPT header.
     pub disk_guid: Guid,
+    /// Disk size in bytes (a multiple of 512).
     pub size: u64,
+    /// Partitions, in on-disk order.
     pub partitions: Vec<PartitionSpec>,
 }
 
 /// Where one partition landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placed {
+    /// GPT partition label.
     pub name: String,
+    /// First sector (LBA) of the partition.
     pub first_lba: u64,
     /// Inclusive.
     pub last_lba: u64,
@@ -85,7 +117,9 @@ impl Placed {
 /// The computed placement of a [`Layout`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
+    /// Disk size in 512-byte sectors.
     pub total_sectors: u64,
+    /// Placed partitions, in layout order.
     pub partitions: Vec<Placed>,
 }
 

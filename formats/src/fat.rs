@@ -40,28 +40,41 @@ const ATTR_LFN: u8 = 0x0F;
 /// Errors from building a FAT image. Paths are tree-absolute.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FatError {
+    /// A tree node other than a directory or regular file (symlink, device, ...).
     #[error("{0}: only directories and regular files can go on a FAT filesystem")]
     UnsupportedNode(PathBuf),
+    /// A name FAT cannot store.
     #[error("{0}: name is not valid on FAT (empty, reserved character, trailing dot/space, non-UTF-8 or over 255 characters)")]
     InvalidName(PathBuf),
+    /// Two entries in one directory differ only by case.
     #[error("{0}: another entry has the same name ignoring case")]
     DuplicateName(PathBuf),
+    /// A directory needs more than 65536 entries (long-name slots included).
     #[error("{0}: directory has more than 65536 FAT entries")]
     TooManyEntries(PathBuf),
+    /// A file is 4 GiB or larger.
     #[error("{0}: FAT files are at most 4 GiB - 1")]
     FileTooLarge(PathBuf),
+    /// The volume label is not a valid short name of at most 11 ASCII characters.
     #[error("volume label `{0}` is invalid (at most 11 ASCII characters allowed in short names)")]
     InvalidLabel(String),
+    /// The image size in bytes is not a multiple of 512.
     #[error("size {0} is not a multiple of 512 bytes")]
     UnalignedSize(u64),
+    /// The image size in bytes is below FAT32's minimum cluster count.
     #[error("size {0} is too small for FAT32 (about 33 MiB at least)")]
     TooSmall(u64),
+    /// The image size in bytes needs more sectors or clusters than FAT32 allows.
     #[error("size {0} is too large for this FAT32 writer")]
     TooLarge(u64),
+    /// The contents need more clusters than the image has.
     #[error("contents need {need} clusters of {cluster_size} bytes but only {have} exist")]
     NoSpace {
+        /// Clusters the contents need.
         need: u64,
+        /// Data clusters the image has.
         have: u64,
+        /// Cluster size in bytes.
         cluster_size: u64,
     },
 }
@@ -69,8 +82,11 @@ pub enum FatError {
 /// Cluster geometry of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
+    /// Total size in 512-byte sectors.
     pub total_sectors: u32,
+    /// Sectors per cluster (1 to 64).
     pub sectors_per_cluster: u32,
+    /// Size of one FAT copy in sectors.
     pub fat_sectors: u32,
     /// Number of data clusters (numbered from 2).
     pub clusters: u32,
@@ -125,6 +141,7 @@ impl Geometry {
         }
     }
 
+    /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.sectors_per_cluster as u64 * SECTOR
     }
@@ -154,6 +171,7 @@ impl FatImage {
         self.size
     }
 
+    /// The geometry the image was built with.
     pub fn geometry(&self) -> Geometry {
         self.geometry
     }

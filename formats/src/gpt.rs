@@ -36,18 +36,25 @@ const HEADER_SIZE: u32 = 92;
 /// Errors from GUID parsing and GPT encoding/decoding.
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
+    /// A GUID string is not in the hyphenated 8-4-4-4-12 hex form.
     #[error("invalid GUID `{0}`: expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")]
     BadGuid(String),
+    /// A partition name is longer than the 36 UTF-16 units GPT stores.
     #[error("partition name `{0}` is longer than 36 UTF-16 code units")]
     NameTooLong(String),
+    /// More partitions than the 128 entries of the table.
     #[error("too many partitions: {0} (at most 128)")]
     TooManyPartitions(usize),
+    /// The disk (in sectors) cannot hold both tables and one usable sector.
     #[error("disk of {0} sectors is too small for a GPT")]
     DiskTooSmall(u64),
+    /// Neither the primary nor the backup header is valid; says why.
     #[error("no valid GPT header: {0}")]
     BadHeader(String),
+    /// The partition entry array does not match the header's CRC32.
     #[error("partition entry array CRC mismatch")]
     BadEntriesCrc,
+    /// Reading the disk failed.
     #[error("reading GPT")]
     Io(#[from] std::io::Error),
 }
@@ -160,12 +167,17 @@ impl FromStr for Guid {
 /// One partition entry as written to or read from the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionEntry {
+    /// Partition type GUID.
     pub type_guid: Guid,
+    /// Unique partition GUID.
     pub guid: Guid,
+    /// First sector (LBA) of the partition.
     pub first_lba: u64,
     /// Inclusive.
     pub last_lba: u64,
+    /// GPT attribute bits.
     pub attributes: u64,
+    /// Partition label.
     pub name: String,
 }
 
@@ -173,7 +185,9 @@ pub struct PartitionEntry {
 /// `sgdisk` and Linux partition numbers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionInfo {
+    /// 1-based entry number.
     pub index: u32,
+    /// The entry itself.
     pub entry: PartitionEntry,
 }
 

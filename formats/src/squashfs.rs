@@ -36,33 +36,49 @@ use crate::tree::{DeviceKind, Meta, Node, Tree};
 /// Errors from writing a squashfs image.
 #[derive(Debug, thiserror::Error)]
 pub enum SquashfsError {
+    /// backhand failed to build or write the image.
     #[error("squashfs")]
     Backhand(#[from] backhand::BackhandError),
+    /// Writing the image to the output failed.
     #[error("writing squashfs image")]
     Io(#[from] std::io::Error),
+    /// The block size is not a power of two from 4 KiB to 1 MiB.
     #[error("block size {0} is not a power of two between 4 KiB and 1 MiB")]
     BadBlockSize(u32),
+    /// The zstd level is outside 1..=22.
     #[error("zstd level {0} is outside 1..=22")]
     BadLevel(u32),
     /// squashfs stores `rdev` in 32 bits: 12-bit major, 20-bit minor.
     #[error("{path}: device {major}:{minor} does not fit squashfs's 32-bit device number")]
     DeviceNumber {
+        /// Path of the device node in the tree.
         path: PathBuf,
+        /// Device major number.
         major: u32,
+        /// Device minor number.
         minor: u32,
     },
+    /// A node has extended attributes and `strict_xattrs` is set.
     #[error("{0}: has extended attributes, which the squashfs writer cannot store")]
     Xattrs(PathBuf),
     /// backhand's id table only learns ids from nodes below the root.
     #[error("root directory owner {uid}:{gid} must be 0 or also own something below the root")]
-    RootOwner { uid: u32, gid: u32 },
+    RootOwner {
+        /// Owner user id of the root directory.
+        uid: u32,
+        /// Owner group id of the root directory.
+        gid: u32,
+    },
 }
 
 /// Data compression for the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     /// zstd at the given level (1..=22; mksquashfs's default is 15).
-    Zstd { level: u32 },
+    Zstd {
+        /// zstd compression level.
+        level: u32,
+    },
     /// zlib at level 9, window 15 (mksquashfs's defaults).
     Gzip,
 }
@@ -70,6 +86,7 @@ pub enum Compression {
 /// How to write the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SquashfsOptions {
+    /// Data compression.
     pub compression: Compression,
     /// Data block size: a power of two, 4 KiB to 1 MiB.
     pub block_size: u32,
@@ -95,7 +112,9 @@ impl Default for SquashfsOptions {
 /// `get` returns is checked (decompressed and hashed) before use, so a
 /// store needs no integrity of its own.
 pub trait BlockStore: Sync {
+    /// The stored compressed block for `key`, if any.
     fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>>;
+    /// Stores the compressed block for `key`.
     fn put(&self, key: &[u8; 32], compressed: &[u8]);
 }
 

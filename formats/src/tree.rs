@@ -13,10 +13,13 @@ use std::sync::Arc;
 /// Errors from tree manipulation. Paths are tree-absolute.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TreeError {
+    /// A path has `..` or other non-normal components, or is not below the root.
     #[error("{0}: path is not normal (`..`, or not below the root)")]
     BadPath(PathBuf),
+    /// A parent component of the path is not a directory.
     #[error("{0}: a parent is not a directory")]
     NotADirectory(PathBuf),
+    /// The path does not exist in the tree.
     #[error("{0}: no such entry")]
     NotFound(PathBuf),
 }
@@ -27,10 +30,13 @@ pub struct Meta {
     /// Permission bits including setuid/setgid/sticky (`0o7777`); the file
     /// type is the node's variant, never these bits.
     pub mode: u32,
+    /// Owner user id.
     pub uid: u32,
+    /// Owner group id.
     pub gid: u32,
     /// Seconds since the epoch; taken from layer metadata or the recipe.
     pub mtime: u64,
+    /// Extended attributes: name to value.
     pub xattrs: BTreeMap<OsString, Vec<u8>>,
 }
 
@@ -50,37 +56,56 @@ impl Meta {
 /// Device node kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// Character device.
     Char,
+    /// Block device.
     Block,
 }
 
 /// One filesystem object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
+    /// A directory.
     Dir(Dir),
+    /// A regular file.
     File {
+        /// Ownership, permissions and times.
         meta: Meta,
+        /// File contents.
         data: Arc<Vec<u8>>,
     },
+    /// A symbolic link.
     Symlink {
+        /// Ownership, permissions and times.
         meta: Meta,
+        /// Link target, stored as given.
         target: OsString,
     },
+    /// A character or block device node.
     Device {
+        /// Ownership, permissions and times.
         meta: Meta,
+        /// Character or block device.
         kind: DeviceKind,
+        /// Device major number.
         major: u32,
+        /// Device minor number.
         minor: u32,
     },
+    /// A named pipe.
     Fifo {
+        /// Ownership, permissions and times.
         meta: Meta,
     },
+    /// A Unix domain socket.
     Socket {
+        /// Ownership, permissions and times.
         meta: Meta,
     },
 }
 
 impl Node {
+    /// The node's metadata, whatever its kind.
     pub fn meta(&self) -> &Meta {
         match self {
             Node::Dir(d) => &d.meta,
@@ -92,6 +117,7 @@ impl Node {
         }
     }
 
+    /// Mutable access to the node's metadata.
     pub fn meta_mut(&mut self) -> &mut Meta {
         match self {
             Node::Dir(d) => &mut d.meta,
@@ -134,6 +160,7 @@ impl Node {
         Node::Dir(Dir::new(Meta::root(mode)))
     }
 
+    /// The directory, if this node is one.
     pub fn as_dir(&self) -> Option<&Dir> {
         match self {
             Node::Dir(d) => Some(d),
@@ -141,6 +168,7 @@ impl Node {
         }
     }
 
+    /// The directory, mutably, if this node is one.
     pub fn as_dir_mut(&mut self) -> Option<&mut Dir> {
         match self {
             Node::Dir(d) => Some(d),
@@ -152,11 +180,14 @@ impl Node {
 /// A directory: metadata plus sorted children.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dir {
+    /// The directory's own metadata.
     pub meta: Meta,
+    /// Children by name, sorted.
     pub entries: BTreeMap<OsString, Node>,
 }
 
 impl Dir {
+    /// An empty directory with the given metadata.
     pub fn new(meta: Meta) -> Self {
         Dir {
             meta,
@@ -168,6 +199,7 @@ impl Dir {
 /// A whole filesystem rooted at `/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tree {
+    /// The root directory.
     pub root: Dir,
 }
 
@@ -212,6 +244,7 @@ impl Tree {
         dir.entries.get(*last)
     }
 
+    /// Mutable access to the node at `path`, if it exists.
     pub fn get_mut(&mut self, path: &Path) -> Option<&mut Node> {
         let comps = components(path).ok()?;
         let (last, parents) = comps.split_last()?;

@@ -12,26 +12,43 @@ use std::collections::HashSet;
 /// Errors from building a UKI. None of them panics on a malformed stub.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UkiError {
+    /// The stub ends inside the named structure.
     #[error("stub is truncated: {0}")]
     Truncated(&'static str),
+    /// The stub lacks a PE signature or header; says which.
     #[error("stub is not a PE image: {0}")]
     NotPe(&'static str),
+    /// The optional header magic (given) is not PE32+.
     #[error("stub is not PE32+ (optional header magic {0:#06x})")]
     NotPe32Plus(u16),
+    /// The COFF machine (given) is not x86-64.
     #[error("stub is not for x86-64 (machine {0:#06x})")]
     NotX86_64(u16),
+    /// Section or file alignment is not a power of two, or the file alignment exceeds the section alignment.
     #[error("stub has invalid alignment: section {section:#x}, file {file:#x}")]
-    BadAlignment { section: u32, file: u32 },
+    BadAlignment {
+        /// Section alignment in bytes.
+        section: u32,
+        /// File alignment in bytes.
+        file: u32,
+    },
+    /// The section table cannot grow before the first section's data.
     #[error("no room for {count} more section headers: need header space up to {needed:#x}, first section data starts at {available:#x}")]
     NoRoomForHeaders {
+        /// Number of section headers to add.
         count: usize,
+        /// File offset the headers would need to reach.
         needed: u64,
+        /// File offset where section data starts.
         available: u64,
     },
+    /// A section name is empty or longer than 8 bytes.
     #[error("section name {0:?} must be 1 to 8 bytes")]
     BadSectionName(String),
+    /// A section name is given twice or already exists in the stub.
     #[error("section {0} is given twice or already exists in the stub")]
     DuplicateSection(String),
+    /// The image would exceed the 4 GiB size PE allows.
     #[error("image would exceed the 4 GiB PE limit")]
     TooLarge,
 }
