@@ -15,6 +15,7 @@ pub const HOST_CONFIG_PATH: &str = "/kiln/config.json";
 /// `CONTAINERS_DIR/NAME/rootfs`.
 pub const CONTAINERS_DIR: &str = "/containers";
 
+/// What the init needs to find and mount the root filesystem: `/kiln/boot.json` in the initramfs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootConfig {
@@ -38,6 +39,7 @@ pub struct ModuleIndex {
     pub always: Vec<String>,
 }
 
+/// One kernel module shipped in the initramfs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleInfo {
@@ -53,7 +55,9 @@ pub struct ModuleInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
+    /// Host name set with sethostname(2).
     pub hostname: String,
+    /// What to do once every container has exited.
     pub when_done: WhenDone,
     /// Recipe `[[file]]` entries. They are baked into the read-only root;
     /// the init writes again those that fall on a tmpfs (/run, /tmp).
@@ -64,6 +68,7 @@ pub struct HostConfig {
     pub services: Vec<Container>,
 }
 
+/// What the init does once every container has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WhenDone {
@@ -73,19 +78,27 @@ pub enum WhenDone {
     Poweroff,
 }
 
+/// A file the recipe places in the root filesystem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntry {
+    /// Absolute path in the root filesystem.
     pub path: String,
+    /// File contents.
     pub contents: Vec<u8>,
+    /// Permission bits (e.g. `0o644`).
     pub mode: u32,
+    /// Owner user id.
     pub uid: u32,
+    /// Owner group id.
     pub gid: u32,
 }
 
+/// One container the init runs: its root, command, identity and access.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Container {
+    /// Container name, unique within the image.
     pub name: String,
     /// Root filesystem path in the host root (read-only).
     pub rootfs: String,
@@ -93,17 +106,23 @@ pub struct Container {
     pub args: Vec<String>,
     /// `KEY=value`, image Env merged with the recipe's.
     pub env: Vec<String>,
+    /// Working directory inside the container.
     pub cwd: String,
+    /// User id the command runs as.
     pub uid: u32,
+    /// Primary group id the command runs as.
     pub gid: u32,
     /// Supplementary groups.
     pub groups: Vec<u32>,
+    /// Network namespace choice.
     pub net: Net,
+    /// Host paths bind-mounted into the container.
     pub binds: Vec<Bind>,
     /// Capability names (e.g. "CAP_CHOWN") the container keeps.
     pub capabilities: Vec<String>,
 }
 
+/// The network a container sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Net {
@@ -113,6 +132,7 @@ pub enum Net {
     None,
 }
 
+/// A host path bind-mounted into a container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bind {
@@ -120,6 +140,7 @@ pub struct Bind {
     pub source: String,
     /// Path in the container.
     pub target: String,
+    /// Mount read-only.
     pub readonly: bool,
 }
 
