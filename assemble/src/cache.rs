@@ -12,12 +12,26 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+/// Errors from the content-addressed cache.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// Reading or writing a file in the cache failed.
     #[error("cache {}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The cache file or directory.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: io::Error,
+    },
+    /// A blob's content does not hash to the digest it was stored or requested under.
     #[error("blob does not match its digest: expected {expected}, got {actual}")]
-    Mismatch { expected: Digest, actual: Digest },
+    Mismatch {
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of the content.
+        actual: Digest,
+    },
+    /// A string is not of the form `sha256:<64 hex digits>`.
     #[error("{0:?} is not a digest of the form sha256:<64 hex digits>")]
     BadDigest(String),
 }
@@ -32,6 +46,7 @@ impl Digest {
         Digest(Sha256::digest(data).into())
     }
 
+    /// The digest as 64 lowercase hex digits, without the `sha256:` prefix.
     pub fn hex(&self) -> String {
         hex::encode(self.0)
     }
@@ -115,6 +130,7 @@ impl Cache {
         std::env::temp_dir().join("kiln-cache")
     }
 
+    /// The cache's root directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -19,53 +19,104 @@ use std::sync::Arc;
 
 pub use inrelease::verify_inrelease;
 
+/// Mirror used when the recipe names none.
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+/// Suite used when the recipe names none.
 pub const DEFAULT_SUITE: &str = "trixie";
+/// Keyring that verifies InRelease when the recipe names none.
 pub const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// The only architecture indexed (plus `all`).
 pub const ARCH: &str = "amd64";
 
+/// Errors from fetching, verifying and resolving Debian packages.
 #[derive(Debug, thiserror::Error)]
 pub enum DebianError {
+    /// Reading the keyring file failed.
     #[error("reading keyring {}", path.display())]
     Keyring {
+        /// The keyring file.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The keyring could not be parsed as OpenPGP keys.
     #[error("keyring: {0}")]
     BadKeyring(String),
+    /// An HTTP request to the mirror failed or returned an error status.
     #[error("fetching {url}: {message}")]
-    Http { url: String, message: String },
+    Http {
+        /// The URL fetched.
+        url: String,
+        /// What went wrong, with its causes.
+        message: String,
+    },
+    /// InRelease is not signed by a key of the keyring, or its signature is bad.
     #[error("InRelease signature: {0}")]
     Signature(String),
+    /// InRelease is not UTF-8, is malformed, lacks the Packages index, or is for another suite.
     #[error("InRelease: {0}")]
     Release(String),
+    /// Offline, and no verified InRelease of the suite is cached.
     #[error("offline: no verified InRelease of {suite} from {mirror} in the cache (build once with network, or use a lock file)")]
-    NotCachedOffline { mirror: String, suite: String },
+    NotCachedOffline {
+        /// Mirror URL.
+        mirror: String,
+        /// Suite name.
+        suite: String,
+    },
+    /// Offline, and the pinned .deb is not cached.
     #[error("offline: {name} {version} is not in the cache")]
-    DebNotCachedOffline { name: String, version: String },
+    DebNotCachedOffline {
+        /// Package name.
+        name: String,
+        /// Package version.
+        version: String,
+    },
+    /// A downloaded file does not match the digest InRelease or the pin gives.
     #[error("{what}: expected {expected}, got {actual}")]
     Mismatch {
+        /// What was downloaded (file or URL).
         what: String,
+        /// The digest expected.
         expected: Digest,
+        /// The digest of what arrived.
         actual: Digest,
     },
+    /// The Packages index cannot be decompressed or parsed.
     #[error("Packages index: {what}")]
-    Index { what: String },
+    Index {
+        /// What is wrong with it.
+        what: String,
+    },
+    /// No package in the index satisfies a dependency.
     #[error("cannot satisfy `{dependency}`, wanted by {}", chain_text(.chain))]
     Unsatisfiable {
+        /// The dependency, as written in the control field.
         dependency: String,
+        /// Packages from the request down to the one that wants it.
         chain: Vec<String>,
     },
+    /// A dependency needs a version of a package other than the one already chosen.
     #[error("`{want}` needs another version of {package} than the chosen {have}, wanted by {}", chain_text(.chain))]
     Conflict {
+        /// The package name.
         package: String,
+        /// The version already chosen.
         have: String,
+        /// The dependency that wants another version.
         want: String,
+        /// Packages from the request down to the one that wants it.
         chain: Vec<String>,
     },
+    /// A .deb cannot be unpacked (bad ar or tar member, unknown compression).
     #[error("{package}: {message}")]
-    Deb { package: String, message: String },
+    Deb {
+        /// The package as `NAME=VERSION`.
+        package: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Reading or writing the cache failed.
     #[error(transparent)]
     Cache(#[from] CacheError),
 }
@@ -93,12 +144,17 @@ fn chain_text(chain: &[String]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Package {
+    /// Package name.
     pub name: String,
+    /// Debian version string.
     pub version: String,
+    /// Debian architecture (e.g. `amd64`, `all`).
     pub architecture: String,
     /// Path below the mirror root.
     pub filename: String,
+    /// SHA256 of the .deb file.
     pub sha256: Digest,
+    /// Size of the .deb file in bytes.
     pub size: u64,
 }
 
@@ -113,6 +169,7 @@ pub struct Mirror {
 }
 
 impl Mirror {
+    /// A mirror at `url` (trailing slashes dropped); `offline` serves only from the cache.
     pub fn new(url: &str, cache: &Cache, offline: bool) -> Result<Mirror, DebianError> {
         let url = url.trim_end_matches('/').to_string();
         let client = http_client().map_err(|e| DebianError::Http {
@@ -127,6 +184,7 @@ impl Mirror {
         })
     }
 
+    /// The mirror's base URL, without a trailing slash.
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -280,10 +338,12 @@ impl Archive {
         self.date
     }
 
+    /// The mirror this archive was read from.
     pub fn mirror(&self) -> &Mirror {
         &self.mirror
     }
 
+    /// The suite name (e.g. `trixie`).
     pub fn suite(&self) -> &str {
         &self.suite
     }

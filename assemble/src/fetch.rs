@@ -21,36 +21,68 @@ const STUB_PATH: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 /// Downloads in flight at once.
 const PARALLEL_DOWNLOADS: usize = 6;
 
+/// Errors from fetching and unpacking the plan's inputs.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// Fetching or unpacking a Debian package failed.
     #[error("{input}")]
-    Debian { input: String, source: DebianError },
+    Debian {
+        /// The recipe input the package belongs to.
+        input: String,
+        /// The underlying error.
+        source: DebianError,
+    },
+    /// Pulling a container image failed.
     #[error(transparent)]
     Oci(#[from] OciError),
+    /// Reading a layer failed.
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// Extracting the kernel failed.
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// Fetching or building the kernel from source failed.
     #[error(transparent)]
     KernelSource(#[from] KernelSourceError),
+    /// Assembling a tree from layers failed.
     #[error("{what}")]
-    Tree { what: String, source: TreeError },
+    Tree {
+        /// What was being assembled.
+        what: String,
+        /// The underlying error.
+        source: TreeError,
+    },
+    /// The plan lacks a pin the input needs (a hand-edited or stale plan).
     #[error("{input}: the plan pins no {what}")]
-    Incomplete { input: String, what: &'static str },
+    Incomplete {
+        /// The recipe input.
+        input: String,
+        /// What is not pinned.
+        what: &'static str,
+    },
+    /// The stub package does not contain the systemd-stub EFI binary.
     #[error("{package}: has no {path}")]
-    NoStub { package: String, path: &'static str },
+    NoStub {
+        /// The package searched.
+        package: String,
+        /// The path expected in it.
+        path: &'static str,
+    },
 }
 
 /// A container's image: its root tree and the runtime config it came with.
 #[derive(Debug)]
 pub struct ContainerImage {
+    /// The image's root filesystem, layers applied.
     pub tree: Tree,
+    /// The image's runtime config (entrypoint, env, user, ...).
     pub config: ImageConfig,
 }
 
 /// Everything the plan pins, fetched and unpacked.
 #[derive(Debug)]
 pub struct Inputs {
+    /// The kernel image and its modules.
     pub kernel: Kernel,
     /// systemd-stub's EFI binary.
     pub stub: Arc<Vec<u8>>,

@@ -14,15 +14,26 @@ use kiln_init::config::{
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Errors from assembling the host root.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    /// The recipe is invalid.
     #[error(transparent)]
     Recipe(#[from] Box<RecipeError>),
+    /// Adding to the host tree failed.
     #[error("{what}")]
-    Tree { what: String, source: TreeError },
+    Tree {
+        /// What was being added.
+        what: String,
+        /// The underlying error.
+        source: TreeError,
+    },
+    /// Reading a file the recipe names failed.
     #[error("reading {}", path.display())]
     Io {
+        /// The file read.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
 }
@@ -40,7 +51,9 @@ const RUNTIME_PREFIXES: &[&str] = &["/run", "/tmp", "/var/lib/kiln", "/dev", "/p
 /// The host root and what the init runs from it.
 #[derive(Debug)]
 pub struct Host {
+    /// The root filesystem tree.
     pub tree: Tree,
+    /// What the init runs, written into the tree as `/kiln/config.json`.
     pub config: HostConfig,
 }
 

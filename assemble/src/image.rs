@@ -19,23 +19,38 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Errors from building an image from a plan.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The recipe is invalid.
     #[error(transparent)]
     Recipe(#[from] Box<RecipeError>),
+    /// Fetching the inputs failed.
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    /// Assembling the host root failed.
     #[error(transparent)]
     Host(#[from] HostError),
+    /// Finding the kernel or its modules failed.
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// Adding to a tree failed.
     #[error("{what}")]
-    Tree { what: String, source: TreeError },
+    Tree {
+        /// What was being added.
+        what: String,
+        /// The underlying error.
+        source: TreeError,
+    },
+    /// Encoding a filesystem, the UKI or the disk failed.
     #[error("encoding {what}")]
     Encode {
+        /// What was being encoded.
         what: &'static str,
+        /// The encoder's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Writing the output files failed.
     #[error(transparent)]
     Output(#[from] OutputError),
 }
@@ -52,11 +67,15 @@ impl BuildError {
     }
 }
 
+/// What a build needs besides the recipe and plan.
 pub struct BuildOptions {
+    /// The content-addressed cache for downloads and derived data.
     pub cache: Cache,
+    /// How to reach container registries.
     pub registry: RegistryOptions,
     /// The static kiln-init binary placed in the initramfs as /init.
     pub init: Arc<Vec<u8>>,
+    /// Receives stage and download progress.
     pub progress: Arc<dyn Progress>,
 }
 
@@ -65,9 +84,13 @@ pub struct BuildOptions {
 pub struct Built {
     /// Image files, in the recipe's format order.
     pub images: Vec<PathBuf>,
+    /// The plan written next to the images (`NAME.plan.json`).
     pub plan_path: PathBuf,
+    /// Kernel release (`uname -r`) of the image's kernel.
     pub kernel_release: String,
+    /// Root filesystem size in bytes.
     pub root_size: u64,
+    /// EFI system partition size in bytes.
     pub esp_size: u64,
 }
 
@@ -112,8 +135,11 @@ pub async fn build(
 
 /// The encoded filesystems and the disk layout that places them.
 pub struct Filesystems {
+    /// The encoded root filesystem.
     pub root: Vec<u8>,
+    /// The encoded EFI system partition (FAT32).
     pub esp: Vec<u8>,
+    /// The disk layout placing both.
     pub layout: disk::Layout,
 }
 

@@ -12,16 +12,32 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Errors from finding the kernel and its modules in a kernel tree.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
+    /// The tree has no `/boot/vmlinuz-*`.
     #[error("no /boot/vmlinuz-* in the kernel package")]
     NoKernel,
+    /// The tree has several `/boot/vmlinuz-*`; lists them.
     #[error("several kernels in /boot: {}", .0.join(", "))]
     Ambiguous(Vec<String>),
+    /// A module file cannot be decompressed or its `.modinfo` read.
     #[error("module {path}: {message}")]
-    Module { path: String, message: String },
+    Module {
+        /// The module file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A module depends on one the kernel package does not ship.
     #[error("module {module} depends on {dependency}, which the kernel package does not ship")]
-    MissingDependency { module: String, dependency: String },
+    MissingDependency {
+        /// The module wanted.
+        module: String,
+        /// The missing dependency.
+        dependency: String,
+    },
+    /// A module asked for is neither shipped nor built in.
     #[error("module {0} is neither shipped by the kernel package nor built in")]
     Unknown(String),
 }
@@ -71,8 +87,11 @@ struct ModuleFile {
 /// The `.modinfo` facts the init needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModInfo {
+    /// Module name from `name=`, if present.
     pub name: Option<String>,
+    /// Module names from `depends=`.
     pub depends: Vec<String>,
+    /// Glob patterns from `alias=`.
     pub aliases: Vec<String>,
 }
 

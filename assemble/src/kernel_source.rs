@@ -29,42 +29,79 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Errors from reading a kernel from a bzImage file or an OCI image.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelSourceError {
+    /// Reading a file or directory failed.
     #[error("{}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The kernel file is not a bzImage.
     #[error("{what}: not a bzImage ({reason})")]
-    NotBzImage { what: String, reason: String },
+    NotBzImage {
+        /// The kernel file.
+        what: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The modules directory or tarball cannot be used.
     #[error("{what}: {reason}")]
-    Modules { what: String, reason: String },
+    Modules {
+        /// The modules source.
+        what: String,
+        /// Why not.
+        reason: String,
+    },
     #[error(
         "{kernel}: no kernel release: the bzImage header names none and the modules do not either"
     )]
-    NoRelease { kernel: String },
+    /// Neither the bzImage header nor the modules name a kernel release.
+    NoRelease {
+        /// The kernel file.
+        kernel: String,
+    },
     #[error(
         "{kernel} is release {kernel_release} but {modules} holds modules for {modules_release}"
     )]
+    /// The modules are for another release than the bzImage header names.
     ReleaseMismatch {
+        /// The kernel file.
         kernel: String,
+        /// Release the bzImage header names.
         kernel_release: String,
+        /// The modules source.
         modules: String,
+        /// Release the modules are for.
         modules_release: String,
     },
+    /// A LinuxKit-style kernel image lacks `/kernel` or has an unusable file.
     #[error("{reference}: {path}: {reason}")]
     Image {
+        /// The image reference.
         reference: String,
+        /// The path in the image.
         path: String,
+        /// What is wrong with it.
         reason: String,
     },
+    /// Reading a modules tarball or image layer failed.
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// Pulling the kernel image failed.
     #[error(transparent)]
     Oci(#[from] OciError),
+    /// Building the kernel tree failed.
     #[error("{what}")]
-    Tree { what: String, source: TreeError },
+    Tree {
+        /// What was being added.
+        what: String,
+        /// The underlying error.
+        source: TreeError,
+    },
 }
 
 /// Offset of the "HdrS" magic in the setup header.

@@ -21,9 +21,13 @@ use std::sync::Arc;
 /// How a layer's tar stream is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
+    /// Plain tar.
     None,
+    /// gzip-compressed tar.
     Gzip,
+    /// xz-compressed tar.
     Xz,
+    /// zstd-compressed tar.
     Zstd,
 }
 
@@ -51,23 +55,35 @@ pub struct Layer {
     pub source: String,
     /// Digest of the blob the layer came from (OCI layer blob, or the .deb).
     pub digest: Digest,
+    /// How the tar stream is compressed.
     pub compression: Compression,
+    /// The (possibly compressed) tar stream.
     pub data: std::sync::Arc<Vec<u8>>,
 }
 
+/// Errors from applying a layer to a tree.
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
+    /// A tar entry is unsafe or cannot be applied (path escaping the root, unsupported type, ...).
     #[error("{source_name} layer {digest}: {path}: {reason}")]
     Unsafe {
+        /// The layer's source (image reference or `debian:PACKAGE=VERSION`).
         source_name: String,
+        /// Digest of the layer's blob.
         digest: Digest,
+        /// Path of the entry in the tar.
         path: String,
+        /// Why it is refused.
         reason: String,
     },
+    /// The layer cannot be decompressed or read as tar.
     #[error("{source_name} layer {digest}: {message}")]
     Read {
+        /// The layer's source (image reference or `debian:PACKAGE=VERSION`).
         source_name: String,
+        /// Digest of the layer's blob.
         digest: Digest,
+        /// What went wrong.
         message: String,
     },
 }

@@ -28,6 +28,7 @@ pub struct Image {
     /// `reference@manifest_digest` pins it; for a docker-archive, the config
     /// digest (the image ID).
     pub manifest_digest: Digest,
+    /// The image's runtime config.
     pub config: ImageConfig,
     /// Bottom layer first.
     pub layers: Vec<Layer>,
@@ -36,14 +37,19 @@ pub struct Image {
 /// The runtime part (`config` object) of an OCI/Docker image config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
+    /// Environment, as `KEY=value`.
     #[serde(rename = "Env", default, deserialize_with = "null_default")]
     pub env: Vec<String>,
+    /// Entrypoint argv; empty if unset.
     #[serde(rename = "Entrypoint", default, deserialize_with = "null_default")]
     pub entrypoint: Vec<String>,
+    /// Default arguments (or command, without an entrypoint).
     #[serde(rename = "Cmd", default, deserialize_with = "null_default")]
     pub cmd: Vec<String>,
+    /// Working directory; empty if unset.
     #[serde(rename = "WorkingDir", default, deserialize_with = "null_default")]
     pub working_dir: String,
+    /// User, as `user[:group]` by name or id; empty if unset.
     #[serde(rename = "User", default, deserialize_with = "null_default")]
     pub user: String,
 }
@@ -57,45 +63,91 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// Errors from pulling and reading container images.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
+    /// The reference is not a valid image source (registry, oci-layout or docker-archive).
     #[error("{reference}: not an image source: {reason}")]
-    BadSource { reference: String, reason: String },
+    BadSource {
+        /// The reference as given.
+        reference: String,
+        /// Why not.
+        reason: String,
+    },
+    /// A manifest, config or layer does not hash to its digest.
     #[error("{reference}: {what} {expected} does not match its digest (got {actual})")]
     Mismatch {
+        /// The image reference.
         reference: String,
+        /// Which blob (manifest, config, layer).
         what: String,
+        /// The digest expected.
         expected: Digest,
+        /// The digest of what arrived.
         actual: Digest,
     },
+    /// A manifest or config blob is not valid JSON or lacks what kiln needs.
     #[error("{reference}: {what} {digest}: {message}")]
     Invalid {
+        /// The image reference.
         reference: String,
+        /// Which blob (manifest, config, ...).
         what: String,
+        /// Digest of the blob.
         digest: Digest,
+        /// What is wrong with it.
         message: String,
     },
+    /// The image source is malformed (bad digest string, oci-layout marker, archive layout, ...).
     #[error("{reference}: {message}")]
-    Format { reference: String, message: String },
+    Format {
+        /// The image reference.
+        reference: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The registry refused or failed a request.
     #[error("{reference}: registry: {message}")]
-    Registry { reference: String, message: String },
+    Registry {
+        /// The image reference.
+        reference: String,
+        /// What the registry or client reported.
+        message: String,
+    },
+    /// Reading a local image source failed.
     #[error("{reference}: {}", path.display())]
     Io {
+        /// The image reference.
         reference: String,
+        /// The file read.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// Reading or writing the cache failed.
     #[error("{reference}: cache")]
     Cache {
+        /// The image reference.
         reference: String,
+        /// The underlying cache error.
         source: CacheError,
     },
+    /// Offline, and a needed manifest or blob is not cached.
     #[error("{reference}: offline, and {what} is not in the cache")]
-    Offline { reference: String, what: String },
+    Offline {
+        /// The image reference.
+        reference: String,
+        /// What is missing.
+        what: String,
+    },
+    /// The registry no longer serves the pinned manifest.
     #[error("{reference}: the pinned {digest} is gone ({message}); run `kiln lock --update` to pin what it names today")]
     PinGone {
+        /// The image reference.
         reference: String,
+        /// The pinned manifest digest.
         digest: Digest,
+        /// What the registry said.
         message: String,
     },
 }

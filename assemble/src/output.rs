@@ -12,14 +12,28 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// Errors from writing outputs into the output directory.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
+    /// The output directory path is an existing file.
     #[error("output directory {} is a file, not a directory", .0.display())]
     NotADirectory(PathBuf),
+    /// The output directory cannot be created or written.
     #[error("output directory {}", path.display())]
-    Unwritable { path: PathBuf, source: io::Error },
+    Unwritable {
+        /// The output directory.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: io::Error,
+    },
+    /// Writing, syncing or renaming an output file failed.
     #[error("writing {}", path.display())]
-    Write { path: PathBuf, source: io::Error },
+    Write {
+        /// The output file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: io::Error,
+    },
 }
 
 /// Temp files of this process that are not yet renamed into place.
@@ -89,7 +103,9 @@ pub fn sweep(dir: &Path) {
 
 /// One output being written.
 pub struct Pending {
+    /// The temporary file being written, beside `path`.
     pub tmp: PathBuf,
+    /// Where the output goes once complete.
     pub path: PathBuf,
     /// Held (and locked) until renamed.
     file: File,
@@ -126,6 +142,7 @@ impl Pending {
         })
     }
 
+    /// The temporary file, to write into.
     pub fn file(&mut self) -> &mut File {
         &mut self.file
     }

@@ -27,7 +27,9 @@ pub const STUB_PACKAGE: &str = "systemd-boot-efi";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
+    /// Lock file format version ([`LOCK_VERSION`]).
     pub lock_version: u32,
+    /// The recipe's name.
     pub name: String,
     /// Seconds since the epoch that every timestamp in the image derives
     /// from: the newest Debian archive date among the inputs (or the
@@ -36,6 +38,7 @@ pub struct Plan {
     /// Debian suites whose signed index the pins came from.
     #[serde(default, rename = "suite", skip_serializing_if = "Vec::is_empty")]
     pub suites: Vec<PinnedSuite>,
+    /// The kernel package (or file or image).
     pub kernel: Pin,
     /// systemd-stub's package, from the kernel's suite.
     pub stub: Pin,
@@ -44,10 +47,13 @@ pub struct Plan {
     pub images: Vec<ImagePin>,
 }
 
+/// A Debian suite as verified when the plan was made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PinnedSuite {
+    /// Mirror base URL.
     pub mirror: String,
+    /// Suite name (e.g. `trixie`).
     pub suite: String,
     /// Digest of the verified InRelease file.
     pub inrelease: Digest,
@@ -74,20 +80,27 @@ pub struct Pin {
     pub packages: Vec<Package>,
 }
 
+/// A container's pinned image, as the lock file records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImagePin {
+    /// The container's name in the recipe.
     pub container: String,
+    /// What the recipe asked for (see [`Pin::source`]).
     pub source: String,
+    /// Debian mirror the packages come from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<String>,
+    /// Manifest digest (registry, layout) or image ID (docker archive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<Digest>,
+    /// Debian packages, the whole dependency closure, sorted by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<Package>,
 }
 
 impl ImagePin {
+    /// The pin without the container name.
     pub fn pin(&self) -> Pin {
         Pin {
             source: self.source.clone(),
@@ -134,6 +147,7 @@ impl LockMode {
 pub struct Change {
     /// `kernel`, `stub` or a container name.
     pub input: String,
+    /// What changed, in words.
     pub what: String,
 }
 
@@ -143,23 +157,45 @@ impl fmt::Display for Change {
     }
 }
 
+/// Errors from resolving a recipe into a plan.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
+    /// The recipe is invalid.
     #[error(transparent)]
     Recipe(#[from] Box<RecipeError>),
+    /// Resolving Debian packages for an input failed.
     #[error("{input}")]
-    Debian { input: String, source: DebianError },
+    Debian {
+        /// The input (`kernel`, `stub` or a container name).
+        input: String,
+        /// The underlying error.
+        source: DebianError,
+    },
+    /// Resolving a container image failed.
     #[error(transparent)]
     Oci(#[from] OciError),
+    /// Reading the lock file or a kernel file failed.
     #[error("reading {}", path.display())]
     Io {
+        /// The file read.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The lock file cannot be parsed or has an unknown version.
     #[error("lock file {}: {message}", path.display())]
-    BadLock { path: PathBuf, message: String },
+    BadLock {
+        /// The lock file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// With `--locked`, the lock does not match the recipe.
     #[error("--locked: the lock does not match the recipe:\n  {}\nrun `kiln lock` (or build without --locked) to update it", changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("\n  "))]
-    LockedDrift { changes: Vec<Change> },
+    LockedDrift {
+        /// The differences.
+        changes: Vec<Change>,
+    },
 }
 
 impl PlanError {
@@ -177,19 +213,26 @@ impl PlanError {
 
 /// What resolution needs besides the recipe.
 pub struct ResolveOptions<'a> {
+    /// The cache for downloads and verified indexes.
     pub cache: &'a Cache,
     /// OpenPGP keyring that signs the Debian archive.
     pub keyring: &'a Path,
+    /// How to reach container registries.
     pub registry: &'a RegistryOptions,
+    /// The existing lock, if any.
     pub lock: Option<&'a Plan>,
+    /// How the existing lock is used.
     pub mode: LockMode,
+    /// Receives progress events.
     pub progress: &'a dyn Progress,
 }
 
 /// A resolved plan and how it differs from the lock it started from.
 #[derive(Debug)]
 pub struct Resolved {
+    /// The new plan.
     pub plan: Plan,
+    /// How it differs from the lock it started from.
     pub changes: Vec<Change>,
 }
 

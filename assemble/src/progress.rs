@@ -21,6 +21,7 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stage's name as shown and in JSON events (`resolve`, `fetch`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Stage::Resolve => "resolve",
@@ -37,23 +38,43 @@ impl Stage {
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
     /// A stage begins.
-    StageStart { stage: Stage },
+    StageStart {
+        /// The stage.
+        stage: Stage,
+    },
     /// A stage ended; `seconds` is its wall time.
-    StageEnd { stage: Stage, seconds: f64 },
+    StageEnd {
+        /// The stage.
+        stage: Stage,
+        /// Wall-clock time in seconds.
+        seconds: f64,
+    },
     /// One input is in the cache: `cached` when nothing was downloaded.
     Input {
+        /// The input (package, blob or file).
         what: String,
+        /// Its size in bytes.
         bytes: u64,
+        /// Whether it was already in the cache.
         cached: bool,
     },
     /// A step inside a stage (e.g. which filesystem is being encoded).
-    Step { message: String },
+    Step {
+        /// What is being done.
+        message: String,
+    },
     /// An output file is complete.
-    Output { path: String, bytes: u64 },
+    Output {
+        /// The output file.
+        path: String,
+        /// Its size in bytes.
+        bytes: u64,
+    },
 }
 
 /// Receives progress events; must be cheap and never fail.
 pub trait Progress: Send + Sync {
+    /// Handles one event.
     fn event(&self, event: &Event);
 }
 
@@ -72,6 +93,7 @@ pub struct StageTimer<'a> {
 }
 
 impl<'a> StageTimer<'a> {
+    /// Reports `stage` as started and starts timing it.
     pub fn start(progress: &'a dyn Progress, stage: Stage) -> Self {
         progress.event(&Event::StageStart { stage });
         StageTimer {

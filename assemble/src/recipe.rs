@@ -20,19 +20,26 @@ use toml::Spanned;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}:{}:{}: {}: {message}", file.display(), loc.line, loc.column, loc.field)]
 pub struct RecipeError {
+    /// The recipe file.
     pub file: PathBuf,
+    /// Where in the file.
     pub loc: Loc,
+    /// What is wrong.
     pub message: String,
 }
 
 /// Errors from reading a recipe.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// Reading the recipe file failed.
     #[error("reading recipe {}", path.display())]
     Io {
+        /// The recipe file.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The recipe is not valid TOML or breaks a rule.
     #[error(transparent)]
     Invalid(#[from] Box<RecipeError>),
 }
@@ -40,7 +47,9 @@ pub enum LoadError {
 /// Where a value sits in the recipe.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Loc {
+    /// 1-based line.
     pub line: usize,
+    /// 1-based column.
     pub column: usize,
     /// Dotted path such as `service[0].image`; `(recipe)` for the whole
     /// document.
@@ -50,7 +59,9 @@ pub struct Loc {
 /// A value and where the recipe wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct At<T> {
+    /// The value.
     pub value: T,
+    /// Where the recipe wrote it.
     pub loc: Loc,
 }
 
@@ -67,20 +78,30 @@ pub struct Recipe {
     /// The recipe file; relative paths in it were resolved against its
     /// directory.
     pub path: PathBuf,
+    /// Image name; names the output files.
     pub name: At<String>,
+    /// Image version, as the recipe gives it.
     pub version: At<String>,
+    /// Kernel source and command line.
     pub kernel: KernelSpec,
     /// Onboot containers (in order) then services.
     pub containers: Vec<ContainerSpec>,
+    /// `[[file]]` entries placed in the root filesystem.
     pub files: Vec<FileSpec>,
+    /// Host settings.
     pub host: HostSpec,
+    /// Disk settings.
     pub disk: DiskSpec,
+    /// Output settings.
     pub output: OutputSpec,
 }
 
+/// The recipe's `[kernel]` table.
 #[derive(Debug, Clone)]
 pub struct KernelSpec {
+    /// Where the kernel comes from.
     pub source: At<KernelSource>,
+    /// Kernel command line, baked into the UKI.
     pub cmdline: At<String>,
 }
 
@@ -93,7 +114,9 @@ pub enum KernelSource {
     Image(ImageRef),
     /// A bzImage file, with `lib/modules/REL` from a directory or tarball.
     Path {
+        /// The bzImage file.
         image: PathBuf,
+        /// Modules directory or tarball, if any.
         modules: Option<PathBuf>,
     },
 }
@@ -101,7 +124,9 @@ pub enum KernelSource {
 /// One suite of one Debian mirror.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DebianSuite {
+    /// Mirror base URL.
     pub mirror: String,
+    /// Suite name (e.g. `trixie`).
     pub suite: String,
 }
 
@@ -111,7 +136,12 @@ pub enum ImageRef {
     /// `host[:port]/repo[:tag][@sha256:...]`.
     Registry(String),
     /// An OCI image layout directory, optionally a tag in its index.
-    OciLayout { dir: PathBuf, tag: Option<String> },
+    OciLayout {
+        /// The layout directory.
+        dir: PathBuf,
+        /// Tag in its index, if given.
+        tag: Option<String>,
+    },
     /// A `docker save` tarball.
     DockerArchive(PathBuf),
 }
@@ -133,10 +163,13 @@ impl ImageRef {
 /// Where a container's root filesystem comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
+    /// A container image (registry, OCI layout or docker archive).
     Oci(ImageRef),
     /// Debian packages and their dependency closure.
     Debian {
+        /// The suite the packages come from.
         suite: DebianSuite,
+        /// Package names asked for.
         packages: Vec<String>,
     },
 }
@@ -150,51 +183,75 @@ pub enum Kind {
     Service,
 }
 
+/// A container from the recipe's `[[onboot]]` or `[[service]]` tables.
 #[derive(Debug, Clone)]
 pub struct ContainerSpec {
+    /// Onboot or service.
     pub kind: Kind,
+    /// Container name, unique in the recipe.
     pub name: At<String>,
+    /// Where its root filesystem comes from.
     pub image: At<ImageSource>,
     /// `None`: the image's Entrypoint + Cmd.
     pub command: Option<At<Vec<String>>>,
+    /// Environment added to the image's, by name.
     pub env: BTreeMap<String, String>,
+    /// Working directory; `None`: the image's.
     pub cwd: Option<At<String>>,
+    /// `USER[:GROUP]`; `None`: the image's.
     pub user: Option<At<String>>,
+    /// Network namespace choice.
     pub net: Net,
+    /// Host paths bind-mounted into the container.
     pub binds: Vec<At<BindSpec>>,
 }
 
 /// A bind mount as written in a recipe: `SRC:DST[:ro|rw]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindSpec {
+    /// Path in the host root.
     pub source: String,
+    /// Path in the container.
     pub target: String,
+    /// Mount read-only (`:ro`).
     pub readonly: bool,
 }
 
+/// A `[[file]]` entry: a file placed in the root filesystem.
 #[derive(Debug, Clone)]
 pub struct FileSpec {
+    /// Absolute path in the root filesystem.
     pub path: At<String>,
+    /// What the file holds.
     pub contents: FileContents,
+    /// Permission bits (e.g. `0o644`).
     pub mode: u32,
+    /// Owner user id.
     pub uid: u32,
+    /// Owner group id.
     pub gid: u32,
 }
 
+/// Where a `[[file]]`'s contents come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileContents {
+    /// Contents written in the recipe.
     Inline(Vec<u8>),
     /// A file on the build host, resolved against the recipe's directory
     /// (checked to exist when the recipe is loaded).
     Source(At<PathBuf>),
 }
 
+/// The recipe's `[host]` table.
 #[derive(Debug, Clone)]
 pub struct HostSpec {
+    /// Host name of the appliance.
     pub hostname: String,
+    /// What to do once every container has exited.
     pub when_done: WhenDone,
 }
 
+/// The recipe's `[disk]` table.
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
     /// Bytes.
@@ -204,12 +261,15 @@ pub struct DiskSpec {
 /// Output container formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Format {
+    /// A raw disk image (`NAME.raw`).
     Raw,
 }
 
 impl Format {
+    /// Every format with its recipe name.
     pub const ALL: &[(&str, Format)] = &[("raw", Format::Raw)];
 
+    /// The format's name in recipes.
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
@@ -221,6 +281,7 @@ impl Format {
         self.name()
     }
 
+    /// The format named `s`, if any.
     pub fn parse(s: &str) -> Option<Format> {
         Format::ALL.iter().find(|(n, _)| *n == s).map(|(_, f)| *f)
     }
@@ -229,6 +290,7 @@ impl Format {
 /// Compressor of the root filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RootCompression {
+    /// zstd level, 1 to 22.
     pub zstd_level: u32,
 }
 
@@ -258,13 +320,17 @@ impl fmt::Display for RootCompression {
     }
 }
 
+/// The recipe's `[output]` table.
 #[derive(Debug, Clone)]
 pub struct OutputSpec {
+    /// Formats to write, in order.
     pub formats: At<Vec<Format>>,
+    /// Compressor of the root filesystem.
     pub root_compression: At<RootCompression>,
 }
 
 impl Recipe {
+    /// The image name.
     pub fn name(&self) -> &str {
         &self.name.value
     }
@@ -283,18 +349,24 @@ impl Recipe {
         })
     }
 
+    /// Onboot containers, in order.
     pub fn onboot(&self) -> impl Iterator<Item = &ContainerSpec> {
         self.containers.iter().filter(|c| c.kind == Kind::Onboot)
     }
 
+    /// Service containers, in order.
     pub fn services(&self) -> impl Iterator<Item = &ContainerSpec> {
         self.containers.iter().filter(|c| c.kind == Kind::Service)
     }
 }
 
+/// Debian suite used when the recipe names none.
 pub const DEFAULT_SUITE: &str = "trixie";
+/// Debian mirror used when the recipe names none.
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+/// Kernel command line used when the recipe gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+/// Disk size in bytes when the recipe gives none (1 GiB).
 pub const DEFAULT_DISK_SIZE: u64 = 1 << 30;
 /// The ESP alone takes 64 MiB; below this nothing fits.
 pub const MIN_DISK_SIZE: u64 = 128 << 20;

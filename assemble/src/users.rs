@@ -7,7 +7,9 @@ use std::path::Path;
 /// A resolved identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// User id.
     pub uid: u32,
+    /// Primary group id.
     pub gid: u32,
     /// Supplementary groups the user is listed in.
     pub groups: Vec<u32>,
@@ -15,10 +17,13 @@ pub struct Identity {
     pub home: Option<String>,
 }
 
+/// Errors from resolving a user or group by name.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UserError {
+    /// The user name is not in the image's /etc/passwd.
     #[error("user {0:?} is not in the image's /etc/passwd")]
     UnknownUser(String),
+    /// The group name is not in the image's /etc/group.
     #[error("group {0:?} is not in the image's /etc/group")]
     UnknownGroup(String),
 }

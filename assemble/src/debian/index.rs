@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 /// One alternative of a dependency: `name[:arch] [(rel version)]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dep {
+    /// Package (or provided) name, without any `:arch` qualifier.
     pub name: String,
+    /// Version relation and version, if the dependency has one.
     pub constraint: Option<(Relation, String)>,
 }
 
@@ -37,6 +39,7 @@ pub type Group = Vec<Dep>;
 /// A parsed paragraph: the recorded [`Package`] plus what resolution needs.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// The package as recorded in lock files.
     pub package: Package,
     /// Pre-Depends then Depends.
     pub depends: Vec<Group>,
@@ -192,6 +195,7 @@ pub struct Index {
 }
 
 impl Index {
+    /// An index of `entries`, each name's candidates highest version first.
     pub fn new(entries: Vec<Entry>) -> Self {
         let mut idx = Index::default();
         for e in entries {
@@ -217,10 +221,12 @@ impl Index {
         idx
     }
 
+    /// Number of distinct package names.
     pub fn len(&self) -> usize {
         self.by_name.len()
     }
 
+    /// Whether the index has no packages.
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }

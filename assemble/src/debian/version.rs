@@ -86,10 +86,15 @@ pub fn compare(a: &str, b: &str) -> Ordering {
 /// A version relation from a dependency field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relation {
+    /// `<<`: strictly earlier.
     Lt,
+    /// `<=`: earlier or equal.
     Le,
+    /// `=`: exactly equal.
     Eq,
+    /// `>=`: later or equal.
     Ge,
+    /// `>>`: strictly later.
     Gt,
 }
 
@@ -118,6 +123,7 @@ impl Relation {
         }
     }
 
+    /// The relation as written in control fields (`<<`, `<=`, `=`, `>=`, `>>`).
     pub fn as_str(self) -> &'static str {
         match self {
             Relation::Lt => "<<",
