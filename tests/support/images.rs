@@ -7,9 +7,13 @@ use sha2::{Digest as _, Sha256};
 use std::io::Write;
 use std::path::Path;
 
+/// Media type of an OCI image index.
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Media type of an OCI image manifest.
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of an OCI image config.
 pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// Media type of a gzip-compressed OCI layer.
 pub const MT_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// `sha256:<hex>` of `data`.
@@ -20,26 +24,40 @@ pub fn sha256(data: &[u8]) -> String {
 /// One entry of a test layer.
 #[derive(Debug, Clone)]
 pub enum Entry {
+    /// A regular file.
     File {
+        /// Path in the layer.
         path: String,
+        /// File contents.
         data: Vec<u8>,
+        /// Permission bits.
         mode: u32,
     },
+    /// A directory.
     Dir {
+        /// Path in the layer.
         path: String,
+        /// Permission bits.
         mode: u32,
     },
+    /// A symbolic link.
     Symlink {
+        /// Path in the layer.
         path: String,
+        /// Link target.
         target: String,
     },
+    /// A hard link to an earlier entry.
     Hardlink {
+        /// Path in the layer.
         path: String,
+        /// Path of the entry linked to.
         target: String,
     },
 }
 
 impl Entry {
+    /// A regular file with contents `data`.
     pub fn file(path: &str, data: impl Into<Vec<u8>>, mode: u32) -> Entry {
         Entry::File {
             path: path.into(),
@@ -47,18 +65,21 @@ impl Entry {
             mode,
         }
     }
+    /// A directory.
     pub fn dir(path: &str, mode: u32) -> Entry {
         Entry::Dir {
             path: path.into(),
             mode,
         }
     }
+    /// A symbolic link to `target`.
     pub fn symlink(path: &str, target: &str) -> Entry {
         Entry::Symlink {
             path: path.into(),
             target: target.into(),
         }
     }
+    /// A hard link to the entry at `target`.
     pub fn hardlink(path: &str, target: &str) -> Entry {
         Entry::Hardlink {
             path: path.into(),
@@ -151,6 +172,7 @@ pub fn busybox_entries() -> Option<Vec<Entry>> {
     Some(v)
 }
 
+/// `data` gzip-compressed (fast level).
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(data).expect("gzip");
@@ -160,11 +182,17 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 /// An image being put together for a test.
 #[derive(Debug, Clone)]
 pub struct TestImage {
+    /// Config `architecture` (default `amd64`).
     pub architecture: String,
+    /// Config `Env`, as `KEY=value`.
     pub env: Vec<String>,
+    /// Config `Entrypoint`.
     pub entrypoint: Vec<String>,
+    /// Config `Cmd`.
     pub cmd: Vec<String>,
+    /// Config `WorkingDir`.
     pub working_dir: String,
+    /// Config `User`.
     pub user: String,
     /// Uncompressed layer tars, bottom first.
     pub layers: Vec<Vec<u8>>,
@@ -173,18 +201,23 @@ pub struct TestImage {
 /// The serialised pieces of a [`TestImage`] (layers gzip-compressed).
 #[derive(Debug, Clone)]
 pub struct Blobs {
+    /// The config JSON.
     pub config: Vec<u8>,
+    /// Layers, gzip-compressed, bottom first.
     pub layers: Vec<Vec<u8>>,
+    /// The OCI manifest JSON.
     pub manifest: Vec<u8>,
 }
 
 impl Blobs {
+    /// `sha256:<hex>` of the manifest.
     pub fn manifest_digest(&self) -> String {
         sha256(&self.manifest)
     }
 }
 
 impl TestImage {
+    /// An amd64 image of `layers` running `/bin/sh` as root in `/`.
     pub fn new(layers: Vec<Vec<u8>>) -> Self {
         TestImage {
             architecture: "amd64".into(),
@@ -215,6 +248,7 @@ impl TestImage {
         serde_json::to_vec(&v).expect("json")
     }
 
+    /// The config, gzip-compressed layers and manifest.
     pub fn blobs(&self) -> Blobs {
         let config = self.config_json();
         let layers: Vec<Vec<u8>> = self.layers.iter().map(|l| gzip(l)).collect();

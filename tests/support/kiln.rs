@@ -36,9 +36,13 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Output of a command with stdout and stderr as text.
 pub struct Ran {
+    /// Whether the command exited with status 0.
     pub ok: bool,
+    /// Exit status; `None` if killed by a signal.
     pub code: Option<i32>,
+    /// Standard output, lossily decoded.
     pub stdout: String,
+    /// Standard error, lossily decoded.
     pub stderr: String,
 }
 

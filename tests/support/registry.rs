@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 const BINARY: &str = "/usr/bin/docker-registry";
 
+/// A `docker-registry` process serving from a temporary directory, stopped on drop.
 pub struct Registry {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -169,6 +170,7 @@ impl Registry {
 /// an address of a /30 no other host has: a registry in it is reached
 /// over a real, non-loopback interface, and traffic stays on this machine.
 pub struct TestNetns {
+    /// Namespace name, as `ip netns` knows it.
     pub name: String,
     /// The namespace's end.
     pub ip: String,
