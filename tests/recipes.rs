@@ -145,21 +145,11 @@ fn failed_build_leaves_no_output() {
     assert!(!r.ok);
     assert!(r.stderr.contains("does-not-exist"), "{}", r.stderr);
     assert!(!out.join("broken.raw").exists());
-    assert_no_files(&out);
+    k::assert_no_files(&out);
     assert!(
         !dir.join("r.lock").exists(),
         "a failed build wrote its lock"
     );
-}
-
-fn assert_no_files(dir: &Path) {
-    if dir.exists() {
-        let left: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
-    }
 }
 
 /// A Debian package that does not exist is reported against the recipe
@@ -218,7 +208,7 @@ fn late_recipe_errors_are_located() {
             "{file}: wanted {expected:?} in:\n{}",
             r.stderr
         );
-        assert_no_files(&out);
+        k::assert_no_files(&out);
     }
 }
 

@@ -508,17 +508,7 @@ fn wrong_digest_pin_fails_the_build() {
         r.stderr
     );
     assert!(!out.join("wrong.raw").exists());
-    assert_no_files(&out);
-}
-
-fn assert_no_files(dir: &Path) {
-    if dir.exists() {
-        let left: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
-    }
+    k::assert_no_files(&out);
 }
 
 /// A lock keeps a registry tag on the digest it resolved to until
@@ -600,7 +590,7 @@ fn lock_pins_tags_until_updated() {
     let r = kiln_cmd(&["build", "--quiet", "--locked", "-o", out2.to_str().unwrap()]);
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("--locked"), "{}", r.stderr);
-    assert_no_files(&out2);
+    k::assert_no_files(&out2);
 
     // d1 is cached (probe/locked served it), but probe/other never had it.
     std::fs::remove_file(&lock_path).unwrap();
@@ -612,7 +602,7 @@ fn lock_pins_tags_until_updated() {
         "a digest of another repository was accepted"
     );
     assert!(r.stderr.contains("probe/other"), "{}", r.stderr);
-    assert_no_files(&out2);
+    k::assert_no_files(&out2);
 }
 
 /// A registry on a non-loopback address (a veth into a network namespace
@@ -676,7 +666,7 @@ fn insecure_registry_on_a_non_loopback_address() {
         "the cause is not shown:\n{}",
         r.stderr
     );
-    assert_no_files(&out);
+    k::assert_no_files(&out);
 
     let r = build(&["--insecure-registry", &host], &no_config);
     assert!(r.ok, "{}", r.stderr);

@@ -201,7 +201,17 @@ impl Mirror {
             });
         }
         let url = format!("{}/{}", self.url, pkg.filename);
-        let data = get(&self.client, &url).await?;
+        let data = get(&self.client, &url).await.map_err(|e| match e {
+            // The archive drops superseded versions a lock may still pin.
+            DebianError::Http { url, message } if message.contains("404") => DebianError::Http {
+                url,
+                message: format!(
+                    "{message}: {} {} is no longer in the archive; run `kiln lock --update` to pin what is there today",
+                    pkg.name, pkg.version
+                ),
+            },
+            e => e,
+        })?;
         check(&url, &pkg.sha256, &data)?;
         self.cache.put(&pkg.sha256, &data)?;
         Ok(data)

@@ -376,6 +376,9 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
         open: BTreeMap::new(),
     };
     let lock = opts.lock;
+    if opts.mode == LockMode::Locked {
+        locked_precheck(recipe, lock)?;
+    }
     let mut changes = Vec::new();
 
     // Kernel.
@@ -427,14 +430,7 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
     };
     changes.extend(diff("kernel", locked, &kernel));
 
-    // systemd-stub, from the kernel's suite (or the default one).
-    let stub_suite = match &recipe.kernel.source.value {
-        KernelSource::Debian(s, _) => s.clone(),
-        _ => DebianSuite {
-            mirror: crate::recipe::DEFAULT_MIRROR.into(),
-            suite: crate::recipe::DEFAULT_SUITE.into(),
-        },
-    };
+    let stub_suite = stub_suite(recipe);
     let stub_key = debian_source(&stub_suite, &[STUB_PACKAGE.to_string()]);
     let locked = lock.map(|l| &l.stub).filter(|p| p.source == stub_key);
     let stub = match locked {
@@ -467,7 +463,7 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
         let locked_entry = lock.and_then(|l| l.images.iter().find(|i| i.container == name));
         let pin = match &c.image.value {
             ImageSource::Debian { suite, packages } => {
-                let source = debian_source(suite, packages);
+                let source = container_source(recipe, c);
                 let locked = locked_entry
                     .map(ImagePin::pin)
                     .filter(|p| p.source == source);
@@ -489,7 +485,7 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
                 pin
             }
             ImageSource::Oci(r) => {
-                let source = image_source(recipe, r);
+                let source = container_source(recipe, c);
                 let locked = locked_entry
                     .map(ImagePin::pin)
                     .filter(|p| p.source == source);
@@ -521,16 +517,9 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
         }
     }
 
-    if opts.mode == LockMode::Locked && !changes.is_empty() && lock.is_some() {
+    // Local sources are read again even when locked: they may have moved.
+    if opts.mode == LockMode::Locked && !changes.is_empty() {
         return Err(PlanError::LockedDrift { changes });
-    }
-    if opts.mode == LockMode::Locked && lock.is_none() {
-        return Err(PlanError::LockedDrift {
-            changes: vec![Change {
-                input: "lock".into(),
-                what: "no lock file: run `kiln lock` first".into(),
-            }],
-        });
     }
 
     // Suites the pins came from: freshly verified ones, else the lock's.
@@ -584,6 +573,78 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
         },
         changes,
     })
+}
+
+/// systemd-stub comes from the kernel's suite (or the default one).
+fn stub_suite(recipe: &Recipe) -> DebianSuite {
+    match &recipe.kernel.source.value {
+        KernelSource::Debian(s, _) => s.clone(),
+        _ => DebianSuite {
+            mirror: crate::recipe::DEFAULT_MIRROR.into(),
+            suite: crate::recipe::DEFAULT_SUITE.into(),
+        },
+    }
+}
+
+/// The lock key of a container's image.
+fn container_source(recipe: &Recipe, c: &crate::recipe::ContainerSpec) -> String {
+    match &c.image.value {
+        ImageSource::Debian { suite, packages } => debian_source(suite, packages),
+        ImageSource::Oci(r) => image_source(recipe, r),
+    }
+}
+
+/// With `--locked`, what the lock does not pin is reported before anything
+/// is resolved, so a locked build never reaches the network for it.
+fn locked_precheck(recipe: &Recipe, lock: Option<&Plan>) -> Result<(), PlanError> {
+    let change = |input: &str, what: String| Change {
+        input: input.to_string(),
+        what,
+    };
+    let Some(lock) = lock else {
+        return Err(PlanError::LockedDrift {
+            changes: vec![change("lock", "no lock file: run `kiln lock` first".into())],
+        });
+    };
+    let mut changes = Vec::new();
+    let wanted = [
+        ("kernel", &lock.kernel, kernel_source_key(recipe)),
+        (
+            "stub",
+            &lock.stub,
+            debian_source(&stub_suite(recipe), &[STUB_PACKAGE.to_string()]),
+        ),
+    ];
+    for (input, pin, key) in wanted {
+        if pin.source != key {
+            changes.push(change(input, format!("{} -> {key}", pin.source)));
+        }
+    }
+    for c in &recipe.containers {
+        let name = c.name.value.as_str();
+        let source = container_source(recipe, c);
+        match lock.images.iter().find(|i| i.container == name) {
+            None => changes.push(change(name, format!("{source} added"))),
+            Some(i) if i.source != source => {
+                changes.push(change(name, format!("{} -> {source}", i.source)))
+            }
+            Some(_) => {}
+        }
+    }
+    for old in &lock.images {
+        if !recipe
+            .containers
+            .iter()
+            .any(|c| c.name.value == old.container)
+        {
+            changes.push(change(&old.container, "removed".into()));
+        }
+    }
+    if changes.is_empty() {
+        Ok(())
+    } else {
+        Err(PlanError::LockedDrift { changes })
+    }
 }
 
 /// A Debian resolution failure: the recipe's fault when a package cannot
@@ -781,6 +842,41 @@ mod tests {
             debian_source(&other, &["a".into()]),
             debian_source(&s, &["a".into()])
         );
+    }
+
+    #[test]
+    fn locked_reports_unpinned_inputs_before_resolving() {
+        let r = crate::recipe::parse(
+            Path::new("/x/r.toml"),
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n\
+             [[service]]\nname = \"web\"\nimage = \"127.0.0.1:5000/web:1\"\n\
+             [[service]]\nname = \"db\"\nimage = \"127.0.0.1:5000/db:1\"\n",
+        )
+        .unwrap();
+        let lock = plan();
+        match locked_precheck(&r, Some(&lock)) {
+            Err(PlanError::LockedDrift { changes }) => assert_eq!(
+                changes,
+                vec![Change {
+                    input: "db".into(),
+                    what: "127.0.0.1:5000/db:1 added".into()
+                }]
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            locked_precheck(&r, None),
+            Err(PlanError::LockedDrift { .. })
+        ));
+        let mut whole = lock.clone();
+        whole.images.push(ImagePin {
+            container: "db".into(),
+            source: "127.0.0.1:5000/db:1".into(),
+            mirror: None,
+            digest: Some(Digest::of(b"d")),
+            packages: vec![],
+        });
+        locked_precheck(&r, Some(&whole)).unwrap();
     }
 
     #[test]

@@ -198,6 +198,32 @@ struct Prepared {
     registry: RegistryOptions,
 }
 
+impl Prepared {
+    /// The resolve stage, timed and reported.
+    async fn resolve(
+        &self,
+        keyring: &Path,
+        mode: LockMode,
+        progress: &dyn kiln_assemble::progress::Progress,
+    ) -> Result<plan::Resolved, PlanError> {
+        let t = StageTimer::start(progress, Stage::Resolve);
+        let r = plan::resolve(
+            &self.recipe,
+            &ResolveOptions {
+                cache: &self.cache,
+                keyring,
+                registry: &self.registry,
+                lock: self.lock.as_ref(),
+                mode,
+                progress,
+            },
+        )
+        .await;
+        t.end();
+        r
+    }
+}
+
 fn prepare(input: &InputArgs) -> Result<Prepared> {
     let recipe = recipe::load(&input.recipe)?;
     let lock_path = input
@@ -296,20 +322,9 @@ fn build(args: BuildArgs) -> Result<ExitCode> {
         LockMode::Reuse
     };
     let result = run_interruptible(&rt, async {
-        let t = StageTimer::start(reporter.as_ref(), Stage::Resolve);
-        let resolved = plan::resolve(
-            &p.recipe,
-            &ResolveOptions {
-                cache: &p.cache,
-                keyring: &args.input.keyring,
-                registry: &p.registry,
-                lock: p.lock.as_ref(),
-                mode: lock_mode,
-                progress: reporter.as_ref(),
-            },
-        )
-        .await?;
-        t.end();
+        let resolved = p
+            .resolve(&args.input.keyring, lock_mode, reporter.as_ref())
+            .await?;
         let opts = BuildOptions {
             cache: p.cache.clone(),
             registry: p.registry.clone(),
@@ -359,21 +374,8 @@ fn lock(args: LockArgs) -> Result<ExitCode> {
         LockMode::Reuse
     };
     let resolved = run_interruptible(&rt, async {
-        let t = StageTimer::start(reporter.as_ref(), Stage::Resolve);
-        let r = plan::resolve(
-            &p.recipe,
-            &ResolveOptions {
-                cache: &p.cache,
-                keyring: &args.input.keyring,
-                registry: &p.registry,
-                lock: p.lock.as_ref(),
-                mode: lock_mode,
-                progress: reporter.as_ref(),
-            },
-        )
-        .await;
-        t.end();
-        r
+        p.resolve(&args.input.keyring, lock_mode, reporter.as_ref())
+            .await
     });
     reporter.finish();
     let resolved = resolved?;

@@ -186,3 +186,14 @@ pub fn toml_str(s: &str) -> String {
     out.push('"');
     out
 }
+
+/// Panics if `dir` exists and holds anything: a failed build left files.
+pub fn assert_no_files(dir: &Path) {
+    if dir.exists() {
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .expect("reading the output dir")
+            .map(|e| e.expect("a directory entry").file_name())
+            .collect();
+        assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
+    }
+}
