@@ -26,7 +26,7 @@ pub const DEFAULT_SUITE: &str = "trixie";
 /// Keyring that verifies InRelease when the recipe names none.
 pub const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// The only architecture indexed (plus `all`).
-pub const ARCH: &str = "amd64";
+pub const ARCH: &str = crate::arch::TARGET.debian;
 
 /// Errors from fetching, verifying and resolving Debian packages.
 #[derive(Debug, thiserror::Error)]

@@ -16,8 +16,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Where systemd-stub sits in its package.
-const STUB_PATH: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 /// Downloads in flight at once.
 const PARALLEL_DOWNLOADS: usize = 6;
 
@@ -207,12 +205,12 @@ pub async fn fetch(
         }
     };
 
-    let stub = match trees[STUB].get(Path::new(STUB_PATH)) {
+    let stub = match trees[STUB].get(Path::new(crate::arch::TARGET.stub_path)) {
         Some(Node::File { data, .. }) => data.clone(),
         _ => {
             return Err(FetchError::NoStub {
                 package: STUB_PACKAGE.into(),
-                path: STUB_PATH,
+                path: crate::arch::TARGET.stub_path,
             })
         }
     };

@@ -8,8 +8,10 @@ use crate::oci::ImageConfig;
 use crate::recipe::{ContainerSpec, FileContents, Kind, Recipe, RecipeError};
 use crate::users;
 use kiln_formats::tree::{Meta, Node, Tree, TreeError};
+pub use kiln_init::config::DEFAULT_PATH;
 use kiln_init::config::{
-    self as initcfg, Bind, Container, FileEntry, HostConfig, DEFAULT_CAPABILITIES,
+    self as initcfg, Bind, Container, FileEntry, HostConfig, CONTAINER_MOUNTPOINTS,
+    DEFAULT_CAPABILITIES, HOST_MOUNTPOINTS, RUNTIME_PREFIXES,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,16 +39,6 @@ pub enum HostError {
         source: std::io::Error,
     },
 }
-
-/// Docker's PATH when an image sets none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Directories the init mounts over in the host root.
-const HOST_MOUNTPOINTS: &[&str] = &["/proc", "/sys", "/dev", "/run", "/tmp", "/var/log"];
-/// Directories the init mounts over in each container root.
-const CONTAINER_MOUNTPOINTS: &[&str] = &["/proc", "/sys", "/dev", "/tmp", "/run"];
-/// Host paths that only exist at run time (tmpfs or kernel filesystems):
-/// a bind from below them cannot be checked at build time.
-const RUNTIME_PREFIXES: &[&str] = &["/run", "/tmp", "/var/lib/kiln", "/dev", "/proc", "/sys"];
 
 /// The host root and what the init runs from it.
 #[derive(Debug)]

@@ -2,6 +2,7 @@
 //! → filesystems (root squashfs, initramfs, UKI, ESP) → disk layout →
 //! outputs, written together or not at all.
 
+use crate::arch::TARGET;
 use crate::cache::{Cache, Digest};
 use crate::fetch::{self, FetchError, Inputs};
 use crate::host::{self, Host, HostError};
@@ -11,7 +12,7 @@ use crate::output::{self, OutputError, Pending};
 use crate::plan::Plan;
 use crate::progress::{Event, Progress, Stage, StageTimer};
 use crate::recipe::{Format, Recipe, RecipeError};
-use kiln_formats::gpt::{Guid, ESP_TYPE, LINUX_ROOT_X86_64_TYPE};
+use kiln_formats::gpt::{Guid, ESP_TYPE};
 use kiln_formats::tree::{Meta, Node, Tree, TreeError};
 use kiln_formats::{cpio, disk, fat, squashfs, uki};
 use kiln_init::config::{self as initcfg, BootConfig};
@@ -195,7 +196,7 @@ pub fn encode(
         modules: index,
     };
     let mut initrd_tree = Tree::new();
-    for dir in ["/dev", "/proc", "/sys", "/sysroot", "/run", "/tmp"] {
+    for dir in initcfg::INITRAMFS_DIRS {
         initrd_tree
             .mkdir_p(Path::new(dir), &Meta::root(0o755))
             .map_err(tree_err("initramfs"))?;
@@ -269,7 +270,7 @@ pub fn encode(
     step("EFI system partition");
     let mut esp_tree = Tree::new();
     esp_tree
-        .insert(Path::new("/EFI/BOOT/BOOTX64.EFI"), Node::file(0o644, efi))
+        .insert(Path::new(TARGET.efi_boot_path), Node::file(0o644, efi))
         .map_err(tree_err("ESP"))?;
     let esp_size = esp_size(esp_tree.data_size());
     let vol = Guid::derive(ESP_NAMESPACE, &root_guid.0).0;
@@ -294,7 +295,7 @@ pub fn encode(
             },
             disk::PartitionSpec {
                 name: "root-a".into(),
-                type_guid: LINUX_ROOT_X86_64_TYPE,
+                type_guid: TARGET.root_type,
                 guid: root_guid,
                 size: round_up(root.len() as u64, 1 << 20),
                 attributes: 0,

@@ -511,12 +511,13 @@ fn parse_manifest(reference: &str, digest: &Digest, data: &[u8]) -> Result<Manif
     Ok(doc)
 }
 
-/// Picks the linux/amd64 entry of an index (a plain or `v1` variant first).
-fn select_amd64(entries: &[Descriptor]) -> Option<&Descriptor> {
-    let amd64 = |d: &&Descriptor| {
+/// Picks the target's linux entry of an index (a plain or `v1` variant
+/// first).
+fn select_platform(entries: &[Descriptor]) -> Option<&Descriptor> {
+    let target = |d: &&Descriptor| {
         d.platform
             .as_ref()
-            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+            .is_some_and(|p| p.os == "linux" && p.architecture == crate::arch::TARGET.oci)
     };
     let plain = |d: &&Descriptor| {
         d.platform
@@ -525,9 +526,9 @@ fn select_amd64(entries: &[Descriptor]) -> Option<&Descriptor> {
     };
     entries
         .iter()
-        .filter(amd64)
+        .filter(target)
         .find(plain)
-        .or_else(|| entries.iter().find(amd64))
+        .or_else(|| entries.iter().find(target))
 }
 
 fn compression_of(media_type: &str, data: &[u8]) -> Compression {
@@ -574,11 +575,11 @@ async fn resolve(
     // An index may point at another index; two levels is plenty.
     for _ in 0..2 {
         let Some(entries) = &doc.manifests else { break };
-        let entry = select_amd64(entries).ok_or_else(|| OciError::Invalid {
+        let entry = select_platform(entries).ok_or_else(|| OciError::Invalid {
             reference: reference.to_string(),
             what: "index".into(),
             digest,
-            message: "no linux/amd64 manifest".into(),
+            message: format!("no linux/{} manifest", crate::arch::TARGET.oci),
         })?;
         let d = parse_digest(reference, "manifest", &entry.digest)?;
         let data = store.get(reference, "manifest", &d, true).await?;
@@ -659,10 +660,11 @@ fn parse_config(reference: &str, digest: &Digest, data: &[u8]) -> Result<ConfigD
     let doc: ConfigDoc =
         serde_json::from_slice(data).map_err(|e| invalid(format!("bad JSON: {e}")))?;
     let os = doc.os.as_deref().unwrap_or("linux");
-    let arch = doc.architecture.as_deref().unwrap_or("amd64");
-    if os != "linux" || arch != "amd64" {
+    let want = crate::arch::TARGET.oci;
+    let arch = doc.architecture.as_deref().unwrap_or(want);
+    if os != "linux" || arch != want {
         return Err(invalid(format!(
-            "image is for {os}/{arch}, not linux/amd64"
+            "image is for {os}/{arch}, not linux/{want}"
         )));
     }
     Ok(doc)
@@ -1209,9 +1211,9 @@ mod tests {
             d("amd64", Some("v3"), 2),
             d("amd64", None, 3),
         ];
-        assert_eq!(select_amd64(&all).unwrap().digest, all[2].digest);
-        assert_eq!(select_amd64(&all[..2]).unwrap().digest, all[1].digest);
-        assert!(select_amd64(&all[..1]).is_none());
+        assert_eq!(select_platform(&all).unwrap().digest, all[2].digest);
+        assert_eq!(select_platform(&all[..2]).unwrap().digest, all[1].digest);
+        assert!(select_platform(&all[..1]).is_none());
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! Files the builder writes for the init, as JSON.
+//! The contract between the builder and the init: the files the builder
+//! writes for the init (as JSON) and the paths both sides agree on.
 //!
 //! - `/kiln/boot.json` in the initramfs: [`BootConfig`], what is needed to
 //!   find and mount the root filesystem.
 //! - `/kiln/config.json` in the root filesystem: [`HostConfig`], what runs.
+//! - Paths: where containers live, the mount points the init mounts over
+//!   (the builder creates them in the read-only trees), PATH defaults.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,6 +17,25 @@ pub const HOST_CONFIG_PATH: &str = "/kiln/config.json";
 /// Where container root filesystems live inside the root filesystem:
 /// `CONTAINERS_DIR/NAME/rootfs`.
 pub const CONTAINERS_DIR: &str = "/containers";
+/// Where the init mounts the root filesystem before switching to it; the
+/// builder creates it in the initramfs.
+pub const SYSROOT: &str = "/sysroot";
+/// Directories the initramfs needs before anything is mounted.
+pub const INITRAMFS_DIRS: [&str; 6] = ["/dev", "/proc", "/sys", SYSROOT, "/run", "/tmp"];
+/// Directories the init mounts over in the host root (kernel filesystems,
+/// tmpfs, the log directory).
+pub const HOST_MOUNTPOINTS: [&str; 6] = ["/proc", "/sys", "/dev", "/run", "/tmp", "/var/log"];
+/// Directories the init mounts over in every container root.
+pub const CONTAINER_MOUNTPOINTS: [&str; 5] = ["/proc", "/sys", "/dev", "/tmp", "/run"];
+/// Host paths that exist only at run time (tmpfs or kernel filesystems): a
+/// bind from below them cannot be checked when the image is built.
+pub const RUNTIME_PREFIXES: [&str; 6] = ["/run", "/tmp", "/var/lib/kiln", "/dev", "/proc", "/sys"];
+/// Where per-container cgroups live.
+pub const CGROUP_DIR: &str = "/sys/fs/cgroup/kiln";
+/// tmpfs holding the containers' root mount points.
+pub const PLUMBING_DIR: &str = "/run/kiln";
+/// PATH when an image sets none (Docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What the init needs to find and mount the root filesystem: `/kiln/boot.json` in the initramfs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

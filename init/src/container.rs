@@ -12,10 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use thiserror::Error;
 
-/// Where per-container cgroups live.
-pub const CGROUP_DIR: &str = "/sys/fs/cgroup/kiln";
-/// tmpfs holding the containers' root mount points.
-pub const PLUMBING_DIR: &str = "/run/kiln";
+pub use kiln_init::config::{CGROUP_DIR, DEFAULT_PATH, PLUMBING_DIR};
 
 #[derive(Debug, Error)]
 pub enum ContainerError {
@@ -255,9 +252,6 @@ impl ExecPlan {
         })
     }
 }
-
-/// Default PATH when the environment has none (Docker's).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Resolves `prog` against the PATH in `env`, with `is_exec` telling
 /// whether a candidate is an executable file.

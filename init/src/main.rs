@@ -22,8 +22,7 @@ use kiln_init::config::{BootConfig, HostConfig, WhenDone, BOOT_CONFIG_PATH, HOST
 use supervisor::UnitKind;
 use sys::{RealSys, Sys};
 
-/// Mount point of the real root inside the initramfs.
-const SYSROOT: &str = "/sysroot";
+use kiln_init::config::SYSROOT;
 /// How long to wait for the root partition to show up.
 const ROOT_WAIT_MS: u64 = 10_000;
 

@@ -142,7 +142,7 @@ pub fn parse_packages(text: &str) -> Result<Vec<Entry>, DebianError> {
                 })
         };
         let arch = field("Architecture")?;
-        if arch != "amd64" && arch != "all" {
+        if arch != super::ARCH && arch != "all" {
             continue;
         }
         let name = field("Package")?;
