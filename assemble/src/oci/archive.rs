@@ -140,12 +140,8 @@ pub(super) async fn pull_docker_archive(source: &str, rest: &str) -> Result<Imag
     if let Some(named) = digest_in_name(&m.config) {
         verify(source, "config", &named, config_data)?;
     }
-    let config = parse_config(source, &config_digest, config_data)?;
-    let diff_ids = config
-        .rootfs
-        .as_ref()
-        .map(|r| &r.diff_ids[..])
-        .unwrap_or(&[]);
+    let (doc, config) = parse_config(source, &config_digest, config_data)?;
+    let diff_ids = doc.rootfs().diff_ids();
     if diff_ids.len() != m.layers.len() {
         return Err(OciError::Invalid {
             reference: source.to_string(),
@@ -195,7 +191,7 @@ pub(super) async fn pull_docker_archive(source: &str, rest: &str) -> Result<Imag
     Ok(Image {
         reference: source.to_string(),
         manifest_digest: config_digest,
-        config: config.config,
+        config,
         layers,
     })
 }

@@ -2,12 +2,6 @@
 
 use super::*;
 
-#[derive(Deserialize)]
-pub(super) struct LayoutIndex {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
-
 /// `DIR:TAG` unless the whole thing names a directory.
 pub(super) fn split_layout(rest: &str) -> (&str, Option<&str>) {
     if Path::new(rest).is_dir() {
@@ -47,18 +41,23 @@ pub(super) async fn layout_top(
             message: "oci-layout: imageLayoutVersion is not 1.0.0".into(),
         });
     }
-    let index: LayoutIndex =
+    let index: ImageIndex =
         serde_json::from_slice(&read("index.json").await?).map_err(|e| OciError::Format {
             reference: source.to_string(),
             message: format!("index.json: {e}"),
         })?;
     let chosen: Vec<&Descriptor> = match tag {
         Some(t) => index
-            .manifests
+            .manifests()
             .iter()
-            .filter(|d| d.annotations.get(REF_NAME).is_some_and(|n| n == t))
+            .filter(|d| {
+                d.annotations()
+                    .as_ref()
+                    .and_then(|a| a.get(REF_NAME))
+                    .is_some_and(|n| n == t)
+            })
             .collect(),
-        None => index.manifests.iter().collect(),
+        None => index.manifests().iter().collect(),
     };
     let desc = match chosen.as_slice() {
         [one] => *one,
@@ -78,7 +77,10 @@ pub(super) async fn layout_top(
             })
         }
     };
-    Ok((parse_digest(source, "manifest", &desc.digest)?, desc.size))
+    Ok((
+        parse_digest(source, "manifest", desc.digest().as_ref())?,
+        Some(desc.size()),
+    ))
 }
 
 pub(super) async fn pull_layout(

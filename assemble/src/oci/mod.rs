@@ -14,7 +14,7 @@
 
 use crate::cache::{Cache, CacheError, Digest};
 use crate::layers::{Compression, Layer};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -45,23 +45,19 @@ pub struct Image {
     pub layers: Vec<Layer>,
 }
 
-/// The runtime part (`config` object) of an OCI/Docker image config.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The runtime part (`config` object) of an OCI/Docker image config, as
+/// kiln uses it: unset (or `null`) lists and strings are empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageConfig {
     /// Environment, as `KEY=value`.
-    #[serde(rename = "Env", default, deserialize_with = "null_default")]
     pub env: Vec<String>,
     /// Entrypoint argv; empty if unset.
-    #[serde(rename = "Entrypoint", default, deserialize_with = "null_default")]
     pub entrypoint: Vec<String>,
     /// Default arguments (or command, without an entrypoint).
-    #[serde(rename = "Cmd", default, deserialize_with = "null_default")]
     pub cmd: Vec<String>,
     /// Working directory; empty if unset.
-    #[serde(rename = "WorkingDir", default, deserialize_with = "null_default")]
     pub working_dir: String,
     /// User, as `user[:group]` by name or id; empty if unset.
-    #[serde(rename = "User", default, deserialize_with = "null_default")]
     pub user: String,
 }
 
@@ -163,66 +159,15 @@ pub enum OciError {
     },
 }
 
-// ---- JSON documents (only the fields we use; unknown ones are ignored) ----
+// ---- JSON documents: oci-spec's types (Docker's v2 schema 2 parses as them) ----
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    #[serde(default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    size: Option<u64>,
-    #[serde(default)]
-    platform: Option<Platform>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-    #[serde(default)]
-    urls: Vec<String>,
-}
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 
-#[derive(Debug, Clone, Deserialize)]
-struct Platform {
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-/// An image manifest or an index / manifest list.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ManifestDoc {
-    #[serde(default)]
-    schema_version: Option<u32>,
-    #[serde(default)]
-    media_type: Option<String>,
-    #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Option<Vec<Descriptor>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ConfigDoc {
-    #[serde(default)]
-    architecture: Option<String>,
-    #[serde(default)]
-    os: Option<String>,
-    #[serde(default, deserialize_with = "null_default")]
-    config: ImageConfig,
-    #[serde(default)]
-    rootfs: Option<RootFs>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
+/// A manifest document: an image manifest, or an index of them (an OCI
+/// index or a Docker manifest list).
+enum ManifestDoc {
+    Index(Box<ImageIndex>),
+    Manifest(Box<ImageManifest>),
 }
 
 const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -426,38 +371,43 @@ const MANIFEST_TYPES: &[&str] = &[
 ];
 
 fn parse_manifest(reference: &str, digest: &Digest, data: &[u8]) -> Result<ManifestDoc, OciError> {
-    let doc: ManifestDoc = serde_json::from_slice(data).map_err(|e| OciError::Invalid {
+    let invalid = |message: String| OciError::Invalid {
         reference: reference.to_string(),
         what: "manifest".into(),
         digest: *digest,
-        message: format!("bad JSON: {e}"),
-    })?;
-    if doc.schema_version != Some(2) {
-        return Err(OciError::Invalid {
-            reference: reference.to_string(),
-            what: "manifest".into(),
-            digest: *digest,
-            message: format!(
-                "schemaVersion {:?} is not supported (only 2)",
-                doc.schema_version
-            ),
-        });
+        message,
+    };
+    let doc: serde_json::Value =
+        serde_json::from_slice(data).map_err(|e| invalid(format!("bad JSON: {e}")))?;
+    let schema_version = doc.get("schemaVersion").and_then(|v| v.as_u64());
+    if schema_version != Some(2) {
+        return Err(invalid(format!(
+            "schemaVersion {schema_version:?} is not supported (only 2)"
+        )));
     }
-    Ok(doc)
+    if doc.get("manifests").is_some() {
+        serde_json::from_value(doc)
+            .map(|i| ManifestDoc::Index(Box::new(i)))
+            .map_err(|e| invalid(format!("not an image index: {e}")))
+    } else {
+        serde_json::from_value(doc)
+            .map(|m| ManifestDoc::Manifest(Box::new(m)))
+            .map_err(|e| invalid(format!("not an image manifest: {e}")))
+    }
 }
 
 /// Picks the target's linux entry of an index (a plain or `v1` variant
 /// first).
 fn select_platform(entries: &[Descriptor]) -> Option<&Descriptor> {
     let target = |d: &&Descriptor| {
-        d.platform
-            .as_ref()
-            .is_some_and(|p| p.os == "linux" && p.architecture == crate::arch::TARGET.oci)
+        d.platform().as_ref().is_some_and(|p| {
+            p.os().to_string() == "linux" && p.architecture().to_string() == crate::arch::TARGET.oci
+        })
     };
     let plain = |d: &&Descriptor| {
-        d.platform
+        d.platform()
             .as_ref()
-            .is_some_and(|p| matches!(p.variant.as_deref(), None | Some("") | Some("v1")))
+            .is_some_and(|p| matches!(p.variant().as_deref(), None | Some("") | Some("v1")))
     };
     entries
         .iter()
@@ -487,15 +437,16 @@ fn check_size(
     digest: &Digest,
     len: usize,
 ) -> Result<(), OciError> {
-    match desc.size {
-        Some(s) if s != len as u64 => Err(OciError::Invalid {
-            reference: reference.to_string(),
-            what: what.to_string(),
-            digest: *digest,
-            message: format!("size {len} differs from the descriptor's {s}"),
-        }),
-        _ => Ok(()),
+    let s = desc.size();
+    if s == len as u64 {
+        return Ok(());
     }
+    Err(OciError::Invalid {
+        reference: reference.to_string(),
+        what: what.to_string(),
+        digest: *digest,
+        message: format!("size {len} differs from the descriptor's {s}"),
+    })
 }
 
 /// From a verified top-level manifest (or index) to the image.
@@ -509,42 +460,48 @@ async fn resolve(
     let mut doc = parse_manifest(reference, &digest, &top)?;
     // An index may point at another index; two levels is plenty.
     for _ in 0..2 {
-        let Some(entries) = &doc.manifests else { break };
-        let entry = select_platform(entries).ok_or_else(|| OciError::Invalid {
+        let ManifestDoc::Index(index) = &doc else {
+            break;
+        };
+        let entry = select_platform(index.manifests()).ok_or_else(|| OciError::Invalid {
             reference: reference.to_string(),
             what: "index".into(),
             digest,
             message: format!("no linux/{} manifest", crate::arch::TARGET.oci),
         })?;
-        let d = parse_digest(reference, "manifest", &entry.digest)?;
+        let d = parse_digest(reference, "manifest", entry.digest().as_ref())?;
         let data = store.get(reference, "manifest", &d, true).await?;
         check_size(reference, "manifest", entry, &d, data.len())?;
         digest = d;
         doc = parse_manifest(reference, &digest, &data)?;
     }
-    if doc.manifests.is_some() {
-        return Err(OciError::Invalid {
-            reference: reference.to_string(),
-            what: "index".into(),
-            digest,
-            message: "indexes nested too deeply".into(),
-        });
-    }
+    let manifest = match doc {
+        ManifestDoc::Manifest(m) => m,
+        ManifestDoc::Index(_) => {
+            return Err(OciError::Invalid {
+                reference: reference.to_string(),
+                what: "index".into(),
+                digest,
+                message: "indexes nested too deeply".into(),
+            })
+        }
+    };
     let invalid = |message: &str| OciError::Invalid {
         reference: reference.to_string(),
         what: "manifest".into(),
         digest,
         message: message.to_string(),
     };
-    if let Some(mt) = &doc.media_type {
+    if let Some(mt) = manifest.media_type() {
+        let mt = mt.to_string();
         if mt != MT_OCI_MANIFEST && mt != MT_DOCKER_MANIFEST {
             return Err(invalid(&format!("unsupported media type {mt}")));
         }
     }
-    let config_desc = doc.config.as_ref().ok_or_else(|| invalid("no config"))?;
-    let layer_descs = doc.layers.as_ref().ok_or_else(|| invalid("no layers"))?;
+    let config_desc = manifest.config();
+    let layer_descs = manifest.layers();
 
-    let config_digest = parse_digest(reference, "config", &config_desc.digest)?;
+    let config_digest = parse_digest(reference, "config", config_desc.digest().as_ref())?;
     let config_data = store
         .get(reference, "config", &config_digest, false)
         .await?;
@@ -555,12 +512,12 @@ async fn resolve(
         &config_digest,
         config_data.len(),
     )?;
-    let config = parse_config(reference, &config_digest, &config_data)?;
+    let (_, config) = parse_config(reference, &config_digest, &config_data)?;
 
     let mut layers = Vec::with_capacity(layer_descs.len());
     for desc in layer_descs {
-        let d = parse_digest(reference, "layer", &desc.digest)?;
-        if !desc.urls.is_empty() {
+        let d = parse_digest(reference, "layer", desc.digest().as_ref())?;
+        if desc.urls().as_ref().is_some_and(|u| !u.is_empty()) {
             return Err(OciError::Invalid {
                 reference: reference.to_string(),
                 what: "layer".into(),
@@ -573,36 +530,49 @@ async fn resolve(
         layers.push(Layer {
             source: reference.to_string(),
             digest: d,
-            compression: compression_of(&desc.media_type, &data),
+            compression: compression_of(desc.media_type().as_ref(), &data),
             data: Arc::new(data),
         });
     }
     Ok(Image {
         reference: reference.to_string(),
         manifest_digest: top_digest,
-        config: config.config,
+        config,
         layers,
     })
 }
 
-fn parse_config(reference: &str, digest: &Digest, data: &[u8]) -> Result<ConfigDoc, OciError> {
+/// A verified config blob, parsed, checked to be for the target, and its
+/// runtime part.
+fn parse_config(
+    reference: &str,
+    digest: &Digest,
+    data: &[u8],
+) -> Result<(ImageConfiguration, ImageConfig), OciError> {
     let invalid = |message: String| OciError::Invalid {
         reference: reference.to_string(),
         what: "config".into(),
         digest: *digest,
         message,
     };
-    let doc: ConfigDoc =
+    let doc: ImageConfiguration =
         serde_json::from_slice(data).map_err(|e| invalid(format!("bad JSON: {e}")))?;
-    let os = doc.os.as_deref().unwrap_or("linux");
+    let (os, arch) = (doc.os().to_string(), doc.architecture().to_string());
     let want = crate::arch::TARGET.oci;
-    let arch = doc.architecture.as_deref().unwrap_or(want);
     if os != "linux" || arch != want {
         return Err(invalid(format!(
             "image is for {os}/{arch}, not linux/{want}"
         )));
     }
-    Ok(doc)
+    let c = doc.config().clone().unwrap_or_default();
+    let runtime = ImageConfig {
+        env: c.env().clone().unwrap_or_default(),
+        entrypoint: c.entrypoint().clone().unwrap_or_default(),
+        cmd: c.cmd().clone().unwrap_or_default(),
+        working_dir: c.working_dir().clone().unwrap_or_default(),
+        user: c.user().clone().unwrap_or_default(),
+    };
+    Ok((doc, runtime))
 }
 
 #[cfg(test)]
@@ -647,45 +617,57 @@ mod tests {
 
     #[test]
     fn amd64_selection_prefers_plain_variant() {
-        let d = |arch: &str, variant: Option<&str>, n: u8| Descriptor {
-            media_type: MT_OCI_MANIFEST.into(),
-            digest: format!("sha256:{}", hex::encode([n; 32])),
-            size: None,
-            platform: Some(Platform {
-                architecture: arch.into(),
-                os: "linux".into(),
-                variant: variant.map(Into::into),
-            }),
-            annotations: BTreeMap::new(),
-            urls: vec![],
+        let d = |arch: &str, variant: Option<&str>, n: u8| -> Descriptor {
+            let mut platform = serde_json::json!({"architecture": arch, "os": "linux"});
+            if let Some(v) = variant {
+                platform["variant"] = v.into();
+            }
+            serde_json::from_value(serde_json::json!({
+                "mediaType": MT_OCI_MANIFEST,
+                "digest": format!("sha256:{}", hex::encode([n; 32])),
+                "size": 1,
+                "platform": platform,
+            }))
+            .unwrap()
         };
         let all = [
             d("arm64", Some("v8"), 1),
             d("amd64", Some("v3"), 2),
             d("amd64", None, 3),
         ];
-        assert_eq!(select_platform(&all).unwrap().digest, all[2].digest);
-        assert_eq!(select_platform(&all[..2]).unwrap().digest, all[1].digest);
+        assert_eq!(select_platform(&all).unwrap().digest(), all[2].digest());
+        assert_eq!(
+            select_platform(&all[..2]).unwrap().digest(),
+            all[1].digest()
+        );
         assert!(select_platform(&all[..1]).is_none());
     }
 
     #[test]
     fn config_nulls_are_empty() {
-        let doc = parse_config(
+        let (_, config) = parse_config(
             "x",
             &Digest::of(b""),
-            br#"{"architecture":"amd64","os":"linux","config":{"Env":null,"Cmd":["sh"],"Entrypoint":null}}"#,
+            br#"{"architecture":"amd64","os":"linux","config":{"Env":null,"Cmd":["sh"],"Entrypoint":null},"rootfs":{"type":"layers","diff_ids":[]}}"#,
         )
         .unwrap();
-        assert_eq!(doc.config.cmd, vec!["sh".to_string()]);
-        assert!(doc.config.env.is_empty() && doc.config.entrypoint.is_empty());
+        assert_eq!(config.cmd, vec!["sh".to_string()]);
+        assert!(config.env.is_empty() && config.entrypoint.is_empty());
         let e = parse_config(
             "img",
             &Digest::of(b""),
-            br#"{"architecture":"arm64","os":"linux"}"#,
+            br#"{"architecture":"arm64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
         )
         .unwrap_err();
         assert!(e.to_string().contains("linux/arm64"), "{e}");
+        // The spec requires rootfs: a config without it is refused.
+        let e = parse_config(
+            "img",
+            &Digest::of(b""),
+            br#"{"architecture":"amd64","os":"linux"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rootfs"), "{e}");
     }
 
     #[test]
