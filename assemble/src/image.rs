@@ -16,7 +16,7 @@ use kiln_formats::gpt::{Guid, ESP_TYPE};
 use kiln_formats::tree::{Meta, Node, Tree, TreeError};
 use kiln_formats::{cpio, disk, fat, squashfs, uki};
 use kiln_init::config::{self as initcfg, BootConfig};
-use std::io::{Cursor, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -122,7 +122,7 @@ pub async fn build(
     t.end();
 
     let t = StageTimer::start(progress, Stage::Encode);
-    let fs = encode(recipe, plan, &host, &kernel, &stub, opts)?;
+    let fs = encode(recipe, plan, &host, &kernel, &stub, out_dir, opts)?;
     t.end();
 
     let t = StageTimer::start(progress, Stage::Write);
@@ -136,8 +136,11 @@ pub async fn build(
 
 /// The encoded filesystems and the disk layout that places them.
 pub struct Filesystems {
-    /// The encoded root filesystem.
-    pub root: Vec<u8>,
+    /// The encoded root filesystem, in a temp file beside the outputs
+    /// (removed when this is dropped): it can be as large as the image.
+    pub root: Pending,
+    /// Its size in bytes.
+    pub root_len: u64,
     /// The encoded EFI system partition (FAT32).
     pub esp: Vec<u8>,
     /// The disk layout placing both.
@@ -164,6 +167,7 @@ pub fn encode(
     host: &Host,
     kernel: &Kernel,
     stub: &[u8],
+    out_dir: &Path,
     opts: &BuildOptions,
 ) -> Result<Filesystems, BuildError> {
     let (init, cache, progress) = (&opts.init, &opts.cache, opts.progress.as_ref());
@@ -173,7 +177,8 @@ pub fn encode(
         })
     };
     step("root filesystem (squashfs)");
-    let mut root = Cursor::new(Vec::new());
+    let root_path = out_dir.join(format!("{}.root", recipe.name()));
+    let mut root = Pending::create(&root_path)?;
     let sq_opts = squashfs::SquashfsOptions {
         compression: squashfs::Compression::Zstd {
             level: recipe.output.root_compression.value.zstd_level,
@@ -181,10 +186,24 @@ pub fn encode(
         mod_time: Some(u32::try_from(plan.source_date_epoch).unwrap_or(u32::MAX)),
         ..squashfs::SquashfsOptions::default()
     };
-    squashfs::write_squashfs_with(&host.tree, &mut root, &sq_opts, Some(cache))
-        .map_err(|e| encode_err("root squashfs")(Box::new(e)))?;
-    let root = root.into_inner();
-    let root_guid = Guid::derive(ROOT_NAMESPACE, &Digest::of(&root).0);
+    let root_len = squashfs::write_squashfs_with(
+        &host.tree,
+        std::io::BufWriter::new(root.file()),
+        &sq_opts,
+        Some(cache),
+    )
+    .map_err(|e| encode_err("root squashfs")(Box::new(e)))?;
+    // backhand seeks back over duplicate file data: what lies past the
+    // image's end is overwritten leftovers, not part of it.
+    let root_digest = root
+        .file()
+        .set_len(root_len)
+        .and_then(|()| file_digest(root.file()))
+        .map_err(|source| OutputError::Write {
+        path: root_path.clone(),
+        source,
+    })?;
+    let root_guid = Guid::derive(ROOT_NAMESPACE, &root_digest.0);
 
     // Initramfs: the init, its boot config and the kernel modules.
     step("initramfs");
@@ -297,7 +316,7 @@ pub fn encode(
                 name: "root-a".into(),
                 type_guid: TARGET.root_type,
                 guid: root_guid,
-                size: round_up(root.len() as u64, 1 << 20),
+                size: round_up(root_len, 1 << 20),
                 attributes: 0,
             },
         ],
@@ -308,13 +327,18 @@ pub fn encode(
                 &recipe.disk.size.loc,
                 format!(
                     "{e}: the root filesystem is {} MiB and the ESP {} MiB; raise disk.size",
-                    (root.len() as u64).div_ceil(1 << 20),
+                    root_len.div_ceil(1 << 20),
                     esp.len() >> 20
                 ),
             )
             .into());
     }
-    Ok(Filesystems { root, esp, layout })
+    Ok(Filesystems {
+        root,
+        root_len,
+        esp,
+        layout,
+    })
 }
 
 /// Writes every format and the plan beside them, all or nothing.
@@ -334,7 +358,7 @@ fn write_outputs(
             Format::Raw => {
                 disk::write_raw(
                     &fs.layout,
-                    vec![Box::new(&fs.esp[..]), Box::new(&fs.root[..])],
+                    vec![Box::new(&fs.esp[..]), Box::new(root_reader(fs)?)],
                     p.file(),
                 )
                 .map_err(|e| {
@@ -373,9 +397,36 @@ fn write_outputs(
         images,
         plan_path,
         kernel_release: String::new(),
-        root_size: fs.root.len() as u64,
+        root_size: fs.root_len,
         esp_size: fs.esp.len() as u64,
     })
+}
+
+/// A reader of the root filesystem from its start.
+fn root_reader(fs: &Filesystems) -> Result<std::fs::File, BuildError> {
+    std::fs::File::open(&fs.root.tmp).map_err(|source| {
+        BuildError::Output(OutputError::Write {
+            path: fs.root.path.clone(),
+            source,
+        })
+    })
+}
+
+/// The sha256 of a whole file, read from its start.
+fn file_digest(f: &mut std::fs::File) -> std::io::Result<Digest> {
+    use sha2::Digest as _;
+    use std::io::{Read, Seek};
+    f.seek(std::io::SeekFrom::Start(0))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Digest(hasher.finalize().into()))
 }
 
 fn round_up(n: u64, to: u64) -> u64 {

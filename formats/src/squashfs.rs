@@ -122,8 +122,13 @@ pub trait BlockStore: Sync {
 /// block, and the zstd level they were compressed at.
 struct Blocks {
     level: u32,
-    by_key: HashMap<[u8; 32], Arc<Vec<u8>>>,
+    /// Compressed block and how many times backhand will still ask for
+    /// it; dropped at zero, so memory shrinks as the image is written.
+    by_key: ByKey,
 }
+
+/// Compressed blocks by store key, with their remaining uses.
+type ByKey = HashMap<[u8; 32], (Arc<Vec<u8>>, usize)>;
 
 /// The blocks of the write in progress (one at a time, see [`WRITING`]).
 static CURRENT: Mutex<Option<Blocks>> = Mutex::new(None);
@@ -164,12 +169,18 @@ impl CompressionAction for Precompressed {
         // Hashed outside the lock; the level says which key to look for.
         let key = level.map(|l| store_key(l, bytes));
         let hit = key.and_then(|k| {
-            lock(&CURRENT)
-                .as_ref()
-                .and_then(|blocks| blocks.by_key.get(&k).cloned())
+            let mut current = lock(&CURRENT);
+            let blocks = current.as_mut()?;
+            let (data, uses) = blocks.by_key.get_mut(&k)?;
+            let data = Arc::clone(data);
+            *uses = uses.saturating_sub(1);
+            if *uses == 0 {
+                blocks.by_key.remove(&k);
+            }
+            Some(data)
         });
         match hit {
-            Some(c) => Ok(c.to_vec()),
+            Some(c) => Ok(Arc::try_unwrap(c).unwrap_or_else(|shared| shared.to_vec())),
             None => {
                 #[cfg(test)]
                 if bytes.len() > METADATA_BLOCK {
@@ -232,40 +243,55 @@ fn precompress(
     // fragment blocks in path order (the tree walk's), a block closed when
     // the next file does not fit: replay that to compress them here too.
     // A block guessed wrong is only never asked for.
+    // A file shared by several paths is compressed once but asked for once
+    // per path: count the uses.
+    let walk = tree.walk();
+    let mut uses: HashMap<*const Vec<u8>, usize> = HashMap::new();
+    for (_, node) in &walk {
+        if let Node::File { data, .. } = node {
+            if data.len() >= bs {
+                *uses.entry(Arc::as_ptr(data)).or_default() += 1;
+            }
+        }
+    }
     let mut seen = std::collections::HashSet::new();
-    let mut chunks: Vec<std::borrow::Cow<'_, [u8]>> = Vec::new();
+    let mut chunks: Vec<(std::borrow::Cow<'_, [u8]>, usize)> = Vec::new();
     let mut fragment: Vec<u8> = Vec::new();
-    for (_, node) in tree.walk() {
+    for (_, node) in &walk {
         let Node::File { data, .. } = node else {
             continue;
         };
         if data.len() >= bs {
-            if seen.insert(Arc::as_ptr(data)) {
+            let ptr = Arc::as_ptr(data);
+            if seen.insert(ptr) {
+                let n = uses.get(&ptr).copied().unwrap_or(1);
                 chunks.extend(
                     data.chunks(bs)
                         .filter(|c| c.iter().any(|b| *b != 0))
-                        .map(std::borrow::Cow::Borrowed),
+                        .map(|c| (std::borrow::Cow::Borrowed(c), n)),
                 );
             }
         } else if !data.is_empty() {
             if fragment.len() + data.len() > bs {
-                chunks.push(std::mem::take(&mut fragment).into());
+                chunks.push((std::mem::take(&mut fragment).into(), 1));
             }
             fragment.extend_from_slice(data);
         }
     }
     if !fragment.is_empty() {
-        chunks.push(fragment.into());
+        chunks.push((fragment.into(), 1));
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let out: Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>> = Mutex::new(HashMap::new());
+    let out: Mutex<ByKey> = Mutex::new(HashMap::new());
     let failed: Mutex<Option<BackhandError>> = Mutex::new(None);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|s| {
         for _ in 0..workers.min(chunks.len()).max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(chunk) = chunks.get(i) else { break };
+                let Some((chunk, n)) = chunks.get(i) else {
+                    break;
+                };
                 let key = store_key(level, chunk);
                 let stored = store
                     .and_then(|st| st.get(&key))
@@ -289,7 +315,11 @@ fn precompress(
                         }
                     }
                 };
-                lock(&out).insert(key, Arc::new(compressed));
+                // Identical blocks of different files share one entry.
+                lock(&out)
+                    .entry(key)
+                    .or_insert_with(|| (Arc::new(compressed), 0))
+                    .1 += n;
             });
         }
     });
@@ -492,6 +522,15 @@ mod tests {
     #[test]
     fn stored_blocks_change_nothing() {
         let mut tree = sample();
+        // One file at two paths (backhand asks for its blocks twice), and
+        // a copy of it in its own buffer (the same blocks again).
+        let big = tree.get(Path::new("/usr/big.bin")).unwrap().clone();
+        let Node::File { data, .. } = &big else {
+            panic!("not a file")
+        };
+        let copy = Node::file(0o644, data.to_vec());
+        tree.insert(Path::new("/usr/big-link.bin"), big).unwrap();
+        tree.insert(Path::new("/usr/big-copy.bin"), copy).unwrap();
         // Enough small files for two fragment blocks.
         for i in 0..60u32 {
             let data: Vec<u8> = (0..3000u32).map(|j| (j * 7 + i * 13) as u8).collect();
@@ -532,9 +571,12 @@ mod tests {
         assert_eq!(misses(), before, "a block was compressed late");
         let n = lock(&store.blocks).len();
         assert!(n >= 3, "big.bin's blocks were not stored: {n}");
-        assert_eq!(store.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let hits = || store.hits.load(std::sync::atomic::Ordering::Relaxed);
+        // The copy's blocks may already come from the store.
+        let first = hits();
         assert_eq!(write(&store), plain.get_ref()[..], "from the store");
-        assert_eq!(store.hits.load(std::sync::atomic::Ordering::Relaxed), n);
+        assert!(hits() - first >= n, "not every stored block was used");
+        assert_eq!(misses(), before, "a block was compressed late");
         for v in lock(&store.blocks).values_mut() {
             v[0] ^= 0xff;
         }
