@@ -102,7 +102,7 @@ pub async fn fetch(
     let image_pins: Vec<(String, Pin)> = plan
         .images
         .iter()
-        .map(|i| (i.container.clone(), i.pin()))
+        .map(|i| (i.container.clone(), i.pin.clone()))
         .collect();
     for (input, pin) in pins
         .iter()
@@ -133,7 +133,7 @@ pub async fn fetch(
         .zip(&plan.images)
         .enumerate()
         .filter_map(|(i, (c, pin))| match &c.image.value {
-            crate::recipe::ImageSource::Oci(r) => pin.digest.map(|d| (i, r.source(), d)),
+            crate::recipe::ImageSource::Oci(r) => pin.pin.digest.map(|d| (i, r.source(), d)),
             _ => None,
         })
         .chain(
@@ -179,7 +179,7 @@ pub async fn fetch(
                 configs.push(image.config);
             }
             None => {
-                jobs.extend(deb_jobs(i + 2, &pin.pin()));
+                jobs.extend(deb_jobs(i + 2, &pin.pin));
                 configs.push(ImageConfig::default());
             }
         }

@@ -200,9 +200,9 @@ pub fn encode(
         .set_len(root_len)
         .and_then(|()| file_digest(root.file()))
         .map_err(|source| OutputError::Write {
-        path: root_path.clone(),
-        source,
-    })?;
+            path: root_path.clone(),
+            source,
+        })?;
     let root_guid = Guid::derive(ROOT_NAMESPACE, &root_digest.0);
 
     // Initramfs: the init, its boot config and the kernel modules.

@@ -80,45 +80,15 @@ pub struct Pin {
     pub packages: Vec<Package>,
 }
 
-/// A container's pinned image, as the lock file records it.
+/// A container's pinned image, as the lock file records it: its name and
+/// the pin's fields in one table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ImagePin {
     /// The container's name in the recipe.
     pub container: String,
-    /// What the recipe asked for (see [`Pin::source`]).
-    pub source: String,
-    /// Debian mirror the packages come from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<String>,
-    /// Manifest digest (registry, layout) or image ID (docker archive).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<Digest>,
-    /// Debian packages, the whole dependency closure, sorted by name.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub packages: Vec<Package>,
-}
-
-impl ImagePin {
-    /// The pin without the container name.
-    pub fn pin(&self) -> Pin {
-        Pin {
-            source: self.source.clone(),
-            mirror: self.mirror.clone(),
-            digest: self.digest,
-            packages: self.packages.clone(),
-        }
-    }
-
-    fn from_pin(container: &str, p: Pin) -> ImagePin {
-        ImagePin {
-            container: container.to_string(),
-            source: p.source,
-            mirror: p.mirror,
-            digest: p.digest,
-            packages: p.packages,
-        }
-    }
+    /// The image's pin.
+    #[serde(flatten)]
+    pub pin: Pin,
 }
 
 /// How an existing lock is used.
@@ -465,7 +435,7 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
             ImageSource::Debian { suite, packages } => {
                 let source = container_source(recipe, c);
                 let locked = locked_entry
-                    .map(ImagePin::pin)
+                    .map(|i| i.pin.clone())
                     .filter(|p| p.source == source);
                 let pin = match locked {
                     Some(p) if !opts.mode.updates(name) => p,
@@ -487,7 +457,7 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
             ImageSource::Oci(r) => {
                 let source = container_source(recipe, c);
                 let locked = locked_entry
-                    .map(ImagePin::pin)
+                    .map(|i| i.pin.clone())
                     .filter(|p| p.source == source);
                 let digest = oci_digest(r, locked.as_ref(), opts.mode.updates(name), opts).await?;
                 Pin {
@@ -498,9 +468,12 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
                 }
             }
         };
-        let old = locked_entry.map(ImagePin::pin);
+        let old = locked_entry.map(|i| i.pin.clone());
         changes.extend(diff(name, old.as_ref(), &pin));
-        images.push(ImagePin::from_pin(name, pin));
+        images.push(ImagePin {
+            container: name.to_string(),
+            pin,
+        });
     }
     if let Some(l) = lock {
         for old in &l.images {
@@ -625,8 +598,8 @@ fn locked_precheck(recipe: &Recipe, lock: Option<&Plan>) -> Result<(), PlanError
         let source = container_source(recipe, c);
         match lock.images.iter().find(|i| i.container == name) {
             None => changes.push(change(name, format!("{source} added"))),
-            Some(i) if i.source != source => {
-                changes.push(change(name, format!("{} -> {source}", i.source)))
+            Some(i) if i.pin.source != source => {
+                changes.push(change(name, format!("{} -> {source}", i.pin.source)))
             }
             Some(_) => {}
         }
@@ -769,10 +742,12 @@ mod tests {
             },
             images: vec![ImagePin {
                 container: "web".into(),
-                source: "127.0.0.1:5000/web:1".into(),
-                mirror: None,
-                digest: Some(Digest::of(b"m")),
-                packages: vec![],
+                pin: Pin {
+                    source: "127.0.0.1:5000/web:1".into(),
+                    mirror: None,
+                    digest: Some(Digest::of(b"m")),
+                    packages: vec![],
+                },
             }],
         }
     }
@@ -812,7 +787,7 @@ mod tests {
             ]
         );
         assert!(diff("kernel", Some(&old), &old).is_empty());
-        let img = plan().images[0].pin();
+        let img = plan().images[0].pin.clone();
         let mut moved = img.clone();
         moved.digest = Some(Digest::of(b"n"));
         let d = diff("web", Some(&img), &moved);
@@ -871,10 +846,12 @@ mod tests {
         let mut whole = lock.clone();
         whole.images.push(ImagePin {
             container: "db".into(),
-            source: "127.0.0.1:5000/db:1".into(),
-            mirror: None,
-            digest: Some(Digest::of(b"d")),
-            packages: vec![],
+            pin: Pin {
+                source: "127.0.0.1:5000/db:1".into(),
+                mirror: None,
+                digest: Some(Digest::of(b"d")),
+                packages: vec![],
+            },
         });
         locked_precheck(&r, Some(&whole)).unwrap();
     }
