@@ -113,8 +113,15 @@ impl Cache {
         let dir = dir.into();
         let blobs = dir.join("sha256");
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
-        // Temp blobs of killed builds (not those of a running one).
+        // Temp files of killed builds (not those of a running one).
         crate::output::sweep(&blobs);
+        for sub in ["refs", "squashfs"] {
+            if let Ok(entries) = fs::read_dir(dir.join(sub)) {
+                for e in entries.flatten() {
+                    crate::output::sweep(&e.path());
+                }
+            }
+        }
         Ok(Cache { dir })
     }
 
@@ -148,9 +155,18 @@ impl Cache {
         let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let mut tmp = tempfile_in(&dir).map_err(io_err(&dir))?;
-        tmp.1.write_all(value.as_bytes()).map_err(io_err(&tmp.0))?;
-        fs::rename(&tmp.0, &path).map_err(io_err(&path))?;
-        Ok(())
+        crate::output::track_temp(&tmp.0);
+        // Locked while written, so a concurrent build's sweep spares it.
+        let result = tmp
+            .1
+            .lock()
+            .and_then(|()| tmp.1.write_all(value.as_bytes()))
+            .and_then(|()| fs::rename(&tmp.0, &path));
+        crate::output::untrack_temp(&tmp.0);
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp.0);
+        }
+        result.map_err(io_err(&path))
     }
 
     fn ref_path(&self, kind: &str, key: &str) -> PathBuf {
@@ -309,6 +325,29 @@ mod tests {
         fs::write(cache.blob_path(&good), b"tampered").unwrap();
         assert_eq!(cache.get(&good).unwrap(), None);
         assert!(!cache.blob_path(&good).exists());
+    }
+
+    #[test]
+    fn open_sweeps_temps_that_killed_builds_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        cache.write_ref("k", "a", "v").unwrap();
+        let refs = dir.path().join("refs/k");
+        let blocks = dir.path().join("squashfs/ab");
+        fs::create_dir_all(&blocks).unwrap();
+        let stale = [
+            dir.path().join("sha256/.tmp-1-0"),
+            refs.join(".tmp-1-1"),
+            blocks.join(".tmp-1-2"),
+        ];
+        for p in &stale {
+            fs::write(p, b"left by a SIGKILLed build").unwrap();
+        }
+        Cache::open(dir.path()).unwrap();
+        for p in &stale {
+            assert!(!p.exists(), "{} not swept", p.display());
+        }
+        assert_eq!(cache.read_ref("k", "a").as_deref(), Some("v"));
     }
 
     #[test]
