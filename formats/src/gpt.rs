@@ -1,5 +1,8 @@
 //! GUID Partition Table: GUIDs, the on-disk structures, and a reader.
 //!
+//! The reader ([`read_table_at`]) is also kiln-init's, so it takes 512- and
+//! 4096-byte logical sectors and only needs a `read_at` closure.
+//!
 //! Layout written here (512-byte sectors, 128 entries of 128 bytes):
 //! LBA 0 protective MBR, LBA 1 primary header, LBA 2..=33 primary entries,
 //! ..., LBA N-33..=N-2 backup entries, LBA N-1 backup header.
@@ -318,6 +321,24 @@ pub fn encode(
     Ok(GptImage { head, tail })
 }
 
+/// Logical sector sizes the reader tries, in this order.
+pub const SECTOR_SIZES: [u64; 2] = [512, 4096];
+/// Largest entry array the reader accepts (16384 entries of 128 bytes):
+/// bounds what a crafted header can make PID 1 allocate.
+const MAX_ENTRIES_BYTES: u64 = 2 << 20;
+
+/// A GPT as read from a disk by [`read_table_at`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// The disk GUID.
+    pub disk_guid: Guid,
+    /// Logical sector size the table was found with (512 or 4096); the
+    /// partitions' LBAs count sectors of this size.
+    pub sector_size: u64,
+    /// The used entries, in table order.
+    pub partitions: Vec<PartitionInfo>,
+}
+
 /// A parsed, CRC-checked header.
 struct Header {
     disk_guid: Guid,
@@ -325,6 +346,13 @@ struct Header {
     count: u32,
     entry_size: u32,
     entries_crc: u32,
+}
+
+impl Header {
+    /// Bytes of the entry array; at most [`MAX_ENTRIES_BYTES`].
+    fn entries_len(&self) -> usize {
+        self.count as usize * self.entry_size as usize
+    }
 }
 
 fn parse_header(h: &[u8; SECTOR_LEN], expect_lba: u64) -> Result<Header, String> {
@@ -343,6 +371,7 @@ fn parse_header(h: &[u8; SECTOR_LEN], expect_lba: u64) -> Result<Header, String>
     }
     let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
     let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
+    // Also what tells 512- from 4096-byte sectors apart when both could fit.
     if u64_at(24) != expect_lba {
         return Err(format!(
             "header at LBA {expect_lba} claims LBA {}",
@@ -353,7 +382,10 @@ fn parse_header(h: &[u8; SECTOR_LEN], expect_lba: u64) -> Result<Header, String>
     g.copy_from_slice(&h[56..72]);
     let count = u32_at(80);
     let entry_size = u32_at(84);
-    if !(128..=4096).contains(&entry_size) || entry_size % 8 != 0 || count > 16384 {
+    if !(128..=4096).contains(&entry_size)
+        || entry_size % 8 != 0
+        || u64::from(count) * u64::from(entry_size) > MAX_ENTRIES_BYTES
+    {
         return Err(format!("entry geometry {count} x {entry_size}"));
     }
     Ok(Header {
@@ -365,40 +397,11 @@ fn parse_header(h: &[u8; SECTOR_LEN], expect_lba: u64) -> Result<Header, String>
     })
 }
 
-fn read_at<R: Read + Seek>(r: &mut R, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    r.seek(SeekFrom::Start(off))?;
-    r.read_exact(buf)
-}
-
-/// Reads the disk GUID and used partition entries. Uses the primary header
-/// and falls back to the backup header if the primary one is damaged.
-pub fn read_table<R: Read + Seek>(r: &mut R) -> Result<(Guid, Vec<PartitionInfo>), GptError> {
-    let len = r.seek(SeekFrom::End(0))?;
-    let mut h = [0u8; SECTOR_LEN];
-    read_at(r, SECTOR, &mut h)?;
-    let header = match parse_header(&h, 1) {
-        Ok(hd) => hd,
-        Err(primary) => {
-            let last = (len / SECTOR).checked_sub(1).ok_or_else(|| {
-                GptError::BadHeader(format!("primary: {primary}; disk too short"))
-            })?;
-            read_at(r, last * SECTOR, &mut h)?;
-            parse_header(&h, last)
-                .map_err(|b| GptError::BadHeader(format!("primary: {primary}; backup: {b}")))?
-        }
-    };
-    let mut array = vec![0u8; header.count as usize * header.entry_size as usize];
-    let at = header
-        .entries_lba
-        .checked_mul(SECTOR)
-        .ok_or_else(|| GptError::BadHeader("entry array LBA out of range".into()))?;
-    read_at(r, at, &mut array)?;
-    if crc32fast::hash(&array) != header.entries_crc {
-        return Err(GptError::BadEntriesCrc);
-    }
+/// The used entries of a CRC-checked array of `entry_size`-byte entries.
+fn parse_entries(array: &[u8], entry_size: u32) -> Vec<PartitionInfo> {
     let mut out = Vec::new();
-    for (i, e) in array.chunks_exact(header.entry_size as usize).enumerate() {
-        // Fewer than header.count entries, a u32.
+    for (i, e) in array.chunks_exact(entry_size as usize).enumerate() {
+        // Fewer than the header's u32 count.
         #[allow(clippy::cast_possible_truncation)]
         let index = i as u32 + 1;
         let mut t = [0u8; 16];
@@ -427,7 +430,103 @@ pub fn read_table<R: Read + Seek>(r: &mut R) -> Result<(Guid, Vec<PartitionInfo>
             },
         });
     }
-    Ok((header.disk_guid, out))
+    out
+}
+
+/// Why one header copy was not used.
+enum Miss {
+    /// No signature there (or the disk ends first).
+    Absent,
+    /// A header, but damaged; says why.
+    Bad(String),
+    /// A valid header whose entry array fails its CRC.
+    EntriesCrc,
+    /// Reading failed for another reason than the disk ending.
+    Io(std::io::Error),
+}
+
+/// The table whose header is at `lba` with `sector`-byte sectors.
+fn read_copy<F>(read_at: &mut F, sector: u64, lba: u64) -> Result<Table, Miss>
+where
+    F: FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+{
+    let eof_is = |miss: Miss| {
+        move |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => miss,
+            _ => Miss::Io(e),
+        }
+    };
+    let mut h = [0u8; SECTOR_LEN];
+    let at = lba.checked_mul(sector).ok_or(Miss::Absent)?;
+    read_at(at, &mut h).map_err(eof_is(Miss::Absent))?;
+    if &h[0..8] != SIGNATURE {
+        return Err(Miss::Absent);
+    }
+    let header = parse_header(&h, lba).map_err(Miss::Bad)?;
+    let at = header
+        .entries_lba
+        .checked_mul(sector)
+        .ok_or_else(|| Miss::Bad("entry array LBA out of range".into()))?;
+    let mut array = vec![0u8; header.entries_len()];
+    read_at(at, &mut array).map_err(eof_is(Miss::Bad(
+        "entry array past the end of the disk".into(),
+    )))?;
+    if crc32fast::hash(&array) != header.entries_crc {
+        return Err(Miss::EntriesCrc);
+    }
+    Ok(Table {
+        disk_guid: header.disk_guid,
+        sector_size: sector,
+        partitions: parse_entries(&array, header.entry_size),
+    })
+}
+
+/// Reads a GPT through `read_at(offset, buf)`, which fills `buf` from byte
+/// `offset` of the disk (`UnexpectedEof` past its end). The logical sector
+/// size is whichever of [`SECTOR_SIZES`] has a header at LBA 1. Header and
+/// entry CRCs are checked; a damaged primary table falls back to the backup
+/// at the last LBA, which needs `disk_len` (bytes).
+pub fn read_table_at<F>(disk_len: Option<u64>, mut read_at: F) -> Result<Table, GptError>
+where
+    F: FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+{
+    let mut bad = Vec::new();
+    let mut entries_crc = false;
+    for sector in SECTOR_SIZES {
+        let backup = disk_len
+            .and_then(|l| (l / sector).checked_sub(1))
+            .filter(|&b| b > 1);
+        for (which, lba) in [("primary", Some(1)), ("backup", backup)] {
+            let Some(lba) = lba else { continue };
+            match read_copy(&mut read_at, sector, lba) {
+                Ok(t) => return Ok(t),
+                Err(Miss::Absent) => {}
+                Err(Miss::Bad(why)) => bad.push(format!("{which} ({sector}-byte sectors): {why}")),
+                Err(Miss::EntriesCrc) => entries_crc = true,
+                Err(Miss::Io(e)) => return Err(GptError::Io(e)),
+            }
+        }
+    }
+    if entries_crc {
+        Err(GptError::BadEntriesCrc)
+    } else if bad.is_empty() {
+        Err(GptError::BadHeader(
+            "no `EFI PART` signature (512- or 4096-byte sectors)".into(),
+        ))
+    } else {
+        Err(GptError::BadHeader(bad.join("; ")))
+    }
+}
+
+/// Reads the disk GUID and used partition entries: [`read_table_at`] over
+/// a seekable reader, whose length lets it use the backup table.
+pub fn read_table<R: Read + Seek>(r: &mut R) -> Result<(Guid, Vec<PartitionInfo>), GptError> {
+    let len = r.seek(SeekFrom::End(0))?;
+    let t = read_table_at(Some(len), |off, buf| {
+        r.seek(SeekFrom::Start(off))?;
+        r.read_exact(buf)
+    })?;
+    Ok((t.disk_guid, t.partitions))
 }
 
 /// The used partition entries of a GPT disk (see [`read_table`]).
@@ -561,5 +660,206 @@ mod tests {
     fn reader_rejects_short_or_garbage_input() {
         assert!(read_partitions(&mut Cursor::new(vec![0u8; 100])).is_err());
         assert!(read_partitions(&mut Cursor::new(vec![0u8; 1 << 20])).is_err());
+    }
+
+    /// A disk of `total` `sector`-byte sectors with both tables, laid out
+    /// like [`encode`] does but for any sector size (the encoder only
+    /// writes 512). A [`Guid::NIL`] type leaves its slot unused.
+    fn synthetic_disk(sector: u64, total: u64, entries: &[PartitionEntry]) -> Vec<u8> {
+        let array = encode_entries(entries).unwrap();
+        let crc = crc32fast::hash(&array);
+        let array_sectors = array.len() as u64 / sector;
+        let last = total - 1;
+        let (first_usable, last_usable) = (2 + array_sectors, last - array_sectors - 1);
+        let backup_array = last - array_sectors;
+        let g = Guid::derive("t", b"disk");
+        let primary = encode_header(g, 1, last, first_usable, last_usable, 2, crc);
+        let backup = encode_header(g, last, 1, first_usable, last_usable, backup_array, crc);
+        let mut disk = vec![0u8; (total * sector) as usize];
+        let mut put = |lba: u64, b: &[u8]| {
+            let at = (lba * sector) as usize;
+            disk[at..at + b.len()].copy_from_slice(b);
+        };
+        put(0, &protective_mbr(total));
+        put(1, &primary);
+        put(2, &array);
+        put(backup_array, &array);
+        put(last, &backup);
+        disk
+    }
+
+    /// `read_at` over a byte slice, as a block device behaves.
+    fn reader(disk: &[u8]) -> impl FnMut(u64, &mut [u8]) -> std::io::Result<()> + '_ {
+        move |off, buf| {
+            let s = usize::try_from(off).unwrap_or(usize::MAX);
+            let src = disk
+                .get(s..s.saturating_add(buf.len()))
+                .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+    }
+
+    /// ESP, an unused slot, then a root partition with a known GUID.
+    fn three_slots(sector: u64) -> Vec<PartitionEntry> {
+        let mib = (1 << 20) / sector;
+        vec![
+            PartitionEntry {
+                type_guid: ESP_TYPE,
+                guid: Guid::derive("t", b"1"),
+                first_lba: mib,
+                last_lba: 2 * mib - 1,
+                attributes: 0,
+                name: "esp".into(),
+            },
+            PartitionEntry {
+                type_guid: Guid::NIL,
+                guid: Guid::NIL,
+                first_lba: 0,
+                last_lba: 0,
+                attributes: 0,
+                name: String::new(),
+            },
+            PartitionEntry {
+                type_guid: LINUX_ROOT_X86_64_TYPE,
+                guid: Guid::parse(ROOT_GUID).unwrap(),
+                first_lba: 2 * mib,
+                last_lba: 3 * mib - 1,
+                attributes: 1 << 60,
+                name: "root".into(),
+            },
+        ]
+    }
+
+    const ROOT_GUID: &str = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";
+
+    #[test]
+    fn synthetic_512_disk_is_what_the_encoder_writes() {
+        let total = 8192;
+        let entries = three_slots(512);
+        let img = encode(Guid::derive("t", b"disk"), total, &entries).unwrap();
+        let disk = synthetic_disk(512, total, &entries);
+        assert_eq!(&disk[..img.head.len()], &img.head[..]);
+        assert_eq!(&disk[disk.len() - img.tail.len()..], &img.tail[..]);
+    }
+
+    #[test]
+    fn reads_512_and_4096_byte_sector_disks() {
+        for sector in SECTOR_SIZES {
+            let entries = three_slots(sector);
+            let total = 4 * (1 << 20) / sector;
+            let disk = synthetic_disk(sector, total, &entries);
+            for len in [Some(disk.len() as u64), None] {
+                let t = read_table_at(len, reader(&disk)).unwrap();
+                assert_eq!(t.sector_size, sector);
+                assert_eq!(t.disk_guid, Guid::derive("t", b"disk"));
+                // The unused second slot is skipped; numbering keeps it.
+                let idx: Vec<u32> = t.partitions.iter().map(|p| p.index).collect();
+                assert_eq!(idx, [1, 3]);
+                assert_eq!(t.partitions[0].entry, entries[0]);
+                assert_eq!(t.partitions[1].entry, entries[2]);
+                assert_eq!(t.partitions[1].entry.guid.to_string(), ROOT_GUID);
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_primary_falls_back_to_backup_at_either_sector_size() {
+        for sector in SECTOR_SIZES {
+            let total = 4 * (1 << 20) / sector;
+            let mut disk = synthetic_disk(sector, total, &three_slots(sector));
+            let len = Some(disk.len() as u64);
+            // Header CRC: without the disk length there is no backup to use.
+            disk[sector as usize + 40] ^= 1;
+            let t = read_table_at(len, reader(&disk)).unwrap();
+            assert_eq!((t.sector_size, t.partitions.len()), (sector, 2));
+            let e = read_table_at(None, reader(&disk)).unwrap_err();
+            assert!(
+                matches!(&e, GptError::BadHeader(m) if m.contains("header CRC mismatch")),
+                "{e}"
+            );
+            disk[sector as usize + 40] ^= 1;
+            // Entry array CRC: likewise.
+            disk[2 * sector as usize + 20] ^= 1;
+            assert_eq!(
+                read_table_at(len, reader(&disk)).unwrap().partitions.len(),
+                2
+            );
+            assert!(matches!(
+                read_table_at(None, reader(&disk)),
+                Err(GptError::BadEntriesCrc)
+            ));
+            // Both arrays damaged.
+            let backup_array = (total - 1 - 16384 / sector) * sector;
+            disk[backup_array as usize + 20] ^= 1;
+            assert!(matches!(
+                read_table_at(len, reader(&disk)),
+                Err(GptError::BadEntriesCrc)
+            ));
+        }
+    }
+
+    #[test]
+    fn hostile_headers_are_errors_not_panics() {
+        let disk = synthetic_disk(512, 8192, &three_slots(512));
+        let len = Some(disk.len() as u64);
+        // Any single damaged byte of the primary header: backup or error.
+        for i in 0..512 {
+            let mut d = disk.clone();
+            d[512 + i] ^= 0xa5;
+            assert!(read_table_at(len, reader(&d)).is_ok(), "byte {i}");
+            let _ = read_table_at(None, reader(&d));
+        }
+        // A CRC-valid header asking for a huge entry array.
+        let mut d = disk.clone();
+        d[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
+        d[512 + 16..512 + 20].fill(0);
+        let crc = crc32fast::hash(&d[512..512 + 92]);
+        d[512 + 16..512 + 20].copy_from_slice(&crc.to_le_bytes());
+        let e = read_table_at(None, reader(&d)).unwrap_err();
+        assert!(
+            matches!(&e, GptError::BadHeader(m) if m.contains("geometry")),
+            "{e}"
+        );
+        // Entry array past the end of the disk.
+        assert!(read_table_at(None, reader(&disk[..4096])).is_err());
+        // Errors other than the disk ending are the caller's to see.
+        let failing = |_: u64, _: &mut [u8]| Err(std::io::Error::other("EIO"));
+        assert!(matches!(read_table_at(len, failing), Err(GptError::Io(_))));
+        assert!(read_table_at(None, reader(&[])).is_err());
+    }
+
+    #[test]
+    fn reads_what_sgdisk_writes() {
+        use std::process::Command;
+        if Command::new("sgdisk").arg("--version").output().is_err() {
+            eprintln!("note: sgdisk not installed; skipping cross-check");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("kiln-gpt-sgdisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.raw");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let out = Command::new("sgdisk")
+            .args(["-n", "1:2048:+1M", "-n", "2:0:0", "-c", "2:root"])
+            .arg(format!("-u2:{ROOT_GUID}"))
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let parts = read_partitions(&mut std::fs::File::open(&img).unwrap()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[1].index, 2);
+        assert_eq!(parts[1].entry.guid.to_string(), ROOT_GUID);
+        assert_eq!(parts[1].entry.name, "root");
+        assert_eq!(parts[0].entry.first_lba, 2048);
     }
 }

@@ -9,6 +9,7 @@ pub mod cpio;
 pub mod disk;
 pub mod fat;
 pub mod gpt;
+#[cfg(feature = "squashfs")]
 pub mod squashfs;
 pub mod tree;
 pub mod uki;

@@ -2,8 +2,8 @@
 //! finding the root partition by GPT GUID, switch_root, then the real
 //! root's tmpfs mounts, cgroups, hostname and runtime files.
 
-use crate::gpt;
 use crate::sys::Sys;
+use kiln_formats::gpt::{self, GptError, Guid};
 use kiln_init::config::{FileEntry, HostConfig};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -17,8 +17,10 @@ pub enum BootError {
         target: String,
         source: io::Error,
     },
+    #[error("root partition")]
+    BadRootGuid(#[source] GptError),
     #[error("no partition with GUID {guid} appeared (disks: {seen})")]
-    RootNotFound { guid: String, seen: String },
+    RootNotFound { guid: Guid, seen: String },
     #[error("switch root")]
     SwitchRoot(#[source] io::Error),
 }
@@ -124,17 +126,35 @@ fn partition_name(sys: &dyn Sys, disk: &str, number: u32) -> Option<String> {
     })
 }
 
+/// The GPT of `/dev/{disk}`, 512- or 4096-byte sectors.
+fn read_gpt(sys: &dyn Sys, disk: &str) -> Result<gpt::Table, GptError> {
+    let dev = format!("/dev/{disk}");
+    // sysfs counts 512-byte units whatever the sector size. Knowing the
+    // length lets a damaged primary table fall back to the backup, as the
+    // kernel does when it makes the partition nodes.
+    let len = sys
+        .read_file(&format!("/sys/class/block/{disk}/size"))
+        .ok()
+        .and_then(|s| String::from_utf8_lossy(&s).trim().parse::<u64>().ok())
+        .and_then(|n| n.checked_mul(512));
+    gpt::read_table_at(len, |off, buf| {
+        let data = sys.read_at(&dev, off, buf.len())?;
+        if data.len() != buf.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from_slice(&data);
+        Ok(())
+    })
+}
+
 /// Looks once through every disk's GPT for the partition with `guid`.
-pub fn find_partition(sys: &dyn Sys, guid: &str) -> Option<String> {
-    let want = guid.to_ascii_lowercase();
+pub fn find_partition(sys: &dyn Sys, guid: Guid) -> Option<String> {
     for disk in whole_disks(sys) {
-        let dev = format!("/dev/{disk}");
-        let read = |off: u64, len: usize| sys.read_at(&dev, off, len);
-        let Ok(parts) = gpt::read_partitions(&read) else {
+        let Ok(table) = read_gpt(sys, &disk) else {
             continue;
         };
-        for p in parts.iter().filter(|p| p.guid == want) {
-            if let Some(name) = partition_name(sys, &disk, p.number) {
+        for p in table.partitions.iter().filter(|p| p.entry.guid == guid) {
+            if let Some(name) = partition_name(sys, &disk, p.index) {
                 let node = format!("/dev/{name}");
                 if sys.exists(&node) {
                     return Some(node);
@@ -149,19 +169,16 @@ pub fn find_partition(sys: &dyn Sys, guid: &str) -> Option<String> {
 fn describe_disks(sys: &dyn Sys) -> String {
     let disks: Vec<String> = whole_disks(sys)
         .into_iter()
-        .map(|disk| {
-            let dev = format!("/dev/{disk}");
-            let read = |off: u64, len: usize| sys.read_at(&dev, off, len);
-            match gpt::read_partitions(&read) {
-                Ok(parts) => {
-                    let g: Vec<String> = parts
-                        .iter()
-                        .map(|p| format!("{}={}", p.number, p.guid))
-                        .collect();
-                    format!("{disk}: {}", g.join(" "))
-                }
-                Err(e) => format!("{disk}: {e}"),
+        .map(|disk| match read_gpt(sys, &disk) {
+            Ok(table) => {
+                let g: Vec<String> = table
+                    .partitions
+                    .iter()
+                    .map(|p| format!("{}={}", p.index, p.entry.guid))
+                    .collect();
+                format!("{disk}: {}", g.join(" "))
             }
+            Err(e) => format!("{disk}: {}", crate::console::chain(&e)),
         })
         .collect();
     if disks.is_empty() {
@@ -173,6 +190,8 @@ fn describe_disks(sys: &dyn Sys) -> String {
 
 /// Polls for the root partition for up to `timeout_ms`.
 pub fn wait_for_partition(sys: &dyn Sys, guid: &str, timeout_ms: u64) -> Result<String, BootError> {
+    // A malformed GUID would never match: say so instead of waiting.
+    let guid = Guid::parse(guid).map_err(BootError::BadRootGuid)?;
     let step = 50;
     let mut waited = 0;
     loop {
@@ -181,7 +200,7 @@ pub fn wait_for_partition(sys: &dyn Sys, guid: &str, timeout_ms: u64) -> Result<
         }
         if waited >= timeout_ms {
             return Err(BootError::RootNotFound {
-                guid: guid.to_string(),
+                guid,
                 seen: describe_disks(sys),
             });
         }
@@ -303,21 +322,47 @@ pub fn apply_host(sys: &dyn Sys, cfg: &HostConfig) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::tests::{synthetic_disk, GUID_BYTES, GUID_TEXT};
     use crate::sys::fake::FakeSys;
+    use kiln_formats::gpt::{PartitionEntry, LINUX_ROOT_X86_64_TYPE, SECTOR};
+
+    const GUID_TEXT: &str = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";
+    /// Sectors of the test disks; sysfs `size` says the same.
+    const DISK_SECTORS: u64 = 2048;
+
+    fn root_guid() -> Guid {
+        Guid::parse(GUID_TEXT).expect("guid")
+    }
+
+    /// A disk whose GPT, written by kiln-formats, has one partition per GUID.
+    fn disk(guids: &[Guid]) -> Vec<u8> {
+        let entries: Vec<PartitionEntry> = (34..)
+            .zip(guids)
+            .map(|(lba, &guid)| PartitionEntry {
+                type_guid: LINUX_ROOT_X86_64_TYPE,
+                guid,
+                first_lba: lba,
+                last_lba: lba,
+                attributes: 0,
+                name: String::new(),
+            })
+            .collect();
+        let img = gpt::encode(Guid::NIL, DISK_SECTORS, &entries).expect("encode");
+        let mut d = vec![0u8; usize::try_from(DISK_SECTORS * SECTOR).expect("small")];
+        d[..img.head.len()].copy_from_slice(&img.head);
+        let tail = d.len() - img.tail.len();
+        d[tail..].copy_from_slice(&img.tail);
+        d
+    }
 
     fn fake_machine() -> FakeSys {
         let sys = FakeSys::default();
-        sys.add("/sys/class/block/vda/size", b"100");
+        sys.add("/sys/class/block/vda/size", b"2048\n");
         sys.add("/sys/class/block/vda/vda1/partition", b"1\n");
         sys.add("/sys/class/block/vda/vda2/partition", b"2\n");
         sys.add("/sys/class/block/vda1/partition", b"1\n");
         sys.add("/sys/class/block/vda2/partition", b"2\n");
         sys.add("/sys/class/block/loop0/size", b"0");
-        sys.add(
-            "/dev/vda",
-            &synthetic_disk(&[(1, [9; 16]), (1, GUID_BYTES)]),
-        );
+        sys.add("/dev/vda", &disk(&[Guid([9; 16]), root_guid()]));
         sys.add("/dev/vda1", b"");
         sys.add("/dev/vda2", b"");
         sys
@@ -327,29 +372,38 @@ mod tests {
     fn finds_root_by_guid() {
         let sys = fake_machine();
         assert_eq!(
-            find_partition(&sys, GUID_TEXT).as_deref(),
+            find_partition(&sys, root_guid()).as_deref(),
             Some("/dev/vda2")
         );
         assert_eq!(
-            find_partition(&sys, &GUID_TEXT.to_uppercase()).as_deref(),
+            wait_for_partition(&sys, &GUID_TEXT.to_uppercase(), 0).ok(),
+            Some("/dev/vda2".to_string())
+        );
+        assert_eq!(find_partition(&sys, Guid([1; 16])), None);
+    }
+
+    #[test]
+    fn damaged_primary_table_uses_the_backup() {
+        let sys = fake_machine();
+        let mut d = disk(&[Guid([9; 16]), root_guid()]);
+        d[512 + 40] ^= 1;
+        sys.add("/dev/vda", &d);
+        assert_eq!(
+            find_partition(&sys, root_guid()).as_deref(),
             Some("/dev/vda2")
         );
-        assert_eq!(
-            find_partition(&sys, "00000000-0000-0000-0000-000000000001"),
-            None
-        );
+        // Without the size in sysfs there is no backup to find.
+        sys.add("/sys/class/block/vda/size", b"");
+        assert_eq!(find_partition(&sys, root_guid()), None);
     }
 
     #[test]
     fn nvme_style_names() {
         let sys = FakeSys::default();
-        sys.add("/sys/class/block/nvme0n1/size", b"100");
+        sys.add("/sys/class/block/nvme0n1/size", b"2048");
         sys.add("/sys/class/block/nvme0n1/nvme0n1p2/partition", b"2");
         sys.add("/sys/class/block/nvme0n1p2/partition", b"2");
-        sys.add(
-            "/dev/nvme0n1",
-            &synthetic_disk(&[(1, [9; 16]), (1, GUID_BYTES)]),
-        );
+        sys.add("/dev/nvme0n1", &disk(&[Guid([9; 16]), root_guid()]));
         sys.add("/dev/nvme0n1p2", b"");
         assert_eq!(
             wait_for_partition(&sys, GUID_TEXT, 100).ok().as_deref(),
@@ -363,6 +417,29 @@ mod tests {
         assert!(matches!(
             wait_for_partition(&sys, GUID_TEXT, 200),
             Err(BootError::RootNotFound { .. })
+        ));
+        // The error lists what each disk holds.
+        let sys = fake_machine();
+        sys.add("/sys/class/block/vdb/size", b"8");
+        sys.add("/dev/vdb", &[0; 4096]);
+        let e = wait_for_partition(&sys, "00000000-0000-0000-0000-000000000001", 0)
+            .expect_err("absent");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "vda: 1=09090909-0909-0909-0909-090909090909 2={GUID_TEXT}"
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("vdb: no valid GPT header"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_root_guid_fails_at_once() {
+        let sys = fake_machine();
+        assert!(matches!(
+            wait_for_partition(&sys, "not-a-guid", 10_000),
+            Err(BootError::BadRootGuid(_))
         ));
     }
 

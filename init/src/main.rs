@@ -11,7 +11,6 @@ mod caps;
 mod console;
 mod container;
 mod glob;
-mod gpt;
 mod modules;
 mod msg;
 mod supervisor;
