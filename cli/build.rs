@@ -29,7 +29,14 @@ fn main() {
 
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let workspace = manifest.parent().expect("cli/ is inside the workspace");
-    for p in ["init/src", "init/Cargo.toml", "Cargo.lock"] {
+    // init links kiln-formats (its GPT reader).
+    for p in [
+        "init/src",
+        "init/Cargo.toml",
+        "formats/src",
+        "formats/Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(p).display());
     }
 

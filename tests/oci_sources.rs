@@ -116,7 +116,7 @@ async fn registry_pull_index_and_cache() {
     assert_eq!(multi.manifest_digest, digest(&index));
     let t = tree_of(&multi);
     match t.get(Path::new("/arch")) {
-        Some(Node::File { data, .. }) => assert_eq!(&data[..], b"amd64"),
+        Some(Node::File { data, .. }) => assert_eq!(&data.bytes().unwrap()[..], b"amd64"),
         other => panic!("{other:?}"),
     }
 
@@ -237,7 +237,7 @@ async fn oci_layout_multi_arch_index() {
     .unwrap();
     assert_eq!(img.manifest_digest, digest(&images::sha256(&index)));
     match tree_of(&img).get(Path::new("/arch")) {
-        Some(Node::File { data, .. }) => assert_eq!(&data[..], b"amd64"),
+        Some(Node::File { data, .. }) => assert_eq!(&data.bytes().unwrap()[..], b"amd64"),
         other => panic!("{other:?}"),
     }
 }

@@ -176,8 +176,27 @@ impl Cache {
             .join(Digest::of(key.as_bytes()).hex())
     }
 
-    fn blob_path(&self, digest: &Digest) -> PathBuf {
+    /// Where the blob `digest` is stored (whether or not it is).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.dir.join("sha256").join(digest.hex())
+    }
+
+    /// A blob written as a stream, hashed as it goes; it appears under its
+    /// digest only at [`BlobWriter::commit`].
+    pub fn blob_writer(&self) -> Result<BlobWriter, CacheError> {
+        let dir = self.dir.join("sha256");
+        let (tmp, file) = tempfile_in(&dir).map_err(io_err(&dir))?;
+        crate::output::track_temp(&tmp);
+        let writer = BlobWriter {
+            dir: dir.clone(),
+            tmp,
+            file: io::BufWriter::with_capacity(1 << 16, file),
+            hasher: Sha256::new(),
+            len: 0,
+        };
+        // Locked while written, so a concurrent build's sweep spares it.
+        writer.file.get_ref().lock().map_err(io_err(&dir))?;
+        Ok(writer)
     }
 
     /// Whether a blob is stored under `digest` (not verified: for progress
@@ -242,6 +261,103 @@ impl Cache {
             let _ = fs::remove_file(&tmp.0);
         }
         result.map_err(io_err(&path))
+    }
+}
+
+/// A blob being written; removed if dropped before [`BlobWriter::commit`].
+pub struct BlobWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    file: io::BufWriter<fs::File>,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl BlobWriter {
+    /// The temp file being written (to read back what is already written).
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Stores the blob under its digest, which must be `expected` if given;
+    /// returns the digest and the blob's path.
+    pub fn commit(mut self, expected: Option<&Digest>) -> Result<(Digest, PathBuf), CacheError> {
+        self.file.flush().map_err(io_err(&self.tmp))?;
+        let actual = Digest(std::mem::take(&mut self.hasher).finalize().into());
+        if let Some(e) = expected.filter(|e| **e != actual) {
+            return Err(CacheError::Mismatch {
+                expected: *e,
+                actual,
+            });
+        }
+        let path = self.dir.join(actual.hex());
+        // Another build may have stored the same blob: equal bytes.
+        fs::rename(&self.tmp, &path).map_err(io_err(&path))?;
+        crate::output::untrack_temp(&self.tmp);
+        Ok((actual, path))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // After a commit the temp name is gone and this is a no-op.
+        if fs::remove_file(&self.tmp).is_ok() {
+            crate::output::untrack_temp(&self.tmp);
+        }
+    }
+}
+
+/// Reads through `inner`, hashing every byte, to check a stream against a
+/// digest once it has been read to its end.
+pub struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: io::Read> Hashing<R> {
+    /// Hashes what is read from `inner`.
+    pub fn new(inner: R) -> Self {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Reads the rest of the stream and returns the digest of all of it.
+    pub fn finish(&mut self) -> io::Result<Digest> {
+        io::copy(self, &mut io::sink())?;
+        Ok(Digest(std::mem::take(&mut self.hasher).finalize().into()))
+    }
+}
+
+impl<R: io::Read> io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 

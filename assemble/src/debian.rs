@@ -5,7 +5,7 @@
 //! entry pins its `.deb`. Everything but `InRelease` is cached by digest, so
 //! a warm build downloads only that one small file.
 
-mod ar;
+pub(crate) mod ar;
 pub mod index;
 mod inrelease;
 pub mod version;
@@ -15,7 +15,6 @@ use crate::layers::{Compression, Layer};
 use index::Index;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 pub use inrelease::verify_inrelease;
 
@@ -465,7 +464,7 @@ pub fn deb_layer(pkg_name_version: &str, digest: Digest, deb: &[u8]) -> Result<L
         source: format!("debian:{pkg_name_version}"),
         digest,
         compression,
-        data: Arc::new(data.to_vec()),
+        data: data.to_vec().into(),
     })
 }
 
@@ -513,7 +512,9 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn layer_tar(layer: &Layer) -> Vec<u8> {
-        let d = &layer.data[..];
+        let mut raw = Vec::new();
+        layer.data.open().unwrap().read_to_end(&mut raw).unwrap();
+        let d = &raw[..];
         match layer.compression {
             Compression::None => d.to_vec(),
             Compression::Gzip => {

@@ -3,7 +3,7 @@
 //! already holds everything the plan pins.
 
 use crate::cache::Cache;
-use crate::debian::{self, DebianError, Mirror, Package};
+use crate::debian::{DebianError, Mirror, Package};
 use crate::kernel::{Kernel, KernelError};
 use crate::kernel_source::{self, KernelSourceError};
 use crate::layers::{self, LayerError};
@@ -11,7 +11,7 @@ use crate::oci::{self, Image, ImageConfig, OciError, RegistryOptions};
 use crate::plan::{Pin, Plan, STUB_PACKAGE};
 use crate::progress::{Event, Progress};
 use crate::recipe::{KernelSource, Recipe};
-use kiln_formats::tree::{Node, Tree, TreeError};
+use kiln_formats::tree::{Backing, Node, Tree, TreeError};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -57,6 +57,33 @@ pub enum FetchError {
         input: String,
         /// What is not pinned.
         what: &'static str,
+    },
+    /// Reading an input from the cache failed.
+    #[error("{what}")]
+    Read {
+        /// What was read.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Writing to the cache failed.
+    #[error("{what}")]
+    Cache {
+        /// What was written.
+        what: String,
+        /// The underlying error.
+        source: crate::cache::CacheError,
+    },
+    /// A cached input no longer matches its digest (it is removed, so the
+    /// next build fetches it again).
+    #[error("{what} is damaged: expected {expected}, got {actual}; it was removed, build again to fetch it")]
+    Corrupt {
+        /// The input.
+        what: String,
+        /// Its pinned digest.
+        expected: crate::cache::Digest,
+        /// The digest of what the cache held.
+        actual: crate::cache::Digest,
     },
     /// The stub package does not contain the systemd-stub EFI binary.
     #[error("{package}: has no {path}")]
@@ -156,7 +183,7 @@ pub async fn fetch(
         let image = image?;
         progress.event(&Event::Input {
             what: image.reference.clone(),
-            bytes: image.layers.iter().map(|l| l.data.len() as u64).sum(),
+            bytes: image.layers.iter().map(|l| l.data.len()).sum(),
             cached: true,
         });
         pulled.insert(i, image);
@@ -206,7 +233,14 @@ pub async fn fetch(
     };
 
     let stub = match trees[STUB].get(Path::new(crate::arch::TARGET.stub_path)) {
-        Some(Node::File { data, .. }) => data.clone(),
+        Some(Node::File { data, .. }) => Arc::new(
+            data.bytes()
+                .map_err(|source| FetchError::Read {
+                    what: format!("{STUB_PACKAGE}: {}", crate::arch::TARGET.stub_path),
+                    source,
+                })?
+                .into_owned(),
+        ),
         _ => {
             return Err(FetchError::NoStub {
                 package: STUB_PACKAGE.into(),
@@ -282,83 +316,232 @@ fn unpack(cache: &Cache, jobs: Vec<(usize, Source)>, n: usize) -> Result<Vec<Tre
     Ok(trees)
 }
 
+/// Cache record kind: blob digest → digest of its tar, decompressed.
+const TAR_REF: &str = "tar";
+
+/// Reads one layer's entries. Every layer is kept in the cache as a plain
+/// tar (decompressed once, keyed by the digest of the blob it came from),
+/// and its files become extents of that tar: the tree holds no file data,
+/// so memory does not grow with the image.
 fn read_layer(cache: &Cache, source: &Source) -> Result<layers::Parsed, FetchError> {
-    let layer = match source {
-        Source::Deb(p) => {
-            let what = format!("{} {}", p.name, p.version);
-            let deb = cache
-                .get(&p.sha256)
-                .map_err(|e| FetchError::Debian {
-                    input: what.clone(),
-                    source: e.into(),
-                })?
-                .ok_or_else(|| FetchError::Debian {
-                    input: what.clone(),
-                    source: DebianError::Http {
-                        url: p.filename.clone(),
-                        message: "vanished from the cache during the build".into(),
-                    },
-                })?;
-            debian::deb_layer(&format!("{}={}", p.name, p.version), p.sha256, &deb).map_err(
-                |source| FetchError::Debian {
-                    input: what,
-                    source,
-                },
-            )?
-        }
-        Source::Layer(l) => l.clone(),
+    let (name, digest) = match source {
+        Source::Deb(p) => (format!("debian:{}={}", p.name, p.version), p.sha256),
+        Source::Layer(l) => (l.source.clone(), l.digest),
     };
-    Ok(layers::parse(&fast_layer(cache, layer)?)?)
+    // An uncompressed blob in the cache is its own plain tar.
+    if let Source::Layer(layers::Layer {
+        compression: layers::Compression::None,
+        data: layers::LayerData::File {
+            path, offset: 0, ..
+        },
+        ..
+    }) = source
+    {
+        return parse_plain(&name, digest, path, &digest);
+    }
+    if let Some(tar) = cache
+        .read_ref(TAR_REF, &digest.to_string())
+        .and_then(|d| d.parse::<crate::cache::Digest>().ok())
+    {
+        let path = cache.blob_path(&tar);
+        match parse_plain(&name, digest, &path, &tar) {
+            Ok(parsed) => return Ok(parsed),
+            // Damaged or gone: made again below.
+            Err(_) => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    match source {
+        Source::Deb(p) => unpack_deb(cache, &name, p),
+        Source::Layer(l) => {
+            let read_err = |e: std::io::Error| FetchError::Read {
+                what: format!("{name} layer {digest}"),
+                source: e,
+            };
+            let mut raw = crate::cache::Hashing::new(l.data.open().map_err(read_err)?);
+            let (parsed, tar) = store_plain(cache, &name, digest, l.compression, &mut raw)?;
+            // A blob read from disk is checked again as it is unpacked.
+            if matches!(l.data, layers::LayerData::File { .. }) {
+                let actual = raw.finish().map_err(read_err)?;
+                if actual != digest {
+                    return Err(FetchError::Corrupt {
+                        what: format!("{name} layer"),
+                        expected: digest,
+                        actual,
+                    });
+                }
+            }
+            commit_plain(cache, digest, tar)?;
+            Ok(parsed)
+        }
+    }
 }
 
-/// Layers in a slow compression (xz, gzip) are decompressed once and kept
-/// in the cache as zstd, keyed by the digest of the blob they came from;
-/// later builds read the zstd copy (verified by its own digest).
-fn fast_layer(cache: &Cache, layer: layers::Layer) -> Result<layers::Layer, FetchError> {
-    use layers::Compression;
-    if matches!(layer.compression, Compression::None | Compression::Zstd) {
-        return Ok(layer);
+/// Reads a cached .deb as a stream, unpacking its data.tar into the cache
+/// and checking the whole .deb against its pinned digest.
+fn unpack_deb(cache: &Cache, name: &str, p: &Package) -> Result<layers::Parsed, FetchError> {
+    let what = format!("{} {}", p.name, p.version);
+    let pkg = format!("{}={}", p.name, p.version);
+    let path = cache.blob_path(&p.sha256);
+    let file = std::fs::File::open(&path).map_err(|e| FetchError::Read {
+        what: format!("{what}: {}", path.display()),
+        source: e,
+    })?;
+    let deb_err = |message: String| FetchError::Debian {
+        input: what.clone(),
+        source: DebianError::Deb {
+            package: pkg.clone(),
+            message,
+        },
+    };
+    let mut deb = crate::debian::ar::Stream::new(crate::cache::Hashing::new(
+        std::io::BufReader::with_capacity(1 << 16, file),
+    ));
+    let mut first = true;
+    let mut found = None;
+    while let Some((member, size)) = deb.next_header().map_err(&deb_err)? {
+        if std::mem::take(&mut first) {
+            let mut version = vec![0; usize::try_from(size.min(16)).unwrap_or(16)];
+            std::io::Read::read_exact(deb.inner(), &mut version)
+                .map_err(|e| deb_err(format!("reading: {e}")))?;
+            if member != "debian-binary" || !version.starts_with(b"2.") {
+                return Err(deb_err("not a Debian 2.x binary package".into()));
+            }
+            deb.skip(size - version.len() as u64).map_err(&deb_err)?;
+            continue;
+        }
+        let compression = match member.as_str() {
+            "data.tar" => layers::Compression::None,
+            "data.tar.gz" => layers::Compression::Gzip,
+            "data.tar.xz" => layers::Compression::Xz,
+            "data.tar.zst" => layers::Compression::Zstd,
+            _ => {
+                deb.skip(size).map_err(&deb_err)?;
+                continue;
+            }
+        };
+        let mut member = std::io::Read::take(deb.inner(), size);
+        found = Some(store_plain(
+            cache,
+            name,
+            p.sha256,
+            compression,
+            &mut member,
+        )?);
+        std::io::copy(&mut member, &mut std::io::sink())
+            .map_err(|e| deb_err(format!("reading: {e}")))?;
+        break;
     }
-    let key = layer.digest.to_string();
-    let cached = cache
-        .read_ref(ZSTD_TAR_REF, &key)
-        .and_then(|d| d.parse().ok())
-        .and_then(|d| cache.get(&d).ok().flatten());
-    if let Some(data) = cached {
-        return Ok(layers::Layer {
-            compression: Compression::Zstd,
-            data: Arc::new(data),
-            ..layer
+    let Some((parsed, tar)) = found else {
+        return Err(deb_err("no data.tar member".into()));
+    };
+    let actual = deb
+        .inner()
+        .finish()
+        .map_err(|e| deb_err(format!("reading: {e}")))?;
+    if actual != p.sha256 {
+        // Fetched again by the next build.
+        let _ = std::fs::remove_file(&path);
+        return Err(FetchError::Corrupt {
+            what: format!("{what}: the cached .deb"),
+            expected: p.sha256,
+            actual,
         });
     }
-    let read_err = |message: String| LayerError::Read {
-        source_name: layer.source.clone(),
-        digest: layer.digest,
-        message,
-    };
-    let mut tar = Vec::new();
-    std::io::Read::read_to_end(
-        &mut layers::decompress(&layer).map_err(|e| read_err(format!("decompressing: {e}")))?,
-        &mut tar,
-    )
-    .map_err(|e| read_err(format!("decompressing: {e}")))?;
-    // Only a speed-up: a failure to store it is not an error.
-    if let Ok(zst) = zstd::encode_all(&tar[..], ZSTD_TAR_LEVEL) {
-        if let Ok(d) = cache.put_new(&zst) {
-            let _ = cache.write_ref(ZSTD_TAR_REF, &key, &d.to_string());
-        }
-    }
-    Ok(layers::Layer {
-        compression: Compression::None,
-        data: Arc::new(tar),
-        ..layer
-    })
+    commit_plain(cache, p.sha256, tar)?;
+    Ok(parsed)
 }
 
-/// Cache record kind: blob digest → digest of its tar as zstd.
-const ZSTD_TAR_REF: &str = "zstd-tar";
-/// The fastest level: written once per blob, read at about 1 GB/s.
-const ZSTD_TAR_LEVEL: i32 = 1;
+/// Decompresses `raw` into a new cache blob while reading its entries,
+/// whose files are extents of that blob. Not committed yet: the caller
+/// first checks where `raw` came from.
+fn store_plain(
+    cache: &Cache,
+    name: &str,
+    digest: crate::cache::Digest,
+    compression: layers::Compression,
+    raw: &mut dyn std::io::Read,
+) -> Result<(layers::Parsed, crate::cache::BlobWriter), FetchError> {
+    let read_err = |e: std::io::Error| FetchError::Read {
+        what: format!("{name} layer {digest}"),
+        source: e,
+    };
+    let mut out = cache.blob_writer().map_err(|source| FetchError::Cache {
+        what: format!("{name} layer {digest}"),
+        source,
+    })?;
+    let backing = Backing::new(
+        std::fs::File::open(out.temp_path()).map_err(read_err)?,
+        format!("{name} layer {digest} (unpacked)"),
+    );
+    let stream = layers::decompress_stream(compression, raw).map_err(read_err)?;
+    let mut tee = Tee {
+        inner: stream,
+        out: &mut out,
+    };
+    let parsed = layers::parse_stream(name, digest, &mut tee, Some(&backing))?;
+    std::io::copy(&mut tee, &mut std::io::sink()).map_err(read_err)?;
+    Ok((parsed, out))
+}
+
+fn commit_plain(
+    cache: &Cache,
+    digest: crate::cache::Digest,
+    tar: crate::cache::BlobWriter,
+) -> Result<(), FetchError> {
+    let cache_err = |source| FetchError::Cache {
+        what: format!("layer {digest}"),
+        source,
+    };
+    let (tar, _) = tar.commit(None).map_err(cache_err)?;
+    cache
+        .write_ref(TAR_REF, &digest.to_string(), &tar.to_string())
+        .map_err(cache_err)
+}
+
+/// Reads a plain tar in the cache, checking it against `expected`.
+fn parse_plain(
+    name: &str,
+    digest: crate::cache::Digest,
+    path: &Path,
+    expected: &crate::cache::Digest,
+) -> Result<layers::Parsed, FetchError> {
+    let read_err = |e: std::io::Error| FetchError::Read {
+        what: format!("{name} layer {digest}: {}", path.display()),
+        source: e,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let backing = Backing::new(
+        file.try_clone().map_err(read_err)?,
+        path.display().to_string(),
+    );
+    let mut r = crate::cache::Hashing::new(std::io::BufReader::with_capacity(1 << 16, file));
+    let parsed = layers::parse_stream(name, digest, &mut r, Some(&backing))?;
+    let actual = r.finish().map_err(read_err)?;
+    if actual != *expected {
+        return Err(FetchError::Corrupt {
+            what: format!("{name} layer {digest}: {}", path.display()),
+            expected: *expected,
+            actual,
+        });
+    }
+    Ok(parsed)
+}
+
+/// Copies what is read from `inner` to `out`.
+struct Tee<'a, R> {
+    inner: R,
+    out: &'a mut crate::cache::BlobWriter,
+}
+
+impl<R: std::io::Read> std::io::Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        std::io::Write::write_all(self.out, &buf[..n])?;
+        Ok(n)
+    }
+}
 
 /// Downloads every missing .deb, `PARALLEL_DOWNLOADS` at a time.
 async fn download_debs(

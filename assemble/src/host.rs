@@ -30,6 +30,14 @@ pub enum HostError {
         /// The underlying error.
         source: TreeError,
     },
+    /// Reading a container's users failed.
+    #[error("container {container}")]
+    Users {
+        /// The container.
+        container: String,
+        /// The underlying error.
+        source: crate::users::UserError,
+    },
     /// Reading a file the recipe names failed.
     #[error("reading {}", path.display())]
     Io {
@@ -181,6 +189,9 @@ pub fn lookup<'t>(tree: &'t Tree, path: &str) -> Option<(PathBuf, &'t Node)> {
     Some((final_path, node))
 }
 
+/// How much of a command's file is read to check it.
+const HEAD: usize = 64 * 1024;
+
 /// The ELF interpreter (`PT_INTERP`) named by `data`, if it is a
 /// dynamically linked ELF file.
 pub fn elf_interpreter(data: &[u8]) -> Option<String> {
@@ -256,6 +267,12 @@ pub fn command_problem(tree: &Tree, program: &str, path: &str) -> Option<String>
     let Node::File { data, .. } = node else {
         return None;
     };
+    // The head holds the ELF headers and interpreter, or the #! line. A
+    // read error skips the check: writing the root reads the file again
+    // and reports it.
+    let mut head = vec![0; usize::try_from(data.len()).map_or(HEAD, |l| l.min(HEAD))];
+    data.read_at(0, &mut head).ok()?;
+    let data = &head[..];
     if let Some(interp) = elf_interpreter(data) {
         if !matches!(lookup(tree, &interp), Some((_, Node::File { .. }))) {
             return Some(format!(
@@ -306,8 +323,15 @@ fn container_config(
         Some(u) => (u.value.clone(), &u.loc),
         None => (image.user.clone(), &spec.image.loc),
     };
-    let id = users::resolve(rootfs, &user_spec)
-        .map_err(|e| recipe.error(user_loc, format!("container {name}: {e}")))?;
+    let id = users::resolve(rootfs, &user_spec).map_err(|e| match e {
+        users::UserError::Read { .. } => HostError::Users {
+            container: name.to_string(),
+            source: e,
+        },
+        e => recipe
+            .error(user_loc, format!("container {name}: {e}"))
+            .into(),
+    })?;
 
     // Image Env, then the recipe's over it; PATH and HOME as Docker does.
     let mut env: BTreeMap<String, String> = BTreeMap::new();

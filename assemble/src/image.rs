@@ -236,7 +236,7 @@ pub fn encode(
             "/init".to_string(),
             Node::File {
                 meta: Meta::root(0o755),
-                data: init.clone(),
+                data: init.to_vec().into(),
             },
         ),
         (
@@ -294,7 +294,9 @@ pub fn encode(
     let esp_size = esp_size(esp_tree.data_size());
     let vol = Guid::derive(ESP_NAMESPACE, &root_guid.0).0;
     let volume_id = u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]);
-    let esp = fat::build_fat32(&esp_tree, esp_size, volume_id, "KILN-ESP")
+    let esp = fat::plan_fat32(&esp_tree, esp_size, volume_id, "KILN-ESP")
+        .map_err(|e| encode_err("ESP")(Box::new(e)))?
+        .to_vec()
         .map_err(|e| encode_err("ESP")(Box::new(e)))?;
     let esp_guid = Guid::derive(ESP_NAMESPACE, &Digest::of(&esp).0);
 

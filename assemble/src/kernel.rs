@@ -5,7 +5,7 @@
 //! ELF `.modinfo` section. Modules are shipped as they are (`.ko.xz` stays
 //! compressed: the kernel decompresses on `finit_module`).
 
-use kiln_formats::tree::{Dir, Node, Tree};
+use kiln_formats::tree::{Dir, FileData, Node, Tree};
 use kiln_init::config::{ModuleIndex, ModuleInfo};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Read;
@@ -36,6 +36,14 @@ pub enum KernelError {
         module: String,
         /// The missing dependency.
         dependency: String,
+    },
+    /// A file of the kernel package cannot be read from the cache.
+    #[error("reading {path}")]
+    Read {
+        /// The file in the package.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
     },
     /// A module asked for is neither shipped nor built in.
     #[error("module {0} is neither shipped by the kernel package nor built in")]
@@ -81,7 +89,7 @@ const SUFFIXES: &[&str] = &[".ko", ".ko.xz", ".ko.zst"];
 struct ModuleFile {
     /// Path below `modules/RELEASE/`, e.g. `kernel/fs/squashfs/squashfs.ko.xz`.
     rel: String,
-    data: Arc<Vec<u8>>,
+    data: FileData,
 }
 
 /// The `.modinfo` facts the init needs.
@@ -108,6 +116,14 @@ pub struct Kernel {
     builtin: Option<BTreeSet<String>>,
 }
 
+/// A package file's bytes.
+fn read<'a>(path: &str, data: &'a FileData) -> Result<std::borrow::Cow<'a, [u8]>, KernelError> {
+    data.bytes().map_err(|source| KernelError::Read {
+        path: path.to_string(),
+        source,
+    })
+}
+
 /// Module names use `_` and `-` interchangeably; the kernel uses `_`.
 pub fn normalize(name: &str) -> String {
     name.replace('-', "_")
@@ -123,7 +139,7 @@ impl Kernel {
     /// package (merged-/usr `/usr/lib/modules` or classic `/lib/modules`).
     pub fn from_tree(tree: &Tree) -> Result<Kernel, KernelError> {
         let boot = tree.dir(Path::new("/boot")).ok_or(KernelError::NoKernel)?;
-        let images: Vec<(String, &Arc<Vec<u8>>)> = boot
+        let images: Vec<(String, &FileData)> = boot
             .entries
             .iter()
             .filter_map(|(name, node)| {
@@ -136,7 +152,10 @@ impl Kernel {
             .collect();
         let (release, image) = match images.as_slice() {
             [] => return Err(KernelError::NoKernel),
-            [(r, d)] => (r.clone(), Arc::clone(d)),
+            [(r, d)] => (
+                r.clone(),
+                Arc::new(read(&format!("/boot/vmlinuz-{r}"), d)?.into_owned()),
+            ),
             more => {
                 return Err(KernelError::Ambiguous(
                     more.iter().map(|(r, _)| r.clone()).collect(),
@@ -155,7 +174,7 @@ impl Kernel {
                 dir.entries.get(std::ffi::OsStr::new("modules.builtin"))
             {
                 builtin = Some(
-                    String::from_utf8_lossy(data)
+                    String::from_utf8_lossy(&read("modules.builtin", data)?)
                         .lines()
                         .filter_map(|l| l.trim().rsplit('/').next().and_then(module_stem))
                         .map(normalize)
@@ -181,7 +200,7 @@ impl Kernel {
         let Some(f) = self.modules.get(&normalize(name)) else {
             return Ok(None);
         };
-        read_modinfo(&f.rel, &f.data).map(Some)
+        read_modinfo(&f.rel, &read(&f.rel, &f.data)?).map(Some)
     }
 
     /// Whether `name` is listed in the package's `modules.builtin`.
@@ -203,7 +222,7 @@ impl Kernel {
     pub fn initramfs_modules(
         &self,
         extra: &[&str],
-    ) -> Result<(Vec<(String, Arc<Vec<u8>>)>, ModuleIndex), KernelError> {
+    ) -> Result<(Vec<(String, FileData)>, ModuleIndex), KernelError> {
         let extra: Vec<String> = extra.iter().map(|e| normalize(e)).collect();
         let mut queue = VecDeque::new();
         for name in HARDWARE_MODULES
@@ -231,7 +250,7 @@ impl Kernel {
             let Some(f) = self.modules.get(&name) else {
                 continue;
             };
-            let info = read_modinfo(&f.rel, &f.data)?;
+            let info = read_modinfo(&f.rel, &read(&f.rel, &f.data)?)?;
             let depends: Vec<String> = info.depends.iter().map(|d| normalize(d)).collect();
             for d in &depends {
                 if !self.modules.contains_key(d) {
@@ -246,7 +265,7 @@ impl Kernel {
                 queue.push_back(d.clone());
             }
             let path = format!("/lib/modules/{}/{}", self.release, f.rel);
-            files.push((path.clone(), Arc::clone(&f.data)));
+            files.push((path.clone(), f.data.clone()));
             let mut aliases = info.aliases;
             aliases.sort();
             aliases.dedup();
@@ -280,7 +299,7 @@ fn collect(dir: &Dir, at: &mut PathBuf, out: &mut BTreeMap<String, ModuleFile>) 
                 if let Some(stem) = name.to_str().and_then(module_stem) {
                     out.entry(normalize(stem)).or_insert_with(|| ModuleFile {
                         rel: at.to_string_lossy().into_owned(),
-                        data: Arc::clone(data),
+                        data: data.clone(),
                     });
                 }
             }
@@ -539,7 +558,7 @@ mod tests {
             vec!["virtio:d00000002v*"]
         );
         // Shipped bytes are kept compressed.
-        assert!(files[2].1.starts_with(b"\xfd7zXZ"));
+        assert!(files[2].1.bytes().unwrap().starts_with(b"\xfd7zXZ"));
         // Unknown extra with no modules.builtin to tell: skipped.
         assert!(k.initramfs_modules(&["nothere"]).is_ok());
         // A dependency that is missing is an error.

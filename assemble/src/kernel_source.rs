@@ -198,7 +198,13 @@ pub fn from_image(image: &oci::Image) -> Result<Tree, KernelSourceError> {
     let file = |path: &str| -> Result<Option<Arc<Vec<u8>>>, KernelSourceError> {
         match fs.get(Path::new(path)) {
             None => Ok(None),
-            Some(Node::File { data, .. }) => Ok(Some(Arc::clone(data))),
+            Some(Node::File { data, .. }) => data
+                .bytes()
+                .map(|b| Some(Arc::new(b.into_owned())))
+                .map_err(|source| KernelSourceError::Io {
+                    path: format!("{reference}:{path}").into(),
+                    source,
+                }),
             Some(_) => Err(KernelSourceError::Image {
                 reference: reference.to_string(),
                 path: path.to_string(),
@@ -249,7 +255,7 @@ fn tar_tree(what: &str, data: Arc<Vec<u8>>) -> Result<Tree, KernelSourceError> {
         source: what.to_string(),
         digest: Digest::of(&data),
         compression: Compression::sniff(&data),
-        data,
+        data: layers::LayerData::Memory(data),
     };
     let mut tree = Tree::new();
     layers::apply(&mut tree, &layer)?;
@@ -427,7 +433,7 @@ fn assemble(
         &Path::new("/boot").join(format!("vmlinuz-{release}")),
         Node::File {
             meta: Meta::root(0o644),
-            data: image,
+            data: Arc::unwrap_or_clone(image).into(),
         },
     )
     .map_err(tree_err)?;
@@ -854,7 +860,7 @@ mod tests {
             let p = to.join(name);
             match node {
                 Node::Dir(d) => write_dir(d, &p),
-                Node::File { data, .. } => std::fs::write(&p, &data[..]).unwrap(),
+                Node::File { data, .. } => std::fs::write(&p, data.bytes().unwrap()).unwrap(),
                 Node::Symlink { target, .. } => std::os::unix::fs::symlink(target, &p).unwrap(),
                 _ => {}
             }
@@ -875,8 +881,9 @@ mod tests {
                 }
                 Node::File { data, .. } => {
                     h.set_entry_type(tar::EntryType::Regular);
-                    h.set_size(data.len() as u64);
-                    b.append_data(&mut h, &p, &data[..]).unwrap();
+                    h.set_size(data.len());
+                    b.append_data(&mut h, &p, &data.bytes().unwrap()[..])
+                        .unwrap();
                 }
                 Node::Symlink { target, .. } => {
                     h.set_entry_type(tar::EntryType::Symlink);

@@ -11,7 +11,7 @@
 //! symlink in the tree is rejected rather than followed.
 
 use crate::cache::Digest;
-use kiln_formats::tree::{DeviceKind, Dir, Meta, Node, Tree};
+use kiln_formats::tree::{Backing, DeviceKind, Dir, FileData, Meta, Node, Tree};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
@@ -58,7 +58,87 @@ pub struct Layer {
     /// How the tar stream is compressed.
     pub compression: Compression,
     /// The (possibly compressed) tar stream.
-    pub data: std::sync::Arc<Vec<u8>>,
+    pub data: LayerData,
+}
+
+/// Where a layer's (possibly compressed) tar stream is.
+#[derive(Debug, Clone)]
+pub enum LayerData {
+    /// In memory.
+    Memory(Arc<Vec<u8>>),
+    /// `len` bytes from `offset` of a file: a blob in the cache or a layout.
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Where the stream starts.
+        offset: u64,
+        /// The stream's length.
+        len: u64,
+    },
+}
+
+impl From<Vec<u8>> for LayerData {
+    fn from(v: Vec<u8>) -> Self {
+        LayerData::Memory(Arc::new(v))
+    }
+}
+
+impl LayerData {
+    /// A whole file.
+    pub fn file(path: std::path::PathBuf, len: u64) -> Self {
+        LayerData::File {
+            path,
+            offset: 0,
+            len,
+        }
+    }
+
+    /// The stream's length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            LayerData::Memory(v) => v.len() as u64,
+            LayerData::File { len, .. } => *len,
+        }
+    }
+
+    /// Whether the stream is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The stream, from its first byte.
+    pub fn open(&self) -> std::io::Result<Box<dyn Read + '_>> {
+        match self {
+            LayerData::Memory(v) => Ok(Box::new(&v[..])),
+            LayerData::File { path, offset, len } => {
+                use std::io::{Seek, SeekFrom};
+                let mut f = std::fs::File::open(path).map_err(|e| named_io(path, e))?;
+                f.seek(SeekFrom::Start(*offset))
+                    .map_err(|e| named_io(path, e))?;
+                Ok(Box::new(
+                    std::io::BufReader::with_capacity(1 << 16, f).take(*len),
+                ))
+            }
+        }
+    }
+}
+
+/// An I/O error that names its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", path.display())]
+struct NamedIo {
+    path: std::path::PathBuf,
+    source: std::io::Error,
+}
+
+fn named_io(path: &std::path::Path, source: std::io::Error) -> std::io::Error {
+    std::io::Error::new(
+        source.kind(),
+        NamedIo {
+            path: path.to_path_buf(),
+            source,
+        },
+    )
 }
 
 /// Errors from applying a layer to a tree.
@@ -265,38 +345,67 @@ fn normalise(raw: &[u8]) -> Result<Vec<OsString>, &'static str> {
 }
 
 /// The layer's tar stream, decompressed.
-pub fn decompress<'a>(layer: &'a Layer) -> Result<Box<dyn Read + 'a>, std::io::Error> {
-    let data: &'a [u8] = &layer.data;
-    Ok(match layer.compression {
-        Compression::None => Box::new(data),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(data)),
-        Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(data)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(data)?),
+pub fn decompress(layer: &Layer) -> Result<Box<dyn Read + '_>, std::io::Error> {
+    decompress_stream(layer.compression, layer.data.open()?)
+}
+
+/// `stream` decompressed as `c` says.
+pub fn decompress_stream<'a>(
+    c: Compression,
+    stream: impl Read + 'a,
+) -> Result<Box<dyn Read + 'a>, std::io::Error> {
+    Ok(match c {
+        Compression::None => Box::new(stream),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(stream)),
+        Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(stream)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(stream)?),
     })
 }
 
 /// Reads every entry of the layer into memory, validating paths.
 pub fn parse(layer: &Layer) -> Result<Parsed, LayerError> {
-    Ok(Parsed {
-        source: layer.source.clone(),
+    let mut reader = decompress(layer).map_err(|e| LayerError::Read {
+        source_name: layer.source.clone(),
         digest: layer.digest,
-        entries: parse_entries(layer)?,
+        message: format!("decompressing: {}", crate::error_chain(&e)),
+    })?;
+    parse_stream(&layer.source, layer.digest, &mut reader, None)
+}
+
+/// Reads the entries of a plain tar stream, validating paths. With a
+/// `backing` (the file the stream is, from its first byte), file contents
+/// are not read into memory but become extents of it. Bytes after the
+/// end-of-archive marker are left in `reader`.
+pub fn parse_stream<R: Read>(
+    source: &str,
+    digest: Digest,
+    reader: &mut R,
+    backing: Option<&Arc<Backing>>,
+) -> Result<Parsed, LayerError> {
+    Ok(Parsed {
+        source: source.to_string(),
+        digest,
+        entries: parse_entries(source, digest, reader, backing)?,
     })
 }
 
-fn parse_entries(layer: &Layer) -> Result<Vec<Entry>, LayerError> {
+fn parse_entries<R: Read>(
+    source: &str,
+    digest: Digest,
+    reader: &mut R,
+    backing: Option<&Arc<Backing>>,
+) -> Result<Vec<Entry>, LayerError> {
     let read_err = |message: String| LayerError::Read {
-        source_name: layer.source.clone(),
-        digest: layer.digest,
+        source_name: source.to_string(),
+        digest,
         message,
     };
     let unsafe_err = |path: &str, reason: &str| LayerError::Unsafe {
-        source_name: layer.source.clone(),
-        digest: layer.digest,
+        source_name: source.to_string(),
+        digest,
         path: path.to_string(),
         reason: reason.to_string(),
     };
-    let reader = decompress(layer).map_err(|e| read_err(format!("decompressing: {e}")))?;
     let mut archive = tar::Archive::new(reader);
     let iter = archive
         .entries()
@@ -344,14 +453,18 @@ fn parse_entries(layer: &Layer) -> Result<Vec<Entry>, LayerError> {
         let meta = entry_meta(&mut entry).map_err(hdr_err)?;
         let kind = match ty {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let mut data = Vec::with_capacity(entry.size().min(1 << 30) as usize);
-                entry
-                    .read_to_end(&mut data)
-                    .map_err(|e| read_err(format!("{raw}: reading data: {e}")))?;
-                Kind::Node(Node::File {
-                    meta,
-                    data: Arc::new(data),
-                })
+                let data = match backing {
+                    // Left unread: the archive skips it on the next entry.
+                    Some(b) => FileData::extent(b, entry.raw_file_position(), entry.size()),
+                    None => {
+                        let mut data = Vec::with_capacity(entry.size().min(1 << 30) as usize);
+                        entry
+                            .read_to_end(&mut data)
+                            .map_err(|e| read_err(format!("{raw}: reading data: {e}")))?;
+                        data.into()
+                    }
+                };
+                Kind::Node(Node::File { meta, data })
             }
             tar::EntryType::Directory => Kind::Node(Node::Dir(Dir::new(meta))),
             tar::EntryType::Symlink => {
@@ -528,14 +641,16 @@ mod tests {
                 source: "test/image:1".into(),
                 digest: Digest::of(&data),
                 compression: Compression::None,
-                data: Arc::new(data),
+                data: data.into(),
             }
         }
     }
 
     fn file_data(t: &Tree, p: &str) -> Option<String> {
         match t.get(Path::new(p))? {
-            Node::File { data, .. } => Some(String::from_utf8(data.to_vec()).unwrap()),
+            Node::File { data, .. } => {
+                Some(String::from_utf8(data.bytes().unwrap().to_vec()).unwrap())
+            }
             _ => None,
         }
     }
@@ -733,7 +848,7 @@ mod tests {
         ) else {
             panic!("not files")
         };
-        assert!(Arc::ptr_eq(a, b));
+        assert_eq!(a.identity(), b.identity());
         assert_eq!(meta.mode, 0o755);
         assert_eq!(file_data(&t, "/x/g").as_deref(), Some("f"));
     }
@@ -831,7 +946,10 @@ mod tests {
     fn compressed_layers() {
         use std::io::Write;
         let base = T::new().file("hello", "world").layer();
-        let tar = base.data.to_vec();
+        let LayerData::Memory(tar) = &base.data else {
+            panic!("in memory")
+        };
+        let tar = tar.to_vec();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&tar).unwrap();
         let gz = gz.finish().unwrap();
@@ -847,7 +965,7 @@ mod tests {
             assert_eq!(Compression::sniff(&data), c);
             let l = Layer {
                 compression: c,
-                data: Arc::new(data),
+                data: data.into(),
                 ..base.clone()
             };
             let t = build(&[l]).unwrap();

@@ -18,8 +18,16 @@ pub struct Identity {
 }
 
 /// Errors from resolving a user or group by name.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum UserError {
+    /// The file cannot be read from the cache.
+    #[error("reading the image's {path}")]
+    Read {
+        /// The file in the image.
+        path: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// The user name is not in the image's /etc/passwd.
     #[error("user {0:?} is not in the image's /etc/passwd")]
     UnknownUser(String),
@@ -28,16 +36,19 @@ pub enum UserError {
     UnknownGroup(String),
 }
 
-fn read_text(tree: &Tree, path: &str) -> String {
+fn read_text(tree: &Tree, path: &'static str) -> Result<String, UserError> {
     match tree.get(Path::new(path)) {
-        Some(Node::File { data, .. }) => String::from_utf8_lossy(data).into_owned(),
-        _ => String::new(),
+        Some(Node::File { data, .. }) => data
+            .bytes()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(|source| UserError::Read { path, source }),
+        _ => Ok(String::new()),
     }
 }
 
 /// `name:x:uid:gid:gecos:home:shell` lines.
-fn passwd(tree: &Tree) -> Vec<(String, u32, u32, String)> {
-    read_text(tree, "/etc/passwd")
+fn passwd(tree: &Tree) -> Result<Vec<(String, u32, u32, String)>, UserError> {
+    Ok(read_text(tree, "/etc/passwd")?
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
@@ -51,12 +62,12 @@ fn passwd(tree: &Tree) -> Vec<(String, u32, u32, String)> {
                 f[5].to_string(),
             ))
         })
-        .collect()
+        .collect())
 }
 
 /// `name:x:gid:member,member` lines.
-fn groups(tree: &Tree) -> Vec<(String, u32, Vec<String>)> {
-    read_text(tree, "/etc/group")
+fn groups(tree: &Tree) -> Result<Vec<(String, u32, Vec<String>)>, UserError> {
+    Ok(read_text(tree, "/etc/group")?
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
@@ -70,7 +81,7 @@ fn groups(tree: &Tree) -> Vec<(String, u32, Vec<String>)> {
                 .collect();
             Some((f[0].to_string(), f[2].parse().ok()?, members))
         })
-        .collect()
+        .collect())
 }
 
 /// Resolves `spec` (`""` means root) in `tree`.
@@ -80,8 +91,8 @@ pub fn resolve(tree: &Tree, spec: &str) -> Result<Identity, UserError> {
         None => (spec, None),
     };
     let user = if user.is_empty() { "0" } else { user };
-    let pw = passwd(tree);
-    let gr = groups(tree);
+    let pw = passwd(tree)?;
+    let gr = groups(tree)?;
     let entry = match user.parse::<u32>() {
         Ok(uid) => pw.iter().find(|p| p.1 == uid).cloned(),
         Err(_) => Some(
@@ -163,13 +174,13 @@ mod tests {
         assert_eq!((n.uid, n.gid, n.groups), (1234, 55, vec![]));
         let g = resolve(&t, "web:logs").unwrap();
         assert_eq!((g.uid, g.gid, g.groups), (1000, 4, vec![]));
-        assert_eq!(
+        assert!(matches!(
             resolve(&t, "nobody"),
-            Err(UserError::UnknownUser("nobody".into()))
-        );
-        assert_eq!(
+            Err(UserError::UnknownUser(u)) if u == "nobody"
+        ));
+        assert!(matches!(
             resolve(&t, "0:wheel"),
-            Err(UserError::UnknownGroup("wheel".into()))
-        );
+            Err(UserError::UnknownGroup(g)) if g == "wheel"
+        ));
     }
 }

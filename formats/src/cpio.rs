@@ -79,9 +79,14 @@ pub fn write_newc<W: Write>(tree: &Tree, mut out: W) -> Result<(), CpioError> {
         let rel = path.strip_prefix("/").unwrap_or(&path);
         let meta = node.meta();
         let perm = meta.mode & 0o7777;
+        // One file's bytes at a time (read from disk for extents).
+        let file_bytes;
         let (mode, nlink, data, rdev): (u32, u32, &[u8], (u32, u32)) = match node {
             Node::Dir(d) => (S_IFDIR | perm, dir_nlink(d), &[], (0, 0)),
-            Node::File { data, .. } => (S_IFREG | perm, 1, data.as_slice(), (0, 0)),
+            Node::File { data, .. } => {
+                file_bytes = data.bytes()?;
+                (S_IFREG | perm, 1, &file_bytes[..], (0, 0))
+            }
             Node::Symlink { target, .. } => (S_IFLNK | perm, 1, target.as_bytes(), (0, 0)),
             Node::Device {
                 kind, major, minor, ..
@@ -191,7 +196,6 @@ fn write_entry<W: Write>(
 mod tests {
     use super::*;
     use std::process::Command;
-    use std::sync::Arc;
 
     fn sample() -> Tree {
         let mut t = Tree::new();
@@ -212,7 +216,7 @@ mod tests {
                     mtime: 1_234_567_890,
                     xattrs: Default::default(),
                 },
-                data: Arc::new(vec![7u8; 5]),
+                data: vec![7u8; 5].into(),
             },
         )
         .unwrap();

@@ -14,9 +14,8 @@ use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use crate::tree::{Dir, Node, Tree};
+use crate::tree::{Dir, FileData, Node, Tree};
 
 const SECTOR: u64 = 512;
 const RESERVED_SECTORS: u32 = 32;
@@ -162,7 +161,7 @@ impl Geometry {
 pub struct FatImage {
     size: u64,
     geometry: Geometry,
-    segments: Vec<(u64, Arc<Vec<u8>>)>,
+    segments: Vec<(u64, FileData)>,
 }
 
 impl FatImage {
@@ -186,18 +185,11 @@ impl FatImage {
         }
     }
 
-    /// The whole image in memory. Unwritten regions stay untouched
-    /// zero pages.
-    pub fn to_vec(&self) -> Vec<u8> {
-        let size = usize::try_from(self.size).expect("FAT image larger than the address space");
-        let mut out = vec![0u8; size];
-        for (off, data) in &self.segments {
-            // Below self.size, which fits in usize (checked above).
-            #[allow(clippy::cast_possible_truncation)]
-            let off = *off as usize;
-            out[off..off + data.len()].copy_from_slice(data);
-        }
-        out
+    /// The whole image in memory.
+    pub fn to_vec(&self) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        FatImage::reader(self).read_to_end(&mut out)?;
+        Ok(out)
     }
 }
 
@@ -218,16 +210,15 @@ impl<B: Borrow<FatImage>> Read for FatReader<B> {
             return Ok(0);
         }
         let segs = &img.segments;
-        while self.seg < segs.len() && segs[self.seg].0 + segs[self.seg].1.len() as u64 <= self.pos
-        {
+        while self.seg < segs.len() && segs[self.seg].0 + segs[self.seg].1.len() <= self.pos {
             self.seg += 1;
         }
         let max = (buf.len() as u64).min(img.size - self.pos);
         let n = match segs.get(self.seg) {
             Some((start, data)) if *start <= self.pos => {
-                let from = (self.pos - start) as usize;
-                let n = (max as usize).min(data.len() - from);
-                buf[..n].copy_from_slice(&data[from..from + n]);
+                let from = self.pos - start;
+                let n = max.min(data.len() - from) as usize;
+                data.read_at(from, &mut buf[..n])?;
                 n
             }
             next => {
@@ -240,16 +231,6 @@ impl<B: Borrow<FatImage>> Read for FatReader<B> {
         self.pos += n as u64;
         Ok(n)
     }
-}
-
-/// Builds a FAT32 image of exactly `size` bytes holding `tree`.
-pub fn build_fat32(
-    tree: &Tree,
-    size: u64,
-    volume_id: u32,
-    label: &str,
-) -> Result<Vec<u8>, FatError> {
-    Ok(plan_fat32(tree, size, volume_id, label)?.to_vec())
 }
 
 /// Plans a FAT32 image of exactly `size` bytes holding `tree` without
@@ -278,11 +259,11 @@ pub fn plan_fat32(
         });
     }
 
-    let fat = Arc::new(encode_fat(&geometry, &p.chains));
+    let fat = FileData::from(encode_fat(&geometry, &p.chains));
     let fat_bytes = geometry.fat_sectors as u64 * SECTOR;
     let reserved = encode_reserved(&geometry, volume_id, label, p.next - ROOT_CLUSTER, p.next);
     let mut segments = p.segments;
-    segments.push((0, Arc::new(reserved)));
+    segments.push((0, FileData::from(reserved)));
     for i in 0..NUM_FATS as u64 {
         segments.push((
             RESERVED_SECTORS as u64 * SECTOR + i * fat_bytes,
@@ -323,7 +304,7 @@ struct Planner {
     next: u32,
     /// (first cluster, length) of every allocated chain.
     chains: Vec<(u32, u32)>,
-    segments: Vec<(u64, Arc<Vec<u8>>)>,
+    segments: Vec<(u64, FileData)>,
 }
 
 /// One directory entry before encoding.
@@ -425,7 +406,7 @@ impl Planner {
             bytes.extend_from_slice(&short_entry(name, attr, first, len, stamp));
         }
         self.segments
-            .push((self.geo.cluster_offset(me), Arc::new(bytes)));
+            .push((self.geo.cluster_offset(me), FileData::from(bytes)));
         Ok(me)
     }
 }
@@ -929,9 +910,9 @@ mod tests {
     fn deterministic_and_streaming_matches_vec() {
         let t = esp_tree();
         let a = plan_fat32(&t, 64 * MIB, 0x1234_5678, "ESP").unwrap();
-        let b = build_fat32(&t, 64 * MIB, 0x1234_5678, "ESP").unwrap();
-        let av = a.to_vec();
-        assert_eq!(av, b);
+        let b = plan_fat32(&t, 64 * MIB, 0x1234_5678, "ESP").unwrap();
+        let av = a.to_vec().unwrap();
+        assert_eq!(av, b.to_vec().unwrap());
         assert_eq!(av.len() as u64, 64 * MIB);
         let mut streamed = Vec::new();
         // Odd buffer sizes exercise segment boundaries.
@@ -955,15 +936,16 @@ mod tests {
             Node::File { data, .. } => data.clone(),
             _ => unreachable!(),
         };
-        let v = img.to_vec();
+        let v = img.to_vec().unwrap();
         // Contiguous: the whole file appears verbatim somewhere in the image.
         let seg = img
             .segments
             .iter()
-            .find(|(_, d)| Arc::ptr_eq(d, &data))
+            .find(|(_, d)| d.identity() == data.identity())
             .unwrap();
         let off = seg.0 as usize;
-        assert_eq!(&v[off..off + data.len()], &data[..]);
+        let bytes = data.bytes().unwrap();
+        assert_eq!(&v[off..off + bytes.len()], &bytes[..]);
     }
 
     fn check_with_tools(size: u64, label: &str) {
@@ -975,7 +957,11 @@ mod tests {
         let dir = scratch(&format!("fat-{}", size / MIB));
         let img = dir.join("esp.img");
         let t = esp_tree();
-        std::fs::write(&img, build_fat32(&t, size, 0xCAFE_F00D, label).unwrap()).unwrap();
+        let bytes = plan_fat32(&t, size, 0xCAFE_F00D, label)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        std::fs::write(&img, bytes).unwrap();
 
         let (ok, out) = run(
             &fsck,
@@ -1004,7 +990,10 @@ mod tests {
                 ],
             );
             assert!(ok, "mcopy {src}: {out}");
-            assert!(std::fs::read(&got).unwrap() == **data, "{src} differs");
+            assert!(
+                std::fs::read(&got).unwrap() == data.bytes().unwrap()[..],
+                "{src} differs"
+            );
         }
         let (ok, out) = run(
             &mdir,

@@ -22,23 +22,23 @@
 //! directory's own mtime (always 0; its mode and owner are kept).
 
 use std::collections::HashMap;
-use std::io::{Cursor, Seek, Write};
+use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use backhand::compression::{CompressionAction, CompressionOptions, Compressor, Zstd};
 use backhand::kind::Kind;
 use backhand::{BackhandError, FilesystemCompressor, FilesystemWriter, NodeHeader};
 use sha2::{Digest as _, Sha256};
 
-use crate::tree::{DeviceKind, Meta, Node, Tree};
+use crate::tree::{DeviceKind, FileData, Meta, Node, Tree};
 
 /// Errors from writing a squashfs image.
 #[derive(Debug, thiserror::Error)]
 pub enum SquashfsError {
-    /// backhand failed to build or write the image.
+    /// backhand failed to build the image (its errors carry only a kind).
     #[error("squashfs")]
-    Backhand(#[from] backhand::BackhandError),
+    Backhand(#[source] std::io::Error),
     /// Writing the image to the output failed.
     #[error("writing squashfs image")]
     Io(#[from] std::io::Error),
@@ -69,6 +69,16 @@ pub enum SquashfsError {
         /// Owner group id of the root directory.
         gid: u32,
     },
+}
+
+impl From<BackhandError> for SquashfsError {
+    fn from(e: BackhandError) -> Self {
+        match e {
+            // A read of a file's data (naming it) or a write of the image.
+            BackhandError::StdIo(io) => SquashfsError::Io(io),
+            other => SquashfsError::Backhand(other.into()),
+        }
+    }
 }
 
 /// Data compression for the image.
@@ -118,20 +128,130 @@ pub trait BlockStore: Sync {
     fn put(&self, key: &[u8; 32], compressed: &[u8]);
 }
 
-/// Blocks compressed ahead of the writer, by [`store_key`] of the raw
-/// block, and the zstd level they were compressed at.
-struct Blocks {
-    level: u32,
-    /// Compressed block and how many times backhand will still ask for
-    /// it; dropped at zero, so memory shrinks as the image is written.
-    by_key: ByKey,
+/// Blocks compressed ahead of backhand, at most this many at a time:
+/// enough to keep every core busy, few enough that memory stays flat
+/// whatever the size of the tree (each holds its raw and compressed bytes).
+const WINDOW: usize = 64;
+
+/// One raw block backhand will ask to compress, in the order it will.
+enum Job<'a> {
+    /// `len` bytes of a file from `offset` (a block, or a file's tail).
+    Block {
+        data: &'a FileData,
+        offset: u64,
+        len: usize,
+    },
+    /// Small files packed into one fragment block, in path order.
+    Fragment(Vec<&'a FileData>),
 }
 
-/// Compressed blocks by store key, with their remaining uses.
-type ByKey = HashMap<[u8; 32], (Arc<Vec<u8>>, usize)>;
+impl Job<'_> {
+    fn raw(&self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Job::Block { data, offset, len } => {
+                let mut buf = vec![0; *len];
+                data.read_at(*offset, &mut buf)?;
+                Ok(buf)
+            }
+            Job::Fragment(files) => {
+                let mut buf = Vec::new();
+                for f in files {
+                    buf.extend_from_slice(&f.bytes()?);
+                }
+                Ok(buf)
+            }
+        }
+    }
+}
 
-/// The blocks of the write in progress (one at a time, see [`WRITING`]).
-static CURRENT: Mutex<Option<Blocks>> = Mutex::new(None);
+/// A job's outcome.
+enum Ready {
+    /// The raw block and its compressed bytes.
+    Block { raw: Vec<u8>, compressed: Vec<u8> },
+    /// Nothing to hand over: a block of zeros (backhand stores a hole) or
+    /// a read that failed (backhand's own read reports it).
+    Nothing,
+}
+
+/// What producers and backhand's compressor hook share.
+struct Pipeline {
+    state: Mutex<PipelineState>,
+    changed: Condvar,
+    jobs: usize,
+    level: u32,
+}
+
+struct PipelineState {
+    /// The first job backhand may still ask for.
+    cursor: usize,
+    /// The next job a producer takes.
+    next: usize,
+    ready: HashMap<usize, Ready>,
+    /// Set when the write ends (also on error): producers stop.
+    done: bool,
+}
+
+impl Pipeline {
+    /// The compressed block for `bytes` if it is among the next jobs:
+    /// jobs before it are dropped (backhand will not ask for them).
+    fn take(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let mut st = lock(&self.state);
+        let mut i = st.cursor;
+        while i < self.jobs && i < st.cursor + WINDOW {
+            while !st.ready.contains_key(&i) && !st.done {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            let hit = matches!(st.ready.get(&i), Some(Ready::Block { raw, .. }) if raw == bytes);
+            if hit {
+                let Some(Ready::Block { compressed, .. }) = st.ready.remove(&i) else {
+                    return None;
+                };
+                for j in st.cursor..i {
+                    st.ready.remove(&j);
+                }
+                st.cursor = i + 1;
+                self.changed.notify_all();
+                return Some(compressed);
+            }
+            if st.done {
+                return None;
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The next job index for a producer, once the window has room.
+    fn next_job(&self) -> Option<usize> {
+        let mut st = lock(&self.state);
+        loop {
+            if st.done || st.next >= self.jobs {
+                return None;
+            }
+            if st.next < st.cursor + WINDOW {
+                st.next += 1;
+                return Some(st.next - 1);
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn put(&self, i: usize, r: Ready) {
+        let mut st = lock(&self.state);
+        if i >= st.cursor {
+            st.ready.insert(i, r);
+        }
+        self.changed.notify_all();
+    }
+
+    fn finish(&self) {
+        lock(&self.state).done = true;
+        self.changed.notify_all();
+    }
+}
+
+/// The pipeline of the write in progress (one at a time, see [`WRITING`]).
+static CURRENT: Mutex<Option<Arc<Pipeline>>> = Mutex::new(None);
 /// Serialises writes: backhand's compressor hook is a `'static` with no
 /// way to tell writes apart.
 static WRITING: Mutex<()> = Mutex::new(());
@@ -165,30 +285,15 @@ impl CompressionAction for Precompressed {
         fc: FilesystemCompressor,
         block_size: u32,
     ) -> Result<Vec<u8>, BackhandError> {
-        let level = lock(&CURRENT).as_ref().map(|b| b.level);
-        // Hashed outside the lock; the level says which key to look for.
-        let key = level.map(|l| store_key(l, bytes));
-        let hit = key.and_then(|k| {
-            let mut current = lock(&CURRENT);
-            let blocks = current.as_mut()?;
-            let (data, uses) = blocks.by_key.get_mut(&k)?;
-            let data = Arc::clone(data);
-            *uses = uses.saturating_sub(1);
-            if *uses == 0 {
-                blocks.by_key.remove(&k);
-            }
-            Some(data)
-        });
-        match hit {
-            Some(c) => Ok(Arc::try_unwrap(c).unwrap_or_else(|shared| shared.to_vec())),
-            None => {
-                #[cfg(test)]
-                if bytes.len() > METADATA_BLOCK {
-                    DATA_MISSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                backhand::compression::DefaultCompressor.compress(bytes, fc, block_size)
-            }
+        let pipeline = lock(&CURRENT).clone();
+        if let Some(c) = pipeline.and_then(|p| p.take(bytes)) {
+            return Ok(c);
         }
+        #[cfg(test)]
+        if bytes.len() > METADATA_BLOCK {
+            DATA_MISSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        backhand::compression::DefaultCompressor.compress(bytes, fc, block_size)
     }
 
     fn compression_options(
@@ -228,108 +333,88 @@ fn zstd_version() -> u32 {
     zstd::zstd_safe::version_number()
 }
 
-/// Compresses every full-size candidate data block of the tree's files on
-/// all cores (or takes it from `store`), the way backhand would.
-fn precompress(
-    tree: &Tree,
-    fc: FilesystemCompressor,
-    level: u32,
-    block_size: u32,
-    store: Option<&dyn BlockStore>,
-) -> Result<Blocks, BackhandError> {
-    let bs = block_size as usize;
-    // backhand compresses every block of a file of at least one block
-    // (the tail too); zero blocks are holes. Smaller files are packed into
-    // fragment blocks in path order (the tree walk's), a block closed when
-    // the next file does not fit: replay that to compress them here too.
-    // A block guessed wrong is only never asked for.
-    // A file shared by several paths is compressed once but asked for once
-    // per path: count the uses.
-    let walk = tree.walk();
-    let mut uses: HashMap<*const Vec<u8>, usize> = HashMap::new();
-    for (_, node) in &walk {
-        if let Node::File { data, .. } = node {
-            if data.len() >= bs {
-                *uses.entry(Arc::as_ptr(data)).or_default() += 1;
-            }
-        }
-    }
-    let mut seen = std::collections::HashSet::new();
-    let mut chunks: Vec<(std::borrow::Cow<'_, [u8]>, usize)> = Vec::new();
-    let mut fragment: Vec<u8> = Vec::new();
-    for (_, node) in &walk {
+/// The blocks backhand will ask to compress, in order: every block of a
+/// file of at least one block (the tail too; all-zero blocks become holes
+/// and are skipped when read), and fragment blocks of smaller files packed
+/// in path order (the tree walk's), a block closed when the next file does
+/// not fit. A block guessed wrong is only never asked for.
+fn jobs<'a>(walk: &[(PathBuf, &'a Node)], block_size: u32) -> Vec<Job<'a>> {
+    let bs = u64::from(block_size);
+    let mut jobs = Vec::new();
+    let mut fragment: Vec<&FileData> = Vec::new();
+    let mut fragment_len = 0;
+    for (_, node) in walk {
         let Node::File { data, .. } = node else {
             continue;
         };
-        if data.len() >= bs {
-            let ptr = Arc::as_ptr(data);
-            if seen.insert(ptr) {
-                let n = uses.get(&ptr).copied().unwrap_or(1);
-                chunks.extend(
-                    data.chunks(bs)
-                        .filter(|c| c.iter().any(|b| *b != 0))
-                        .map(|c| (std::borrow::Cow::Borrowed(c), n)),
-                );
+        let len = data.len();
+        if len >= bs {
+            let mut offset = 0;
+            while offset < len {
+                // At most one block: fits in usize.
+                #[allow(clippy::cast_possible_truncation)]
+                let n = (len - offset).min(bs) as usize;
+                jobs.push(Job::Block {
+                    data,
+                    offset,
+                    len: n,
+                });
+                offset += bs;
             }
-        } else if !data.is_empty() {
-            if fragment.len() + data.len() > bs {
-                chunks.push((std::mem::take(&mut fragment).into(), 1));
+        } else if len > 0 {
+            if fragment_len + len > bs {
+                jobs.push(Job::Fragment(std::mem::take(&mut fragment)));
+                fragment_len = 0;
             }
-            fragment.extend_from_slice(data);
+            fragment.push(data);
+            fragment_len += len;
         }
     }
     if !fragment.is_empty() {
-        chunks.push((fragment.into(), 1));
+        jobs.push(Job::Fragment(fragment));
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let out: Mutex<ByKey> = Mutex::new(HashMap::new());
-    let failed: Mutex<Option<BackhandError>> = Mutex::new(None);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    std::thread::scope(|s| {
-        for _ in 0..workers.min(chunks.len()).max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((chunk, n)) = chunks.get(i) else {
-                    break;
-                };
-                let key = store_key(level, chunk);
+    jobs
+}
+
+/// Compresses jobs as the window allows (or takes them from `store`),
+/// the way backhand would.
+fn produce(
+    pipeline: &Pipeline,
+    jobs: &[Job<'_>],
+    fc: FilesystemCompressor,
+    block_size: u32,
+    store: Option<&dyn BlockStore>,
+) {
+    let bs = block_size as usize;
+    while let Some(i) = pipeline.next_job() {
+        let job = &jobs[i];
+        let ready = match job.raw() {
+            Ok(raw) if matches!(job, Job::Block { .. }) && raw.iter().all(|b| *b == 0) => {
+                Ready::Nothing
+            }
+            Ok(raw) => {
+                let key = store_key(pipeline.level, &raw);
                 let stored = store
                     .and_then(|st| st.get(&key))
-                    .filter(|c| verifies(c, chunk, bs));
-                let compressed = match stored {
-                    Some(c) => c,
-                    None => {
-                        match backhand::compression::DefaultCompressor
-                            .compress(chunk, fc, block_size)
-                        {
-                            Ok(c) => {
-                                if let Some(st) = store {
-                                    st.put(&key, &c);
-                                }
-                                c
-                            }
-                            Err(e) => {
-                                *lock(&failed) = Some(e);
-                                break;
-                            }
-                        }
+                    .filter(|c| verifies(c, &raw, bs));
+                let compressed = stored.or_else(|| {
+                    let c = backhand::compression::DefaultCompressor
+                        .compress(&raw, fc, block_size)
+                        .ok()?;
+                    if let Some(st) = store {
+                        st.put(&key, &c);
                     }
-                };
-                // Identical blocks of different files share one entry.
-                lock(&out)
-                    .entry(key)
-                    .or_insert_with(|| (Arc::new(compressed), 0))
-                    .1 += n;
-            });
-        }
-    });
-    if let Some(e) = lock(&failed).take() {
-        return Err(e);
+                    Some(c)
+                });
+                match compressed {
+                    Some(compressed) => Ready::Block { raw, compressed },
+                    None => Ready::Nothing,
+                }
+            }
+            Err(_) => Ready::Nothing,
+        };
+        pipeline.put(i, ready);
     }
-    Ok(Blocks {
-        level,
-        by_key: out.into_inner().unwrap_or_else(|p| p.into_inner()),
-    })
 }
 
 /// Whether `compressed` (from a store) is `raw` compressed with zstd.
@@ -398,11 +483,32 @@ pub fn write_squashfs_with<W: Write + Seek>(
     };
 
     let _writing = lock(&WRITING);
-    let blocks = match opts.compression {
-        Compression::Zstd { level } => Some(precompress(tree, compressor, level, bs, store)?),
-        Compression::Gzip => None,
+    let Compression::Zstd { level } = opts.compression else {
+        return write_inner(tree, &mut out, opts, compressor, false);
     };
-    let result = write_inner(tree, &mut out, opts, compressor, blocks);
+    let walk = tree.walk();
+    let jobs = jobs(&walk, bs);
+    let pipeline = Arc::new(Pipeline {
+        state: Mutex::new(PipelineState {
+            cursor: 0,
+            next: 0,
+            ready: HashMap::new(),
+            done: false,
+        }),
+        changed: Condvar::new(),
+        jobs: jobs.len(),
+        level,
+    });
+    *lock(&CURRENT) = Some(Arc::clone(&pipeline));
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let result = std::thread::scope(|s| {
+        for _ in 0..workers.min(jobs.len()) {
+            s.spawn(|| produce(&pipeline, &jobs, compressor, bs, store));
+        }
+        let result = write_inner(tree, &mut out, opts, compressor, true);
+        pipeline.finish();
+        result
+    });
     *lock(&CURRENT) = None;
     result
 }
@@ -412,12 +518,11 @@ fn write_inner<W: Write + Seek>(
     mut out: W,
     opts: &SquashfsOptions,
     compressor: FilesystemCompressor,
-    blocks: Option<Blocks>,
+    precompressed: bool,
 ) -> Result<u64, SquashfsError> {
     let bs = opts.block_size;
     let mut fs = FilesystemWriter::default();
-    if blocks.is_some() {
-        *lock(&CURRENT) = blocks;
+    if precompressed {
         fs.set_kind(Kind::new_v4(&PRECOMPRESSED));
     }
     fs.set_block_size(bs);
@@ -452,8 +557,14 @@ fn write_inner<W: Write + Seek>(
         let h = header(meta);
         match node {
             Node::Dir(_) => fs.push_dir(&path, h)?,
-            // Borrowed: backhand reads each file once, at write time.
-            Node::File { data, .. } => fs.push_file(Cursor::new(data.as_slice()), &path, h)?,
+            // Read as backhand writes it, a block at a time.
+            Node::File { data, .. } => {
+                let reader = Named {
+                    path: path.clone(),
+                    inner: data.reader(),
+                };
+                fs.push_file(reader, &path, h)?
+            }
             Node::Symlink { target, .. } => fs.push_symlink(target.clone(), &path, h)?,
             Node::Device {
                 kind, major, minor, ..
@@ -478,13 +589,42 @@ fn write_inner<W: Write + Seek>(
     Ok(len)
 }
 
+/// A file's reader whose errors name the file.
+struct Named<R> {
+    path: PathBuf,
+    inner: R,
+}
+
+/// A failed read of a file's data, naming it in the image.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}")]
+struct ReadError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl<R: Read> Read for Named<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|source| {
+            std::io::Error::new(
+                source.kind(),
+                ReadError {
+                    path: self.path.clone(),
+                    source,
+                },
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::cast_possible_truncation)]
     use super::*;
+    use std::io::Cursor;
     use std::path::Path;
     use std::process::Command;
-    use std::sync::Arc;
 
     fn meta(mode: u32, uid: u32, gid: u32, mtime: u64) -> Meta {
         Meta {
@@ -516,6 +656,77 @@ mod tests {
         }
     }
 
+    /// Many more blocks than the window, from files on disk: all are
+    /// compressed ahead (memory stays at the window), the image is the one
+    /// backhand alone writes, and a file that cannot be read is an error
+    /// naming it.
+    #[test]
+    fn window_slides_over_extents() {
+        let dir = tempdir("extents");
+        let path = dir.join("layer");
+        let raw: Vec<u8> = (0..(WINDOW as u32 * 3 * 4096 + 1234))
+            .map(|i| (i / 7 % 13) as u8 ^ (i >> 12) as u8)
+            .collect();
+        std::fs::write(&path, &raw).unwrap();
+        let backing = crate::tree::Backing::new(std::fs::File::open(&path).unwrap(), "layer");
+        let mut tree = sample();
+        let half = raw.len() as u64 / 2;
+        tree.insert(
+            Path::new("/data/a"),
+            Node::File {
+                meta: meta(0o644, 0, 0, 0),
+                data: FileData::extent(&backing, 0, half),
+            },
+        )
+        .unwrap();
+        tree.insert(
+            Path::new("/data/b"),
+            Node::File {
+                meta: meta(0o644, 0, 0, 0),
+                data: FileData::extent(&backing, half, raw.len() as u64 - half),
+            },
+        )
+        .unwrap();
+        let opts = SquashfsOptions {
+            block_size: 4096,
+            ..Default::default()
+        };
+        let fc = FilesystemCompressor::new(
+            Compressor::Zstd,
+            Some(CompressionOptions::Zstd(Zstd {
+                compression_level: 15,
+            })),
+        )
+        .unwrap();
+        let mut plain = Cursor::new(Vec::new());
+        write_inner(&tree, &mut plain, &opts, fc, false).unwrap();
+        let misses = || DATA_MISSES.load(std::sync::atomic::Ordering::Relaxed);
+        let before = misses();
+        assert_eq!(image(&tree, &opts), plain.into_inner());
+        assert_eq!(misses(), before, "a block was compressed late");
+
+        tree.insert(
+            Path::new("/data/c"),
+            Node::File {
+                meta: meta(0o644, 0, 0, 0),
+                data: FileData::extent(&backing, raw.len() as u64 - 10, 20),
+            },
+        )
+        .unwrap();
+        let e = write_squashfs(&tree, Cursor::new(Vec::new()), &opts).unwrap_err();
+        let mut chain = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            chain = format!("{chain}: {c}");
+            cause = c.source();
+        }
+        assert!(
+            chain.contains("/data/c") && chain.contains("layer at offset"),
+            "{chain}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Blocks compressed ahead, kept in a store and reused, give exactly
     /// the image backhand's own compressor gives; a damaged stored block
     /// is not used.
@@ -528,7 +739,7 @@ mod tests {
         let Node::File { data, .. } = &big else {
             panic!("not a file")
         };
-        let copy = Node::file(0o644, data.to_vec());
+        let copy = Node::file(0o644, data.bytes().unwrap().to_vec());
         tree.insert(Path::new("/usr/big-link.bin"), big).unwrap();
         tree.insert(Path::new("/usr/big-copy.bin"), copy).unwrap();
         // Enough small files for two fragment blocks.
@@ -553,7 +764,7 @@ mod tests {
                 })),
             )
             .unwrap(),
-            None,
+            false,
         )
         .unwrap();
         let store = MemStore::default();
@@ -598,7 +809,7 @@ mod tests {
             Path::new("/usr/big.bin"),
             Node::File {
                 meta: meta(0o644, 0, 0, 1_600_000_001),
-                data: Arc::new(big),
+                data: big.into(),
             },
         )
         .unwrap();
@@ -606,7 +817,7 @@ mod tests {
             Path::new("/home/app/secret"),
             Node::File {
                 meta: meta(0o4750, 1000, 1001, 1_600_000_002),
-                data: Arc::new(b"top secret\n".to_vec()),
+                data: b"top secret\n".to_vec().into(),
             },
         )
         .unwrap();
@@ -748,7 +959,7 @@ mod tests {
                 Path::new("/f"),
                 Node::File {
                     meta: meta(0o644, 1000, 0, 0),
-                    data: Arc::new(Vec::new()),
+                    data: Vec::new().into(),
                 },
             )
             .unwrap();
@@ -871,7 +1082,11 @@ mod tests {
                 let on_disk = out.join(path.strip_prefix("/").unwrap());
                 match node {
                     Node::File { data, meta } => {
-                        assert_eq!(&std::fs::read(&on_disk).unwrap(), data.as_ref(), "{path:?}");
+                        assert_eq!(
+                            &std::fs::read(&on_disk).unwrap(),
+                            &data.bytes().unwrap()[..],
+                            "{path:?}"
+                        );
                         use std::os::unix::fs::MetadataExt;
                         let m = std::fs::metadata(&on_disk).unwrap();
                         assert_eq!(m.mtime() as u64, meta.mtime, "{path:?}");
@@ -940,7 +1155,7 @@ mod tests {
         );
         add(&mut ir, "/z.sqfs", 0o644, zstd);
         add(&mut ir, "/g.sqfs", 0o644, gzip);
-        add(&mut ir, "/big.bin", 0o644, big.to_vec());
+        add(&mut ir, "/big.bin", 0o644, big.bytes().unwrap().to_vec());
         ir.insert(
             Path::new("/dev/console"),
             Node::device(DeviceKind::Char, 0o600, 5, 1),

@@ -2,11 +2,17 @@
 //! the filesystem encoders (squashfs, cpio) consume.
 //!
 //! Directory entries live in a `BTreeMap`, so every walk is sorted and every
-//! encoder that follows the walk is reproducible. File data is shared
-//! (`Arc`), so hardlinked or duplicated files cost their bytes once.
+//! encoder that follows the walk is reproducible. File contents are
+//! [`FileData`]: shared bytes, or a range of a file on disk (a cached,
+//! unpacked layer) read only when an encoder streams it, so a tree of
+//! gigabytes costs memory for its metadata only.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -72,7 +78,7 @@ pub enum Node {
         /// Ownership, permissions and times.
         meta: Meta,
         /// File contents.
-        data: Arc<Vec<u8>>,
+        data: FileData,
     },
     /// A symbolic link.
     Symlink {
@@ -133,7 +139,7 @@ impl Node {
     pub fn file(mode: u32, data: impl Into<Vec<u8>>) -> Self {
         Node::File {
             meta: Meta::root(mode),
-            data: Arc::new(data.into()),
+            data: FileData::from(data.into()),
         }
     }
 
@@ -174,6 +180,180 @@ impl Node {
             Node::Dir(d) => Some(d),
             _ => None,
         }
+    }
+}
+
+/// An open file that [`FileData`] extents are read from, named for errors.
+#[derive(Debug)]
+pub struct Backing {
+    file: File,
+    name: String,
+}
+
+impl Backing {
+    /// Extents of `file`, which `name` identifies in errors.
+    pub fn new(file: File, name: impl Into<String>) -> Arc<Self> {
+        Arc::new(Backing {
+            file,
+            name: name.into(),
+        })
+    }
+}
+
+/// A failed read of an extent, naming its backing file.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {name} at offset {offset}")]
+pub struct ExtentError {
+    name: String,
+    offset: u64,
+    #[source]
+    source: io::Error,
+}
+
+/// A regular file's contents: bytes in memory, or `len` bytes at `offset`
+/// of a [`Backing`] file. Clones share, so hardlinks and copies of a node
+/// cost nothing more.
+#[derive(Clone)]
+pub struct FileData(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Memory(Arc<Vec<u8>>),
+    Extent {
+        backing: Arc<Backing>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl From<Vec<u8>> for FileData {
+    fn from(v: Vec<u8>) -> Self {
+        FileData(Repr::Memory(Arc::new(v)))
+    }
+}
+
+impl FileData {
+    /// `len` bytes of `backing` from `offset`; nothing is read yet.
+    pub fn extent(backing: &Arc<Backing>, offset: u64, len: u64) -> Self {
+        FileData(Repr::Extent {
+            backing: Arc::clone(backing),
+            offset,
+            len,
+        })
+    }
+
+    /// The size in bytes.
+    pub fn len(&self) -> u64 {
+        match &self.0 {
+            Repr::Memory(v) => v.len() as u64,
+            Repr::Extent { len, .. } => *len,
+        }
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `buf` from byte `pos` of the contents; reading past the end
+    /// is an `UnexpectedEof` error.
+    pub fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = pos.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len()) {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        match &self.0 {
+            Repr::Memory(v) => {
+                // In range: checked against len above.
+                let at = usize::try_from(pos).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+                buf.copy_from_slice(&v[at..at + buf.len()]);
+                Ok(())
+            }
+            Repr::Extent {
+                backing, offset, ..
+            } => backing
+                .file
+                .read_exact_at(buf, offset + pos)
+                .map_err(|source| {
+                    io::Error::new(
+                        source.kind(),
+                        ExtentError {
+                            name: backing.name.clone(),
+                            offset: offset + pos,
+                            source,
+                        },
+                    )
+                }),
+        }
+    }
+
+    /// The whole contents (borrowed when in memory, read otherwise).
+    pub fn bytes(&self) -> io::Result<Cow<'_, [u8]>> {
+        match &self.0 {
+            Repr::Memory(v) => Ok(Cow::Borrowed(v.as_slice())),
+            Repr::Extent { len, .. } => {
+                let n = usize::try_from(*len).map_err(|_| io::ErrorKind::OutOfMemory)?;
+                let mut buf = vec![0; n];
+                self.read_at(0, &mut buf)?;
+                Ok(Cow::Owned(buf))
+            }
+        }
+    }
+
+    /// The contents as a sequential reader.
+    pub fn reader(&self) -> DataReader<'_> {
+        DataReader { data: self, pos: 0 }
+    }
+
+    /// Identifies the bytes: equal for clones of one `FileData`, so an
+    /// encoder can treat them as one file.
+    pub fn identity(&self) -> (usize, u64) {
+        match &self.0 {
+            Repr::Memory(v) => (Arc::as_ptr(v) as usize, 0),
+            Repr::Extent {
+                backing, offset, ..
+            } => (Arc::as_ptr(backing) as usize, *offset),
+        }
+    }
+}
+
+impl std::fmt::Debug for FileData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Repr::Memory(v) => write!(f, "FileData({} bytes in memory)", v.len()),
+            Repr::Extent {
+                backing,
+                offset,
+                len,
+            } => write!(f, "FileData({len} bytes of {} at {offset})", backing.name),
+        }
+    }
+}
+
+/// Equal contents; a read error makes them unequal.
+impl PartialEq for FileData {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+            || (self.len() == other.len()
+                && matches!((self.bytes(), other.bytes()), (Ok(a), Ok(b)) if a == b))
+    }
+}
+
+impl Eq for FileData {}
+
+/// Reads a [`FileData`] from start to end.
+pub struct DataReader<'a> {
+    data: &'a FileData,
+    pos: u64,
+}
+
+impl Read for DataReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.data.len() - self.pos;
+        let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+        self.data.read_at(self.pos, &mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -340,7 +520,7 @@ impl Tree {
         self.walk()
             .iter()
             .map(|(_, n)| match n {
-                Node::File { data, .. } => data.len() as u64,
+                Node::File { data, .. } => data.len(),
                 _ => 0,
             })
             .sum()
@@ -388,6 +568,30 @@ mod tests {
             t.insert(Path::new("/f/g"), Node::file(0o644, "")),
             Err(TreeError::NotADirectory(_))
         ));
+    }
+
+    #[test]
+    fn extents_read_their_range_and_name_their_file() {
+        let dir = std::env::temp_dir().join(format!("kiln-tree-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("backing");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let b = Backing::new(File::open(&path).unwrap(), "layer.tar");
+        let d = FileData::extent(&b, 2, 5);
+        assert_eq!(d.len(), 5);
+        assert_eq!(&d.bytes().unwrap()[..], b"23456");
+        let mut all = Vec::new();
+        d.reader().read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"23456");
+        assert_eq!(d, FileData::from(b"23456".to_vec()));
+        assert_ne!(d, FileData::extent(&b, 3, 5));
+        // Past the end of the extent, and past the end of the file.
+        assert!(d.read_at(4, &mut [0; 2]).is_err());
+        let long = FileData::extent(&b, 8, 5);
+        let e = long.bytes().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("layer.tar at offset 8"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -476,6 +476,7 @@ pub(crate) mod testkit {
 
     /// The module file `rel` (e.g. `fs/squashfs/squashfs.ko`) of the
     /// kernel unpacked by [`debian_kernel`].
+    #[cfg(feature = "squashfs")]
     pub(crate) fn module(kernel: &Path, rel: &str) -> Result<Vec<u8>, String> {
         let modules = first_entry(&kernel.join("lib/modules"), |_| true)?;
         let p = modules.join("kernel").join(rel);

@@ -185,7 +185,7 @@ pub(super) async fn pull_docker_archive(source: &str, rest: &str) -> Result<Imag
             source: source.to_string(),
             digest,
             compression,
-            data: Arc::new(blob.clone()),
+            data: blob.clone().into(),
         });
     }
     Ok(Image {

@@ -13,12 +13,11 @@
 //! network at all.
 
 use crate::cache::{Cache, CacheError, Digest};
-use crate::layers::{Compression, Layer};
+use crate::layers::{Compression, Layer, LayerData};
 use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 mod archive;
 mod auth;
@@ -363,6 +362,129 @@ impl Store<'_> {
     }
 }
 
+impl Store<'_> {
+    /// Where the layer blob `digest` is, and its first bytes (to tell its
+    /// compression). Not read whole: a registry's blob streams into the
+    /// cache while it is hashed, and every blob is checked against its
+    /// digest again when it is unpacked.
+    async fn layer(
+        &self,
+        reference: &str,
+        digest: &Digest,
+    ) -> Result<(LayerData, Vec<u8>), OciError> {
+        let path = match self {
+            Store::Layout { dir } => {
+                // The user's files: checked now, streaming, so a tampered
+                // layout fails the pull as a registry's blob would.
+                let path = dir.join("blobs").join("sha256").join(digest.hex());
+                let actual = std::fs::File::open(&path)
+                    .and_then(|f| crate::cache::Hashing::new(std::io::BufReader::new(f)).finish())
+                    .map_err(|source| OciError::Io {
+                        reference: reference.to_string(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                if actual != *digest {
+                    return Err(OciError::Mismatch {
+                        reference: reference.to_string(),
+                        what: "layer".into(),
+                        expected: *digest,
+                        actual,
+                    });
+                }
+                path
+            }
+            Store::Registry {
+                client,
+                reference: r,
+                auth,
+                cache,
+                offline,
+                authed,
+            } => {
+                let cache_err = |source| OciError::Cache {
+                    reference: reference.to_string(),
+                    source,
+                };
+                let path = cache.blob_path(digest);
+                if !path.is_file() {
+                    if *offline {
+                        return Err(OciError::Offline {
+                            reference: reference.to_string(),
+                            what: format!("layer {digest}"),
+                        });
+                    }
+                    let reg_err = |e: oci_client::errors::OciDistributionError| {
+                        registry_err(reference, &format!("fetching layer {digest}"), &e)
+                    };
+                    if !authed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        client
+                            .auth(r, auth, oci_client::RegistryOperation::Pull)
+                            .await
+                            .map_err(reg_err)?;
+                    }
+                    let mut out = AsyncBlob(cache.blob_writer().map_err(cache_err)?);
+                    client
+                        .pull_blob(r, digest.to_string().as_str(), &mut out)
+                        .await
+                        .map_err(reg_err)?;
+                    out.0.commit(Some(digest)).map_err(|e| match e {
+                        crate::cache::CacheError::Mismatch { expected, actual } => {
+                            OciError::Mismatch {
+                                reference: reference.to_string(),
+                                what: "layer".into(),
+                                expected,
+                                actual,
+                            }
+                        }
+                        e => cache_err(e),
+                    })?;
+                }
+                path
+            }
+        };
+        let io = |source| OciError::Io {
+            reference: reference.to_string(),
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut head = Vec::with_capacity(8);
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, 8), &mut head)
+            .map_err(io)?;
+        Ok((LayerData::file(path.clone(), len), head))
+    }
+}
+
+/// A cache blob written by an async producer: writes go straight to the
+/// file (page cache), which is as fast as a task switch.
+struct AsyncBlob(crate::cache::BlobWriter);
+
+impl tokio::io::AsyncWrite for AsyncBlob {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(std::io::Write::write(&mut self.0, buf))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(std::io::Write::flush(&mut self.0))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_flush(cx)
+    }
+}
+
 const MANIFEST_TYPES: &[&str] = &[
     MT_OCI_INDEX,
     MT_DOCKER_LIST,
@@ -525,13 +647,14 @@ async fn resolve(
                 message: "foreign layers (with urls) are not supported".into(),
             });
         }
-        let data = store.get(reference, "layer", &d, false).await?;
-        check_size(reference, "layer", desc, &d, data.len())?;
+        let (data, head) = store.layer(reference, &d).await?;
+        let len = usize::try_from(data.len()).unwrap_or(usize::MAX);
+        check_size(reference, "layer", desc, &d, len)?;
         layers.push(Layer {
             source: reference.to_string(),
             digest: d,
-            compression: compression_of(desc.media_type().as_ref(), &data),
-            data: Arc::new(data),
+            compression: compression_of(desc.media_type().as_ref(), &head),
+            data,
         });
     }
     Ok(Image {
