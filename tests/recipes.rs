@@ -363,6 +363,29 @@ fn progress_is_plain_lines_or_json() {
         r.stdout,
         r.stderr
     );
+
+    // On a terminal (script(1) gives it one): stage lines above a live
+    // line, and the compression's bytes and rate.
+    let cmd = format!(
+        "{} build {} -o {} --cache {}",
+        kiln().display(),
+        recipe.display(),
+        out.display(),
+        k::shared_cache().display()
+    );
+    let r = k::run(
+        Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env_remove("CI"),
+    );
+    assert!(r.ok, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("kiln: encode")
+            && r.stdout.contains("(compressed ")
+            && r.stdout.contains(" MiB"),
+        "{}",
+        r.stdout
+    );
 }
 
 /// `--help` describes every argument; `-q` is only where it does something;

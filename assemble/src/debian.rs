@@ -193,6 +193,26 @@ impl Mirror {
         if let Some(d) = self.cache.get(&pkg.sha256)? {
             return Ok(d);
         }
+        self.download(pkg, &|_| {}).await?;
+        self.cache
+            .get(&pkg.sha256)?
+            .ok_or_else(|| DebianError::Http {
+                url: pkg.filename.clone(),
+                message: "vanished from the cache as it was stored".into(),
+            })
+    }
+
+    /// Puts the .deb in the cache unless it is there, streamed to disk
+    /// while hashed (never whole in memory); `progress` hears of each
+    /// chunk's size.
+    pub async fn download(
+        &self,
+        pkg: &Package,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(), DebianError> {
+        if self.cache.contains(&pkg.sha256) {
+            return Ok(());
+        }
         if self.offline {
             return Err(DebianError::DebNotCachedOffline {
                 name: pkg.name.clone(),
@@ -200,20 +220,48 @@ impl Mirror {
             });
         }
         let url = format!("{}/{}", self.url, pkg.filename);
-        let data = get(&self.client, &url).await.map_err(|e| match e {
+        let err = |message: String| DebianError::Http {
+            url: url.clone(),
+            message,
+        };
+        let mut resp = self
+            .client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| err(crate::error_chain(&e)))?;
+        if !resp.status().is_success() {
+            let mut message = format!("HTTP status {}", resp.status());
             // The archive drops superseded versions a lock may still pin.
-            DebianError::Http { url, message } if message.contains("404") => DebianError::Http {
-                url,
-                message: format!(
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                message = format!(
                     "{message}: {} {} is no longer in the archive; run `kiln lock --update` to pin what is there today",
                     pkg.name, pkg.version
-                ),
+                );
+            }
+            return Err(err(message));
+        }
+        let mut out = self.cache.blob_writer()?;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| err(crate::error_chain(&e)))?
+        {
+            std::io::Write::write_all(&mut out, &chunk).map_err(|source| CacheError::Io {
+                path: out.temp_path().to_path_buf(),
+                source,
+            })?;
+            progress(chunk.len() as u64);
+        }
+        out.commit(Some(&pkg.sha256)).map_err(|e| match e {
+            CacheError::Mismatch { expected, actual } => DebianError::Mismatch {
+                what: url.clone(),
+                expected,
+                actual,
             },
-            e => e,
+            e => e.into(),
         })?;
-        check(&url, &pkg.sha256, &data)?;
-        self.cache.put(&pkg.sha256, &data)?;
-        Ok(data)
+        Ok(())
     }
 
     /// Whether the .deb is already cached (and intact).

@@ -9,7 +9,7 @@ use crate::kernel_source::{self, KernelSourceError};
 use crate::layers::{self, LayerError};
 use crate::oci::{self, Image, ImageConfig, OciError, RegistryOptions};
 use crate::plan::{Pin, Plan, STUB_PACKAGE};
-use crate::progress::{Event, Progress};
+use crate::progress::{Event, Progress, Task};
 use crate::recipe::{KernelSource, Recipe};
 use kiln_formats::tree::{Backing, Node, Tree, TreeError};
 use std::collections::BTreeMap;
@@ -121,7 +121,7 @@ pub async fn fetch(
     plan: &Plan,
     cache: &Cache,
     registry: &RegistryOptions,
-    progress: &dyn Progress,
+    progress: &Arc<dyn Progress>,
 ) -> Result<Inputs, FetchError> {
     // Every .deb first, all at once: they are independent.
     let mut debs: Vec<(String, Package)> = Vec::new();
@@ -147,6 +147,7 @@ pub async fn fetch(
     debs.sort_by(|a, b| (&a.1.sha256, &a.0).cmp(&(&b.1.sha256, &b.0)));
     debs.dedup_by(|a, b| a.1.sha256 == b.1.sha256);
     download_debs(&debs, cache, registry.offline, progress).await?;
+    let progress = progress.as_ref();
 
     // OCI images (registry, layout, archive) in parallel.
     let mut pulls = tokio::task::JoinSet::new();
@@ -548,7 +549,7 @@ async fn download_debs(
     debs: &[(String, Package)],
     cache: &Cache,
     offline: bool,
-    progress: &dyn Progress,
+    progress: &Arc<dyn Progress>,
 ) -> Result<(), FetchError> {
     let mut mirrors: BTreeMap<String, Mirror> = BTreeMap::new();
     for (url, _) in debs {
@@ -574,9 +575,12 @@ async fn download_debs(
         }
         let pkg = pkg.clone();
         let sem = Arc::clone(&sem);
+        let progress = Arc::clone(progress);
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let r = mirror.fetch(&pkg).await.map(|_| ());
+            let r = mirror
+                .download(&pkg, &|n| progress.bytes(Task::Download, n))
+                .await;
             (pkg, r)
         });
     }

@@ -10,7 +10,7 @@ use crate::kernel::{Kernel, KernelError};
 use crate::oci::RegistryOptions;
 use crate::output::{self, OutputError, Pending};
 use crate::plan::Plan;
-use crate::progress::{Event, Progress, Stage, StageTimer};
+use crate::progress::{Event, Progress, Stage, StageTimer, Task};
 use crate::recipe::{Format, Recipe, RecipeError};
 use kiln_formats::gpt::{Guid, ESP_TYPE};
 use kiln_formats::tree::{Meta, Node, Tree, TreeError};
@@ -114,7 +114,7 @@ pub async fn build(
         kernel,
         stub,
         images,
-    } = fetch::fetch(recipe, plan, &opts.cache, &opts.registry, progress).await?;
+    } = fetch::fetch(recipe, plan, &opts.cache, &opts.registry, &opts.progress).await?;
     t.end();
 
     let t = StageTimer::start(progress, Stage::Trees);
@@ -191,6 +191,7 @@ pub fn encode(
         std::io::BufWriter::new(root.file()),
         &sq_opts,
         Some(cache),
+        &|n| progress.bytes(Task::Compress, n),
     )
     .map_err(|e| encode_err("root squashfs")(Box::new(e)))?;
     // backhand seeks back over duplicate file data: what lies past the

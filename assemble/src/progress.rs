@@ -72,10 +72,23 @@ pub enum Event {
     },
 }
 
+/// Work measured in bytes while it runs, for live rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Bytes downloaded.
+    Download,
+    /// Raw bytes of the root filesystem compressed.
+    Compress,
+}
+
 /// Receives progress events; must be cheap and never fail.
 pub trait Progress: Send + Sync {
     /// Handles one event.
     fn event(&self, event: &Event);
+
+    /// `n` more bytes of `task` done. Called often (per chunk or block):
+    /// a live display, not an event stream.
+    fn bytes(&self, _task: Task, _n: u64) {}
 }
 
 /// Shows nothing.

@@ -3,10 +3,10 @@
 //! `--quiet`.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_assemble::progress::{Event, Progress, Stage};
+use kiln_assemble::progress::{Event, Progress, Stage, Task};
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -40,10 +40,18 @@ struct Counts {
     bytes: u64,
 }
 
+/// Bytes of one task so far, for its live rate.
+struct Rate {
+    bytes: u64,
+    started: Instant,
+    shown: Instant,
+}
+
 pub struct Reporter {
     mode: Mode,
     bar: Option<ProgressBar>,
     counts: Mutex<Counts>,
+    rates: Mutex<[Option<Rate>; 2]>,
 }
 
 impl Reporter {
@@ -61,6 +69,7 @@ impl Reporter {
             mode,
             bar,
             counts: Mutex::new(Counts::default()),
+            rates: Mutex::new([None, None]),
         })
     }
 
@@ -76,7 +85,19 @@ impl Reporter {
 
     /// The plain-text line for a finished stage.
     fn stage_line(&self, stage: Stage, seconds: f64) -> String {
+        let rate = |slot: usize| {
+            let rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+            rates[slot].as_ref().map(|r| {
+                format!(
+                    ", {}",
+                    rate_text(r.bytes, r.started.elapsed().as_secs_f64())
+                )
+            })
+        };
         let detail = match stage {
+            Stage::Encode if self.mode == Mode::Tty => {
+                rate(1).map_or(String::new(), |r| format!(" (compressed {})", &r[2..]))
+            }
             Stage::Fetch => {
                 let c = self.counts();
                 format!(
@@ -92,7 +113,38 @@ impl Reporter {
     }
 }
 
+/// "12.3 MiB at 4.5 MiB/s".
+fn rate_text(bytes: u64, seconds: f64) -> String {
+    let mib = bytes as f64 / (1 << 20) as f64;
+    if seconds < 0.05 {
+        return format!("{mib:.1} MiB");
+    }
+    format!("{mib:.1} MiB at {:.1} MiB/s", mib / seconds)
+}
+
 impl Progress for Reporter {
+    fn bytes(&self, task: Task, n: u64) {
+        let Some(bar) = &self.bar else { return };
+        let (slot, verb) = match task {
+            Task::Download => (0, "downloading"),
+            Task::Compress => (1, "compressing"),
+        };
+        let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let r = rates[slot].get_or_insert(Rate {
+            bytes: 0,
+            started: now,
+            shown: now,
+        });
+        r.bytes += n;
+        // A few updates a second: called per chunk or block.
+        if now.duration_since(r.shown) >= Duration::from_millis(200) {
+            r.shown = now;
+            let secs = now.duration_since(r.started).as_secs_f64();
+            bar.set_message(format!("{verb} {}", rate_text(r.bytes, secs)));
+        }
+    }
+
     fn event(&self, event: &Event) {
         if let Event::Input { bytes, cached, .. } = event {
             let mut c = self.counts();

@@ -384,11 +384,16 @@ fn produce(
     fc: FilesystemCompressor,
     block_size: u32,
     store: Option<&dyn BlockStore>,
+    progress: &(dyn Fn(u64) + Sync),
 ) {
     let bs = block_size as usize;
     while let Some(i) = pipeline.next_job() {
         let job = &jobs[i];
-        let ready = match job.raw() {
+        let raw = job.raw();
+        if let Ok(r) = &raw {
+            progress(r.len() as u64);
+        }
+        let ready = match raw {
             Ok(raw) if matches!(job, Job::Block { .. }) && raw.iter().all(|b| *b == 0) => {
                 Ready::Nothing
             }
@@ -452,15 +457,17 @@ pub fn write_squashfs<W: Write + Seek>(
     out: W,
     opts: &SquashfsOptions,
 ) -> Result<u64, SquashfsError> {
-    write_squashfs_with(tree, out, opts, None)
+    write_squashfs_with(tree, out, opts, None, &|_| {})
 }
 
-/// [`write_squashfs`], reusing and keeping compressed blocks in `store`.
+/// [`write_squashfs`], reusing and keeping compressed blocks in `store`,
+/// and telling `progress` the raw bytes of each block compressed.
 pub fn write_squashfs_with<W: Write + Seek>(
     tree: &Tree,
     mut out: W,
     opts: &SquashfsOptions,
     store: Option<&dyn BlockStore>,
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, SquashfsError> {
     let bs = opts.block_size;
     if !bs.is_power_of_two() || !(backhand::MIN_BLOCK_SIZE..=backhand::MAX_BLOCK_SIZE).contains(&bs)
@@ -503,7 +510,7 @@ pub fn write_squashfs_with<W: Write + Seek>(
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let result = std::thread::scope(|s| {
         for _ in 0..workers.min(jobs.len()) {
-            s.spawn(|| produce(&pipeline, &jobs, compressor, bs, store));
+            s.spawn(|| produce(&pipeline, &jobs, compressor, bs, store, progress));
         }
         let result = write_inner(tree, &mut out, opts, compressor, true);
         pipeline.finish();
@@ -702,8 +709,16 @@ mod tests {
         write_inner(&tree, &mut plain, &opts, fc, false).unwrap();
         let misses = || DATA_MISSES.load(std::sync::atomic::Ordering::Relaxed);
         let before = misses();
-        assert_eq!(image(&tree, &opts), plain.into_inner());
+        let counted = std::sync::atomic::AtomicU64::new(0);
+        let mut out = Cursor::new(Vec::new());
+        let count = |n| {
+            counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        write_squashfs_with(&tree, &mut out, &opts, None, &count).unwrap();
+        assert_eq!(out.into_inner(), plain.into_inner());
         assert_eq!(misses(), before, "a block was compressed late");
+        // Every byte of file data was counted once as it was compressed.
+        assert_eq!(counted.into_inner(), tree.data_size());
 
         tree.insert(
             Path::new("/data/c"),
@@ -772,7 +787,7 @@ mod tests {
         let before = misses();
         let write = |store: &MemStore| {
             let mut out = Cursor::new(Vec::new());
-            write_squashfs_with(&tree, &mut out, &opts, Some(store)).unwrap();
+            write_squashfs_with(&tree, &mut out, &opts, Some(store), &|_| {}).unwrap();
             out.into_inner()
         };
         assert_eq!(write(&store), plain.get_ref()[..], "first write");
