@@ -141,8 +141,9 @@ pub struct Filesystems {
     pub root: Pending,
     /// Its size in bytes.
     pub root_len: u64,
-    /// The encoded EFI system partition (FAT32).
-    pub esp: Vec<u8>,
+    /// The EFI system partition (FAT32), planned: read it with
+    /// [`fat::FatImage::reader`].
+    pub esp: fat::FatImage,
     /// The disk layout placing both.
     pub layout: disk::Layout,
 }
@@ -295,11 +296,14 @@ pub fn encode(
     let esp_size = esp_size(esp_tree.data_size());
     let vol = Guid::derive(ESP_NAMESPACE, &root_guid.0).0;
     let volume_id = u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]);
+    // Planned, not materialised: streamed (hashed here, written later), so
+    // its mostly empty space costs no memory.
     let esp = fat::plan_fat32(&esp_tree, esp_size, volume_id, "KILN-ESP")
-        .map_err(|e| encode_err("ESP")(Box::new(e)))?
-        .to_vec()
         .map_err(|e| encode_err("ESP")(Box::new(e)))?;
-    let esp_guid = Guid::derive(ESP_NAMESPACE, &Digest::of(&esp).0);
+    let esp_digest = crate::cache::Hashing::new(fat::FatImage::reader(&esp))
+        .finish()
+        .map_err(|e| encode_err("ESP")(Box::new(e)))?;
+    let esp_guid = Guid::derive(ESP_NAMESPACE, &esp_digest.0);
 
     // Disk.
     let mut ids = esp_guid.0.to_vec();
@@ -312,7 +316,7 @@ pub fn encode(
                 name: "esp".into(),
                 type_guid: ESP_TYPE,
                 guid: esp_guid,
-                size: esp.len() as u64,
+                size: esp.size(),
                 attributes: 0,
             },
             disk::PartitionSpec {
@@ -331,7 +335,7 @@ pub fn encode(
                 format!(
                     "{e}: the root filesystem is {} MiB and the ESP {} MiB; raise disk.size",
                     root_len.div_ceil(1 << 20),
-                    esp.len() >> 20
+                    esp.size() >> 20
                 ),
             )
             .into());
@@ -361,7 +365,10 @@ fn write_outputs(
             Format::Raw => {
                 disk::write_raw(
                     &fs.layout,
-                    vec![Box::new(&fs.esp[..]), Box::new(root_reader(fs)?)],
+                    vec![
+                        Box::new(fat::FatImage::reader(&fs.esp)),
+                        Box::new(root_reader(fs)?),
+                    ],
                     p.file(),
                 )
                 .map_err(|e| {
@@ -401,7 +408,7 @@ fn write_outputs(
         plan_path,
         kernel_release: String::new(),
         root_size: fs.root_len,
-        esp_size: fs.esp.len() as u64,
+        esp_size: fs.esp.size(),
     })
 }
 
