@@ -413,3 +413,107 @@ fn help_texts_and_run_on_a_missing_file() {
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(r.stderr.contains("no GPT"), "{}", r.stderr);
 }
+
+/// SIGINT or SIGTERM while the root is being compressed: kiln exits 130 or
+/// 143 and leaves no file in the output directory and no temp file in the
+/// cache.
+#[test]
+fn interrupted_build_leaves_nothing() {
+    use std::io::BufRead;
+    let dir = k::scratch("interrupted");
+    let cache = dir.join("cache");
+    for (signal, code, seed) in [("INT", 130, 1u64), ("TERM", 143, 2)] {
+        // 64 MiB that does not compress: seconds of zstd 15 on two cores.
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let data: Vec<u8> = (0..(64u32 << 20) / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        std::fs::write(dir.join("noise"), &data).unwrap();
+        let recipe = dir.join("big.toml");
+        std::fs::write(
+            &recipe,
+            format!("{HEAD}[disk]\nsize = \"1G\"\n[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"/bin/busybox\", \"true\"]\n[[file]]\npath = \"/noise\"\nsource = \"noise\"\n"),
+        )
+        .unwrap();
+        // The shared cache's inputs, copied by hard links: this build's
+        // temp files are then the only ones in `cache`.
+        let _ = std::fs::remove_dir_all(&cache);
+        let status = Command::new("cp")
+            .arg("-al")
+            .arg(k::shared_cache())
+            .arg(&cache)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = dir.join("out");
+        let mut child = Command::new(kiln())
+            .arg("build")
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&out)
+            .arg("--cache")
+            .arg(&cache)
+            .env("CI", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = String::new();
+        // Stage lines come as stages end: after `trees`, the root is
+        // being compressed.
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.starts_with("kiln: trees") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let exit = child.wait().unwrap();
+        assert_eq!(
+            exit.code(),
+            Some(code),
+            "SIG{signal}: {seen}{}",
+            rest.join("\n")
+        );
+        assert!(
+            !rest.iter().any(|l| l.starts_with("kiln: encode")),
+            "the build ended before SIG{signal}: raise the noise"
+        );
+        k::assert_no_files(&out);
+        let temps: Vec<_> = walk(&cache)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".tmp-"))
+            })
+            .collect();
+        assert!(temps.is_empty(), "SIG{signal} left {temps:?}");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

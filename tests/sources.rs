@@ -258,9 +258,15 @@ name = "archive"
 image = {archive}
 command = ["/bin/sh", "/probe.sh", "from-recipe", "two words"]
 env = {{ OVERRIDE = "from-recipe-archive" }}
+binds = ["/run/app/greeting:/etc/greeting:ro"]
 
 [[file]]
 path = "/etc/kiln/greeting"
+contents = "{GREETING}\n"
+
+# On the /run tmpfs: copied there by the init at boot.
+[[file]]
+path = "/run/app/greeting"
 contents = "{GREETING}\n"
 
 [host]
@@ -338,6 +344,7 @@ size = "256M"
     let file_0644 = ("-rw-r--r--".to_string(), "0/0".to_string());
     let dir_0755 = ("drwxr-xr-x".to_string(), "0/0".to_string());
     assert_eq!(entry("/etc/kiln/greeting"), file_0644);
+    assert_eq!(entry("/kiln/files/run/app/greeting"), file_0644);
     assert_eq!(entry("/kiln/config.json"), file_0644);
     for name in ["reg", "pinned", "layout", "archive"] {
         let r = format!("/containers/{name}/rootfs");
@@ -366,6 +373,12 @@ size = "256M"
         !config_json.stdout.contains("layout-wrong-tag"),
         "{}",
         config_json.stdout
+    );
+    // File contents stay out of the config: only what the init copies.
+    let config: serde_json::Value = serde_json::from_str(&config_json.stdout).unwrap();
+    assert_eq!(
+        config["files"],
+        serde_json::json!([{"path": "/run/app/greeting", "mode": 0o644, "uid": 0, "gid": 0}])
     );
 
     // Boot once; every service prints its probe, then the host powers off.
@@ -419,7 +432,7 @@ size = "256M"
             path: DEFAULT_PATH,
             root: true,
             netdev: "lo",
-            greeting: false,
+            greeting: true,
         },
     ];
     let mut netns = Vec::new();

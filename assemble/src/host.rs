@@ -7,7 +7,7 @@ use crate::fetch::ContainerImage;
 use crate::oci::ImageConfig;
 use crate::recipe::{ContainerSpec, FileContents, Kind, Recipe, RecipeError};
 use crate::users;
-use kiln_formats::tree::{Meta, Node, Tree, TreeError};
+use kiln_formats::tree::{Backing, FileData, Meta, Node, Tree, TreeError};
 pub use kiln_init::config::DEFAULT_PATH;
 use kiln_init::config::{
     self as initcfg, Bind, Container, FileEntry, HostConfig, CONTAINER_MOUNTPOINTS,
@@ -75,27 +75,44 @@ pub fn assemble(
 
     // Recipe files first: bind sources are checked against them.
     for f in &recipe.files {
-        let contents = match &f.contents {
-            FileContents::Inline(c) => c.clone(),
-            FileContents::Source(p) => std::fs::read(&p.value).map_err(|source| HostError::Io {
-                path: p.value.clone(),
-                source,
-            })?,
+        let data = match &f.contents {
+            FileContents::Inline(c) => FileData::from(c.clone()),
+            // Streamed from the recipe's file when the root is written.
+            FileContents::Source(p) => {
+                let io = |source| HostError::Io {
+                    path: p.value.clone(),
+                    source,
+                };
+                let file = std::fs::File::open(&p.value).map_err(io)?;
+                let len = file.metadata().map_err(io)?.len();
+                FileData::extent(&Backing::new(file, p.value.display().to_string()), 0, len)
+            }
         };
-        let entry = FileEntry {
-            path: f.path.value.clone(),
-            contents,
-            mode: f.mode,
-            uid: f.uid,
-            gid: f.gid,
+        let path = &f.path.value;
+        let node = Node::File {
+            meta: Meta {
+                mode: f.mode & 0o7777,
+                uid: f.uid,
+                gid: f.gid,
+                mtime: source_date_epoch,
+                xattrs: Default::default(),
+            },
+            data,
         };
-        let mut node = Node::file(entry.mode, entry.contents.clone());
-        node.meta_mut().uid = entry.uid;
-        node.meta_mut().gid = entry.gid;
-        node.meta_mut().mtime = source_date_epoch;
-        host.insert(Path::new(&entry.path), node)
-            .map_err(tree_err(format!("[[file]] {}", entry.path)))?;
-        config.files.push(entry);
+        // A tmpfs covers these at boot: the init copies them into place.
+        let at = if initcfg::is_runtime_file(path) {
+            config.files.push(FileEntry {
+                path: path.clone(),
+                mode: f.mode,
+                uid: f.uid,
+                gid: f.gid,
+            });
+            format!("{}{path}", initcfg::RUNTIME_FILES_DIR)
+        } else {
+            path.clone()
+        };
+        host.insert(Path::new(&at), node)
+            .map_err(tree_err(format!("[[file]] {path}")))?;
     }
 
     for (spec, image) in recipe.containers.iter().zip(images) {
@@ -380,7 +397,17 @@ fn container_config(
         let runtime = RUNTIME_PREFIXES
             .iter()
             .any(|p| b.source == *p || b.source.starts_with(&format!("{p}/")));
-        let source_node = host.get(Path::new(&b.source));
+        let source_node = host.get(Path::new(&b.source)).or_else(|| {
+            initcfg::is_runtime_file(&b.source)
+                .then(|| {
+                    host.get(Path::new(&format!(
+                        "{}{}",
+                        initcfg::RUNTIME_FILES_DIR,
+                        b.source
+                    )))
+                })
+                .flatten()
+        });
         if !runtime && source_node.is_none() {
             return Err(recipe
                 .error(

@@ -283,28 +283,25 @@ fn run_interruptible<T>(
     rt: &tokio::runtime::Runtime,
     fut: impl std::future::Future<Output = T>,
 ) -> T {
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return fut.await;
-        };
-        tokio::select! {
-            r = fut => r,
-            _ = int.recv() => {
-                output::remove_all_temps();
-                eprintln!("kiln: interrupted");
-                std::process::exit(130)
-            }
-            _ = term.recv() => {
-                output::remove_all_temps();
-                eprintln!("kiln: terminated");
-                std::process::exit(143)
-            }
-        }
-    })
+    use tokio::signal::unix::{signal, SignalKind};
+    // Watched on a worker thread: unpacking and encoding are synchronous
+    // and hold the thread polling `fut` for seconds at a time.
+    let _runtime = rt.enter();
+    if let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        rt.spawn(async move {
+            let (code, word) = tokio::select! {
+                _ = int.recv() => (130, "interrupted"),
+                _ = term.recv() => (143, "terminated"),
+            };
+            output::remove_all_temps();
+            eprintln!("kiln: {word}");
+            std::process::exit(code)
+        });
+    }
+    rt.block_on(fut)
 }
 
 fn build(args: BuildArgs) -> Result<ExitCode> {

@@ -4,7 +4,7 @@
 
 use crate::sys::Sys;
 use kiln_formats::gpt::{self, GptError, Guid};
-use kiln_init::config::{FileEntry, HostConfig};
+use kiln_init::config::{is_runtime_file, FileEntry, HostConfig, RUNTIME_FILES_DIR};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use thiserror::Error;
@@ -288,19 +288,13 @@ pub fn setup_cgroups(sys: &dyn Sys) -> Vec<String> {
     failed
 }
 
-/// Whether a `[[file]]` lands on a tmpfs the init mounted (so is not
-/// already in the read-only image).
-pub fn is_runtime_path(path: &str) -> bool {
-    ["/run/", "/tmp/"].iter().any(|p| path.starts_with(p)) && !path.contains("/../")
-}
-
 /// Writes one runtime file with its mode and owner.
 pub fn write_file(f: &FileEntry) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = std::path::Path::new(&f.path).parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(&f.path, &f.contents)?;
+    std::fs::copy(format!("{RUNTIME_FILES_DIR}{}", f.path), &f.path)?;
     std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(f.mode & 0o7777))?;
     std::os::unix::fs::chown(&f.path, Some(f.uid), Some(f.gid))
 }
@@ -311,7 +305,7 @@ pub fn apply_host(sys: &dyn Sys, cfg: &HostConfig) -> Vec<String> {
     if let Err(e) = sys.sethostname(&cfg.hostname) {
         errs.push(format!("sethostname {:?}: {e}", cfg.hostname));
     }
-    for f in cfg.files.iter().filter(|f| is_runtime_path(&f.path)) {
+    for f in cfg.files.iter().filter(|f| is_runtime_file(&f.path)) {
         if let Err(e) = write_file(f) {
             errs.push(format!("write {}: {e}", f.path));
         }
@@ -513,10 +507,10 @@ mod tests {
 
     #[test]
     fn runtime_paths() {
-        assert!(is_runtime_path("/run/app/conf"));
-        assert!(is_runtime_path("/tmp/x"));
-        assert!(!is_runtime_path("/etc/x"));
-        assert!(!is_runtime_path("/runner/x"));
-        assert!(!is_runtime_path("/run/../etc/passwd"));
+        assert!(is_runtime_file("/run/app/conf"));
+        assert!(is_runtime_file("/tmp/x"));
+        assert!(!is_runtime_file("/etc/x"));
+        assert!(!is_runtime_file("/runner/x"));
+        assert!(!is_runtime_file("/run/../etc/passwd"));
     }
 }

@@ -30,6 +30,17 @@ pub const CONTAINER_MOUNTPOINTS: [&str; 5] = ["/proc", "/sys", "/dev", "/tmp", "
 /// Host paths that exist only at run time (tmpfs or kernel filesystems): a
 /// bind from below them cannot be checked when the image is built.
 pub const RUNTIME_PREFIXES: [&str; 6] = ["/run", "/tmp", "/var/lib/kiln", "/dev", "/proc", "/sys"];
+/// Where the root keeps recipe `[[file]]`s whose path is on a tmpfs the
+/// init mounts (see [`is_runtime_file`]): at boot the init copies
+/// `RUNTIME_FILES_DIR` + path to path.
+pub const RUNTIME_FILES_DIR: &str = "/kiln/files";
+
+/// Whether a recipe file's path is on a tmpfs the init mounts (`/run`,
+/// `/tmp`), so that it is copied there at boot rather than baked in place.
+pub fn is_runtime_file(path: &str) -> bool {
+    ["/run/", "/tmp/"].iter().any(|p| path.starts_with(p)) && !path.contains("/../")
+}
+
 /// Where per-container cgroups live.
 pub const CGROUP_DIR: &str = "/sys/fs/cgroup/kiln";
 /// tmpfs holding the containers' root mount points.
@@ -81,8 +92,9 @@ pub struct HostConfig {
     pub hostname: String,
     /// What to do once every container has exited.
     pub when_done: WhenDone,
-    /// Recipe `[[file]]` entries. They are baked into the read-only root;
-    /// the init writes again those that fall on a tmpfs (/run, /tmp).
+    /// Recipe `[[file]]`s on a tmpfs (see [`is_runtime_file`]), which the
+    /// init copies into place from [`RUNTIME_FILES_DIR`]; the others are
+    /// baked into the read-only root and need nothing at run time.
     pub files: Vec<FileEntry>,
     /// Run to completion, in order, before services.
     pub onboot: Vec<Container>,
@@ -100,14 +112,13 @@ pub enum WhenDone {
     Poweroff,
 }
 
-/// A file the recipe places in the root filesystem.
+/// A file the init copies onto a tmpfs at boot, from
+/// [`RUNTIME_FILES_DIR`] + `path` in the root filesystem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntry {
-    /// Absolute path in the root filesystem.
+    /// Absolute path, under `/run` or `/tmp`.
     pub path: String,
-    /// File contents.
-    pub contents: Vec<u8>,
     /// Permission bits (e.g. `0o644`).
     pub mode: u32,
     /// Owner user id.
