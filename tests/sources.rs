@@ -31,6 +31,7 @@ if busybox touch /probe 2>/dev/null; then echo "root writable"; else echo "root 
 if busybox touch /tmp/probe 2>/dev/null; then echo "tmp writable"; else echo "tmp read-only"; fi
 echo "netdev" $(busybox awk -F: 'NR>2 {sub(/^ */, "", $1); print $1}' /proc/net/dev)
 echo "netns $(busybox readlink /proc/self/ns/net)"
+echo "lo flags $(busybox cat /sys/class/net/lo/flags)"
 if [ -e /etc/greeting ]; then
   echo "greeting $(busybox cat /etc/greeting)"
   if (echo x > /etc/greeting) 2>/dev/null; then echo "greeting writable"; else echo "greeting read-only"; fi
@@ -154,6 +155,8 @@ impl Expect<'_> {
         v.push("root read-only".into());
         v.push("tmp writable".into());
         v.push(format!("netdev {}", self.netdev));
+        // IFF_UP | IFF_LOOPBACK: loopback is up, on the host network too.
+        v.push("lo flags 0x9".into());
         if self.greeting {
             v.push(format!("greeting {GREETING}"));
             v.push("greeting read-only".into());

@@ -305,6 +305,10 @@ pub fn apply_host(sys: &dyn Sys, cfg: &HostConfig) -> Vec<String> {
     if let Err(e) = sys.sethostname(&cfg.hostname) {
         errs.push(format!("sethostname {:?}: {e}", cfg.hostname));
     }
+    // Containers on the host network reach each other on 127.0.0.1.
+    if let Err(e) = sys.loopback_up() {
+        errs.push(format!("bringing up lo: {e}"));
+    }
     for f in cfg.files.iter().filter(|f| is_runtime_file(&f.path)) {
         if let Err(e) = write_file(f) {
             errs.push(format!("write {}: {e}", f.path));
@@ -503,6 +507,21 @@ mod tests {
                 "write /sys/fs/cgroup/cgroup.subtree_control +memory",
             ]
         );
+    }
+
+    /// The hostname is set and loopback brought up before any container.
+    #[test]
+    fn host_gets_its_name_and_loopback() {
+        let sys = FakeSys::default();
+        let cfg = HostConfig {
+            hostname: "box".into(),
+            when_done: kiln_init::config::WhenDone::Stay,
+            files: vec![],
+            onboot: vec![],
+            services: vec![],
+        };
+        assert!(apply_host(&sys, &cfg).is_empty());
+        assert_eq!(sys.log(), vec!["sethostname box", "ip link set lo up"]);
     }
 
     #[test]

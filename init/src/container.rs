@@ -303,7 +303,7 @@ fn setup(
     }
     drop(null);
     if c.net == Net::None {
-        step("bring up lo", loopback_up())?;
+        step("bring up lo", RealSys.loopback_up())?;
     }
     setup_root(&RealSys, c, root)?;
 
@@ -543,41 +543,6 @@ fn pivot(sys: &dyn Sys, root: &str) -> Result<(), Failure> {
     step("pivot_root", sys.pivot_root(".", "."))?;
     step("detach old root", sys.umount(".", libc::MNT_DETACH))?;
     step("chdir /", sys.chdir("/"))
-}
-
-/// `struct ifreq` with the flags member of its union.
-#[repr(C)]
-struct IfreqFlags {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    pad: [u8; 22],
-}
-
-/// `ip link set lo up` in a fresh network namespace.
-// IFF_UP is 1: it fits c_short.
-#[allow(clippy::cast_possible_truncation)]
-fn loopback_up() -> io::Result<()> {
-    // SAFETY: plain socket creation.
-    let fd = sys::owned(unsafe {
-        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
-    })?;
-    let raw = fd.as_raw_fd();
-    let mut req = IfreqFlags {
-        name: [0; libc::IFNAMSIZ],
-        flags: 0,
-        pad: [0; 22],
-    };
-    req.name[..2].copy_from_slice(b"lo");
-    // SAFETY: req is a valid ifreq for both ioctls.
-    let r = unsafe {
-        if libc::ioctl(raw, libc::SIOCGIFFLAGS as _, &mut req as *mut IfreqFlags) == -1 {
-            -1
-        } else {
-            req.flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(raw, libc::SIOCSIFFLAGS as _, &mut req as *mut IfreqFlags)
-        }
-    };
-    check(r).map(|_| ())
 }
 
 #[cfg(test)]
@@ -838,10 +803,5 @@ mod tests {
             outcome(&started[..3]),
             Err(ContainerError::Report(DecodeError::Truncated))
         ));
-    }
-
-    #[test]
-    fn ifreq_layout() {
-        assert_eq!(std::mem::size_of::<IfreqFlags>(), 40);
     }
 }

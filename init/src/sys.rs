@@ -39,6 +39,8 @@ pub trait Sys {
     fn chmod(&self, path: &str, mode: libc::mode_t) -> io::Result<()>;
     fn symlink(&self, target: &str, link: &str) -> io::Result<()>;
     fn sethostname(&self, name: &str) -> io::Result<()>;
+    /// `ip link set lo up` in the current network namespace.
+    fn loopback_up(&self) -> io::Result<()>;
     fn chdir(&self, path: &str) -> io::Result<()>;
     fn chroot(&self, path: &str) -> io::Result<()>;
     /// pivot_root(2) with the old root stacked on the new one.
@@ -185,6 +187,10 @@ impl Sys for RealSys {
         std::os::unix::fs::symlink(target, link)
     }
 
+    fn loopback_up(&self) -> io::Result<()> {
+        loopback_up_real()
+    }
+
     fn sethostname(&self, name: &str) -> io::Result<()> {
         // SAFETY: pointer and length describe the borrowed string.
         check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(|_| ())
@@ -217,6 +223,39 @@ impl Sys for RealSys {
 }
 
 /// mount(2).
+/// `struct ifreq` with the flags member of its union.
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    pad: [u8; 22],
+}
+
+// IFF_UP is 1: it fits c_short.
+#[allow(clippy::cast_possible_truncation)]
+fn loopback_up_real() -> io::Result<()> {
+    // SAFETY: plain socket creation.
+    let fd =
+        owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let raw = fd.as_raw_fd();
+    let mut req = IfreqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: req is a valid ifreq for both ioctls.
+    let r = unsafe {
+        if libc::ioctl(raw, libc::SIOCGIFFLAGS as _, &mut req as *mut IfreqFlags) == -1 {
+            -1
+        } else {
+            req.flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(raw, libc::SIOCSIFFLAGS as _, &mut req as *mut IfreqFlags)
+        }
+    };
+    check(r).map(|_| ())
+}
+
 pub fn mount(
     src: Option<&str>,
     target: &str,
@@ -308,6 +347,11 @@ mod tests {
     use std::os::fd::AsFd;
 
     #[test]
+    fn ifreq_layout() {
+        assert_eq!(std::mem::size_of::<IfreqFlags>(), 40);
+    }
+
+    #[test]
     fn pipe_is_cloexec_and_ends_when_writer_drops() {
         let (r, w) = pipe().expect("pipe");
         for fd in [&r, &w] {
@@ -354,6 +398,7 @@ pub mod fake {
         Chmod(String, libc::mode_t),
         Symlink(String, String),
         Sethostname(String),
+        LoopbackUp,
         Chdir(String),
         Chroot(String),
         PivotRoot(String, String),
@@ -416,6 +461,7 @@ pub mod fake {
                 Op::Chmod(p, mode) => write!(f, "chmod {p} {mode:o}"),
                 Op::Symlink(t, l) => write!(f, "symlink {l} -> {t}"),
                 Op::Sethostname(n) => write!(f, "sethostname {n}"),
+                Op::LoopbackUp => write!(f, "ip link set lo up"),
                 Op::Chdir(p) => write!(f, "chdir {p}"),
                 Op::Chroot(p) => write!(f, "chroot {p}"),
                 Op::PivotRoot(n, o) => write!(f, "pivot_root {n} {o}"),
@@ -563,6 +609,9 @@ pub mod fake {
         }
         fn sethostname(&self, name: &str) -> io::Result<()> {
             self.record(name, Op::Sethostname(name.to_string()))
+        }
+        fn loopback_up(&self) -> io::Result<()> {
+            self.record("lo", Op::LoopbackUp)
         }
         fn chdir(&self, path: &str) -> io::Result<()> {
             self.record(path, Op::Chdir(path.to_string()))
