@@ -430,6 +430,41 @@ fn container_config(
     }
     mountpoints.push((cwd.clone(), false));
 
+    // A tmpfs takes the mode and owner of the image's directory (made
+    // 0755 root when the image has none, as a mount point must exist).
+    let mut tmpfs = Vec::new();
+    for t in &spec.tmpfs {
+        let path = &t.value.path;
+        let meta = match rootfs.get(Path::new(path)) {
+            Some(Node::Dir(d)) => d.meta.clone(),
+            Some(_) => {
+                return Err(recipe
+                    .error(
+                        &t.loc,
+                        format!("container {name}: {path} in the image is not a directory"),
+                    )
+                    .into())
+            }
+            None => {
+                let meta = Meta::root(0o755);
+                rootfs
+                    .mkdir_p(Path::new(path), &meta)
+                    .map_err(|source| HostError::Tree {
+                        what: format!("container {name}: tmpfs {path}"),
+                        source,
+                    })?;
+                meta
+            }
+        };
+        tmpfs.push(initcfg::Tmpfs {
+            path: path.clone(),
+            size: t.value.size,
+            mode: meta.mode & 0o7777,
+            uid: meta.uid,
+            gid: meta.gid,
+        });
+    }
+
     // Mount points must exist in the read-only root.
     for (path, is_file) in mountpoints {
         let mount_err = |what: &str| {
@@ -472,6 +507,7 @@ fn container_config(
         groups: id.groups,
         net: spec.net,
         binds,
+        tmpfs,
         capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
     })
 }
@@ -521,6 +557,65 @@ mod tests {
         d.extend_from_slice(interp.as_bytes());
         d.push(0);
         d
+    }
+
+    /// A tmpfs is owned as the image's directory, or 0755 root where the
+    /// image has none (the mount point is made); a file there is an error
+    /// on the tmpfs entry.
+    #[test]
+    fn tmpfs_takes_the_image_directory_owner_and_mode() {
+        let text = |tmpfs: &str| {
+            format!("name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"k\"\n[[service]]\nname = \"web\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"/bin/sh\"]\ntmpfs = {tmpfs}\n")
+        };
+        let recipe = crate::recipe::parse(
+            Path::new("/r/x.toml"),
+            &text("[\"/var/lib/web:size=1M\", \"/cache\"]"),
+        )
+        .unwrap();
+        let mut t = image();
+        let meta = Meta {
+            mode: 0o750,
+            uid: 33,
+            gid: 34,
+            mtime: 0,
+            xattrs: Default::default(),
+        };
+        t.insert(
+            Path::new("/var/lib/web"),
+            Node::Dir(kiln_formats::tree::Dir::new(meta)),
+        )
+        .unwrap();
+        let images = || {
+            vec![crate::fetch::ContainerImage {
+                tree: t.clone(),
+                config: Default::default(),
+            }]
+        };
+        let host = assemble(&recipe, images(), 0).unwrap();
+        let tmpfs = |path: &str, size, mode, uid, gid| initcfg::Tmpfs {
+            path: path.into(),
+            size,
+            mode,
+            uid,
+            gid,
+        };
+        assert_eq!(
+            host.config.services[0].tmpfs,
+            vec![
+                tmpfs("/var/lib/web", 1 << 20, 0o750, 33, 34),
+                tmpfs("/cache", 64 << 20, 0o755, 0, 0),
+            ]
+        );
+        assert!(matches!(
+            host.tree.get(Path::new("/containers/web/rootfs/cache")),
+            Some(Node::Dir(_))
+        ));
+        let recipe =
+            crate::recipe::parse(Path::new("/r/x.toml"), &text("[\"/usr/bin/data\"]")).unwrap();
+        let Err(HostError::Recipe(e)) = assemble(&recipe, images(), 0) else {
+            panic!("a file as a tmpfs must be refused")
+        };
+        assert_eq!(e.loc.field, "service[0].tmpfs[0]", "{e}");
     }
 
     #[test]

@@ -204,7 +204,21 @@ pub struct ContainerSpec {
     pub net: Net,
     /// Host paths bind-mounted into the container.
     pub binds: Vec<At<BindSpec>>,
+    /// Writable, size-limited tmpfs mounts.
+    pub tmpfs: Vec<At<TmpfsSpec>>,
 }
+
+/// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TmpfsSpec {
+    /// Path in the container.
+    pub path: String,
+    /// Size limit in bytes.
+    pub size: u64,
+}
+
+/// A tmpfs's size when the recipe gives none.
+pub const TMPFS_DEFAULT_SIZE: u64 = 64 << 20;
 
 /// A bind mount as written in a recipe: `SRC:DST[:ro|rw]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -606,6 +620,8 @@ mod raw {
         pub net: Option<Spanned<String>>,
         #[serde(default)]
         pub binds: Vec<Spanned<String>>,
+        #[serde(default)]
+        pub tmpfs: Vec<Spanned<String>>,
     }
 
     #[derive(Debug)]
@@ -726,6 +742,31 @@ pub fn parse_bind(s: &str) -> Result<BindSpec, String> {
         source: source.into(),
         target: target.into(),
         readonly,
+    })
+}
+
+/// Parses `PATH[:size=SIZE]`.
+pub fn parse_tmpfs(s: &str) -> Result<TmpfsSpec, String> {
+    let (path, opts) = s.split_once(':').unwrap_or((s, ""));
+    if !is_clean_absolute(path) {
+        return Err(format!(
+            "{path:?} must be an absolute path without `..` components, not /"
+        ));
+    }
+    let mut size = TMPFS_DEFAULT_SIZE;
+    for opt in opts.split(',').filter(|o| !o.is_empty()) {
+        match opt.split_once('=') {
+            Some(("size", v)) => {
+                size = parse_size(v).filter(|n| *n >= 4096).ok_or_else(|| {
+                    format!("size {v:?}: expected a size of at least 4K, like 64M")
+                })?;
+            }
+            _ => return Err(format!("unknown tmpfs option {opt:?} (expected size=SIZE)")),
+        }
+    }
+    Ok(TmpfsSpec {
+        path: path.trim_end_matches('/').to_string(),
+        size,
     })
 }
 
@@ -931,6 +972,20 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                 })
             })
             .collect::<Res<Vec<_>>>()?;
+        let mut tmpfs: Vec<At<TmpfsSpec>> = Vec::new();
+        for t in c.tmpfs {
+            let spec = parse_tmpfs(t.get_ref()).map_err(|m| l.at(&t, m))?;
+            if tmpfs.iter().any(|o| o.value.path == spec.path) {
+                return Err(l.at(&t, format!("{} is listed twice", spec.path)));
+            }
+            if binds.iter().any(|b| b.value.target == spec.path) {
+                return Err(l.at(&t, format!("{} is also a bind target", spec.path)));
+            }
+            tmpfs.push(At {
+                value: spec,
+                loc: l.loc(t.span()),
+            });
+        }
         containers.push(ContainerSpec {
             kind,
             name: l.located(c.name),
@@ -944,6 +999,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             user: c.user.map(|u| l.located(u)),
             net,
             binds,
+            tmpfs,
         });
     }
 
@@ -1385,6 +1441,33 @@ size = "512M"
     fn syntax_error_is_located() {
         let e = err("name = \"x\"\nversion = \n");
         assert_eq!(e.loc.line, 2, "{e}");
+    }
+
+    #[test]
+    fn tmpfs_specs() {
+        assert_eq!(
+            parse_tmpfs("/var/lib/nginx").unwrap(),
+            TmpfsSpec {
+                path: "/var/lib/nginx".into(),
+                size: TMPFS_DEFAULT_SIZE
+            }
+        );
+        assert_eq!(parse_tmpfs("/cache:size=1G").unwrap().size, 1 << 30);
+        for bad in [
+            "cache",
+            "/",
+            "/a/../b",
+            "/c:size=big",
+            "/c:mode=1777",
+            "/c:size=1",
+        ] {
+            assert!(parse_tmpfs(bad).is_err(), "{bad}");
+        }
+        let e = err(
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n[[service]]\nname = \"a\"\nimage = \"busybox\"\nbinds = [\"/run/a:/data\"]\ntmpfs = [\"/cache\", \"/data\"]\n",
+        );
+        assert_eq!(e.loc.field, "service[0].tmpfs[1]", "{e}");
+        assert!(e.to_string().contains("also a bind target"), "{e}");
     }
 
     #[test]

@@ -151,6 +151,8 @@ pub struct Container {
     pub net: Net,
     /// Host paths bind-mounted into the container.
     pub binds: Vec<Bind>,
+    /// Writable tmpfs mounts, before the binds.
+    pub tmpfs: Vec<Tmpfs>,
     /// Capability names (e.g. "CAP_CHOWN") the container keeps.
     pub capabilities: Vec<String>,
 }
@@ -175,6 +177,22 @@ pub struct Bind {
     pub target: String,
     /// Mount read-only.
     pub readonly: bool,
+}
+
+/// A size-limited tmpfs in a container, owned as the image's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tmpfs {
+    /// Path in the container.
+    pub path: String,
+    /// Size limit in bytes.
+    pub size: u64,
+    /// Permission bits of its root.
+    pub mode: u32,
+    /// Owner user id of its root.
+    pub uid: u32,
+    /// Owner group id of its root.
+    pub gid: u32,
 }
 
 /// Docker's default capability set, what a container gets unless the

@@ -378,8 +378,24 @@ pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), Failur
         ),
     )?;
     mask(sys, &at("/sys/firmware"), &at("/dev/null"))?;
+    for t in &c.tmpfs {
+        let data = format!(
+            "size={},mode={:o},uid={},gid={}",
+            t.size, t.mode, t.uid, t.gid
+        );
+        tmpfs(sys, &at(&t.path), NOSUID_NODEV, &data)?;
+    }
     for b in &c.binds {
         let target = at(&b.target);
+        // A target on a tmpfs (the builder made it in the image, which
+        // the tmpfs now hides) is made again.
+        if sys.kind(&target).is_none() {
+            let made = match sys.kind(&b.source) {
+                Some(Kind::Dir) | None => sys.mkdir_all(&target),
+                Some(_) => sys.write_file(&target, b""),
+            };
+            step(&format!("make mount point {}", b.target), made)?;
+        }
         step(
             &format!("bind {} to {}", b.source, b.target),
             sys.mount(
@@ -589,6 +605,7 @@ mod tests {
                     readonly: true,
                 },
             ],
+            tmpfs: vec![],
             capabilities: vec![],
         }
     }
@@ -673,6 +690,44 @@ mod tests {
         assert!(at("/run/kiln/web/sys") < at("/run/kiln/web/sys/firmware"));
     }
 
+    /// A tmpfs is mounted with its size and the image directory's mode and
+    /// owner, before the binds; a bind target it hides is made again.
+    #[test]
+    fn tmpfs_before_binds_with_owner_and_size() {
+        let sys = fake_root();
+        sys.add(&format!("{ROOT}/etc/web"), b"");
+        sys.add(&format!("{ROOT}/data/x"), b"");
+        let mut c = container();
+        c.tmpfs = vec![kiln_init::config::Tmpfs {
+            path: "/var/lib/nginx".into(),
+            size: 1 << 20,
+            mode: 0o750,
+            uid: 33,
+            gid: 33,
+        }];
+        c.binds.push(Bind {
+            source: "/run/app/sock".into(),
+            target: "/var/lib/nginx/sock".into(),
+            readonly: false,
+        });
+        setup_root(&sys, &c, ROOT).expect("setup");
+        let log = sys.log();
+        let at = |want: &str| {
+            log.iter()
+                .position(|l| l == want)
+                .unwrap_or_else(|| panic!("missing {want:?} in {log:#?}"))
+        };
+        let mount = at("mount tmpfs /run/kiln/web/var/lib/nginx tmpfs nosuid,nodev size=1048576,mode=750,uid=33,gid=33");
+        let made = at("mkdir -p /run/kiln/web/var/lib/nginx/sock");
+        let bound = at("mount /run/app/sock /run/kiln/web/var/lib/nginx/sock - bind,rec -");
+        assert!(mount < made && made < bound, "{log:#?}");
+        // Targets the image has are used as they are.
+        assert!(
+            !log.iter().any(|l| l == "mkdir -p /run/kiln/web/etc/web"),
+            "{log:#?}"
+        );
+    }
+
     #[test]
     fn binds_keep_their_mode_and_get_nosuid_nodev() {
         let sys = fake_root();
@@ -749,6 +804,8 @@ mod tests {
             fail_at: Some(("/run/kiln/web/data".into(), libc::ENOENT)),
             ..fake_root()
         };
+        // The image has the mount point: the bind itself fails.
+        sys.add("/run/kiln/web/data/file", b"");
         let err = setup_root(&sys, &container(), ROOT).expect_err("must fail");
         assert_eq!(
             err,

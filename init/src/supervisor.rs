@@ -487,6 +487,7 @@ mod tests {
             groups: vec![],
             net: Net::Host,
             binds: vec![],
+            tmpfs: vec![],
             capabilities: vec![],
         }
     }
