@@ -70,6 +70,26 @@ fn hello_builds_validates_and_boots() {
         assert!(ls.stdout.contains(p), "root lacks {p}:\n{}", ls.stdout);
     }
 
+    // dpkg's database lists what was installed, as dpkg-query reads it.
+    let db = out.join("dpkg-db");
+    let _ = std::fs::remove_dir_all(&db);
+    let x = k::run(
+        Command::new("unsquashfs")
+            .arg("-d")
+            .arg(&db)
+            .arg(&root)
+            .arg("containers/hello/rootfs/var/lib/dpkg"),
+    );
+    assert!(x.ok, "unsquashfs: {}", x.stderr);
+    let q = k::run(
+        Command::new("dpkg-query")
+            .arg("--admindir")
+            .arg(db.join("containers/hello/rootfs/var/lib/dpkg"))
+            .args(["-W", "-f", "${Package} ${db:Status-Abbrev}\n"]),
+    );
+    assert!(q.ok, "dpkg-query: {}", q.stderr);
+    assert_eq!(q.stdout.trim_end(), "busybox-static ii", "{}", q.stdout);
+
     // Boot: onboot runs first, the service is PID 1 of its own namespace,
     // sees its own hostname, a read-only root and Docker's capabilities;
     // then the host powers off by itself.

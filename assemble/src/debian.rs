@@ -6,6 +6,7 @@
 //! a warm build downloads only that one small file.
 
 pub(crate) mod ar;
+pub mod dpkg;
 pub mod index;
 mod inrelease;
 pub mod version;

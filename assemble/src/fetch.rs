@@ -3,6 +3,7 @@
 //! already holds everything the plan pins.
 
 use crate::cache::Cache;
+use crate::debian::dpkg::{self, Control, Installed};
 use crate::debian::{DebianError, Mirror, Package};
 use crate::kernel::{Kernel, KernelError};
 use crate::kernel_source::{self, KernelSourceError};
@@ -212,7 +213,7 @@ pub async fn fetch(
             }
         }
     }
-    let mut trees = unpack(cache, jobs, plan.images.len() + 2)?;
+    let (mut trees, mut installed) = unpack(cache, jobs, plan.images.len() + 2)?;
 
     let kernel = match &recipe.kernel.source.value {
         KernelSource::Debian(..) => Kernel::from_tree(&trees[KERNEL])?,
@@ -251,13 +252,21 @@ pub async fn fetch(
     };
 
     let mut images = Vec::new();
-    for ((c, config), tree) in recipe.containers.iter().zip(configs).zip(trees.drain(2..)) {
+    for (((c, config), tree), installed) in recipe
+        .containers
+        .iter()
+        .zip(configs)
+        .zip(trees.drain(2..))
+        .zip(installed.drain(2..))
+    {
         let mut tree = tree;
         if matches!(c.image.value, crate::recipe::ImageSource::Debian { .. }) {
-            merge_usr(&mut tree).map_err(|source| FetchError::Tree {
-                what: format!("container {}: merging /usr", c.name.value),
-                source,
-            })?;
+            let tree_err = |what: &str| {
+                let what = format!("container {}: {what}", c.name.value);
+                move |source| FetchError::Tree { what, source }
+            };
+            merge_usr(&mut tree).map_err(tree_err("merging /usr"))?;
+            dpkg::write(&mut tree, &installed).map_err(tree_err("dpkg's database"))?;
         }
         images.push(ContainerImage { tree, config });
     }
@@ -284,11 +293,18 @@ fn deb_jobs(tree: usize, pin: &Pin) -> impl Iterator<Item = (usize, Source)> + '
 
 /// Reads every job's layer on all cores, then applies them in job order to
 /// `n` trees.
-fn unpack(cache: &Cache, jobs: Vec<(usize, Source)>, n: usize) -> Result<Vec<Tree>, FetchError> {
+/// A layer read, and the control files of the .deb it came from.
+type LayerRead = (layers::Parsed, Option<Control>);
+
+fn unpack(
+    cache: &Cache,
+    jobs: Vec<(usize, Source)>,
+    n: usize,
+) -> Result<(Vec<Tree>, Vec<Vec<Installed>>), FetchError> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<Result<layers::Parsed, FetchError>>>> =
+    let results: Vec<Mutex<Option<Result<LayerRead, FetchError>>>> =
         jobs.iter().map(|_| Mutex::new(None)).collect();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -307,14 +323,21 @@ fn unpack(cache: &Cache, jobs: Vec<(usize, Source)>, n: usize) -> Result<Vec<Tre
         }
     });
     let mut trees: Vec<Tree> = (0..n).map(|_| Tree::new()).collect();
+    let mut installed: Vec<Vec<Installed>> = (0..n).map(|_| Vec::new()).collect();
     for ((tree, _), r) in jobs.iter().zip(results) {
-        let parsed = r
+        let (parsed, control) = r
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
             .expect("every job index was taken by a worker")?;
         layers::apply_parsed(&mut trees[*tree], &parsed)?;
+        if let Some(control) = control {
+            installed[*tree].push(Installed {
+                control,
+                paths: parsed.paths(),
+            });
+        }
     }
-    Ok(trees)
+    Ok((trees, installed))
 }
 
 /// Cache record kind: blob digest → digest of its tar, decompressed.
@@ -324,10 +347,18 @@ const TAR_REF: &str = "tar";
 /// tar (decompressed once, keyed by the digest of the blob it came from),
 /// and its files become extents of that tar: the tree holds no file data,
 /// so memory does not grow with the image.
-fn read_layer(cache: &Cache, source: &Source) -> Result<layers::Parsed, FetchError> {
+fn read_layer(cache: &Cache, source: &Source) -> Result<LayerRead, FetchError> {
     let (name, digest) = match source {
         Source::Deb(p) => (format!("debian:{}={}", p.name, p.version), p.sha256),
         Source::Layer(l) => (l.source.clone(), l.digest),
+    };
+    // A .deb's control files are kept beside its unpacked data.
+    let control = match source {
+        Source::Deb(_) => match cached_control(cache, &digest) {
+            Some(c) => Some(c),
+            None => return unpack_deb(cache, &name, source_pkg(source)),
+        },
+        Source::Layer(_) => None,
     };
     // An uncompressed blob in the cache is its own plain tar.
     if let Source::Layer(layers::Layer {
@@ -338,7 +369,7 @@ fn read_layer(cache: &Cache, source: &Source) -> Result<layers::Parsed, FetchErr
         ..
     }) = source
     {
-        return parse_plain(&name, digest, path, &digest);
+        return Ok((parse_plain(&name, digest, path, &digest)?, None));
     }
     if let Some(tar) = cache
         .read_ref(TAR_REF, &digest.to_string())
@@ -346,7 +377,7 @@ fn read_layer(cache: &Cache, source: &Source) -> Result<layers::Parsed, FetchErr
     {
         let path = cache.blob_path(&tar);
         match parse_plain(&name, digest, &path, &tar) {
-            Ok(parsed) => return Ok(parsed),
+            Ok(parsed) => return Ok((parsed, control)),
             // Damaged or gone: made again below.
             Err(_) => {
                 let _ = std::fs::remove_file(&path);
@@ -374,14 +405,33 @@ fn read_layer(cache: &Cache, source: &Source) -> Result<layers::Parsed, FetchErr
                 }
             }
             commit_plain(cache, digest, tar)?;
-            Ok(parsed)
+            Ok((parsed, None))
         }
     }
 }
 
+fn source_pkg(source: &Source) -> &Package {
+    match source {
+        Source::Deb(p) => p,
+        Source::Layer(_) => unreachable!("only called for .debs"),
+    }
+}
+
+/// Cache record kind: .deb digest → digest of its control.tar, decompressed.
+const CONTROL_REF: &str = "deb-control";
+
+fn cached_control(cache: &Cache, deb: &crate::cache::Digest) -> Option<Control> {
+    let d: crate::cache::Digest = cache
+        .read_ref(CONTROL_REF, &deb.to_string())?
+        .parse()
+        .ok()?;
+    let tar = cache.get(&d).ok()??;
+    Control::from_tar(&tar[..]).ok()
+}
+
 /// Reads a cached .deb as a stream, unpacking its data.tar into the cache
 /// and checking the whole .deb against its pinned digest.
-fn unpack_deb(cache: &Cache, name: &str, p: &Package) -> Result<layers::Parsed, FetchError> {
+fn unpack_deb(cache: &Cache, name: &str, p: &Package) -> Result<LayerRead, FetchError> {
     let what = format!("{} {}", p.name, p.version);
     let pkg = format!("{}={}", p.name, p.version);
     let path = cache.blob_path(&p.sha256);
@@ -401,6 +451,7 @@ fn unpack_deb(cache: &Cache, name: &str, p: &Package) -> Result<layers::Parsed, 
     ));
     let mut first = true;
     let mut found = None;
+    let mut control = None;
     while let Some((member, size)) = deb.next_header().map_err(&deb_err)? {
         if std::mem::take(&mut first) {
             let mut version = vec![0; usize::try_from(size.min(16)).unwrap_or(16)];
@@ -410,6 +461,30 @@ fn unpack_deb(cache: &Cache, name: &str, p: &Package) -> Result<layers::Parsed, 
                 return Err(deb_err("not a Debian 2.x binary package".into()));
             }
             deb.skip(size - version.len() as u64).map_err(&deb_err)?;
+            continue;
+        }
+        if let Some(c) = member.strip_prefix("control.tar") {
+            let compression = match c {
+                "" => layers::Compression::None,
+                ".gz" => layers::Compression::Gzip,
+                ".xz" => layers::Compression::Xz,
+                ".zst" => layers::Compression::Zstd,
+                _ => return Err(deb_err(format!("unknown member {member}"))),
+            };
+            let mut tar = Vec::new();
+            let mut stream = std::io::Read::take(deb.inner(), size);
+            layers::decompress_stream(compression, &mut stream)
+                .and_then(|mut r| std::io::Read::read_to_end(&mut r, &mut tar))
+                .and_then(|_| std::io::copy(&mut stream, &mut std::io::sink()))
+                .map_err(|e| deb_err(format!("reading {member}: {e}")))?;
+            // Members are padded to even length; control.tar is never last.
+            if size % 2 == 1 {
+                std::io::Read::read_exact(deb.inner(), &mut [0])
+                    .map_err(|e| deb_err(format!("reading: {e}")))?;
+            }
+            let parsed = Control::from_tar(&tar[..])
+                .map_err(|e| deb_err(format!("reading {member}: {e}")))?;
+            control = Some((parsed, tar));
             continue;
         }
         let compression = match member.as_str() {
@@ -450,8 +525,15 @@ fn unpack_deb(cache: &Cache, name: &str, p: &Package) -> Result<layers::Parsed, 
             actual,
         });
     }
+    let Some((control, control_tar)) = control else {
+        return Err(deb_err("no control.tar member".into()));
+    };
     commit_plain(cache, p.sha256, tar)?;
-    Ok(parsed)
+    // Only a speed-up for the next build: a failure to keep it is not one.
+    if let Ok(d) = cache.put_new(&control_tar) {
+        let _ = cache.write_ref(CONTROL_REF, &p.sha256.to_string(), &d.to_string());
+    }
+    Ok((parsed, Some(control)))
 }
 
 /// Decompresses `raw` into a new cache blob while reading its entries,

@@ -195,6 +195,25 @@ pub struct Parsed {
     entries: Vec<Entry>,
 }
 
+impl Parsed {
+    /// Absolute paths the layer adds, in archive order (`/` itself, and
+    /// whiteouts, left out).
+    pub fn paths(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Node(_) | Kind::Hardlink(_)) && !e.comps.is_empty())
+            .map(|e| {
+                let mut p = String::new();
+                for c in &e.comps {
+                    p.push('/');
+                    p.push_str(&c.to_string_lossy());
+                }
+                p
+            })
+            .collect()
+    }
+}
+
 /// Applies `layer` on top of `tree`.
 pub fn apply(tree: &mut Tree, layer: &Layer) -> Result<(), LayerError> {
     apply_parsed(tree, &parse(layer)?)
