@@ -7,6 +7,7 @@
 
 pub(crate) mod ar;
 pub mod dpkg;
+pub mod sysusers;
 pub mod index;
 mod inrelease;
 pub mod version;

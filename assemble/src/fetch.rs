@@ -4,6 +4,7 @@
 
 use crate::cache::Cache;
 use crate::debian::dpkg::{self, Control, Installed};
+use crate::debian::sysusers;
 use crate::debian::{DebianError, Mirror, Package};
 use crate::kernel::{Kernel, KernelError};
 use crate::kernel_source::{self, KernelSourceError};
@@ -58,6 +59,14 @@ pub enum FetchError {
         input: String,
         /// What is not pinned.
         what: &'static str,
+    },
+    /// Making a Debian image's users and groups failed.
+    #[error("container {container}: users and groups")]
+    Users {
+        /// The container.
+        container: String,
+        /// The underlying error.
+        source: crate::debian::sysusers::UsersError,
     },
     /// Reading an input from the cache failed.
     #[error("{what}")]
@@ -267,6 +276,10 @@ pub async fn fetch(
             };
             merge_usr(&mut tree).map_err(tree_err("merging /usr"))?;
             dpkg::write(&mut tree, &installed).map_err(tree_err("dpkg's database"))?;
+            sysusers::apply(&mut tree).map_err(|source| FetchError::Users {
+                container: c.name.value.clone(),
+                source,
+            })?;
         }
         images.push(ContainerImage { tree, config });
     }

@@ -1,0 +1,363 @@
+//! Users and groups for Debian images, as a configured system has them:
+//! `/etc/passwd` and `/etc/group` from base-passwd's masters (what its
+//! preinst does), plus every user and group the packages declare in
+//! `sysusers.d` (what `systemd-sysusers` does at install time).
+//!
+//! Ids of new system users and groups are taken downward from 999, in
+//! sorted file order, so the same packages always get the same ids.
+
+use kiln_formats::tree::{Node, Tree, TreeError};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const MASTERS: &str = "/usr/share/base-passwd";
+const DIRS: [&str; 2] = ["/usr/lib/sysusers.d", "/etc/sysusers.d"];
+/// systemd's SYS_UID_MAX: system ids are allocated from here down.
+const SYSTEM_MAX: u32 = 999;
+const NOLOGIN: &str = "/usr/sbin/nologin";
+
+/// One `/etc/passwd` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct User {
+    name: String,
+    uid: u32,
+    gid: u32,
+    gecos: String,
+    home: String,
+    shell: String,
+}
+
+/// One `/etc/group` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Group {
+    name: String,
+    gid: u32,
+    members: Vec<String>,
+}
+
+/// Errors reading the image's account files.
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    /// A file could not be read from the cache.
+    #[error("reading {path}")]
+    Read {
+        /// The file in the image.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Writing the result into the tree failed.
+    #[error("writing /etc/passwd and /etc/group")]
+    Tree(#[from] TreeError),
+}
+
+fn text(tree: &Tree, path: &str) -> Result<Option<String>, UsersError> {
+    match tree.get(Path::new(path)) {
+        Some(Node::File { data, .. }) => data
+            .bytes()
+            .map(|b| Some(String::from_utf8_lossy(&b).into_owned()))
+            .map_err(|source| UsersError::Read {
+                path: path.to_string(),
+                source,
+            }),
+        _ => Ok(None),
+    }
+}
+
+fn parse_passwd(s: &str) -> Vec<User> {
+    s.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() == 7).then_some(())?;
+            Some(User {
+                name: f[0].into(),
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+                gecos: f[4].into(),
+                home: f[5].into(),
+                shell: f[6].into(),
+            })
+        })
+        .collect()
+}
+
+fn parse_group(s: &str) -> Vec<Group> {
+    s.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() == 4).then_some(())?;
+            Some(Group {
+                name: f[0].into(),
+                gid: f[2].parse().ok()?,
+                members: f[3].split(',').filter(|m| !m.is_empty()).map(String::from).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Splits a sysusers.d line into fields; `"..."` quotes a field.
+fn fields(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&c) = chars.peek() else { break };
+        let mut field = String::new();
+        if c == '"' {
+            chars.next();
+            for c in chars.by_ref() {
+                if c == '"' {
+                    break;
+                }
+                field.push(c);
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                field.push(c);
+                chars.next();
+            }
+        }
+        out.push(field);
+    }
+    out
+}
+
+/// The sysusers.d lines of the image, by file name (`/etc` overrides
+/// `/usr/lib`), files in sorted order.
+fn declarations(tree: &Tree) -> Result<Vec<Vec<String>>, UsersError> {
+    let mut files: BTreeMap<String, String> = BTreeMap::new();
+    for dir in DIRS {
+        let Some(d) = tree.dir(Path::new(dir)) else {
+            continue;
+        };
+        for name in d.entries.keys() {
+            let name = name.to_string_lossy();
+            if name.ends_with(".conf") {
+                files.insert(name.to_string(), format!("{dir}/{name}"));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for path in files.values() {
+        let Some(t) = text(tree, path)? else {
+            continue;
+        };
+        for line in t.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            out.push(fields(line));
+        }
+    }
+    Ok(out)
+}
+
+/// The lowest-numbered free id at or below [`SYSTEM_MAX`], searching down.
+fn free(used: &dyn Fn(u32) -> bool, from: &mut u32) -> Option<u32> {
+    while *from > 0 {
+        let id = *from;
+        *from -= 1;
+        if !used(id) {
+            return Some(id);
+        }
+    }
+    None
+}
+
+/// Creates `/etc/passwd` and `/etc/group` from base-passwd's masters when
+/// the image has none, then adds the sysusers.d users and groups. Does
+/// nothing for an image with neither.
+pub fn apply(tree: &mut Tree) -> Result<(), UsersError> {
+    let mut passwd = match text(tree, "/etc/passwd")? {
+        Some(t) => Some(t),
+        None => text(tree, &format!("{MASTERS}/passwd.master"))?,
+    };
+    let mut group = match text(tree, "/etc/group")? {
+        Some(t) => Some(t),
+        None => text(tree, &format!("{MASTERS}/group.master"))?,
+    };
+    let decls = declarations(tree)?;
+    if passwd.is_none() && group.is_none() && decls.is_empty() {
+        return Ok(());
+    }
+    let mut users = parse_passwd(passwd.get_or_insert_with(String::new));
+    let mut groups = parse_group(group.get_or_insert_with(String::new));
+
+    // Groups first (`g`, and the group of each `u`), as systemd-sysusers.
+    let mut next_gid = SYSTEM_MAX;
+    let mut next_uid = SYSTEM_MAX;
+    for d in &decls {
+        let (kind, name, id) = (d[0].as_str(), d.get(1), d.get(2).map(String::as_str));
+        let Some(name) = name else { continue };
+        if !matches!(kind, "g" | "u") || groups.iter().any(|g| &g.name == name) {
+            continue;
+        }
+        // `u name uid:gid` names an existing group; `u name uid` wants a
+        // group with the same id; a path or `-` takes any.
+        let wanted = match (kind, id) {
+            ("u", Some(id)) if id.contains(':') => continue,
+            (_, Some(id)) => id.parse::<u32>().ok(),
+            _ => None,
+        };
+        let taken = |gid: u32| groups.iter().any(|g| g.gid == gid);
+        let gid = match wanted.filter(|w| !taken(*w)) {
+            Some(g) => g,
+            None => match free(&|g| taken(g) || users.iter().any(|u| u.uid == g && kind == "u"), &mut next_gid) {
+                Some(g) => g,
+                None => continue,
+            },
+        };
+        groups.push(Group {
+            name: name.clone(),
+            gid,
+            members: Vec::new(),
+        });
+    }
+    for d in &decls {
+        let Some(name) = d.get(1) else { continue };
+        match d[0].as_str() {
+            "u" if !users.iter().any(|u| &u.name == name) => {
+                let id = d.get(2).map(String::as_str).unwrap_or("-");
+                let (uid_s, gid_s) = id.split_once(':').unwrap_or((id, ""));
+                let gid = if gid_s.is_empty() {
+                    groups.iter().find(|g| &g.name == name).map(|g| g.gid)
+                } else {
+                    gid_s
+                        .parse()
+                        .ok()
+                        .or_else(|| groups.iter().find(|g| g.name == gid_s).map(|g| g.gid))
+                };
+                let Some(gid) = gid else { continue };
+                let taken = |u: u32| users.iter().any(|x| x.uid == u);
+                let uid = match uid_s.parse::<u32>().ok().filter(|u| !taken(*u)) {
+                    Some(u) => u,
+                    // Same number as its group when free, as sysusers does.
+                    None if !taken(gid) && gid <= SYSTEM_MAX => gid,
+                    None => match free(&taken, &mut next_uid) {
+                        Some(u) => u,
+                        None => continue,
+                    },
+                };
+                let field = |i: usize, default: &str| {
+                    d.get(i)
+                        .filter(|v| v.as_str() != "-")
+                        .cloned()
+                        .unwrap_or_else(|| default.to_string())
+                };
+                users.push(User {
+                    name: name.clone(),
+                    uid,
+                    gid,
+                    gecos: field(3, ""),
+                    home: field(4, "/"),
+                    shell: field(5, NOLOGIN),
+                });
+            }
+            "m" => {
+                let Some(gname) = d.get(2) else { continue };
+                if let Some(g) = groups.iter_mut().find(|g| &g.name == gname) {
+                    if !g.members.contains(name) {
+                        g.members.push(name.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let passwd: String = users
+        .iter()
+        .map(|u| {
+            format!(
+                "{}:x:{}:{}:{}:{}:{}\n",
+                u.name, u.uid, u.gid, u.gecos, u.home, u.shell
+            )
+        })
+        .collect();
+    let group: String = groups
+        .iter()
+        .map(|g| format!("{}:x:{}:{}\n", g.name, g.gid, g.members.join(",")))
+        .collect();
+    tree.insert(Path::new("/etc/passwd"), Node::file(0o644, passwd))?;
+    tree.insert(Path::new("/etc/group"), Node::file(0o644, group))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(tree: &Tree, path: &str) -> String {
+        text(tree, path).unwrap().unwrap()
+    }
+
+    #[test]
+    fn masters_then_sysusers() {
+        let mut t = Tree::new();
+        t.insert(
+            Path::new("/usr/share/base-passwd/passwd.master"),
+            Node::file(
+                0o644,
+                "root:*:0:0:root:/root:/bin/bash\nwww-data:*:33:33:www-data:/var/www:/usr/sbin/nologin\n",
+            ),
+        )
+        .unwrap();
+        t.insert(
+            Path::new("/usr/share/base-passwd/group.master"),
+            Node::file(0o644, "root:*:0:\nwww-data:*:33:\n"),
+        )
+        .unwrap();
+        t.insert(
+            Path::new("/usr/lib/sysusers.d/b.conf"),
+            Node::file(
+                0o644,
+                "# comment\ng  _ssh -\nu postgres - \"PostgreSQL administrator\" /var/lib/postgresql /bin/bash\nm postgres _ssh\nu www-data 33 \"ignored: exists\"\nu fixed 400:33 - /srv\n",
+            ),
+        )
+        .unwrap();
+        t.insert(
+            Path::new("/usr/lib/sysusers.d/a.conf"),
+            Node::file(0o644, "u messagebus - \"System Message Bus\"\n"),
+        )
+        .unwrap();
+        apply(&mut t).unwrap();
+        // Masters keep their passwords field as `x` entries of the shadow era.
+        assert_eq!(
+            read(&t, "/etc/passwd"),
+            "root:x:0:0:root:/root:/bin/bash\n\
+             www-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\n\
+             messagebus:x:999:999:System Message Bus:/:/usr/sbin/nologin\n\
+             postgres:x:997:997:PostgreSQL administrator:/var/lib/postgresql:/bin/bash\n\
+             fixed:x:400:33::/srv:/usr/sbin/nologin\n"
+        );
+        assert_eq!(
+            read(&t, "/etc/group"),
+            "root:x:0:\nwww-data:x:33:\nmessagebus:x:999:\n_ssh:x:998:postgres\npostgres:x:997:\n"
+        );
+        // Applying again changes nothing.
+        let before = t.clone();
+        apply(&mut t).unwrap();
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn nothing_to_do_without_accounts() {
+        let mut t = Tree::new();
+        apply(&mut t).unwrap();
+        assert!(t.get(Path::new("/etc/passwd")).is_none());
+    }
+
+    #[test]
+    fn quoted_fields() {
+        assert_eq!(
+            fields("u  a 1 \"x y\" /h"),
+            vec!["u", "a", "1", "x y", "/h"]
+        );
+    }
+}
