@@ -7,9 +7,9 @@
 
 pub(crate) mod ar;
 pub mod dpkg;
-pub mod sysusers;
 pub mod index;
 mod inrelease;
+pub mod sysusers;
 pub mod version;
 
 use crate::cache::{Cache, CacheError, Digest};

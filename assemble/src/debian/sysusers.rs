@@ -89,7 +89,11 @@ fn parse_group(s: &str) -> Vec<Group> {
             Some(Group {
                 name: f[0].into(),
                 gid: f[2].parse().ok()?,
-                members: f[3].split(',').filter(|m| !m.is_empty()).map(String::from).collect(),
+                members: f[3]
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(String::from)
+                    .collect(),
             })
         })
         .collect()
@@ -208,7 +212,10 @@ pub fn apply(tree: &mut Tree) -> Result<(), UsersError> {
         let taken = |gid: u32| groups.iter().any(|g| g.gid == gid);
         let gid = match wanted.filter(|w| !taken(*w)) {
             Some(g) => g,
-            None => match free(&|g| taken(g) || users.iter().any(|u| u.uid == g && kind == "u"), &mut next_gid) {
+            None => match free(
+                &|g| taken(g) || users.iter().any(|u| u.uid == g && kind == "u"),
+                &mut next_gid,
+            ) {
                 Some(g) => g,
                 None => continue,
             },
