@@ -247,3 +247,80 @@ fn chown_recursive(dir: &Path) {
         p = d.parent();
     }
 }
+
+/// nginx from Debian packages with no workaround in the recipe: configured
+/// as apt would (users, default site, dpkg's database), served on a
+/// read-only root with tmpfs state, fetched over loopback by a second
+/// container.
+#[test]
+fn nginx_serves_its_default_page() {
+    let dir = k::scratch("nginx");
+    let recipe = k::workspace().join("recipes/nginx.toml");
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let image = out.join("nginx.raw");
+
+    let parts = k::partitions(&image);
+    let root = out.join("root.img");
+    k::extract_partition(&image, &parts[1], &root);
+    let x = out.join("x");
+    let _ = std::fs::remove_dir_all(&x);
+    let r = k::run(
+        Command::new("unsquashfs")
+            .arg("-d")
+            .arg(&x)
+            .arg(&root)
+            .arg("containers/web/rootfs/etc")
+            .arg("containers/web/rootfs/var/lib/dpkg"),
+    );
+    assert!(r.ok, "unsquashfs: {}", r.stderr);
+    let rootfs = x.join("containers/web/rootfs");
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap();
+    for user in ["root:x:0:0:", "www-data:x:33:33:", "nobody:x:65534:65534:"] {
+        assert!(passwd.contains(user), "{user} not in:\n{passwd}");
+    }
+    assert!(
+        std::fs::symlink_metadata(rootfs.join("etc/nginx/sites-enabled/default")).is_ok(),
+        "nginx's postinst did not enable the default site"
+    );
+    // Every package of the closure is installed, as dpkg-query reads it.
+    let plan = k::read_json(&out.join("nginx.plan.json"));
+    let web = plan["image"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["container"] == "web"))
+        .expect("web in the plan");
+    let mut pinned: Vec<String> = web["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    pinned.sort();
+    let q = k::run(
+        Command::new("dpkg-query")
+            .arg("--admindir")
+            .arg(rootfs.join("var/lib/dpkg"))
+            .args(["-W", "-f", "${Package} ${db:Status-Abbrev}\\n"]),
+    );
+    assert!(q.ok, "dpkg-query: {}", q.stderr);
+    let mut installed: Vec<String> = q
+        .stdout
+        .lines()
+        .map(|l| {
+            // Status-Abbrev is three columns: want, status, error (blank).
+            assert!(l.ends_with(" ii "), "{l:?}");
+            l.split(' ').next().unwrap_or_default().to_string()
+        })
+        .collect();
+    installed.sort();
+    assert_eq!(installed, pinned);
+    assert!(pinned.iter().any(|p| p == "nginx") && pinned.iter().any(|p| p == "dash"));
+
+    let console = k::boot_until(&kiln(), &image, 300, |l| {
+        l.starts_with("probe| ") || l.contains("probe: exited")
+    });
+    assert!(
+        console.contains("probe| <title>Welcome to nginx!</title>"),
+        "{console}"
+    );
+}

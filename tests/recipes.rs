@@ -187,12 +187,12 @@ fn late_recipe_errors_are_located() {
     let cases = [
         (
             "no-command.toml",
-            format!("{HEAD}[[service]]\nname = \"s\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"nginx\", \"-g\", \"daemon off;\"]\n"),
+            format!("{HEAD}[[service]]\nname = \"s\"\nimage = {{ debian = [\"busybox-static\"], scripts = false }}\ncommand = [\"nginx\", \"-g\", \"daemon off;\"]\n"),
             ":8:11: service[0].command: container s: nginx is not in the image's PATH",
         ),
         (
             "bind-missing.toml",
-            format!("{HEAD}[[service]]\nname = \"s\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"/bin/busybox\", \"true\"]\nbinds = [\"/etc/nope:/etc/nope:ro\"]\n"),
+            format!("{HEAD}[[service]]\nname = \"s\"\nimage = {{ debian = [\"busybox-static\"], scripts = false }}\ncommand = [\"/bin/busybox\", \"true\"]\nbinds = [\"/etc/nope:/etc/nope:ro\"]\n"),
             ":9:10: service[0].binds[0]: source /etc/nope is not in the host root",
         ),
     ];
@@ -216,7 +216,7 @@ fn tiny_recipe(dir: &Path) -> PathBuf {
     let p = dir.join("tiny.toml");
     std::fs::write(
         &p,
-        format!("{HEAD}[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"/bin/busybox\", \"true\"]\n"),
+        format!("{HEAD}[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"], scripts = false }}\ncommand = [\"/bin/busybox\", \"true\"]\n"),
     )
     .unwrap();
     p
@@ -437,7 +437,7 @@ fn interrupted_build_leaves_nothing() {
         let recipe = dir.join("big.toml");
         std::fs::write(
             &recipe,
-            format!("{HEAD}[disk]\nsize = \"1G\"\n[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"/bin/busybox\", \"true\"]\n[[file]]\npath = \"/noise\"\nsource = \"noise\"\n"),
+            format!("{HEAD}[disk]\nsize = \"1G\"\n[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"], scripts = false }}\ncommand = [\"/bin/busybox\", \"true\"]\n[[file]]\npath = \"/noise\"\nsource = \"noise\"\n"),
         )
         .unwrap();
         // The shared cache's inputs, copied by hard links: this build's

@@ -412,6 +412,11 @@ impl Archive {
         self.index.get(name).map(|e| &e.package)
     }
 
+    /// Names of the suite's Essential packages.
+    pub fn essential(&self) -> Vec<String> {
+        self.index.essential()
+    }
+
     /// The dependency closure of `roots` (names, optionally with a version
     /// constraint such as `libc6 (>= 2.36)`), sorted by name.
     pub fn resolve(&self, roots: &[String]) -> Result<Vec<Package>, DebianError> {

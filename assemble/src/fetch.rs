@@ -60,6 +60,9 @@ pub enum FetchError {
         /// What is not pinned.
         what: &'static str,
     },
+    /// Configuring a Debian image failed.
+    #[error(transparent)]
+    Configure(#[from] Box<crate::configure::ConfigureError>),
     /// Making a Debian image's users and groups failed.
     #[error("container {container}: users and groups")]
     Users {
@@ -132,6 +135,7 @@ pub async fn fetch(
     cache: &Cache,
     registry: &RegistryOptions,
     progress: &Arc<dyn Progress>,
+    sandbox: Option<&kiln_sandbox::Sandbox>,
 ) -> Result<Inputs, FetchError> {
     // Every .deb first, all at once: they are independent.
     let mut debs: Vec<(String, Package)> = Vec::new();
@@ -261,25 +265,42 @@ pub async fn fetch(
     };
 
     let mut images = Vec::new();
-    for (((c, config), tree), installed) in recipe
+    for ((((c, config), tree), installed), pin) in recipe
         .containers
         .iter()
         .zip(configs)
         .zip(trees.drain(2..))
         .zip(installed.drain(2..))
+        .zip(&plan.images)
     {
         let mut tree = tree;
-        if matches!(c.image.value, crate::recipe::ImageSource::Debian { .. }) {
+        if let crate::recipe::ImageSource::Debian { scripts, .. } = c.image.value {
             let tree_err = |what: &str| {
                 let what = format!("container {}: {what}", c.name.value);
                 move |source| FetchError::Tree { what, source }
             };
             merge_usr(&mut tree).map_err(tree_err("merging /usr"))?;
-            dpkg::write(&mut tree, &installed).map_err(tree_err("dpkg's database"))?;
-            sysusers::apply(&mut tree).map_err(|source| FetchError::Users {
-                container: c.name.value.clone(),
-                source,
+            dpkg::write(&mut tree, &installed, plan.source_date_epoch)
+                .map_err(tree_err("dpkg's database"))?;
+            sysusers::apply(&mut tree, plan.source_date_epoch).map_err(|source| {
+                FetchError::Users {
+                    container: c.name.value.clone(),
+                    source,
+                }
             })?;
+            if scripts {
+                let debs: Vec<_> = pin.pin.packages.iter().map(|p| p.sha256).collect();
+                tree = crate::configure::configure(
+                    &c.name.value,
+                    &tree,
+                    &installed,
+                    &debs,
+                    plan.source_date_epoch,
+                    cache,
+                    sandbox,
+                )
+                .map_err(Box::new)?;
+            }
         }
         images.push(ContainerImage { tree, config });
     }
@@ -552,7 +573,7 @@ fn unpack_deb(cache: &Cache, name: &str, p: &Package) -> Result<LayerRead, Fetch
 /// Decompresses `raw` into a new cache blob while reading its entries,
 /// whose files are extents of that blob. Not committed yet: the caller
 /// first checks where `raw` came from.
-fn store_plain(
+pub(crate) fn store_plain(
     cache: &Cache,
     name: &str,
     digest: crate::cache::Digest,
@@ -586,18 +607,28 @@ fn commit_plain(
     digest: crate::cache::Digest,
     tar: crate::cache::BlobWriter,
 ) -> Result<(), FetchError> {
+    commit_ref(cache, TAR_REF, &digest.to_string(), tar)
+}
+
+/// Stores `tar` and records it under (`kind`, `key`).
+pub(crate) fn commit_ref(
+    cache: &Cache,
+    kind: &str,
+    key: &str,
+    tar: crate::cache::BlobWriter,
+) -> Result<(), FetchError> {
     let cache_err = |source| FetchError::Cache {
-        what: format!("layer {digest}"),
+        what: format!("{kind} {key}"),
         source,
     };
     let (tar, _) = tar.commit(None).map_err(cache_err)?;
     cache
-        .write_ref(TAR_REF, &digest.to_string(), &tar.to_string())
+        .write_ref(kind, key, &tar.to_string())
         .map_err(cache_err)
 }
 
 /// Reads a plain tar in the cache, checking it against `expected`.
-fn parse_plain(
+pub(crate) fn parse_plain(
     name: &str,
     digest: crate::cache::Digest,
     path: &Path,

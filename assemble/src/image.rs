@@ -78,6 +78,8 @@ pub struct BuildOptions {
     pub init: Arc<Vec<u8>>,
     /// Receives stage and download progress.
     pub progress: Arc<dyn Progress>,
+    /// Runs maintainer scripts (`None`: images that need them fail).
+    pub sandbox: Option<kiln_sandbox::Sandbox>,
 }
 
 /// What a build wrote.
@@ -114,7 +116,15 @@ pub async fn build(
         kernel,
         stub,
         images,
-    } = fetch::fetch(recipe, plan, &opts.cache, &opts.registry, &opts.progress).await?;
+    } = fetch::fetch(
+        recipe,
+        plan,
+        &opts.cache,
+        &opts.registry,
+        &opts.progress,
+        opts.sandbox.as_ref(),
+    )
+    .await?;
     t.end();
 
     let t = StageTimer::start(progress, Stage::Trees);

@@ -7,6 +7,7 @@
 
 pub mod arch;
 pub mod cache;
+pub mod configure;
 pub mod debian;
 pub mod fetch;
 pub mod host;

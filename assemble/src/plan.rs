@@ -432,7 +432,11 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
         let name = c.name.value.as_str();
         let locked_entry = lock.and_then(|l| l.images.iter().find(|i| i.container == name));
         let pin = match &c.image.value {
-            ImageSource::Debian { suite, packages } => {
+            ImageSource::Debian {
+                suite,
+                packages,
+                scripts,
+            } => {
                 let source = container_source(recipe, c);
                 let locked = locked_entry
                     .map(|i| i.pin.clone())
@@ -441,8 +445,14 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
                     Some(p) if !opts.mode.updates(name) => p,
                     _ => {
                         let archive = archives.get(name, suite).await?;
+                        // Maintainer scripts may assume the Essential
+                        // packages (Debian Policy 3.8), as apt's images have.
+                        let mut roots = packages.clone();
+                        if *scripts {
+                            roots.extend(archive.essential());
+                        }
                         let closure = archive
-                            .resolve(packages)
+                            .resolve(&roots)
                             .map_err(|e| recipe_or(recipe, &c.image.loc, name, e))?;
                         Pin {
                             source: source.clone(),
@@ -562,7 +572,19 @@ fn stub_suite(recipe: &Recipe) -> DebianSuite {
 /// The lock key of a container's image.
 fn container_source(recipe: &Recipe, c: &crate::recipe::ContainerSpec) -> String {
     match &c.image.value {
-        ImageSource::Debian { suite, packages } => debian_source(suite, packages),
+        ImageSource::Debian {
+            suite,
+            packages,
+            scripts,
+        } => {
+            let s = debian_source(suite, packages);
+            // Configured images also hold the Essential set: another pin.
+            if *scripts {
+                format!("{s} (configured)")
+            } else {
+                s
+            }
+        }
         ImageSource::Oci(r) => image_source(recipe, r),
     }
 }

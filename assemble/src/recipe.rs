@@ -171,6 +171,9 @@ pub enum ImageSource {
         suite: DebianSuite,
         /// Package names asked for.
         packages: Vec<String>,
+        /// Configured as dpkg would (the suite's Essential packages added,
+        /// maintainer scripts run in a sandbox); `false`: only unpacked.
+        scripts: bool,
     },
 }
 
@@ -630,6 +633,7 @@ mod raw {
         Debian {
             packages: Vec<String>,
             suite: Option<String>,
+            scripts: Option<bool>,
         },
     }
 
@@ -647,17 +651,26 @@ mod raw {
                 fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Image, A::Error> {
                     let mut packages: Option<Vec<String>> = None;
                     let mut suite = None;
+                    let mut scripts = None;
                     while let Some(k) = map.next_key::<String>()? {
                         match k.as_str() {
                             "debian" => packages = Some(map.next_value()?),
                             "suite" => suite = Some(map.next_value()?),
+                            "scripts" => scripts = Some(map.next_value()?),
                             other => {
-                                return Err(de::Error::unknown_field(other, &["debian", "suite"]))
+                                return Err(de::Error::unknown_field(
+                                    other,
+                                    &["debian", "suite", "scripts"],
+                                ))
                             }
                         }
                     }
                     let packages = packages.ok_or_else(|| de::Error::missing_field("debian"))?;
-                    Ok(Image::Debian { packages, suite })
+                    Ok(Image::Debian {
+                        packages,
+                        suite,
+                        scripts,
+                    })
                 }
             }
             d.deserialize_any(V)
@@ -916,12 +929,17 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             raw::Image::Debian { packages, .. } if packages.is_empty() => {
                 return Err(l.at(&c.image, "lists no Debian package"));
             }
-            raw::Image::Debian { packages, suite } => ImageSource::Debian {
+            raw::Image::Debian {
+                packages,
+                suite,
+                scripts,
+            } => ImageSource::Debian {
                 suite: DebianSuite {
                     mirror: kernel_suite.mirror.clone(),
                     suite: suite.clone().unwrap_or_else(|| kernel_suite.suite.clone()),
                 },
                 packages: packages.clone(),
+                scripts: scripts.unwrap_or(true),
             },
         };
         if let Some(cmd) = &c.command {
@@ -1284,6 +1302,7 @@ size = "512M"
                     suite: DEFAULT_SUITE.into()
                 },
                 packages: vec!["busybox-static".into()],
+                scripts: true,
             }
         );
         assert_eq!(r.containers[0].kind, Kind::Onboot);

@@ -126,7 +126,18 @@ fn parse_compression(s: &str) -> Result<RootCompression, String> {
     RootCompression::parse(s).ok_or_else(|| "expected zstd or zstd:LEVEL (1-22)".to_string())
 }
 
+/// kiln's hidden argument that makes it the maintainer-script sandbox's
+/// helper (see the kiln-sandbox crate).
+const SANDBOX_HELPER: &str = "__sandbox";
+
 fn main() -> ExitCode {
+    // First, while the process has one thread: the helper forks.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == SANDBOX_HELPER)
+    {
+        kiln_sandbox::helper_main()
+    }
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(code) => code,
@@ -327,6 +338,13 @@ fn build(args: BuildArgs) -> Result<ExitCode> {
             registry: p.registry.clone(),
             init: Arc::new(INIT.to_vec()),
             progress: reporter.clone(),
+            sandbox: std::env::current_exe()
+                .ok()
+                .map(|program| kiln_sandbox::Sandbox {
+                    program,
+                    args: vec![SANDBOX_HELPER.into()],
+                    ids: kiln_sandbox::IdMap::for_current_user(),
+                }),
         };
         let built = image::build(&p.recipe, &resolved.plan, &args.output, &opts).await?;
         if p.lock.as_ref() != Some(&resolved.plan) {

@@ -114,6 +114,12 @@ pub enum IdMap {
         /// First subordinate gid and how many.
         gids: (u32, u32),
     },
+    /// No ids to map (a user without `/etc/subuid` ranges): says why when
+    /// a sandbox is run, not before.
+    Unavailable {
+        /// What is missing and how to add it.
+        message: String,
+    },
 }
 
 /// Ids a root build maps when root has no `/etc/subuid` entry.
@@ -123,7 +129,7 @@ impl IdMap {
     /// The map for the current user: a direct range as root (root's
     /// `/etc/subuid` entry, else 100000+65536), the user's subordinate ids
     /// otherwise.
-    pub fn for_current_user() -> Result<IdMap, SandboxError> {
+    pub fn for_current_user() -> IdMap {
         // SAFETY: getuid and getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let name = user_name(uid);
@@ -138,30 +144,37 @@ impl IdMap {
         };
         if uid == 0 {
             let (start, count) = sub("/etc/subuid").unwrap_or(ROOT_DEFAULT);
-            return Ok(IdMap::Direct {
+            return IdMap::Direct {
                 start,
                 count: count.min(65_536),
-            });
+            };
         }
         let who = name.clone().unwrap_or_else(|| uid.to_string());
         let missing = |file: &str| {
-            SandboxError::IdMap(format!(
+            IdMap::Unavailable {
+            message: format!(
                 "{file} has no range for {who}: add one (e.g. `usermod --add-subuids 200000-265535 --add-subgids 200000-265535 {who}`), or set `scripts = false` on the image"
-            ))
+            ),
+        }
         };
-        let uids = sub("/etc/subuid").ok_or_else(|| missing("/etc/subuid"))?;
-        let gids = sub("/etc/subgid").ok_or_else(|| missing("/etc/subgid"))?;
-        Ok(IdMap::Subordinate {
+        let Some(uids) = sub("/etc/subuid") else {
+            return missing("/etc/subuid");
+        };
+        let Some(gids) = sub("/etc/subgid") else {
+            return missing("/etc/subgid");
+        };
+        IdMap::Subordinate {
             uid,
             gid,
             uids,
             gids,
-        })
+        }
     }
 
     /// Maps ids into the namespace of process `pid`.
     fn apply(&self, pid: u32) -> Result<(), SandboxError> {
         match self {
+            IdMap::Unavailable { message } => Err(SandboxError::IdMap(message.clone())),
             IdMap::Direct { start, count } => {
                 let map = format!("0 {start} {count}\n");
                 for f in ["uid_map", "gid_map"] {
@@ -239,6 +252,9 @@ impl Sandbox {
             program: self.program.display().to_string(),
             source,
         };
+        if let IdMap::Unavailable { message } = &self.ids {
+            return Err(SandboxError::IdMap(message.clone()));
+        }
         // Root inside must own the directory it unpacks into.
         if let IdMap::Direct { start, .. } = self.ids {
             std::os::unix::fs::chown(&req.dir, Some(start), Some(start))

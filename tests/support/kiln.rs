@@ -101,6 +101,47 @@ pub fn boot(kiln: &Path, image: &Path, timeout_secs: u64) -> Ran {
     r
 }
 
+/// Boots `image` with `kiln run` until a console line satisfies `done`
+/// (or `timeout_secs` pass), then stops QEMU; returns the console so far.
+/// For images whose services run forever.
+pub fn boot_until(
+    kiln: &Path,
+    image: &Path,
+    timeout_secs: u64,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(kiln)
+        .arg("run")
+        .arg(image)
+        .arg("--timeout")
+        .arg(timeout_secs.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        // Its own group: stopping it stops QEMU too.
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}", kiln.display()));
+    let stdout = child.stdout.take().expect("piped");
+    let mut console = String::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        console.push_str(&line);
+        console.push('\n');
+        if done(&line) {
+            break;
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", "--"])
+        .arg(format!("-{}", child.id()))
+        .status();
+    let _ = child.wait();
+    let _ = std::fs::write(image.with_extension("console.log"), &console);
+    console
+}
+
 /// Copies partition `part` (as [`partitions`] lists it) of `image` into a
 /// new file `to`, for the standard tools to check.
 pub fn extract_partition(image: &Path, part: &(u32, u64, u64, String, String), to: &Path) {

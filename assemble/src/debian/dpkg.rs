@@ -3,6 +3,7 @@
 //! (`dpkg-query`, trivy, grype, syft) see what is installed.
 
 use kiln_formats::tree::{Meta, Node, Tree, TreeError};
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::Path;
 
@@ -15,7 +16,21 @@ pub struct Control {
     pub md5sums: Option<Vec<u8>>,
     /// `conffiles`, if the package has one.
     pub conffiles: Option<Vec<u8>>,
+    /// Maintainer scripts and debconf files by name (`postinst`, ...).
+    pub scripts: BTreeMap<String, Vec<u8>>,
 }
+
+/// The control.tar files dpkg keeps in `info/` besides md5sums and
+/// conffiles (maintainer scripts, debconf's, triggers).
+const KEPT: [&str; 7] = [
+    "preinst",
+    "postinst",
+    "prerm",
+    "postrm",
+    "config",
+    "templates",
+    "triggers",
+];
 
 impl Control {
     /// Reads a (decompressed) `control.tar` stream.
@@ -23,21 +38,29 @@ impl Control {
         let mut control = None;
         let mut md5sums = None;
         let mut conffiles = None;
+        let mut scripts = BTreeMap::new();
         let mut archive = tar::Archive::new(r);
         for entry in archive.entries()? {
             let mut entry = entry?;
             let path = entry.path_bytes().into_owned();
             let name = path.strip_prefix(b"./").unwrap_or(&path);
-            let slot = match name {
-                b"control" => &mut control,
-                b"md5sums" => &mut md5sums,
-                b"conffiles" => &mut conffiles,
-                _ => continue,
-            };
             // Text files of a few KiB; a bigger one is not a control file.
             let mut data = Vec::new();
-            (&mut entry).take(16 << 20).read_to_end(&mut data)?;
-            *slot = Some(data);
+            let mut read = |entry: &mut tar::Entry<'_, _>| -> io::Result<Vec<u8>> {
+                entry.take(16 << 20).read_to_end(&mut data)?;
+                Ok(std::mem::take(&mut data))
+            };
+            match name {
+                b"control" => control = Some(read(&mut entry)?),
+                b"md5sums" => md5sums = Some(read(&mut entry)?),
+                b"conffiles" => conffiles = Some(read(&mut entry)?),
+                n => {
+                    let n = String::from_utf8_lossy(n).into_owned();
+                    if KEPT.contains(&n.as_str()) {
+                        scripts.insert(n, read(&mut entry)?);
+                    }
+                }
+            }
         }
         let control = control.ok_or_else(|| {
             io::Error::new(
@@ -49,6 +72,7 @@ impl Control {
             control,
             md5sums,
             conffiles,
+            scripts,
         })
     }
 
@@ -63,7 +87,7 @@ impl Control {
 
     /// dpkg's name for the package's info files: `NAME`, or `NAME:ARCH`
     /// for `Multi-Arch: same` packages.
-    fn info_name(&self) -> Option<String> {
+    pub fn info_name(&self) -> Option<String> {
         let name = self.field("Package")?;
         Some(
             match (self.field("Multi-Arch"), self.field("Architecture")) {
@@ -101,7 +125,16 @@ pub struct Installed {
 pub const ADMINDIR: &str = "/var/lib/dpkg";
 
 /// Writes dpkg's database for `installed` into `tree`.
-pub fn write(tree: &mut Tree, installed: &[Installed]) -> Result<(), TreeError> {
+pub fn write(tree: &mut Tree, installed: &[Installed], mtime: u64) -> Result<(), TreeError> {
+    let file = |mode: u32, data: Vec<u8>| {
+        let mut n = Node::file(mode, data);
+        n.meta_mut().mtime = mtime;
+        n
+    };
+    let dir_meta = Meta {
+        mtime,
+        ..Meta::root(0o755)
+    };
     let mut sorted: Vec<(String, &Installed)> = installed
         .iter()
         .filter_map(|i| Some((i.control.info_name()?, i)))
@@ -110,7 +143,7 @@ pub fn write(tree: &mut Tree, installed: &[Installed]) -> Result<(), TreeError> 
     sorted.dedup_by(|a, b| a.0 == b.0);
     let mut status = String::new();
     let info = Path::new(ADMINDIR).join("info");
-    tree.mkdir_p(&info, &Meta::root(0o755))?;
+    tree.mkdir_p(&info, &dir_meta)?;
     for (name, i) in &sorted {
         if !status.is_empty() {
             status.push('\n');
@@ -121,23 +154,34 @@ pub fn write(tree: &mut Tree, installed: &[Installed]) -> Result<(), TreeError> 
             list.push_str(p);
             list.push('\n');
         }
-        tree.insert(&info.join(format!("{name}.list")), Node::file(0o644, list))?;
+        tree.insert(
+            &info.join(format!("{name}.list")),
+            file(0o644, list.into_bytes()),
+        )?;
         for (ext, data) in [
             ("md5sums", &i.control.md5sums),
             ("conffiles", &i.control.conffiles),
         ] {
             if let Some(d) = data {
-                tree.insert(
-                    &info.join(format!("{name}.{ext}")),
-                    Node::file(0o644, d.clone()),
-                )?;
+                tree.insert(&info.join(format!("{name}.{ext}")), file(0o644, d.clone()))?;
             }
+        }
+        for (script, data) in &i.control.scripts {
+            let mode = if matches!(script.as_str(), "templates" | "triggers") {
+                0o644
+            } else {
+                0o755
+            };
+            tree.insert(
+                &info.join(format!("{name}.{script}")),
+                file(mode, data.clone()),
+            )?;
         }
     }
     let admin = Path::new(ADMINDIR);
-    tree.insert(&admin.join("status"), Node::file(0o644, status))?;
-    tree.insert(&admin.join("available"), Node::file(0o644, ""))?;
-    tree.mkdir_p(&admin.join("updates"), &Meta::root(0o755))?;
+    tree.insert(&admin.join("status"), file(0o644, status.into_bytes()))?;
+    tree.insert(&admin.join("available"), file(0o644, Vec::new()))?;
+    tree.mkdir_p(&admin.join("updates"), &dir_meta)?;
     Ok(())
 }
 
@@ -168,6 +212,7 @@ mod tests {
         ])[..])
         .unwrap();
         assert_eq!(a.field("source").as_deref(), Some("zlib"));
+        assert_eq!(a.scripts.keys().collect::<Vec<_>>(), ["postinst"]);
         assert!(a.md5sums.is_some() && a.conffiles.is_none());
         let b = Control::from_tar(&control_tar(&[(
             "control",
@@ -186,7 +231,7 @@ mod tests {
                 paths: vec!["/usr/lib/libz.so.1".into()],
             },
         ];
-        write(&mut tree, &installed).unwrap();
+        write(&mut tree, &installed, 7).unwrap();
         let Some(Node::File { data, .. }) = tree.get(Path::new("/var/lib/dpkg/status")) else {
             panic!("no status")
         };
@@ -198,6 +243,10 @@ mod tests {
         assert!(tree
             .get(Path::new("/var/lib/dpkg/info/zlib1g:amd64.list"))
             .is_some());
+        assert!(matches!(
+            tree.get(Path::new("/var/lib/dpkg/info/zlib1g:amd64.postinst")),
+            Some(Node::File { meta, .. }) if meta.mode == 0o755
+        ));
 
         if Command::new("dpkg-query")
             .arg("--version")

@@ -45,6 +45,8 @@ pub struct Entry {
     pub depends: Vec<Group>,
     /// Provided names with an optional exact version (`Provides: x (= 1)`).
     pub provides: Vec<(String, Option<String>)>,
+    /// `Essential: yes`: dpkg and maintainer scripts assume it installed.
+    pub essential: bool,
 }
 
 /// Parses one alternative. Arch qualifiers (`:any`, `:native`, `:amd64`)
@@ -181,6 +183,7 @@ pub fn parse_packages(text: &str) -> Result<Vec<Entry>, DebianError> {
             },
             depends,
             provides,
+            essential: p.get("Essential").is_some_and(|v| v == "yes"),
         });
     }
     Ok(out)
@@ -229,6 +232,15 @@ impl Index {
     /// Whether the index has no packages.
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
+    }
+
+    /// Names of the Essential packages, sorted.
+    pub fn essential(&self) -> Vec<String> {
+        self.by_name
+            .iter()
+            .filter(|(_, v)| v.first().is_some_and(|e| e.essential))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// The highest version of `name`.

@@ -177,7 +177,7 @@ fn free(used: &dyn Fn(u32) -> bool, from: &mut u32) -> Option<u32> {
 /// Creates `/etc/passwd` and `/etc/group` from base-passwd's masters when
 /// the image has none, then adds the sysusers.d users and groups. Does
 /// nothing for an image with neither.
-pub fn apply(tree: &mut Tree) -> Result<(), UsersError> {
+pub fn apply(tree: &mut Tree, mtime: u64) -> Result<(), UsersError> {
     let mut passwd = match text(tree, "/etc/passwd")? {
         Some(t) => Some(t),
         None => text(tree, &format!("{MASTERS}/passwd.master"))?,
@@ -291,8 +291,11 @@ pub fn apply(tree: &mut Tree) -> Result<(), UsersError> {
         .iter()
         .map(|g| format!("{}:x:{}:{}\n", g.name, g.gid, g.members.join(",")))
         .collect();
-    tree.insert(Path::new("/etc/passwd"), Node::file(0o644, passwd))?;
-    tree.insert(Path::new("/etc/group"), Node::file(0o644, group))?;
+    for (path, text) in [("/etc/passwd", passwd), ("/etc/group", group)] {
+        let mut node = Node::file(0o644, text);
+        node.meta_mut().mtime = mtime;
+        tree.insert(Path::new(path), node)?;
+    }
     Ok(())
 }
 
@@ -333,7 +336,7 @@ mod tests {
             Node::file(0o644, "u messagebus - \"System Message Bus\"\n"),
         )
         .unwrap();
-        apply(&mut t).unwrap();
+        apply(&mut t, 0).unwrap();
         // Masters keep their passwords field as `x` entries of the shadow era.
         assert_eq!(
             read(&t, "/etc/passwd"),
@@ -349,14 +352,14 @@ mod tests {
         );
         // Applying again changes nothing.
         let before = t.clone();
-        apply(&mut t).unwrap();
+        apply(&mut t, 0).unwrap();
         assert_eq!(t, before);
     }
 
     #[test]
     fn nothing_to_do_without_accounts() {
         let mut t = Tree::new();
-        apply(&mut t).unwrap();
+        apply(&mut t, 0).unwrap();
         assert!(t.get(Path::new("/etc/passwd")).is_none());
     }
 

@@ -1,0 +1,359 @@
+//! Configuring a Debian image as dpkg would after unpacking it: every
+//! `preinst install`, then every `postinst configure` in dependency order,
+//! run as root inside [`kiln_sandbox`] over the image's tree, with services
+//! kept from starting (`policy-rc.d`) and `SOURCE_DATE_EPOCH` from the
+//! lock. The configured tree is kept in the cache by its inputs (package
+//! digests, epoch, kiln's version), so a rebuild runs no script.
+
+use crate::cache::{Cache, Digest};
+use crate::debian::dpkg::{Installed, ADMINDIR};
+use crate::fetch::{commit_ref, parse_plain, store_plain, FetchError};
+use crate::layers;
+use kiln_formats::tree::{Node, Tree};
+use kiln_sandbox::{Request, Sandbox, SandboxError, Step};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::Path;
+
+/// Errors from configuring an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigureError {
+    /// The build has no way to start the sandbox.
+    #[error("container {0}: maintainer scripts need the sandbox helper (`kiln __sandbox`), which this build was not given")]
+    NoSandbox(String),
+    /// The sandbox failed, or a script in it.
+    #[error("container {container}: configuring its packages")]
+    Sandbox {
+        /// The container.
+        container: String,
+        /// The underlying error.
+        source: SandboxError,
+    },
+    /// Reading or keeping the tree failed.
+    #[error("container {container}: configuring its packages")]
+    Fetch {
+        /// The container.
+        container: String,
+        /// The underlying error.
+        source: Box<FetchError>,
+    },
+    /// The configured tree could not be applied.
+    #[error("container {container}: the configured tree")]
+    Layer {
+        /// The container.
+        container: String,
+        /// The underlying error.
+        source: Box<layers::LayerError>,
+    },
+}
+
+/// Cache record kind: configuration inputs → digest of the configured tar.
+const CONFIGURED_REF: &str = "configured";
+/// Bumped when the way images are configured changes.
+const VERSION: &str = "kiln configure v2";
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The configured `tree` of container `container`, whose packages are
+/// `debs` (their .deb digests) and `installed`.
+pub fn configure(
+    container: &str,
+    tree: &Tree,
+    installed: &[Installed],
+    debs: &[Digest],
+    epoch: u64,
+    cache: &Cache,
+    sandbox: Option<&Sandbox>,
+) -> Result<Tree, ConfigureError> {
+    let fetch_err = |e: FetchError| ConfigureError::Fetch {
+        container: container.to_string(),
+        source: Box::new(e),
+    };
+    let key = cache_key(debs, epoch);
+    let name = format!("{container} (configured)");
+    let cached = cache
+        .read_ref(CONFIGURED_REF, &key)
+        .and_then(|d| d.parse::<Digest>().ok())
+        .and_then(|d| parse_plain(&name, d, &cache.blob_path(&d), &d).ok());
+    let parsed = match cached {
+        Some(p) => p,
+        None => {
+            let sandbox = sandbox.ok_or_else(|| ConfigureError::NoSandbox(container.into()))?;
+            let dir = cache.dir().join("configure").join(format!(
+                "{}-{}",
+                std::process::id(),
+                &key[..16]
+            ));
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                fetch_err(FetchError::Read {
+                    what: dir.display().to_string(),
+                    source: e,
+                })
+            })?;
+            let req = Request {
+                dir: dir.clone(),
+                epoch,
+                steps: steps(installed, epoch),
+            };
+            let (reader, mut writer) = std::io::pipe().map_err(|e| {
+                fetch_err(FetchError::Read {
+                    what: "a pipe".into(),
+                    source: e,
+                })
+            })?;
+            let digest = Digest::of(key.as_bytes());
+            let result = std::thread::scope(|s| {
+                let feed = s.spawn(move || write_tar(tree, &mut writer));
+                let r = sandbox.run(&req, reader, |out| {
+                    store_plain(cache, &name, digest, layers::Compression::None, out)
+                        .map_err(std::io::Error::other)
+                });
+                let fed = feed.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                (r, fed)
+            });
+            let _ = std::fs::remove_dir(&dir);
+            let (parsed, blob) = result.0.map_err(|source| ConfigureError::Sandbox {
+                container: container.to_string(),
+                source,
+            })?;
+            // The helper read the whole tree, or it would have failed.
+            let _ = result.1;
+            commit_ref(cache, CONFIGURED_REF, &key, blob).map_err(fetch_err)?;
+            parsed
+        }
+    };
+    let mut out = Tree::new();
+    layers::apply_parsed(&mut out, &parsed).map_err(|source| ConfigureError::Layer {
+        container: container.to_string(),
+        source: Box::new(source),
+    })?;
+    out.root.meta = tree.root.meta.clone();
+    Ok(out)
+}
+
+fn cache_key(debs: &[Digest], epoch: u64) -> String {
+    let mut sorted = debs.to_vec();
+    sorted.sort();
+    let mut text = format!(
+        "{VERSION}\nkiln {}\nepoch {epoch}\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for d in sorted {
+        text.push_str(&d.to_string());
+        text.push('\n');
+    }
+    Digest::of(text.as_bytes()).hex()
+}
+
+/// Package names a control's `Pre-Depends` and `Depends` mention (every
+/// alternative, versions and architectures dropped).
+fn depends(i: &Installed) -> BTreeSet<String> {
+    ["Pre-Depends", "Depends"]
+        .iter()
+        .filter_map(|f| i.control.field(f))
+        .flat_map(|v| {
+            v.split([',', '|'])
+                .filter_map(|d| d.split_whitespace().next())
+                .map(|n| n.split(':').next().unwrap_or(n).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Packages in the order dpkg configures them: dependencies first (cycles
+/// broken in name order), otherwise by name.
+fn order(installed: &[Installed]) -> Vec<&Installed> {
+    let by_name: BTreeMap<String, &Installed> = installed
+        .iter()
+        .filter_map(|i| Some((i.control.field("Package")?, i)))
+        .collect();
+    let mut done = BTreeSet::new();
+    let mut out = Vec::new();
+    fn visit<'a>(
+        name: &str,
+        by_name: &BTreeMap<String, &'a Installed>,
+        done: &mut BTreeSet<String>,
+        out: &mut Vec<&'a Installed>,
+    ) {
+        let Some(i) = by_name.get(name) else { return };
+        if !done.insert(name.to_string()) {
+            return;
+        }
+        for d in depends(i) {
+            visit(&d, by_name, done, out);
+        }
+        out.push(i);
+    }
+    for name in by_name.keys() {
+        visit(name, &by_name, &mut done, &mut out);
+    }
+    out
+}
+
+/// The steps: policy-rc.d in, preinsts, postinsts, ldconfig, policy-rc.d out.
+fn steps(installed: &[Installed], epoch: u64) -> Vec<Step> {
+    let base_env = vec![
+        ("PATH".to_string(), PATH.to_string()),
+        ("HOME".into(), "/root".into()),
+        ("LC_ALL".into(), "C".into()),
+        ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
+        ("DEBCONF_NONINTERACTIVE_SEEN".into(), "true".into()),
+        ("DPKG_ADMINDIR".into(), ADMINDIR.into()),
+        ("DPKG_ROOT".into(), String::new()),
+        ("SOURCE_DATE_EPOCH".into(), epoch.to_string()),
+    ];
+    let shell = |label: &str, script: &str| Step {
+        label: label.to_string(),
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: base_env.clone(),
+    };
+    let mut steps = vec![shell(
+        "policy-rc.d",
+        &format!("printf '#!/bin/sh\\nexit 101\\n' > {POLICY_RC_D} && chmod 755 {POLICY_RC_D}"),
+    )];
+    let ordered = order(installed);
+    for (script, args) in [
+        ("preinst", &["install"][..]),
+        ("postinst", &["configure", ""][..]),
+    ] {
+        for i in &ordered {
+            let (Some(info), Some(pkg)) = (i.control.info_name(), i.control.field("Package"))
+            else {
+                continue;
+            };
+            if !i.control.scripts.contains_key(script) {
+                continue;
+            }
+            let mut env = base_env.clone();
+            env.push(("DPKG_MAINTSCRIPT_PACKAGE".into(), pkg.clone()));
+            env.push((
+                "DPKG_MAINTSCRIPT_ARCH".into(),
+                i.control.field("Architecture").unwrap_or_default(),
+            ));
+            env.push(("DPKG_MAINTSCRIPT_NAME".into(), script.into()));
+            let mut argv = vec![format!("{ADMINDIR}/info/{info}.{script}")];
+            argv.extend(args.iter().map(|a| a.to_string()));
+            steps.push(Step {
+                label: format!("{pkg} {script}"),
+                argv,
+                env,
+            });
+        }
+    }
+    steps.push(shell(
+        "ldconfig",
+        &format!("rm -f {POLICY_RC_D}; if [ -x /sbin/ldconfig ]; then /sbin/ldconfig; fi"),
+    ));
+    steps
+}
+
+/// Writes `tree` as a tar stream (device nodes and sockets left out: the
+/// sandbox cannot make them).
+fn write_tar(tree: &Tree, out: &mut impl Write) -> std::io::Result<()> {
+    let mut b = tar::Builder::new(out);
+    for (path, node) in tree.walk() {
+        let rel = path.strip_prefix("/").unwrap_or(&path);
+        let meta = node.meta();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(meta.mode & 0o7777);
+        h.set_uid(meta.uid.into());
+        h.set_gid(meta.gid.into());
+        h.set_mtime(meta.mtime);
+        match node {
+            Node::Dir(_) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, rel, std::io::empty())?;
+            }
+            Node::File { data, .. } => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len());
+                b.append_data(&mut h, rel, data.reader())?;
+            }
+            Node::Symlink { target, .. } => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, rel, Path::new(target))?;
+            }
+            Node::Fifo { .. } => {
+                h.set_entry_type(tar::EntryType::Fifo);
+                h.set_size(0);
+                b.append_data(&mut h, rel, std::io::empty())?;
+            }
+            Node::Device { .. } | Node::Socket { .. } => {}
+        }
+    }
+    b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::debian::dpkg::Control;
+
+    fn pkg(name: &str, depends: &str, scripts: &[&str]) -> Installed {
+        Installed {
+            control: Control {
+                control: format!("Package: {name}\nArchitecture: amd64\nDepends: {depends}\n")
+                    .into_bytes(),
+                md5sums: None,
+                conffiles: None,
+                scripts: scripts
+                    .iter()
+                    .map(|s| (s.to_string(), b"#!/bin/sh\n".to_vec()))
+                    .collect(),
+            },
+            paths: vec![],
+        }
+    }
+
+    #[test]
+    fn dependencies_are_configured_first() {
+        let installed = [
+            pkg(
+                "nginx",
+                "nginx-common (= 1), libc6 (>= 2.36) | libc6-udeb",
+                &["postinst"],
+            ),
+            pkg("libc6", "libgcc-s1", &["postinst", "preinst"]),
+            pkg(
+                "nginx-common",
+                "debconf, lsb-base:any",
+                &["postinst", "preinst"],
+            ),
+            pkg("libgcc-s1", "libc6", &[]),
+        ];
+        let labels: Vec<String> = steps(&installed, 5).into_iter().map(|s| s.label).collect();
+        assert_eq!(
+            labels,
+            [
+                "policy-rc.d",
+                "libc6 preinst",
+                "nginx-common preinst",
+                "libc6 postinst",
+                "nginx-common postinst",
+                "nginx postinst",
+                "ldconfig"
+            ]
+        );
+        let s = steps(&installed, 5);
+        let post = s.iter().find(|s| s.label == "nginx postinst").unwrap();
+        assert_eq!(
+            post.argv,
+            ["/var/lib/dpkg/info/nginx.postinst", "configure", ""]
+        );
+        assert!(post
+            .env
+            .contains(&("DPKG_MAINTSCRIPT_PACKAGE".into(), "nginx".into())));
+        assert!(post.env.contains(&("SOURCE_DATE_EPOCH".into(), "5".into())));
+    }
+
+    #[test]
+    fn cache_key_depends_on_packages_and_epoch() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        assert_eq!(cache_key(&[a, b], 1), cache_key(&[b, a], 1));
+        assert_ne!(cache_key(&[a, b], 1), cache_key(&[a, b], 2));
+        assert_ne!(cache_key(&[a], 1), cache_key(&[a, b], 1));
+    }
+}
