@@ -21,3 +21,8 @@ fi
 if command -v rustup >/dev/null; then
   rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true
 fi
+# The reproducibility test builds as nobody, whose maintainer-script sandbox
+# maps these subordinate ids (as rootless podman would).
+if ! grep -q '^nobody:' /etc/subuid 2>/dev/null; then
+  $SUDO usermod --add-subuids 300000-365535 --add-subgids 300000-365535 nobody
+fi

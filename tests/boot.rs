@@ -176,6 +176,46 @@ fn unprivileged_build_is_identical() {
     let ia = std::fs::read(a.join("hello.raw")).unwrap();
     let ib = std::fs::read(outb.join("hello.raw")).unwrap();
     assert!(ia == ib, "root and nobody builds differ");
+
+    // A configured image too: nobody runs the maintainer scripts itself
+    // (its own subordinate ids, not root's cached result) and gets the
+    // same bytes.
+    if not_root() {
+        return;
+    }
+    let nginx = k::workspace().join("recipes/nginx.toml");
+    let na = a.join("nginx");
+    k::build(&kiln(), &nginx, &na);
+    let recipe = b.join("nginx.toml");
+    std::fs::copy(&nginx, &recipe).unwrap();
+    std::fs::copy(nginx.with_extension("lock"), b.join("nginx.lock")).unwrap();
+    let cache = b.join("cache-nginx");
+    copy_dir(&k::shared_cache(), &cache);
+    let _ = std::fs::remove_dir_all(cache.join("refs/configured"));
+    let outn = b.join("out-nginx");
+    std::fs::create_dir_all(&outn).unwrap();
+    chown_recursive(&b);
+    let r = k::run(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&bin)
+            .env("HOME", &home)
+            .env_remove("XDG_CACHE_HOME")
+            .args(["build", "--quiet", "--locked"])
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&outn)
+            .arg("--cache")
+            .arg(&cache),
+    );
+    assert!(r.ok, "unprivileged nginx build failed:\n{}", r.stderr);
+    assert!(
+        std::fs::read_dir(cache.join("refs/configured")).is_ok_and(|mut d| d.next().is_some()),
+        "nobody's build did not configure the image itself"
+    );
+    let ia = std::fs::read(na.join("nginx.raw")).unwrap();
+    let ib = std::fs::read(outn.join("nginx.raw")).unwrap();
+    assert!(ia == ib, "root and nobody builds of nginx.toml differ");
 }
 
 /// With a lock and a warm cache a build needs no network: it runs in a

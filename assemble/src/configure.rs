@@ -50,7 +50,7 @@ pub enum ConfigureError {
 /// Cache record kind: configuration inputs → digest of the configured tar.
 const CONFIGURED_REF: &str = "configured";
 /// Bumped when the way images are configured changes.
-const VERSION: &str = "kiln configure v2";
+const VERSION: &str = "kiln configure v3";
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -244,8 +244,24 @@ fn steps(installed: &[Installed], epoch: u64) -> Vec<Step> {
         "ldconfig",
         &format!("rm -f {POLICY_RC_D}; if [ -x /sbin/ldconfig ]; then /sbin/ldconfig; fi"),
     ));
+    // What scripts leave that records when they ran, not what they did
+    // (as mmdebstrap's cleanup): the image stays reproducible.
+    steps.push(shell(
+        "cleanup",
+        &format!("rm -f {}", UNREPRODUCIBLE.join(" ")),
+    ));
     steps
 }
+
+/// Files configuration leaves with times or inode numbers in them.
+const UNREPRODUCIBLE: [&str; 6] = [
+    "/var/log/alternatives.log",
+    "/var/log/dpkg.log",
+    "/var/cache/ldconfig/aux-cache",
+    "/var/cache/debconf/*-old",
+    "/var/lib/dpkg/*-old",
+    "/etc/machine-id",
+];
 
 /// Writes `tree` as a tar stream (device nodes and sockets left out: the
 /// sandbox cannot make them).
@@ -333,7 +349,8 @@ mod tests {
                 "libc6 postinst",
                 "nginx-common postinst",
                 "nginx postinst",
-                "ldconfig"
+                "ldconfig",
+                "cleanup"
             ]
         );
         let s = steps(&installed, 5);
