@@ -517,3 +517,117 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Writes `hostile_1.0_all.deb` into `dir` with `dpkg-deb`: its postinst
+/// tries to write `marker` on the host, change a kernel setting and reach
+/// `port` on the host's loopback, then fails.
+fn hostile_deb(dir: &Path, marker: &Path, port: u16) -> PathBuf {
+    let root = dir.join("hostile");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(root.join("usr/share/hostile")).unwrap();
+    std::fs::write(root.join("usr/share/hostile/README"), "harmless data\n").unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        "Package: hostile\nVersion: 1.0\nArchitecture: all\nMaintainer: Test <t@example.org>\nDepends: bash\nDescription: tries to escape the build sandbox\n",
+    )
+    .unwrap();
+    let postinst = root.join("DEBIAN/postinst");
+    std::fs::write(
+        &postinst,
+        format!(
+            "#!/bin/bash\nmkdir -p {dir} && echo pwned > {marker} && echo wrote-marker\necho 7 > /proc/sys/vm/swappiness && echo changed-swappiness\necho x > /dev/tcp/127.0.0.1/{port} && echo reached-listener\necho hostile-postinst-done\nexit 3\n",
+            dir = marker.parent().unwrap().display(),
+            marker = marker.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&postinst, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let deb = dir.join("hostile_1.0_all.deb");
+    let r = k::run(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "--build"])
+            .arg(&root)
+            .arg(&deb),
+    );
+    assert!(r.ok, "dpkg-deb: {}", r.stderr);
+    deb
+}
+
+/// A package from disk whose postinst attacks the build host: nothing
+/// reaches the host, and the build fails quoting the script's own output.
+#[test]
+fn hostile_package_cannot_touch_the_host() {
+    let dir = k::scratch("hostile");
+    let marker = dir.join("outside").join("pwned");
+    let _ = std::fs::remove_dir_all(marker.parent().unwrap());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let swappiness = std::fs::read_to_string("/proc/sys/vm/swappiness").unwrap();
+    hostile_deb(&dir, &marker, port);
+    let recipe = dir.join("hostile.toml");
+    std::fs::write(
+        &recipe,
+        format!("{HEAD}[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"], debs = [\"hostile_1.0_all.deb\"] }}\ncommand = [\"/bin/busybox\", \"true\"]\n"),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let r = k::try_build(&kiln(), &recipe, &out);
+    assert!(!r.ok, "the build succeeded");
+    assert!(
+        r.stderr.contains("hostile postinst failed (exit status 3)")
+            && r.stderr.contains("hostile-postinst-done"),
+        "{}",
+        r.stderr
+    );
+    // Only the failing script's output is quoted.
+    assert!(!r.stderr.contains("update-alternatives"), "{}", r.stderr);
+    // (Writing the marker succeeds: inside the sandbox's own tree.)
+    for escaped in ["changed-swappiness", "reached-listener"] {
+        assert!(!r.stderr.contains(escaped), "{escaped}:\n{}", r.stderr);
+    }
+    assert!(!marker.exists(), "the postinst wrote to the host");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/vm/swappiness").unwrap(),
+        swappiness
+    );
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the postinst reached the host's listener"
+    );
+    k::assert_no_files(&out);
+}
+
+/// Where user namespaces are forbidden (here: inside one that may create
+/// none), a configured image fails naming the setting, and the same image
+/// with `scripts = false` builds.
+#[test]
+fn forbidden_user_namespaces_name_the_setting() {
+    let dir = k::scratch("no-userns");
+    let body = |scripts: &str| {
+        format!("{HEAD}[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"]{scripts} }}\ncommand = [\"/bin/busybox\", \"true\"]\n")
+    };
+    let build = |name: &str, text: String| {
+        let recipe = dir.join(format!("{name}.toml"));
+        std::fs::write(&recipe, text).unwrap();
+        let script = format!(
+            "echo 0 > /proc/sys/user/max_user_namespaces && exec {kiln} build --quiet {recipe} -o {out} --cache {cache}",
+            kiln = kiln().display(),
+            recipe = recipe.display(),
+            out = dir.join(name).display(),
+            cache = k::shared_cache().display()
+        );
+        k::run(Command::new("unshare").args(["--user", "--map-root-user", "sh", "-c", &script]))
+    };
+    let r = build("configured", body(""));
+    assert!(!r.ok, "built without a sandbox");
+    assert!(
+        r.stderr.contains("user.max_user_namespaces") && r.stderr.contains("scripts = false"),
+        "{}",
+        r.stderr
+    );
+    let r = build("unpacked", body(", scripts = false"));
+    assert!(r.ok, "{}", r.stderr);
+}

@@ -489,6 +489,29 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, DebianError
     Ok(body.to_vec())
 }
 
+/// The control files of a .deb held in memory (a local package).
+pub fn read_control(deb: &[u8]) -> Result<dpkg::Control, String> {
+    let members = ar::members(deb)?;
+    match members.first() {
+        Some(m) if m.name == "debian-binary" && m.data.starts_with(b"2.") => {}
+        _ => return Err("not a Debian 2.x binary package".into()),
+    }
+    let m = members
+        .iter()
+        .find(|m| m.name.starts_with("control.tar"))
+        .ok_or("no control.tar member")?;
+    let compression = match &m.name["control.tar".len()..] {
+        "" => Compression::None,
+        ".gz" => Compression::Gzip,
+        ".xz" => Compression::Xz,
+        ".zst" => Compression::Zstd,
+        other => return Err(format!("unknown control.tar compression {other:?}")),
+    };
+    let tar = crate::layers::decompress_stream(compression, m.data)
+        .map_err(|e| format!("{}: {e}", m.name))?;
+    dpkg::Control::from_tar(tar).map_err(|e| format!("{}: {e}", m.name))
+}
+
 /// The filesystem payload of a .deb (`data.tar[.gz|.xz|.zst]`) as a layer.
 /// Maintainer scripts (in `control.tar`) are deliberately not used.
 /// `pkg_name_version` is `NAME=VERSION`; `digest` is the .deb's.

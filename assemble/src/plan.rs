@@ -339,6 +339,72 @@ fn diff(input: &str, old: Option<&Pin>, new: &Pin) -> Vec<Change> {
     out
 }
 
+/// A .deb from disk named by a recipe, read at every resolve (it may have
+/// changed) and put in the cache, where the fetch stage finds it.
+#[derive(Debug, Clone)]
+struct LocalDeb {
+    package: Package,
+    /// Its Pre-Depends and Depends: the first alternative of each group.
+    depends: Vec<String>,
+}
+
+/// Local .debs by path as written in the recipe.
+type LocalDebs = BTreeMap<String, LocalDeb>;
+
+fn local_debs(recipe: &Recipe, cache: &Cache) -> Result<LocalDebs, PlanError> {
+    let mut out = LocalDebs::new();
+    for c in &recipe.containers {
+        let ImageSource::Debian { debs, .. } = &c.image.value else {
+            continue;
+        };
+        for d in debs {
+            if out.contains_key(d) {
+                continue;
+            }
+            let bad = |msg: String| -> PlanError {
+                recipe
+                    .error(&c.image.loc, format!("debs: {d}: {msg}"))
+                    .into()
+            };
+            let path = recipe.dir().join(d);
+            let data = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+            let control = crate::debian::read_control(&data).map_err(bad)?;
+            let field = |f: &str| control.field(f).ok_or_else(|| bad(format!("no {f} field")));
+            let sha256 = Digest::of(&data);
+            cache.put(&sha256, &data).map_err(|e| PlanError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            let depends = ["Pre-Depends", "Depends"]
+                .iter()
+                .filter_map(|f| control.field(f))
+                .flat_map(|v| {
+                    v.split(',')
+                        .filter_map(|g| g.split('|').next())
+                        .map(|a| a.trim().to_string())
+                        .filter(|a| !a.is_empty())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            out.insert(
+                d.clone(),
+                LocalDeb {
+                    package: Package {
+                        name: field("Package")?,
+                        version: field("Version")?,
+                        architecture: field("Architecture")?,
+                        filename: format!("local:{d}"),
+                        sha256,
+                        size: data.len() as u64,
+                    },
+                    depends,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Resolves every input of `recipe` to a pin.
 pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resolved, PlanError> {
     let mut archives = Archives {
@@ -346,8 +412,10 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
         open: BTreeMap::new(),
     };
     let lock = opts.lock;
+    // Read every time: a local file may have changed under the lock.
+    let local = local_debs(recipe, opts.cache)?;
     if opts.mode == LockMode::Locked {
-        locked_precheck(recipe, lock)?;
+        locked_precheck(recipe, lock, &local)?;
     }
     let mut changes = Vec::new();
 
@@ -436,8 +504,9 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
                 suite,
                 packages,
                 scripts,
+                debs,
             } => {
-                let source = container_source(recipe, c);
+                let source = container_source(recipe, c, &local);
                 let locked = locked_entry
                     .map(|i| i.pin.clone())
                     .filter(|p| p.source == source);
@@ -451,9 +520,22 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
                         if *scripts {
                             roots.extend(archive.essential());
                         }
-                        let closure = archive
+                        // Local packages bring their dependencies, not
+                        // themselves, from the archive.
+                        let mine: Vec<&LocalDeb> =
+                            debs.iter().filter_map(|d| local.get(d)).collect();
+                        roots.extend(mine.iter().flat_map(|l| l.depends.iter().cloned()).filter(
+                            |dep| {
+                                let n = dep.split([' ', '(', ':']).next().unwrap_or(dep);
+                                !mine.iter().any(|l| l.package.name == n)
+                            },
+                        ));
+                        let mut closure = archive
                             .resolve(&roots)
                             .map_err(|e| recipe_or(recipe, &c.image.loc, name, e))?;
+                        closure.retain(|p| !mine.iter().any(|l| l.package.name == p.name));
+                        closure.extend(mine.iter().map(|l| l.package.clone()));
+                        closure.sort_by(|a, b| a.name.cmp(&b.name));
                         Pin {
                             source: source.clone(),
                             mirror: Some(suite.mirror.clone()),
@@ -465,7 +547,7 @@ pub async fn resolve(recipe: &Recipe, opts: &ResolveOptions<'_>) -> Result<Resol
                 pin
             }
             ImageSource::Oci(r) => {
-                let source = container_source(recipe, c);
+                let source = container_source(recipe, c, &local);
                 let locked = locked_entry
                     .map(|i| i.pin.clone())
                     .filter(|p| p.source == source);
@@ -570,20 +652,31 @@ fn stub_suite(recipe: &Recipe) -> DebianSuite {
 }
 
 /// The lock key of a container's image.
-fn container_source(recipe: &Recipe, c: &crate::recipe::ContainerSpec) -> String {
+fn container_source(
+    recipe: &Recipe,
+    c: &crate::recipe::ContainerSpec,
+    local: &LocalDebs,
+) -> String {
     match &c.image.value {
         ImageSource::Debian {
             suite,
             packages,
             scripts,
+            debs,
         } => {
-            let s = debian_source(suite, packages);
+            let mut s = debian_source(suite, packages);
             // Configured images also hold the Essential set: another pin.
             if *scripts {
-                format!("{s} (configured)")
-            } else {
-                s
+                s.push_str(" (configured)");
             }
+            // A local .deb that changed is another input.
+            let mut debs = debs.clone();
+            debs.sort();
+            for d in debs {
+                let digest = local.get(&d).map(|l| l.package.sha256.to_string());
+                s.push_str(&format!(" +{d}@{}", digest.unwrap_or_default()));
+            }
+            s
         }
         ImageSource::Oci(r) => image_source(recipe, r),
     }
@@ -591,7 +684,11 @@ fn container_source(recipe: &Recipe, c: &crate::recipe::ContainerSpec) -> String
 
 /// With `--locked`, what the lock does not pin is reported before anything
 /// is resolved, so a locked build never reaches the network for it.
-fn locked_precheck(recipe: &Recipe, lock: Option<&Plan>) -> Result<(), PlanError> {
+fn locked_precheck(
+    recipe: &Recipe,
+    lock: Option<&Plan>,
+    local: &LocalDebs,
+) -> Result<(), PlanError> {
     let change = |input: &str, what: String| Change {
         input: input.to_string(),
         what,
@@ -617,7 +714,7 @@ fn locked_precheck(recipe: &Recipe, lock: Option<&Plan>) -> Result<(), PlanError
     }
     for c in &recipe.containers {
         let name = c.name.value.as_str();
-        let source = container_source(recipe, c);
+        let source = container_source(recipe, c, local);
         match lock.images.iter().find(|i| i.container == name) {
             None => changes.push(change(name, format!("{source} added"))),
             Some(i) if i.pin.source != source => {
@@ -851,7 +948,7 @@ mod tests {
         )
         .unwrap();
         let lock = plan();
-        match locked_precheck(&r, Some(&lock)) {
+        match locked_precheck(&r, Some(&lock), &LocalDebs::new()) {
             Err(PlanError::LockedDrift { changes }) => assert_eq!(
                 changes,
                 vec![Change {
@@ -862,7 +959,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            locked_precheck(&r, None),
+            locked_precheck(&r, None, &LocalDebs::new()),
             Err(PlanError::LockedDrift { .. })
         ));
         let mut whole = lock.clone();
@@ -875,7 +972,7 @@ mod tests {
                 packages: vec![],
             },
         });
-        locked_precheck(&r, Some(&whole)).unwrap();
+        locked_precheck(&r, Some(&whole), &LocalDebs::new()).unwrap();
     }
 
     #[test]

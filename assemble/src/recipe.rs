@@ -174,6 +174,8 @@ pub enum ImageSource {
         /// Configured as dpkg would (the suite's Essential packages added,
         /// maintainer scripts run in a sandbox); `false`: only unpacked.
         scripts: bool,
+        /// .deb files from disk, as written (relative to the recipe).
+        debs: Vec<String>,
     },
 }
 
@@ -634,6 +636,7 @@ mod raw {
             packages: Vec<String>,
             suite: Option<String>,
             scripts: Option<bool>,
+            debs: Vec<String>,
         },
     }
 
@@ -652,15 +655,17 @@ mod raw {
                     let mut packages: Option<Vec<String>> = None;
                     let mut suite = None;
                     let mut scripts = None;
+                    let mut debs = Vec::new();
                     while let Some(k) = map.next_key::<String>()? {
                         match k.as_str() {
                             "debian" => packages = Some(map.next_value()?),
                             "suite" => suite = Some(map.next_value()?),
                             "scripts" => scripts = Some(map.next_value()?),
+                            "debs" => debs = map.next_value()?,
                             other => {
                                 return Err(de::Error::unknown_field(
                                     other,
-                                    &["debian", "suite", "scripts"],
+                                    &["debian", "suite", "scripts", "debs"],
                                 ))
                             }
                         }
@@ -670,6 +675,7 @@ mod raw {
                         packages,
                         suite,
                         scripts,
+                        debs,
                     })
                 }
             }
@@ -926,13 +932,17 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         let image = match c.image.get_ref() {
             raw::Image::Ref(s) if s.trim().is_empty() => return Err(l.at(&c.image, "is empty")),
             raw::Image::Ref(s) => ImageSource::Oci(image_ref_str(l, &c.image, s, &resolve)?),
-            raw::Image::Debian { packages, .. } if packages.is_empty() => {
+            raw::Image::Debian { packages, debs, .. } if packages.is_empty() && debs.is_empty() => {
                 return Err(l.at(&c.image, "lists no Debian package"));
+            }
+            raw::Image::Debian { debs, .. } if debs.iter().any(|d| !d.ends_with(".deb")) => {
+                return Err(l.at(&c.image, "`debs` lists files ending in .deb"));
             }
             raw::Image::Debian {
                 packages,
                 suite,
                 scripts,
+                debs,
             } => ImageSource::Debian {
                 suite: DebianSuite {
                     mirror: kernel_suite.mirror.clone(),
@@ -940,6 +950,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                 },
                 packages: packages.clone(),
                 scripts: scripts.unwrap_or(true),
+                debs: debs.clone(),
             },
         };
         if let Some(cmd) = &c.command {
@@ -1303,6 +1314,7 @@ size = "512M"
                 },
                 packages: vec!["busybox-static".into()],
                 scripts: true,
+                debs: vec![],
             }
         );
         assert_eq!(r.containers[0].kind, Kind::Onboot);

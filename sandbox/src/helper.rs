@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 /// Prefix of the helper's last stderr line when a step failed:
 /// `FAILED label \t how`.
 pub(crate) const FAILED: &str = "kiln-sandbox-step-failed\t";
+/// Line the helper writes to stderr before each step's output.
+pub(crate) const STEP: &str = "kiln-sandbox-step\t";
 /// Prefix of the helper's last stderr line when anything else failed.
 pub(crate) const ERROR: &str = "kiln-sandbox-error\t";
 
@@ -182,6 +184,7 @@ fn pid1(input: &mut impl BufRead) -> Result<i32, String> {
 fn configure(req: &Request, dir: &Path, pivoted: &mut bool) -> Result<i32, String> {
     make_root(dir, pivoted)?;
     for step in &req.steps {
+        eprintln!("{STEP}{}", step.label);
         let (code, how) = run_step(step)?;
         if code != 0 {
             eprintln!("{FAILED}{}\t{how}", step.label);

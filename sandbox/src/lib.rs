@@ -255,11 +255,6 @@ impl Sandbox {
         if let IdMap::Unavailable { message } = &self.ids {
             return Err(SandboxError::IdMap(message.clone()));
         }
-        // Root inside must own the directory it unpacks into.
-        if let IdMap::Direct { start, .. } = self.ids {
-            std::os::unix::fs::chown(&req.dir, Some(start), Some(start))
-                .map_err(|e| SandboxError::IdMap(format!("chown {}: {e}", req.dir.display())))?;
-        }
         let mut child = Command::new(&self.program)
             .args(&self.args)
             .stdin(Stdio::piped())
@@ -296,6 +291,12 @@ impl Sandbox {
                     }
                     None => {}
                 }
+                // Root inside must own the directory it unpacks into.
+                if let IdMap::Direct { start, .. } = self.ids {
+                    std::os::unix::fs::chown(&req.dir, Some(start), Some(start)).map_err(|e| {
+                        SandboxError::IdMap(format!("chown {}: {e}", req.dir.display()))
+                    })?;
+                }
                 self.ids.apply(child.id())?;
                 let header = serde_json::to_string(req).map_err(|e| helper_err(e.into()))?;
                 let feed = s.spawn(move || -> io::Result<()> {
@@ -331,10 +332,16 @@ impl Sandbox {
                 .find_map(|l| l.strip_prefix(helper::FAILED))
             {
                 let (label, how) = failed.split_once('\t').unwrap_or((failed, "failed"));
+                // Only what the failing step printed.
                 let before = text
                     .rfind(helper::FAILED)
                     .map(|i| &text[..i])
                     .unwrap_or_default();
+                let before = before
+                    .rfind(helper::STEP)
+                    .map(|i| &before[i..])
+                    .and_then(|s| s.split_once('\n'))
+                    .map_or(before, |(_, rest)| rest);
                 return Err(SandboxError::StepFailed {
                     label: label.to_string(),
                     status: how.to_string(),

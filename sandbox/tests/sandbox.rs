@@ -181,6 +181,7 @@ fn steps_cannot_touch_the_host() {
         ("hostile postinst", "exit status 3")
     );
     assert!(output.contains("hostile-step-ran"), "{output}");
+    assert!(!output.contains("kiln-sandbox"), "{output}");
     assert!(!marker.exists(), "the step wrote to the host");
     assert_eq!(
         std::fs::read_to_string("/proc/sys/vm/swappiness").unwrap(),
