@@ -120,7 +120,7 @@ row "hello.toml warm build vs tool pipeline" "$kiln_hello" "$tools_hello" "$(rat
 # ---- the 112-package image ----
 big="$work/big"
 mkdir -p "$big"
-write_recipe() { # NAME PACKAGES COMPRESSION
+write_recipe() { # NAME PACKAGES COMPRESSION [SCRIPTS]
   cat >"$big/$1.toml" <<EOF
 name = "$1"
 version = "1"
@@ -128,7 +128,7 @@ version = "1"
 debian = "linux-image-cloud-amd64"
 [[service]]
 name = "app"
-image = { debian = [$2] }
+image = { debian = [$2], scripts = ${4:-false} }
 command = ["/usr/bin/python3", "-c", "print(1)"]
 [disk]
 size = "2G"
@@ -171,6 +171,22 @@ row "$npkg pkgs: rebuild, nothing changed (vs first)" "$kiln_again" "$kiln_first
 write_recipe big "$pkgs, \"tree\"" zstd:15
 read -r kiln_add _ < <(measure "$kiln" build -q "$big/big.toml" -o "$big/out" --cache "$cache")
 row "$npkg pkgs: add one small package (vs first)" "$kiln_add" "$kiln_first" "$(ratio "$kiln_add" "$kiln_first")"
+
+# Configured (maintainer scripts run, Essential set added): its own budget.
+write_recipe conf "$pkgs" zstd:15 true
+"$kiln" build -q "$big/conf.toml" -o "$big/outc" --cache "$cache"
+rm -rf "$cache/refs/configured" "$cache/squashfs"
+read -r kiln_conf _ < <(measure "$kiln" build -q --locked "$big/conf.toml" -o "$big/outc" --cache "$cache")
+rm -rf "$cache/squashfs"
+read -r kiln_conf_packed _ < <(measure "$kiln" build -q --locked "$big/conf.toml" -o "$big/outc" --cache "$cache")
+read -r kiln_conf_again _ < <(measure "$kiln" build -q --locked "$big/conf.toml" -o "$big/outc" --cache "$cache")
+write_recipe conf "$pkgs, \"tree\"" zstd:15 true
+read -r kiln_conf_add _ < <(measure "$kiln" build -q "$big/conf.toml" -o "$big/outc" --cache "$cache")
+nconf=$(grep -c '^\[\[image.packages\]\]' "$big/conf.lock")
+conf_s=$(awk "BEGIN { printf \"%.2f\", $kiln_conf - $kiln_conf_packed }")
+row "configured, $nconf pkgs: running the scripts (first build minus a build with them cached)" "$conf_s" "$kiln_conf" "$(ratio "$conf_s" "$kiln_conf")"
+row "configured: rebuild, nothing changed (vs first)" "$kiln_conf_again" "$kiln_conf" "$(ratio "$kiln_conf_again" "$kiln_conf")"
+row "configured: add one small package, scripts rerun (vs first)" "$kiln_conf_add" "$kiln_conf" "$(ratio "$kiln_conf_add" "$kiln_conf")"
 
 write_recipe big3 "$pkgs" zstd:3
 "$kiln" lock -q "$big/big3.toml" --cache "$cache"

@@ -364,3 +364,26 @@ fn nginx_serves_its_default_page() {
         "{console}"
     );
 }
+
+/// Python's http.server and PostgreSQL from Debian packages: each built
+/// from its recipe and asked over loopback by a second container (the
+/// database initialised at first start into its tmpfs, with the socket
+/// directory its tmpfiles.d asks for).
+#[test]
+fn python_and_postgres_answer() {
+    for (recipe, image, line) in [
+        (
+            "python-http.toml",
+            "python-http.raw",
+            "probe| <title>Directory listing for /</title>",
+        ),
+        ("postgres.toml", "postgres.raw", "client| 1"),
+    ] {
+        let out = k::scratch(&format!("answer-{recipe}"));
+        k::build(&kiln(), &k::workspace().join("recipes").join(recipe), &out);
+        let console = k::boot_until(&kiln(), &out.join(image), 300, |l| {
+            l.starts_with("probe| ") || l.starts_with("client| ") || l.contains(": exited")
+        });
+        assert!(console.contains(line), "{recipe}:\n{console}");
+    }
+}

@@ -206,6 +206,41 @@ pub fn lookup<'t>(tree: &'t Tree, path: &str) -> Option<(PathBuf, &'t Node)> {
     Some((final_path, node))
 }
 
+/// The mode and owner a `d PATH MODE USER GROUP` line of the image's
+/// tmpfiles.d gives `path`, if one does.
+fn tmpfiles_dir(rootfs: &Tree, path: &str) -> Option<Meta> {
+    for dir in ["/etc/tmpfiles.d", "/usr/lib/tmpfiles.d"] {
+        let Some(d) = rootfs.dir(Path::new(dir)) else {
+            continue;
+        };
+        for (name, node) in &d.entries {
+            let Node::File { data, .. } = node else {
+                continue;
+            };
+            if !name.to_string_lossy().ends_with(".conf") {
+                continue;
+            }
+            let Ok(text) = data.bytes() else { continue };
+            for line in String::from_utf8_lossy(&text).lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 5 || !matches!(f[0], "d" | "D") || f[1] != path {
+                    continue;
+                }
+                let mode = u32::from_str_radix(f[2], 8).unwrap_or(0o755);
+                let id = users::resolve(rootfs, &format!("{}:{}", f[3], f[4])).ok()?;
+                return Some(Meta {
+                    mode,
+                    uid: id.uid,
+                    gid: id.gid,
+                    mtime: 0,
+                    xattrs: Default::default(),
+                });
+            }
+        }
+    }
+    None
+}
+
 /// How much of a command's file is read to check it.
 const HEAD: usize = 64 * 1024;
 
@@ -430,8 +465,9 @@ fn container_config(
     }
     mountpoints.push((cwd.clone(), false));
 
-    // A tmpfs takes the mode and owner of the image's directory (made
-    // 0755 root when the image has none, as a mount point must exist).
+    // A tmpfs takes the mode and owner of the image's directory, else of
+    // the image's tmpfiles.d entry for it (what systemd would make at
+    // boot: /run/postgresql), else 0755 root; a mount point must exist.
     let mut tmpfs = Vec::new();
     for t in &spec.tmpfs {
         let path = &t.value.path;
@@ -446,7 +482,7 @@ fn container_config(
                     .into())
             }
             None => {
-                let meta = Meta::root(0o755);
+                let meta = tmpfiles_dir(rootfs, path).unwrap_or_else(|| Meta::root(0o755));
                 rootfs
                     .mkdir_p(Path::new(path), &meta)
                     .map_err(|source| HostError::Tree {

@@ -383,7 +383,15 @@ pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), Failur
             "size={},mode={:o},uid={},gid={}",
             t.size, t.mode, t.uid, t.gid
         );
-        tmpfs(sys, &at(&t.path), NOSUID_NODEV, &data)?;
+        let target = at(&t.path);
+        // Below /run or /tmp the image's directory is hidden: make it.
+        if sys.kind(&target).is_none() {
+            step(
+                &format!("make mount point {}", t.path),
+                sys.mkdir_all(&target),
+            )?;
+        }
+        tmpfs(sys, &target, NOSUID_NODEV, &data)?;
     }
     for b in &c.binds {
         let target = at(&b.target);
@@ -698,13 +706,22 @@ mod tests {
         sys.add(&format!("{ROOT}/etc/web"), b"");
         sys.add(&format!("{ROOT}/data/x"), b"");
         let mut c = container();
-        c.tmpfs = vec![kiln_init::config::Tmpfs {
-            path: "/var/lib/nginx".into(),
-            size: 1 << 20,
-            mode: 0o750,
-            uid: 33,
-            gid: 33,
-        }];
+        c.tmpfs = vec![
+            kiln_init::config::Tmpfs {
+                path: "/var/lib/nginx".into(),
+                size: 1 << 20,
+                mode: 0o750,
+                uid: 33,
+                gid: 33,
+            },
+            kiln_init::config::Tmpfs {
+                path: "/run/postgresql".into(),
+                size: 1 << 20,
+                mode: 0o2775,
+                uid: 100,
+                gid: 102,
+            },
+        ];
         c.binds.push(Bind {
             source: "/run/app/sock".into(),
             target: "/var/lib/nginx/sock".into(),
@@ -718,6 +735,9 @@ mod tests {
                 .unwrap_or_else(|| panic!("missing {want:?} in {log:#?}"))
         };
         let mount = at("mount tmpfs /run/kiln/web/var/lib/nginx tmpfs nosuid,nodev size=1048576,mode=750,uid=33,gid=33");
+        // Under the container's own /run tmpfs: its mount point is made.
+        let run = at("mkdir -p /run/kiln/web/run/postgresql");
+        assert!(run < at("mount tmpfs /run/kiln/web/run/postgresql tmpfs nosuid,nodev size=1048576,mode=2775,uid=100,gid=102"));
         let made = at("mkdir -p /run/kiln/web/var/lib/nginx/sock");
         let bound = at("mount /run/app/sock /run/kiln/web/var/lib/nginx/sock - bind,rec -");
         assert!(mount < made && made < bound, "{log:#?}");
