@@ -381,6 +381,21 @@ fn python_and_postgres_answer() {
     ] {
         let out = k::scratch(&format!("answer-{recipe}"));
         k::build(&kiln(), &k::workspace().join("recipes").join(recipe), &out);
+        if recipe == "postgres.toml" {
+            // The recipe's file reached the scripts: no cluster was baked.
+            let parts = k::partitions(&out.join(image));
+            let root = out.join("root.img");
+            k::extract_partition(&out.join(image), &parts[1], &root);
+            let ls = k::run(Command::new("unsquashfs").arg("-lln").arg(&root));
+            assert!(ls.ok, "unsquashfs: {}", ls.stderr);
+            assert!(
+                ls.stdout
+                    .contains("rootfs/etc/postgresql-common/createcluster.d/kiln.conf")
+                    && !ls.stdout.contains("rootfs/var/lib/postgresql/17"),
+                "{}",
+                ls.stdout
+            );
+        }
         let console = k::boot_until(&kiln(), &out.join(image), 300, |l| {
             l.starts_with("probe| ") || l.starts_with("client| ") || l.contains(": exited")
         });

@@ -54,22 +54,42 @@ const VERSION: &str = "kiln configure v3";
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The configured `tree` of container `container`, whose packages are
-/// `debs` (their .deb digests) and `installed`.
+/// A container's unpacked image, and what its configured tree depends on.
+pub struct Unpacked<'a> {
+    /// The container.
+    pub container: &'a str,
+    /// Its tree, unpacked, with dpkg's database and users.
+    pub tree: &'a Tree,
+    /// Its packages' control files.
+    pub installed: &'a [Installed],
+    /// Its packages' .deb digests.
+    pub debs: &'a [Digest],
+    /// The recipe's files for the image, one line each (path, mode,
+    /// owner, content digest).
+    pub files: &'a str,
+    /// The lock's `source_date_epoch`.
+    pub epoch: u64,
+}
+
+/// The configured tree of `image`.
 pub fn configure(
-    container: &str,
-    tree: &Tree,
-    installed: &[Installed],
-    debs: &[Digest],
-    epoch: u64,
+    image: &Unpacked<'_>,
     cache: &Cache,
     sandbox: Option<&Sandbox>,
 ) -> Result<Tree, ConfigureError> {
+    let Unpacked {
+        container,
+        tree,
+        installed,
+        debs,
+        files,
+        epoch,
+    } = *image;
     let fetch_err = |e: FetchError| ConfigureError::Fetch {
         container: container.to_string(),
         source: Box::new(e),
     };
-    let key = cache_key(debs, epoch);
+    let key = cache_key(debs, files, epoch);
     let name = format!("{container} (configured)");
     let cached = cache
         .read_ref(CONFIGURED_REF, &key)
@@ -112,12 +132,23 @@ pub fn configure(
                 (r, fed)
             });
             let _ = std::fs::remove_dir(&dir);
-            let (parsed, blob) = result.0.map_err(|source| ConfigureError::Sandbox {
-                container: container.to_string(),
-                source,
-            })?;
-            // The helper read the whole tree, or it would have failed.
-            let _ = result.1;
+            let (parsed, blob) = match result {
+                (Ok(v), _) => v,
+                // A tree that could not be read is why the helper failed
+                // (a closed pipe is only that the helper stopped reading).
+                (Err(_), Err(e)) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(fetch_err(FetchError::Read {
+                        what: "the tree for its scripts".into(),
+                        source: e,
+                    }))
+                }
+                (Err(source), _) => {
+                    return Err(ConfigureError::Sandbox {
+                        container: container.to_string(),
+                        source,
+                    })
+                }
+            };
             commit_ref(cache, CONFIGURED_REF, &key, blob).map_err(fetch_err)?;
             parsed
         }
@@ -131,11 +162,13 @@ pub fn configure(
     Ok(out)
 }
 
-fn cache_key(debs: &[Digest], epoch: u64) -> String {
+/// What the configured tree depends on: the packages, the recipe's files
+/// for the image (`files`, one line each), the epoch, kiln's version.
+fn cache_key(debs: &[Digest], files: &str, epoch: u64) -> String {
     let mut sorted = debs.to_vec();
     sorted.sort();
     let mut text = format!(
-        "{VERSION}\nkiln {}\nepoch {epoch}\n",
+        "{VERSION}\nkiln {}\nepoch {epoch}\n{files}",
         env!("CARGO_PKG_VERSION")
     );
     for d in sorted {
@@ -369,8 +402,12 @@ mod tests {
     fn cache_key_depends_on_packages_and_epoch() {
         let a = Digest::of(b"a");
         let b = Digest::of(b"b");
-        assert_eq!(cache_key(&[a, b], 1), cache_key(&[b, a], 1));
-        assert_ne!(cache_key(&[a, b], 1), cache_key(&[a, b], 2));
-        assert_ne!(cache_key(&[a], 1), cache_key(&[a, b], 1));
+        assert_eq!(cache_key(&[a, b], "", 1), cache_key(&[b, a], "", 1));
+        assert_ne!(cache_key(&[a, b], "", 1), cache_key(&[a, b], "", 2));
+        assert_ne!(cache_key(&[a], "", 1), cache_key(&[a, b], "", 1));
+        assert_ne!(
+            cache_key(&[a], "", 1),
+            cache_key(&[a], "/etc/x 644 0:0 d\n", 1)
+        );
     }
 }

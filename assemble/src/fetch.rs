@@ -274,6 +274,39 @@ pub async fn fetch(
         .zip(&plan.images)
     {
         let mut tree = tree;
+        // The recipe's files for this image, before its scripts run.
+        let mut file_key = String::new();
+        for f in recipe.files.iter().filter(|f| {
+            f.container
+                .as_ref()
+                .is_some_and(|n| n.value == c.name.value)
+        }) {
+            let node = file_node(f, plan.source_date_epoch).map_err(|(path, source)| {
+                FetchError::Read {
+                    what: path.display().to_string(),
+                    source,
+                }
+            })?;
+            if let Node::File { data, .. } = &node {
+                let bytes = data.bytes().map_err(|source| FetchError::Read {
+                    what: f.path.value.clone(),
+                    source,
+                })?;
+                file_key.push_str(&format!(
+                    "{} {:o} {}:{} {}\n",
+                    f.path.value,
+                    f.mode,
+                    f.uid,
+                    f.gid,
+                    crate::cache::Digest::of(&bytes)
+                ));
+            }
+            tree.insert(Path::new(&f.path.value), node)
+                .map_err(|source| FetchError::Tree {
+                    what: format!("container {}: [[file]] {}", c.name.value, f.path.value),
+                    source,
+                })?;
+        }
         if let crate::recipe::ImageSource::Debian { scripts, .. } = c.image.value {
             let tree_err = |what: &str| {
                 let what = format!("container {}: {what}", c.name.value);
@@ -290,16 +323,15 @@ pub async fn fetch(
             })?;
             if scripts {
                 let debs: Vec<_> = pin.pin.packages.iter().map(|p| p.sha256).collect();
-                tree = crate::configure::configure(
-                    &c.name.value,
-                    &tree,
-                    &installed,
-                    &debs,
-                    plan.source_date_epoch,
-                    cache,
-                    sandbox,
-                )
-                .map_err(Box::new)?;
+                let image = crate::configure::Unpacked {
+                    container: &c.name.value,
+                    tree: &tree,
+                    installed: &installed,
+                    debs: &debs,
+                    files: &file_key,
+                    epoch: plan.source_date_epoch,
+                };
+                tree = crate::configure::configure(&image, cache, sandbox).map_err(Box::new)?;
             }
         }
         images.push(ContainerImage { tree, config });
@@ -308,6 +340,37 @@ pub async fn fetch(
         kernel,
         stub,
         images,
+    })
+}
+
+/// The tree node of a recipe `[[file]]` (a source file is streamed from
+/// disk when the root is written); a read error names the file.
+pub(crate) fn file_node(
+    f: &crate::recipe::FileSpec,
+    mtime: u64,
+) -> Result<Node, (std::path::PathBuf, std::io::Error)> {
+    let data = match &f.contents {
+        crate::recipe::FileContents::Inline(c) => kiln_formats::tree::FileData::from(c.clone()),
+        crate::recipe::FileContents::Source(p) => {
+            let io = |e| (p.value.clone(), e);
+            let file = std::fs::File::open(&p.value).map_err(io)?;
+            let len = file.metadata().map_err(io)?.len();
+            kiln_formats::tree::FileData::extent(
+                &Backing::new(file, p.value.display().to_string()),
+                0,
+                len,
+            )
+        }
+    };
+    Ok(Node::File {
+        meta: kiln_formats::tree::Meta {
+            mode: f.mode & 0o7777,
+            uid: f.uid,
+            gid: f.gid,
+            mtime,
+            xattrs: Default::default(),
+        },
+        data,
     })
 }
 

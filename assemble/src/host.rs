@@ -5,9 +5,9 @@
 
 use crate::fetch::ContainerImage;
 use crate::oci::ImageConfig;
-use crate::recipe::{ContainerSpec, FileContents, Kind, Recipe, RecipeError};
+use crate::recipe::{ContainerSpec, Kind, Recipe, RecipeError};
 use crate::users;
-use kiln_formats::tree::{Backing, FileData, Meta, Node, Tree, TreeError};
+use kiln_formats::tree::{Meta, Node, Tree, TreeError};
 pub use kiln_init::config::DEFAULT_PATH;
 use kiln_init::config::{
     self as initcfg, Bind, Container, FileEntry, HostConfig, CONTAINER_MOUNTPOINTS,
@@ -73,32 +73,12 @@ pub fn assemble(
     };
     let tree_err = |what: String| move |source| HostError::Tree { what, source };
 
-    // Recipe files first: bind sources are checked against them.
-    for f in &recipe.files {
-        let data = match &f.contents {
-            FileContents::Inline(c) => FileData::from(c.clone()),
-            // Streamed from the recipe's file when the root is written.
-            FileContents::Source(p) => {
-                let io = |source| HostError::Io {
-                    path: p.value.clone(),
-                    source,
-                };
-                let file = std::fs::File::open(&p.value).map_err(io)?;
-                let len = file.metadata().map_err(io)?.len();
-                FileData::extent(&Backing::new(file, p.value.display().to_string()), 0, len)
-            }
-        };
+    // Recipe files first: bind sources are checked against them. (Those
+    // for a container's image are in it already.)
+    for f in recipe.files.iter().filter(|f| f.container.is_none()) {
+        let node = crate::fetch::file_node(f, source_date_epoch)
+            .map_err(|(path, source)| HostError::Io { path, source })?;
         let path = &f.path.value;
-        let node = Node::File {
-            meta: Meta {
-                mode: f.mode & 0o7777,
-                uid: f.uid,
-                gid: f.gid,
-                mtime: source_date_epoch,
-                xattrs: Default::default(),
-            },
-            data,
-        };
         // A tmpfs covers these at boot: the init copies them into place.
         let at = if initcfg::is_runtime_file(path) {
             config.files.push(FileEntry {

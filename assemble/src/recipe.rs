@@ -239,7 +239,10 @@ pub struct BindSpec {
 /// A `[[file]]` entry: a file placed in the root filesystem.
 #[derive(Debug, Clone)]
 pub struct FileSpec {
-    /// Absolute path in the root filesystem.
+    /// The container whose image gets the file (before its maintainer
+    /// scripts run); `None`: the host root.
+    pub container: Option<At<String>>,
+    /// Absolute path in the root filesystem (or the container's image).
     pub path: At<String>,
     /// What the file holds.
     pub contents: FileContents,
@@ -686,6 +689,7 @@ mod raw {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct File {
+        pub container: Option<Spanned<String>>,
         pub path: Spanned<String>,
         pub contents: Option<Spanned<String>>,
         pub source: Option<Spanned<String>>,
@@ -1039,7 +1043,13 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         if !is_clean_absolute(p) {
             return Err(l.at(&f.path, "must be an absolute path without `..`"));
         }
-        if !paths.insert(p.clone()) {
+        if let Some(c) = &f.container {
+            if !containers.iter().any(|x| x.name.value == *c.get_ref()) {
+                return Err(l.at(c, format!("no container is named {:?}", c.get_ref())));
+            }
+        }
+        let target = f.container.as_ref().map(|c| c.get_ref().clone());
+        if !paths.insert((target, p.clone())) {
             return Err(l.at(&f.path, format!("{p} is declared twice")));
         }
         let contents = match (f.contents, f.source) {
@@ -1069,6 +1079,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             None => 0o644,
         };
         files.push(FileSpec {
+            container: f.container.map(|c| l.located(c)),
             path: l.located(f.path),
             contents,
             mode,
@@ -1472,6 +1483,21 @@ size = "512M"
     fn syntax_error_is_located() {
         let e = err("name = \"x\"\nversion = \n");
         assert_eq!(e.loc.line, 2, "{e}");
+    }
+
+    #[test]
+    fn container_files_name_a_container() {
+        let text = |c: &str| {
+            format!("name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"k\"\n[[service]]\nname = \"db\"\nimage = \"busybox\"\n[[file]]\ncontainer = \"{c}\"\npath = \"/etc/x\"\ncontents = \"y\"\n[[file]]\npath = \"/etc/x\"\ncontents = \"host\"\n")
+        };
+        let r = parse(Path::new("/r/x.toml"), &text("db")).unwrap();
+        assert_eq!(r.files[0].container.as_ref().unwrap().value, "db");
+        assert!(
+            r.files[1].container.is_none(),
+            "same path, host root: no clash"
+        );
+        let e = err(&text("web"));
+        assert_eq!(e.loc.field, "file[0].container", "{e}");
     }
 
     #[test]

@@ -10,6 +10,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+/// The environment variable naming the directory that holds the
+/// request's `dir`.
+pub(crate) const DIR_ENV: &str = "KILN_SANDBOX_PARENT";
+
 /// Prefix of the helper's last stderr line when a step failed:
 /// `FAILED label \t how`.
 pub(crate) const FAILED: &str = "kiln-sandbox-step-failed\t";
@@ -45,6 +49,12 @@ fn cstr(p: &Path) -> Result<CString, String> {
 
 /// Enters the namespaces and runs the tree's PID 1; returns its exit code.
 fn enter() -> Result<i32, String> {
+    // Entered now, as the calling user: root inside may not be able to
+    // walk the cache's ancestors (a 0700 home), so every later path is
+    // relative to here.
+    let parent = std::env::var_os(DIR_ENV).ok_or_else(|| format!("{DIR_ENV} is not set"))?;
+    std::env::set_current_dir(&parent)
+        .map_err(|e| format!("chdir {}: {e}", Path::new(&parent).display()))?;
     let mut out = io::stdout().lock();
     // SAFETY: unshare takes flags only.
     if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
@@ -162,7 +172,8 @@ fn pid1(input: &mut impl BufRead) -> Result<i32, String> {
         .read_line(&mut line)
         .map_err(|e| format!("reading the request: {e}"))?;
     let req: Request = serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))?;
-    let dir = req.dir.clone();
+    // Relative to the current directory, its parent.
+    let dir = PathBuf::from(req.dir.file_name().ok_or("the request's dir has no name")?);
     mount(
         None,
         Path::new("/"),
@@ -170,9 +181,8 @@ fn pid1(input: &mut impl BufRead) -> Result<i32, String> {
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )?;
-    unpack(input, &dir)?;
     let mut pivoted = false;
-    let result = configure(&req, &dir, &mut pivoted);
+    let result = configure(&req, input, &dir, &mut pivoted);
     // The tree is removed whatever happened (only root inside can: its
     // files belong to the mapped ids).
     let cleaned = clean(if pivoted { Path::new("/") } else { &dir });
@@ -181,8 +191,14 @@ fn pid1(input: &mut impl BufRead) -> Result<i32, String> {
     Ok(code)
 }
 
-fn configure(req: &Request, dir: &Path, pivoted: &mut bool) -> Result<i32, String> {
+fn configure(
+    req: &Request,
+    input: &mut impl Read,
+    dir: &Path,
+    pivoted: &mut bool,
+) -> Result<i32, String> {
     make_root(dir, pivoted)?;
+    unpack(input, Path::new("/"))?;
     for step in &req.steps {
         eprintln!("{STEP}{}", step.label);
         let (code, how) = run_step(step)?;
@@ -198,7 +214,8 @@ fn configure(req: &Request, dir: &Path, pivoted: &mut bool) -> Result<i32, Strin
 }
 
 /// Unpacks the tar stream into `dir`, owners and modes as given (device
-/// nodes cannot be made in a user namespace and are left out).
+/// nodes cannot be made in a user namespace, and the kernel filesystems
+/// mounted over the tree hide what would go there: both are left out).
 fn unpack(input: &mut impl Read, dir: &Path) -> Result<(), String> {
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(true);
@@ -211,10 +228,14 @@ fn unpack(input: &mut impl Read, dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("reading the tree: {e}"))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| format!("reading the tree: {e}"))?;
+        let path = entry.path_bytes().into_owned();
+        let path = path.strip_prefix(b"./").unwrap_or(&path);
+        let top = path.split(|b| *b == b'/').next().unwrap_or_default();
         if matches!(
             entry.header().entry_type(),
             tar::EntryType::Char | tar::EntryType::Block
-        ) {
+        ) || MOUNTED.iter().any(|m| m.as_bytes() == top)
+        {
             continue;
         }
         entry.unpack_in(dir).map_err(|e| {

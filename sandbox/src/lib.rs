@@ -255,8 +255,10 @@ impl Sandbox {
         if let IdMap::Unavailable { message } = &self.ids {
             return Err(SandboxError::IdMap(message.clone()));
         }
+        let parent = req.dir.parent().unwrap_or(Path::new("/"));
         let mut child = Command::new(&self.program)
             .args(&self.args)
+            .env(helper::DIR_ENV, parent)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
