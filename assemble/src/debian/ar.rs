@@ -11,6 +11,25 @@ pub struct Member<'a> {
 const MAGIC: &[u8] = b"!<arch>\n";
 const HEADER: usize = 60;
 
+/// A member header's name (GNU `name/` trimmed) and data size.
+fn header(h: &[u8]) -> Result<(&str, u64), String> {
+    if &h[58..60] != b"`\n" {
+        return Err("bad member header magic".into());
+    }
+    let name = std::str::from_utf8(&h[..16])
+        .map_err(|_| "member name is not UTF-8")?
+        .trim_end();
+    let name = name
+        .strip_suffix('/')
+        .filter(|n| !n.is_empty())
+        .unwrap_or(name);
+    let size = std::str::from_utf8(&h[48..58])
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| format!("member {name:?}: bad size field"))?;
+    Ok((name, size))
+}
+
 /// Lists the members of an `ar` archive. GNU-style names (`name/`) are
 /// trimmed; the long-name table members used by GNU ar never occur in
 /// .debs, so `//` and `/` members are returned as they are.
@@ -25,20 +44,8 @@ pub fn members(data: &[u8]) -> Result<Vec<Member<'_>>, String> {
             return Err("truncated member header".into());
         }
         let (h, body) = rest.split_at(HEADER);
-        if &h[58..60] != b"`\n" {
-            return Err("bad member header magic".into());
-        }
-        let name = std::str::from_utf8(&h[..16])
-            .map_err(|_| "member name is not UTF-8")?
-            .trim_end();
-        let name = name
-            .strip_suffix('/')
-            .filter(|n| !n.is_empty())
-            .unwrap_or(name);
-        let size: usize = std::str::from_utf8(&h[48..58])
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| format!("member {name:?}: bad size field"))?;
+        let (name, size) = header(h)?;
+        let size = usize::try_from(size).map_err(|_| format!("member {name:?}: too large"))?;
         if body.len() < size {
             return Err(format!("member {name:?}: truncated data"));
         }
@@ -95,22 +102,8 @@ impl<R: std::io::Read> Stream<R> {
         if got < HEADER {
             return Err("truncated member header".into());
         }
-        if &h[58..60] != b"`\n" {
-            return Err("bad member header magic".into());
-        }
-        let name = std::str::from_utf8(&h[..16])
-            .map_err(|_| "member name is not UTF-8")?
-            .trim_end();
-        let name = name
-            .strip_suffix('/')
-            .filter(|n| !n.is_empty())
-            .unwrap_or(name)
-            .to_string();
-        let size: u64 = std::str::from_utf8(&h[48..58])
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| format!("member {name:?}: bad size field"))?;
-        Ok(Some((name, size)))
+        let (name, size) = header(&h)?;
+        Ok(Some((name.to_string(), size)))
     }
 
     /// Skips a member's data of `size` bytes and its padding.

@@ -305,8 +305,7 @@ impl Store<'_> {
                 reference: r,
                 auth,
                 cache,
-                offline,
-                authed,
+                ..
             } => {
                 let cache_err = |source| OciError::Cache {
                     reference: reference.to_string(),
@@ -319,23 +318,11 @@ impl Store<'_> {
                         return Ok(data);
                     }
                 }
-                if *offline {
-                    return Err(OciError::Offline {
-                        reference: reference.to_string(),
-                        what: format!("{what} {digest}"),
-                    });
-                }
+                let fetching = format!("{what} {digest}");
+                self.ready_to_fetch(reference, &fetching).await?;
                 let reg_err = |e: oci_client::errors::OciDistributionError| {
-                    registry_err(reference, &format!("fetching {what} {digest}"), &e)
+                    registry_err(reference, &format!("fetching {fetching}"), &e)
                 };
-                // Blob requests carry the token a manifest request got; when
-                // the manifest came from the cache, get one first.
-                if !authed.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    client
-                        .auth(r, auth, oci_client::RegistryOperation::Pull)
-                        .await
-                        .map_err(reg_err)?;
-                }
                 let data = if manifest {
                     let by_digest = r.clone_with_digest(digest.to_string());
                     let (bytes, _) = client
@@ -363,6 +350,36 @@ impl Store<'_> {
 }
 
 impl Store<'_> {
+    /// Before fetching `what` from a registry: refused offline, and blob
+    /// requests carry the token a manifest request got (when the manifest
+    /// came from the cache, one is got first).
+    async fn ready_to_fetch(&self, reference: &str, what: &str) -> Result<(), OciError> {
+        let Store::Registry {
+            client,
+            reference: r,
+            auth,
+            offline,
+            authed,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if *offline {
+            return Err(OciError::Offline {
+                reference: reference.to_string(),
+                what: what.to_string(),
+            });
+        }
+        if !authed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            client
+                .auth(r, auth, oci_client::RegistryOperation::Pull)
+                .await
+                .map_err(|e| registry_err(reference, &format!("fetching {what}"), &e))?;
+        }
+        Ok(())
+    }
+
     /// Where the layer blob `digest` is, and its first bytes (to tell its
     /// compression). Not read whole: a registry's blob streams into the
     /// cache while it is hashed, and every blob is checked against its
@@ -397,10 +414,8 @@ impl Store<'_> {
             Store::Registry {
                 client,
                 reference: r,
-                auth,
                 cache,
-                offline,
-                authed,
+                ..
             } => {
                 let cache_err = |source| OciError::Cache {
                     reference: reference.to_string(),
@@ -408,21 +423,11 @@ impl Store<'_> {
                 };
                 let path = cache.blob_path(digest);
                 if !path.is_file() {
-                    if *offline {
-                        return Err(OciError::Offline {
-                            reference: reference.to_string(),
-                            what: format!("layer {digest}"),
-                        });
-                    }
+                    let what = format!("layer {digest}");
+                    self.ready_to_fetch(reference, &what).await?;
                     let reg_err = |e: oci_client::errors::OciDistributionError| {
-                        registry_err(reference, &format!("fetching layer {digest}"), &e)
+                        registry_err(reference, &format!("fetching {what}"), &e)
                     };
-                    if !authed.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                        client
-                            .auth(r, auth, oci_client::RegistryOperation::Pull)
-                            .await
-                            .map_err(reg_err)?;
-                    }
                     let mut out = AsyncBlob(cache.blob_writer().map_err(cache_err)?);
                     client
                         .pull_blob(r, digest.to_string().as_str(), &mut out)
