@@ -99,6 +99,7 @@ pub fn configure(
         Some(p) => p,
         None => {
             let sandbox = sandbox.ok_or_else(|| ConfigureError::NoSandbox(container.into()))?;
+            sweep(&cache.dir().join("configure"));
             let dir = cache.dir().join("configure").join(format!(
                 "{}-{}",
                 std::process::id(),
@@ -164,6 +165,25 @@ pub fn configure(
 
 /// What the configured tree depends on: the packages, the recipe's files
 /// for the image (`files`, one line each), the epoch, kiln's version.
+/// Removes what killed builds left in `dir` (entries named `PID-...`
+/// whose process is gone), where this user can: a root build can; a
+/// user's files there belong to its subordinate ids and stay.
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name.to_string_lossy().split('-').next().map(str::to_string);
+        let Some(pid) = pid.filter(|p| p.parse::<u32>().is_ok()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(&pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn cache_key(debs: &[Digest], files: &str, epoch: u64) -> String {
     let mut sorted = debs.to_vec();
     sorted.sort();
@@ -396,6 +416,22 @@ mod tests {
             .env
             .contains(&("DPKG_MAINTSCRIPT_PACKAGE".into(), "nginx".into())));
         assert!(post.env.contains(&("SOURCE_DATE_EPOCH".into(), "5".into())));
+    }
+
+    #[test]
+    fn sweep_removes_only_what_dead_builds_left() {
+        let dir = std::env::temp_dir().join(format!("kiln-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // No process has a pid this large (pid_max is at most 2^22).
+        let dead = dir.join("99999999-abcd");
+        let alive = dir.join(format!("{}-abcd", std::process::id()));
+        let other = dir.join("notes");
+        for d in [&dead, &alive, &other] {
+            std::fs::create_dir_all(d.join("etc")).unwrap();
+        }
+        sweep(&dir);
+        assert!(!dead.exists() && alive.exists() && other.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
