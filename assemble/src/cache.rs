@@ -155,7 +155,6 @@ impl Cache {
         let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let mut tmp = tempfile_in(&dir).map_err(io_err(&dir))?;
-        crate::output::track_temp(&tmp.0);
         // Locked while written, so a concurrent build's sweep spares it.
         let result = tmp
             .1
@@ -186,7 +185,6 @@ impl Cache {
     pub fn blob_writer(&self) -> Result<BlobWriter, CacheError> {
         let dir = self.dir.join("sha256");
         let (tmp, file) = tempfile_in(&dir).map_err(io_err(&dir))?;
-        crate::output::track_temp(&tmp);
         let writer = BlobWriter {
             dir: dir.clone(),
             tmp,
@@ -248,7 +246,6 @@ impl Cache {
         }
         let dir = self.dir.join("sha256");
         let mut tmp = tempfile_in(&dir).map_err(io_err(&dir))?;
-        crate::output::track_temp(&tmp.0);
         let result = (|| {
             // Locked while written, so a concurrent build's sweep spares it.
             tmp.1.lock()?;
@@ -377,7 +374,6 @@ impl kiln_formats::squashfs::BlockStore for Cache {
         }
         // Best effort: a block not kept is compressed again next time.
         if let Ok((tmp, mut f)) = tempfile_in(dir) {
-            crate::output::track_temp(&tmp);
             let ok = f.lock().is_ok() && f.write_all(compressed).is_ok();
             if !ok || fs::rename(&tmp, &path).is_err() {
                 let _ = fs::remove_file(&tmp);
@@ -401,7 +397,7 @@ fn tempfile_in(dir: &Path) -> io::Result<(PathBuf, fs::File)> {
     loop {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let p = dir.join(format!(".tmp-{}-{}", std::process::id(), n));
-        match fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+        match crate::output::create_temp(&p) {
             Ok(f) => return Ok((p, f)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),

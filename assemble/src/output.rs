@@ -36,28 +36,55 @@ pub enum OutputError {
     },
 }
 
-/// Temp files of this process that are not yet renamed into place.
-static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Temp files of this process that are not yet renamed into place, and
+/// whether [`remove_all_temps`] has run (then no new one is created).
+struct Temps {
+    paths: Vec<PathBuf>,
+    closing: bool,
+}
 
-fn temps() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+static TEMPS: Mutex<Temps> = Mutex::new(Temps {
+    paths: Vec::new(),
+    closing: false,
+});
+
+fn temps() -> std::sync::MutexGuard<'static, Temps> {
     TEMPS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Removes every temp file this process has open; for signal handlers.
+/// Removes every temp file this process has open, and refuses new ones;
+/// for signal handlers.
 pub fn remove_all_temps() {
-    for p in temps().drain(..) {
+    let mut t = temps();
+    t.closing = true;
+    for p in t.paths.drain(..) {
         let _ = fs::remove_file(p);
     }
 }
 
-/// Registers a temp file for [`remove_all_temps`].
-pub fn track_temp(path: &Path) {
-    temps().push(path.to_path_buf());
+/// Creates the new file `path` (read-write) and registers it for
+/// [`remove_all_temps`] in one step, so a signal arriving meanwhile cannot
+/// leave it behind.
+pub fn create_temp(path: &Path) -> io::Result<File> {
+    let mut t = temps();
+    if t.closing {
+        return Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "kiln is stopping",
+        ));
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    t.paths.push(path.to_path_buf());
+    Ok(file)
 }
 
 /// Forgets a temp file that was renamed or removed.
 pub fn untrack_temp(path: &Path) {
-    temps().retain(|p| p != path);
+    temps().paths.retain(|p| p != path);
 }
 
 const TMP_MARK: &str = ".tmp-";
@@ -124,13 +151,7 @@ impl Pending {
             source,
         };
         let _ = fs::remove_file(&tmp);
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(err)?;
-        track_temp(&tmp);
+        let file = create_temp(&tmp).map_err(err)?;
         if let Err(e) = file.lock() {
             let _ = fs::remove_file(&tmp);
             return Err(err(e));
