@@ -322,6 +322,8 @@ fn nginx_serves_its_default_page() {
     for user in ["root:x:0:0:", "www-data:x:33:33:", "nobody:x:65534:65534:"] {
         assert!(passwd.contains(user), "{user} not in:\n{passwd}");
     }
+    let shadow = std::fs::read_to_string(rootfs.join("etc/shadow")).unwrap();
+    assert!(shadow.contains("www-data:*:"), "{shadow}");
     assert!(
         std::fs::symlink_metadata(rootfs.join("etc/nginx/sites-enabled/default")).is_ok(),
         "nginx's postinst did not enable the default site"
@@ -398,6 +400,40 @@ fn python_and_postgres_answer() {
                 "{}",
                 ls.stdout
             );
+            // Configured again from scratch, the same bytes: the scripts'
+            // per-host secrets (ssl-cert's snakeoil key) are not kept.
+            assert!(
+                !ls.stdout.contains("ssl-cert-snakeoil"),
+                "a generated key is in the image"
+            );
+            let cache = out.join("cache");
+            let _ = std::fs::remove_dir_all(&cache);
+            let r = k::run(
+                Command::new("cp")
+                    .arg("-al")
+                    .arg(k::shared_cache())
+                    .arg(&cache),
+            );
+            assert!(cache.join("sha256").is_dir(), "cp: {}", r.stderr);
+            let _ = std::fs::remove_dir_all(cache.join("refs/configured"));
+            let _ = std::fs::remove_dir_all(cache.join("configure"));
+            let again = out.join("again");
+            let r = k::run(
+                Command::new(kiln())
+                    .args(["build", "--quiet", "--locked"])
+                    .arg(k::workspace().join("recipes").join(recipe))
+                    .arg("-o")
+                    .arg(&again)
+                    .arg("--cache")
+                    .arg(&cache),
+            );
+            assert!(r.ok, "{}", r.stderr);
+            assert!(
+                std::fs::read(out.join(image)).unwrap()
+                    == std::fs::read(again.join(image)).unwrap(),
+                "postgres.toml configured twice differs"
+            );
+            let _ = std::fs::remove_dir_all(&cache);
         }
         let console = k::boot_until(&kiln(), &out.join(image), 300, |l| {
             l.starts_with("probe| ") || l.starts_with("client| ") || l.contains(": exited")

@@ -530,33 +530,36 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Writes `hostile_1.0_all.deb` into `dir` with `dpkg-deb`: its postinst
-/// tries to write `marker` on the host, change a kernel setting and reach
-/// `port` on the host's loopback, then fails.
-fn hostile_deb(dir: &Path, marker: &Path, port: u16) -> PathBuf {
-    let root = dir.join("hostile");
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
-    std::fs::create_dir_all(root.join("usr/share/hostile")).unwrap();
-    std::fs::write(root.join("usr/share/hostile/README"), "harmless data\n").unwrap();
-    std::fs::write(
-        root.join("DEBIAN/control"),
-        "Package: hostile\nVersion: 1.0\nArchitecture: all\nMaintainer: Test <t@example.org>\nDepends: bash\nDescription: tries to escape the build sandbox\n",
-    )
-    .unwrap();
-    let postinst = root.join("DEBIAN/postinst");
-    std::fs::write(
-        &postinst,
-        format!(
-            "#!/bin/bash\nmkdir -p {dir} && echo pwned > {marker} && echo wrote-marker\necho 7 > /proc/sys/vm/swappiness && echo changed-swappiness\necho x > /dev/tcp/127.0.0.1/{port} && echo reached-listener\necho hostile-postinst-done\nexit 3\n",
-            dir = marker.parent().unwrap().display(),
-            marker = marker.display()
-        ),
-    )
-    .unwrap();
+/// Writes `NAME_1.0_all.deb` into `dir` with `dpkg-deb`: `files` in its
+/// data (path, contents) and `control` files (name, contents; scripts are
+/// made executable).
+fn make_deb(dir: &Path, name: &str, files: &[(&str, &str)], control: &[(&str, &str)]) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&postinst, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let deb = dir.join("hostile_1.0_all.deb");
+    let root = dir.join(name);
+    let _ = std::fs::remove_dir_all(&root);
+    let mut all = vec![(
+        "DEBIAN/control".to_string(),
+        format!("Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: Test <t@example.org>\nDescription: a test package\n"),
+    )];
+    all.extend(
+        files
+            .iter()
+            .map(|(p, t)| (p.trim_start_matches('/').to_string(), t.to_string())),
+    );
+    all.extend(
+        control
+            .iter()
+            .map(|(n, t)| (format!("DEBIAN/{n}"), t.to_string())),
+    );
+    for (path, text) in &all {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        if text.starts_with("#!") {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    let deb = dir.join(format!("{name}_1.0_all.deb"));
     let r = k::run(
         Command::new("dpkg-deb")
             .args(["--root-owner-group", "--build"])
@@ -565,6 +568,90 @@ fn hostile_deb(dir: &Path, marker: &Path, port: u16) -> PathBuf {
     );
     assert!(r.ok, "dpkg-deb: {}", r.stderr);
     deb
+}
+
+/// Writes `hostile_1.0_all.deb` into `dir`: its postinst tries to write
+/// `marker` on the host, change a kernel setting and reach `port` on the
+/// host's loopback, then fails.
+fn hostile_deb(dir: &Path, marker: &Path, port: u16) -> PathBuf {
+    let postinst = format!(
+        "#!/bin/bash\nmkdir -p {dir} && echo pwned > {marker} && echo wrote-marker\necho 7 > /proc/sys/vm/swappiness && echo changed-swappiness\necho x > /dev/tcp/127.0.0.1/{port} && echo reached-listener\necho hostile-postinst-done\nexit 3\n",
+        dir = marker.parent().unwrap().display(),
+        marker = marker.display()
+    );
+    make_deb(
+        dir,
+        "hostile",
+        &[("/usr/share/hostile/README", "harmless data\n")],
+        &[("postinst", &postinst)],
+    )
+}
+
+/// dpkg's triggers run after configuration, for what other packages
+/// activate: a file trigger by a file under its path, a named one by an
+/// `activate` directive. Also: accounts with locked shadow entries.
+#[test]
+fn triggers_run_as_dpkg_runs_them() {
+    let dir = k::scratch("triggers");
+    let postinst =
+        "#!/bin/sh\nset -e\nmkdir -p /var/lib/watcher\necho \"$*\" >> /var/lib/watcher/log\n";
+    make_deb(
+        &dir,
+        "watcher",
+        &[],
+        &[
+            ("postinst", postinst),
+            ("triggers", "interest-noawait /usr/share/watched\ninterest watcher-named\ninterest never-activated\n"),
+        ],
+    );
+    make_deb(
+        &dir,
+        "feeder",
+        &[("/usr/share/watched/a", "x\n")],
+        &[("triggers", "activate-noawait watcher-named\n")],
+    );
+    let recipe = dir.join("triggers.toml");
+    std::fs::write(
+        &recipe,
+        format!("{HEAD}[[onboot]]\nname = \"a\"\nimage = {{ debian = [\"busybox-static\"], debs = [\"watcher_1.0_all.deb\", \"feeder_1.0_all.deb\"] }}\ncommand = [\"/bin/busybox\", \"true\"]\n"),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let image = out.join("x.raw");
+    let parts = k::partitions(&image);
+    let root = out.join("root.img");
+    k::extract_partition(&image, &parts[1], &root);
+    let cat = |path: &str| {
+        let r = k::run(
+            Command::new("unsquashfs")
+                .arg("-cat")
+                .arg(&root)
+                .arg(format!("containers/a/rootfs/{path}")),
+        );
+        assert!(r.ok, "{path}: {}", r.stderr);
+        r.stdout
+    };
+    assert_eq!(
+        cat("var/lib/watcher/log"),
+        "configure \ntriggered /usr/share/watched watcher-named\n"
+    );
+    let file = cat("var/lib/dpkg/triggers/File");
+    assert!(
+        file.lines()
+            .any(|l| l == "/usr/share/watched watcher/noawait"),
+        "{file}"
+    );
+    let shadow = cat("etc/shadow");
+    assert!(shadow.starts_with("root:*:"), "{shadow}");
+    let ls = k::run(Command::new("unsquashfs").arg("-lln").arg(&root));
+    assert!(
+        ls.stdout
+            .lines()
+            .any(|l| l.starts_with("-rw-r----- 0/42") && l.ends_with("rootfs/etc/shadow")),
+        "{}",
+        ls.stdout
+    );
 }
 
 /// A package from disk whose postinst attacks the build host: nothing

@@ -1,6 +1,6 @@
 //! Configuring a Debian image as dpkg would after unpacking it: every
 //! `preinst install`, then every `postinst configure` in dependency order,
-//! run as root inside [`kiln_sandbox`] over the image's tree, with services
+//! then the triggers they activate (`postinst triggered`), run as root inside [`kiln_sandbox`] over the image's tree, with services
 //! kept from starting (`policy-rc.d`) and `SOURCE_DATE_EPOCH` from the
 //! lock. The configured tree is kept in the cache by its inputs (package
 //! digests, epoch, kiln's version), so a rebuild runs no script.
@@ -50,7 +50,7 @@ pub enum ConfigureError {
 /// Cache record kind: configuration inputs → digest of the configured tar.
 const CONFIGURED_REF: &str = "configured";
 /// Bumped when the way images are configured changes.
-const VERSION: &str = "kiln configure v3";
+const VERSION: &str = "kiln configure v4";
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -99,7 +99,10 @@ pub fn configure(
         Some(p) => p,
         None => {
             let sandbox = sandbox.ok_or_else(|| ConfigureError::NoSandbox(container.into()))?;
-            sweep(&cache.dir().join("configure"));
+            sweep(&cache.dir().join("configure"), |p| {
+                // Best effort: what stays is tried again by the next build.
+                let _ = sandbox.remove(p);
+            });
             let dir = cache.dir().join("configure").join(format!(
                 "{}-{}",
                 std::process::id(),
@@ -165,10 +168,10 @@ pub fn configure(
 
 /// What the configured tree depends on: the packages, the recipe's files
 /// for the image (`files`, one line each), the epoch, kiln's version.
-/// Removes what killed builds left in `dir` (entries named `PID-...`
-/// whose process is gone), where this user can: a root build can; a
-/// user's files there belong to its subordinate ids and stay.
-fn sweep(dir: &Path) {
+/// Removes (with `remove`: the sandbox, as their files belong to ids the
+/// user may only handle as root inside) what killed builds left in `dir`:
+/// entries named `PID-...` whose process is gone.
+fn sweep(dir: &Path, remove: impl Fn(&Path)) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -179,7 +182,7 @@ fn sweep(dir: &Path) {
             continue;
         };
         if !Path::new("/proc").join(&pid).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
+            remove(&e.path());
         }
     }
 }
@@ -243,7 +246,8 @@ fn order(installed: &[Installed]) -> Vec<&Installed> {
     out
 }
 
-/// The steps: policy-rc.d in, preinsts, postinsts, ldconfig, policy-rc.d out.
+/// The steps: policy-rc.d in, preinsts, postinsts, triggers, policy-rc.d
+/// out, cleanup.
 fn steps(installed: &[Installed], epoch: u64) -> Vec<Step> {
     let base_env = vec![
         ("PATH".to_string(), PATH.to_string()),
@@ -293,18 +297,95 @@ fn steps(installed: &[Installed], epoch: u64) -> Vec<Step> {
             });
         }
     }
-    steps.push(shell(
-        "ldconfig",
-        &format!("rm -f {POLICY_RC_D}; if [ -x /sbin/ldconfig ]; then /sbin/ldconfig; fi"),
-    ));
+    // Then dpkg's "Processing triggers for ..." (libc-bin's ldconfig,
+    // debianutils' shells, ...).
+    for (i, names) in triggered(&ordered) {
+        let (Some(info), Some(pkg)) = (i.control.info_name(), i.control.field("Package")) else {
+            continue;
+        };
+        let mut env = base_env.clone();
+        env.push(("DPKG_MAINTSCRIPT_PACKAGE".into(), pkg.clone()));
+        env.push(("DPKG_MAINTSCRIPT_NAME".into(), "postinst".into()));
+        steps.push(Step {
+            label: format!("{pkg} postinst triggered"),
+            argv: vec![
+                format!("{ADMINDIR}/info/{info}.postinst"),
+                "triggered".into(),
+                names.join(" "),
+            ],
+            env,
+        });
+    }
+    steps.push(shell("policy-rc.d out", &format!("rm -f {POLICY_RC_D}")));
     // What scripts leave that records when they ran, not what they did
     // (as mmdebstrap's cleanup): the image stays reproducible.
+    // Secrets scripts generate for "this host" would be shared by every
+    // host the image boots, and differ between builds: removed, with the
+    // snakeoil certificate's hash link.
     steps.push(shell(
         "cleanup",
-        &format!("rm -f {}", UNREPRODUCIBLE.join(" ")),
+        &format!(
+            "rm -f {} {}; for l in /etc/ssl/certs/*.0; do \
+             [ \"$(readlink \"$l\")\" = ssl-cert-snakeoil.pem ] && rm -f \"$l\"; done; true",
+            UNREPRODUCIBLE.join(" "),
+            PER_HOST_SECRETS.join(" ")
+        ),
     ));
     steps
 }
+
+/// The packages whose triggers the others activate, in configure order,
+/// each with its activated triggers: a file trigger by another package
+/// shipping a path under it, any trigger by another package's `activate`
+/// directive. (A package's own activations are what its `postinst
+/// configure` already handled, as dpkg treats them when both happen in one
+/// run.)
+fn triggered<'a>(ordered: &[&'a Installed]) -> Vec<(&'a Installed, Vec<String>)> {
+    let name = |i: &Installed| i.control.field("Package").unwrap_or_default();
+    let activated_by = |trigger: &str, me: &str| {
+        ordered.iter().any(|other| {
+            if name(other) == me {
+                return false;
+            }
+            let explicit = other
+                .control
+                .triggers()
+                .iter()
+                .any(|(d, t)| d.starts_with("activate") && t == trigger);
+            explicit
+                || (trigger.starts_with('/')
+                    && other.paths.iter().any(|p| {
+                        let p = p.trim_end_matches('/');
+                        p.strip_prefix(trigger)
+                            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                    }))
+        })
+    };
+    ordered
+        .iter()
+        .filter(|i| i.control.scripts.contains_key("postinst"))
+        .filter_map(|i| {
+            let me = name(i);
+            let names: Vec<String> = i
+                .control
+                .triggers()
+                .into_iter()
+                .filter(|(d, t)| d.starts_with("interest") && activated_by(t, &me))
+                .map(|(_, t)| t)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            (!names.is_empty()).then_some((*i, names))
+        })
+        .collect()
+}
+
+/// Keys and certificates scripts generate for the machine they run on.
+const PER_HOST_SECRETS: [&str; 3] = [
+    "/etc/ssh/ssh_host_*_key*",
+    "/etc/ssl/private/ssl-cert-snakeoil.key",
+    "/etc/ssl/certs/ssl-cert-snakeoil.pem",
+];
 
 /// Files configuration leaves with times or inode numbers in them.
 const UNREPRODUCIBLE: [&str; 6] = [
@@ -402,7 +483,7 @@ mod tests {
                 "libc6 postinst",
                 "nginx-common postinst",
                 "nginx postinst",
-                "ldconfig",
+                "policy-rc.d out",
                 "cleanup"
             ]
         );
@@ -419,6 +500,67 @@ mod tests {
     }
 
     #[test]
+    fn triggers_run_for_what_other_packages_activate() {
+        let with = |mut i: Installed, triggers: &str, paths: &[&str]| {
+            i.control
+                .scripts
+                .insert("triggers".into(), triggers.as_bytes().to_vec());
+            i.paths = paths.iter().map(|p| p.to_string()).collect();
+            i
+        };
+        let installed = [
+            with(
+                pkg("libc-bin", "", &["postinst"]),
+                "interest-await ldconfig\n",
+                &["/sbin/ldconfig"],
+            ),
+            with(
+                pkg("libssl", "libc-bin", &[]),
+                "activate-noawait ldconfig\n",
+                &["/usr/lib/libssl.so.3"],
+            ),
+            with(
+                pkg("debianutils", "", &["postinst"]),
+                "interest-noawait /usr/share/debianutils/shells.d\ninterest-noawait /usr/share/nothing\n",
+                &["/usr/share/debianutils/shells.d/"],
+            ),
+            // Its own file and its own activation do not count.
+            with(
+                pkg("self", "", &["postinst"]),
+                "interest /usr/share/self\ninterest self-reload\nactivate self-reload\n",
+                &["/usr/share/self/x"],
+            ),
+            with(
+                pkg("bash", "", &[]),
+                "",
+                &["/usr/share/debianutils/shells.d/bash", "/usr/share/selfish"],
+            ),
+        ];
+        let s = steps(&installed, 5);
+        let triggered: Vec<(&str, &[String])> = s
+            .iter()
+            .filter(|s| s.label.ends_with("triggered"))
+            .map(|s| (s.label.as_str(), &s.argv[1..]))
+            .collect();
+        assert_eq!(
+            triggered,
+            [
+                (
+                    "debianutils postinst triggered",
+                    &[
+                        "triggered".to_string(),
+                        "/usr/share/debianutils/shells.d".into()
+                    ][..]
+                ),
+                (
+                    "libc-bin postinst triggered",
+                    &["triggered".to_string(), "ldconfig".into()][..]
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn sweep_removes_only_what_dead_builds_left() {
         let dir = std::env::temp_dir().join(format!("kiln-sweep-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -429,7 +571,7 @@ mod tests {
         for d in [&dead, &alive, &other] {
             std::fs::create_dir_all(d.join("etc")).unwrap();
         }
-        sweep(&dir);
+        sweep(&dir, |p| std::fs::remove_dir_all(p).unwrap());
         assert!(!dead.exists() && alive.exists() && other.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }

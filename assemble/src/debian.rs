@@ -367,11 +367,7 @@ impl Archive {
                 d
             }
         };
-        let text = packages_text(cache, &packages_xz, &xz)?;
-        let text = String::from_utf8(text).map_err(|_| DebianError::Index {
-            what: "not UTF-8".into(),
-        })?;
-        let index = Index::new(index::parse_packages(&text)?);
+        let index = packages_index(cache, &packages_xz, &xz)?;
         Ok(Archive {
             mirror,
             suite: suite.to_string(),
@@ -432,29 +428,68 @@ impl Archive {
 /// Cache record kind: Packages.xz digest → digest of its text as zstd.
 const PACKAGES_ZSTD_REF: &str = "packages-zstd";
 
-/// The text of a verified Packages.xz. xz takes most of a second for
-/// trixie's 50 MB index; the text is kept as zstd (verified by its own
-/// digest) for the next build with the same index.
-fn packages_text(cache: &Cache, xz_digest: &Digest, xz: &[u8]) -> Result<Vec<u8>, DebianError> {
+/// The index, parsed as the text streams from the cached zstd
+/// copy (verified as it is read) or, the first time, from the .xz while
+/// that copy is written: the text is never held whole.
+fn packages_index(cache: &Cache, xz_digest: &Digest, xz: &[u8]) -> Result<Index, DebianError> {
     let key = xz_digest.to_string();
-    let cached = cache
+    if let Some(d) = cache
         .read_ref(PACKAGES_ZSTD_REF, &key)
         .and_then(|d| d.parse::<Digest>().ok())
-        .and_then(|d| cache.get(&d).ok().flatten())
-        .and_then(|z| zstd::decode_all(&z[..]).ok());
-    if let Some(text) = cached {
-        return Ok(text);
+    {
+        if let Ok(file) = std::fs::File::open(cache.blob_path(&d)) {
+            let mut hashing = crate::cache::Hashing::new(file);
+            let parsed = zstd::Decoder::new(&mut hashing)
+                .map_err(|e| e.to_string())
+                .and_then(|z| Index::read(std::io::BufReader::new(z)).map_err(|e| e.to_string()));
+            // A damaged copy is only a lost speed-up: the .xz is verified.
+            if let (Ok(index), Ok(actual)) = (parsed, hashing.finish()) {
+                if actual == d {
+                    return Ok(index);
+                }
+            }
+        }
     }
-    let text = liblzma::decode_all(xz).map_err(|e| DebianError::Index {
+    let index_err = |e: std::io::Error| DebianError::Index {
         what: format!("decompressing {PACKAGES_PATH}: {e}"),
-    })?;
-    // Only a speed-up: failing to keep it is not an error.
-    if let Ok(z) = zstd::encode_all(&text[..], 3) {
-        if let Ok(d) = cache.put_new(&z) {
+    };
+    // Keeping the copy is only a speed-up: failing to is not an error.
+    let copy = cache
+        .blob_writer()
+        .ok()
+        .and_then(|w| zstd::Encoder::new(w, 3).ok());
+    let mut tee = Tee {
+        inner: liblzma::read::XzDecoder::new(xz),
+        copy,
+    };
+    let index = Index::read(std::io::BufReader::new(&mut tee))?;
+    // What the parser did not read (nothing, for a well-formed index).
+    std::io::copy(&mut tee, &mut std::io::sink()).map_err(index_err)?;
+    if let Some(Ok(w)) = tee.copy.map(|z| z.finish()) {
+        if let Ok((d, _)) = w.commit(None) {
             let _ = cache.write_ref(PACKAGES_ZSTD_REF, &key, &d.to_string());
         }
     }
-    Ok(text)
+    Ok(index)
+}
+
+/// A reader that writes what it reads into `copy`, dropping the copy at
+/// its first error.
+struct Tee<R, W> {
+    inner: R,
+    copy: Option<W>,
+}
+
+impl<R: std::io::Read, W: std::io::Write> std::io::Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(w) = &mut self.copy {
+            if w.write_all(&buf[..n]).is_err() {
+                self.copy = None;
+            }
+        }
+        Ok(n)
+    }
 }
 
 fn check(what: &str, expected: &Digest, data: &[u8]) -> Result<(), DebianError> {

@@ -46,42 +46,61 @@ fn read_text(tree: &Tree, path: &'static str) -> Result<String, UserError> {
     }
 }
 
-/// `name:x:uid:gid:gecos:home:shell` lines.
-fn passwd(tree: &Tree) -> Result<Vec<(String, u32, u32, String)>, UserError> {
-    Ok(read_text(tree, "/etc/passwd")?
-        .lines()
+/// One `/etc/passwd` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PasswdEntry {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub gecos: String,
+    pub home: String,
+    pub shell: String,
+}
+
+/// One `/etc/group` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GroupEntry {
+    pub name: String,
+    pub gid: u32,
+    pub members: Vec<String>,
+}
+
+/// `name:x:uid:gid:gecos:home:shell` lines; malformed ones are skipped,
+/// as libc's getpwent does.
+pub(crate) fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
+    text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            if f.len() < 7 {
-                return None;
-            }
-            Some((
-                f[0].to_string(),
-                f[2].parse().ok()?,
-                f[3].parse().ok()?,
-                f[5].to_string(),
-            ))
+            (f.len() == 7).then_some(())?;
+            Some(PasswdEntry {
+                name: f[0].into(),
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+                gecos: f[4].into(),
+                home: f[5].into(),
+                shell: f[6].into(),
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// `name:x:gid:member,member` lines.
-fn groups(tree: &Tree) -> Result<Vec<(String, u32, Vec<String>)>, UserError> {
-    Ok(read_text(tree, "/etc/group")?
-        .lines()
+pub(crate) fn parse_group(text: &str) -> Vec<GroupEntry> {
+    text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            if f.len() < 4 {
-                return None;
-            }
-            let members = f[3]
-                .split(',')
-                .filter(|m| !m.is_empty())
-                .map(String::from)
-                .collect();
-            Some((f[0].to_string(), f[2].parse().ok()?, members))
+            (f.len() == 4).then_some(())?;
+            Some(GroupEntry {
+                name: f[0].into(),
+                gid: f[2].parse().ok()?,
+                members: f[3]
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(String::from)
+                    .collect(),
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Resolves `spec` (`""` means root) in `tree`.
@@ -91,19 +110,19 @@ pub fn resolve(tree: &Tree, spec: &str) -> Result<Identity, UserError> {
         None => (spec, None),
     };
     let user = if user.is_empty() { "0" } else { user };
-    let pw = passwd(tree)?;
-    let gr = groups(tree)?;
+    let pw = parse_passwd(&read_text(tree, "/etc/passwd")?);
+    let gr = parse_group(&read_text(tree, "/etc/group")?);
     let entry = match user.parse::<u32>() {
-        Ok(uid) => pw.iter().find(|p| p.1 == uid).cloned(),
+        Ok(uid) => pw.iter().find(|p| p.uid == uid).cloned(),
         Err(_) => Some(
             pw.iter()
-                .find(|p| p.0 == user)
+                .find(|p| p.name == user)
                 .cloned()
                 .ok_or_else(|| UserError::UnknownUser(user.to_string()))?,
         ),
     };
     let uid = match &entry {
-        Some(e) => e.1,
+        Some(e) => e.uid,
         None => user.parse().unwrap_or(0),
     };
     let gid = match group {
@@ -111,19 +130,19 @@ pub fn resolve(tree: &Tree, spec: &str) -> Result<Identity, UserError> {
             Ok(n) => n,
             Err(_) => gr
                 .iter()
-                .find(|x| x.0 == g)
-                .map(|x| x.1)
+                .find(|x| x.name == g)
+                .map(|x| x.gid)
                 .ok_or_else(|| UserError::UnknownGroup(g.to_string()))?,
         },
-        None => entry.as_ref().map(|e| e.2).unwrap_or(0),
+        None => entry.as_ref().map(|e| e.gid).unwrap_or(0),
     };
     // Supplementary groups only when the primary group was not overridden,
     // as Docker does.
     let mut supplementary: Vec<u32> = match (&entry, group) {
         (Some(e), None) => gr
             .iter()
-            .filter(|g| g.2.contains(&e.0))
-            .map(|g| g.1)
+            .filter(|g| g.members.contains(&e.name))
+            .map(|g| g.gid)
             .collect(),
         _ => Vec::new(),
     };
@@ -133,7 +152,7 @@ pub fn resolve(tree: &Tree, spec: &str) -> Result<Identity, UserError> {
         uid,
         gid,
         groups: supplementary,
-        home: entry.map(|e| e.3),
+        home: entry.map(|e| e.home),
     })
 }
 

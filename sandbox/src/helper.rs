@@ -74,6 +74,7 @@ fn enter() -> Result<i32, String> {
     if line != "G\n" {
         return Err("the parent did not map ids".into());
     }
+    let parent_pid = std::os::unix::process::parent_id();
     // SAFETY: plain system calls on integers.
     unsafe {
         if libc::setresgid(0, 0, 0) != 0 {
@@ -81,6 +82,14 @@ fn enter() -> Result<i32, String> {
         }
         if libc::setresuid(0, 0, 0) != 0 {
             return Err(os("setresuid"));
+        }
+        // Dies with kiln, so a killed build stops its scripts (the next
+        // build sweeps the tree). Set after the id change, which clears it.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(os("prctl"));
+        }
+        if std::os::unix::process::parent_id() != parent_pid {
+            return Err("kiln is gone".into());
         }
         let flags = libc::CLONE_NEWNS
             | libc::CLONE_NEWNET
@@ -96,6 +105,12 @@ fn enter() -> Result<i32, String> {
     match unsafe { libc::fork() } {
         -1 => Err(os("fork")),
         0 => {
+            // And with the helper: PID 1 gone, the kernel kills the rest.
+            // SAFETY: prctl with integer arguments.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+                eprintln!("{ERROR}{}", os("prctl"));
+                std::process::exit(1)
+            }
             let code = match pid1(&mut input) {
                 Ok(code) => code,
                 Err(message) => {

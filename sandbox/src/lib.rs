@@ -372,6 +372,26 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// Removes `dir`, a tree a killed build left: its files belong to the
+    /// mapped ids, which the calling user may not be able to remove, so
+    /// the helper empties it as root inside (a request with no step).
+    pub fn remove(&self, dir: &Path) -> Result<(), SandboxError> {
+        let req = Request {
+            dir: dir.to_path_buf(),
+            epoch: 0,
+            steps: Vec::new(),
+        };
+        self.run(&req, io::empty(), |tree| {
+            io::copy(tree, &mut io::sink()).map(drop)
+        })?;
+        std::fs::remove_dir(dir).map_err(|source| SandboxError::Helper {
+            program: self.program.display().to_string(),
+            source,
+        })
+    }
+}
+
 /// Whether `path` is a directory holding nothing (the request's `dir`).
 pub fn is_empty_dir(path: &Path) -> bool {
     std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())

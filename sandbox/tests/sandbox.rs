@@ -200,6 +200,34 @@ fn steps_cannot_touch_the_host() {
     assert!(kiln_sandbox::is_empty_dir(&work));
 }
 
+/// What a killed build left, owned by mapped ids the caller may not
+/// remove (here a 0700 directory of uid 33 inside), is removed.
+#[test]
+fn leftover_trees_are_removed() {
+    let sandbox = sandbox();
+    let work = dir("leftover");
+    let deep = work.join("var/lib/private");
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("secret"), "x").unwrap();
+    std::fs::create_dir_all(work.join("proc")).unwrap();
+    if let IdMap::Direct { start, .. } = sandbox.ids {
+        use std::os::unix::fs::{chown, PermissionsExt};
+        for (p, id) in [
+            (&work, start),
+            (&work.join("var"), start),
+            (&work.join("var/lib"), start),
+            (&work.join("proc"), start),
+            (&deep, start + 33),
+            (&deep.join("secret"), start + 33),
+        ] {
+            chown(p, Some(id), Some(id)).unwrap();
+        }
+        std::fs::set_permissions(&deep, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    sandbox.remove(&work).unwrap();
+    assert!(!work.exists(), "{} is still there", work.display());
+}
+
 /// Where user namespaces are forbidden the error says how to allow them.
 #[test]
 fn forbidden_user_namespaces_are_explained() {

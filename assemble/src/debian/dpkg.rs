@@ -97,6 +97,23 @@ impl Control {
         )
     }
 
+    /// The directives of its `triggers` file, as (directive, trigger):
+    /// `("interest-noawait", "/usr/lib/sysctl.d")`, `("activate-noawait",
+    /// "ldconfig")`. A trigger starting with `/` is a file trigger.
+    pub fn triggers(&self) -> Vec<(String, String)> {
+        let Some(text) = self.scripts.get("triggers") else {
+            return Vec::new();
+        };
+        String::from_utf8_lossy(text)
+            .lines()
+            .filter_map(|l| {
+                let l = l.split('#').next().unwrap_or_default();
+                let mut words = l.split_whitespace();
+                Some((words.next()?.to_string(), words.next()?.to_string()))
+            })
+            .collect()
+    }
+
     /// The status stanza: the control fields with `Status` after `Package`.
     fn stanza(&self) -> String {
         let text = String::from_utf8_lossy(&self.control);
@@ -179,6 +196,33 @@ pub fn write(tree: &mut Tree, installed: &[Installed], mtime: u64) -> Result<(),
         }
     }
     let admin = Path::new(ADMINDIR);
+    // Trigger interests, where dpkg-trigger and later dpkg runs look them
+    // up: `triggers/File` for file triggers, `triggers/NAME` for others.
+    let mut files = BTreeMap::<String, Vec<String>>::new();
+    for (name, i) in &sorted {
+        for (directive, trigger) in i.control.triggers() {
+            let who = match directive.as_str() {
+                "interest" | "interest-await" => name.clone(),
+                "interest-noawait" => format!("{name}/noawait"),
+                _ => continue,
+            };
+            let (file, line) = match trigger.strip_prefix('/') {
+                Some(_) => ("File".to_string(), format!("{trigger} {who}\n")),
+                None => (trigger, format!("{who}\n")),
+            };
+            files.entry(file).or_default().push(line);
+        }
+    }
+    let triggers = admin.join("triggers");
+    tree.mkdir_p(&triggers, &dir_meta)?;
+    files.entry("Unincorp".into()).or_default();
+    for (name, mut lines) in files {
+        lines.sort();
+        tree.insert(
+            &triggers.join(name),
+            file(0o644, lines.concat().into_bytes()),
+        )?;
+    }
     tree.insert(&admin.join("status"), file(0o644, status.into_bytes()))?;
     tree.insert(&admin.join("available"), file(0o644, Vec::new()))?;
     tree.mkdir_p(&admin.join("updates"), &dir_meta)?;
@@ -209,10 +253,22 @@ mod tests {
             ("./control", "Package: zlib1g\nVersion: 1:1.3\nArchitecture: amd64\nMulti-Arch: same\nSource: zlib\nDescription: compression\n x\n"),
             ("./md5sums", "d41d8cd98f00b204e9800998ecf8427e  usr/lib/libz.so.1\n"),
             ("./postinst", "#!/bin/sh\n"),
+            ("./triggers", "# comment\ninterest-noawait /usr/share/z\ninterest zlib-reload\nactivate-noawait ldconfig\n"),
         ])[..])
         .unwrap();
         assert_eq!(a.field("source").as_deref(), Some("zlib"));
-        assert_eq!(a.scripts.keys().collect::<Vec<_>>(), ["postinst"]);
+        assert_eq!(
+            a.scripts.keys().collect::<Vec<_>>(),
+            ["postinst", "triggers"]
+        );
+        assert_eq!(
+            a.triggers(),
+            [
+                ("interest-noawait".into(), "/usr/share/z".into()),
+                ("interest".into(), "zlib-reload".into()),
+                ("activate-noawait".to_string(), "ldconfig".to_string())
+            ]
+        );
         assert!(a.md5sums.is_some() && a.conffiles.is_none());
         let b = Control::from_tar(&control_tar(&[(
             "control",
@@ -247,6 +303,21 @@ mod tests {
             tree.get(Path::new("/var/lib/dpkg/info/zlib1g:amd64.postinst")),
             Some(Node::File { meta, .. }) if meta.mode == 0o755
         ));
+        // Interests as dpkg records them; activations are not interests.
+        let text = |p: &str| match tree.get(Path::new(p)) {
+            Some(Node::File { data, .. }) => String::from_utf8(data.bytes().unwrap().to_vec()).ok(),
+            _ => None,
+        };
+        assert_eq!(
+            text("/var/lib/dpkg/triggers/File").as_deref(),
+            Some("/usr/share/z zlib1g:amd64/noawait\n")
+        );
+        assert_eq!(
+            text("/var/lib/dpkg/triggers/zlib-reload").as_deref(),
+            Some("zlib1g:amd64\n")
+        );
+        assert_eq!(text("/var/lib/dpkg/triggers/Unincorp").as_deref(), Some(""));
+        assert!(text("/var/lib/dpkg/triggers/ldconfig").is_none());
 
         if Command::new("dpkg-query")
             .arg("--version")

@@ -41,8 +41,9 @@ pub type Group = Vec<Dep>;
 pub struct Entry {
     /// The package as recorded in lock files.
     pub package: Package,
-    /// Pre-Depends then Depends.
-    pub depends: Vec<Group>,
+    /// Pre-Depends then Depends, as written: parsed only for packages
+    /// resolution reaches (a few hundred of the index's 70,000).
+    pub depends: String,
     /// Provided names with an optional exact version (`Provides: x (= 1)`).
     pub provides: Vec<(String, Option<String>)>,
     /// `Essential: yes`: dpkg and maintainer scripts assume it installed.
@@ -127,66 +128,115 @@ pub fn paragraphs(text: &str) -> Vec<BTreeMap<&str, String>> {
     out
 }
 
-/// Parses a Packages file, keeping amd64 and `all` packages only. A
-/// paragraph without the fields needed to fetch it is an error: the index
-/// was signed, so it should be complete.
-pub fn parse_packages(text: &str) -> Result<Vec<Entry>, DebianError> {
-    let mut out = Vec::new();
-    for p in paragraphs(text) {
-        let field = |k: &str| -> Result<&str, DebianError> {
-            p.get(k)
-                .map(String::as_str)
-                .ok_or_else(|| DebianError::Index {
-                    what: format!(
-                        "package {:?}: missing field {k}",
-                        p.get("Package").map(String::as_str).unwrap_or("?")
-                    ),
-                })
-        };
-        let arch = field("Architecture")?;
-        if arch != super::ARCH && arch != "all" {
-            continue;
-        }
-        let name = field("Package")?;
-        let bad = |what: String| DebianError::Index {
-            what: format!("package {name}: {what}"),
-        };
-        let mut depends = Vec::new();
-        for k in ["Pre-Depends", "Depends"] {
-            if let Some(v) = p.get(k) {
-                depends.extend(parse_depends(v).map_err(bad)?);
-            }
-        }
-        let mut provides = Vec::new();
-        if let Some(v) = p.get("Provides") {
-            for g in parse_depends(v).map_err(bad)? {
-                for d in g {
-                    let ver = match d.constraint {
-                        Some((Relation::Eq, v)) => Some(v),
-                        _ => None,
-                    };
-                    provides.push((d.name, ver));
+/// The fields of a Packages paragraph that resolution and fetching use.
+const KEPT: [&str; 10] = [
+    "Package",
+    "Architecture",
+    "Version",
+    "Pre-Depends",
+    "Depends",
+    "Provides",
+    "Essential",
+    "Filename",
+    "SHA256",
+    "Size",
+];
+
+/// Parses a Packages file as it streams in, keeping amd64 and `all`
+/// packages and only the fields in [`KEPT`]: the 57 MB text of trixie's
+/// index is never held whole. A paragraph without the fields needed to
+/// fetch it is an error: the index was signed, so it should be complete.
+pub fn parse_packages(
+    mut r: impl std::io::BufRead,
+    mut each: impl FnMut(Entry),
+) -> Result<(), DebianError> {
+    let mut fields: Vec<(&'static str, String)> = Vec::new();
+    let mut line = String::new();
+    // Whether the last field line was kept (its continuations are too).
+    let mut keeping = false;
+    loop {
+        line.clear();
+        let n = r.read_line(&mut line).map_err(|e| DebianError::Index {
+            what: e.to_string(),
+        })?;
+        let text = line.trim_end_matches(['\n', '\r']);
+        if n == 0 || text.trim().is_empty() {
+            if !fields.is_empty() {
+                if let Some(e) = entry(&fields)? {
+                    each(e);
                 }
+                fields.clear();
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            keeping = false;
+        } else if text.starts_with([' ', '\t']) {
+            if let (true, Some((_, v))) = (keeping, fields.last_mut()) {
+                v.push('\n');
+                v.push_str(text.trim());
+            }
+        } else if let Some((k, v)) = text.split_once(':') {
+            let kept = KEPT.iter().find(|f| **f == k);
+            keeping = kept.is_some();
+            if let Some(k) = kept {
+                fields.push((k, v.trim().to_string()));
             }
         }
-        let sha = field("SHA256")?;
-        let sha256 = Digest::from_hex(sha).map_err(|e| bad(e.to_string()))?;
-        let size = field("Size")?.parse().map_err(|_| bad("bad Size".into()))?;
-        out.push(Entry {
-            package: Package {
-                name: name.to_string(),
-                version: field("Version")?.to_string(),
-                architecture: arch.to_string(),
-                filename: field("Filename")?.to_string(),
-                sha256,
-                size,
-            },
-            depends,
-            provides,
-            essential: p.get("Essential").is_some_and(|v| v == "yes"),
-        });
     }
-    Ok(out)
+}
+
+/// The entry of one paragraph, if it is of an indexed architecture.
+fn entry(p: &[(&'static str, String)]) -> Result<Option<Entry>, DebianError> {
+    let get = |k: &str| p.iter().find(|(f, _)| *f == k).map(|(_, v)| v.as_str());
+    let field = |k: &str| -> Result<&str, DebianError> {
+        get(k).ok_or_else(|| DebianError::Index {
+            what: format!(
+                "package {:?}: missing field {k}",
+                get("Package").unwrap_or("?")
+            ),
+        })
+    };
+    let arch = field("Architecture")?;
+    if arch != super::ARCH && arch != "all" {
+        return Ok(None);
+    }
+    let name = field("Package")?;
+    let bad = |what: String| DebianError::Index {
+        what: format!("package {name}: {what}"),
+    };
+    let depends = ["Pre-Depends", "Depends"]
+        .iter()
+        .filter_map(|k| get(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut provides = Vec::new();
+    if let Some(v) = get("Provides") {
+        for g in parse_depends(v).map_err(bad)? {
+            for d in g {
+                let ver = match d.constraint {
+                    Some((Relation::Eq, v)) => Some(v),
+                    _ => None,
+                };
+                provides.push((d.name, ver));
+            }
+        }
+    }
+    let sha256 = Digest::from_hex(field("SHA256")?).map_err(|e| bad(e.to_string()))?;
+    let size = field("Size")?.parse().map_err(|_| bad("bad Size".into()))?;
+    Ok(Some(Entry {
+        package: Package {
+            name: name.to_string(),
+            version: field("Version")?.to_string(),
+            architecture: arch.to_string(),
+            filename: field("Filename")?.to_string(),
+            sha256,
+            size,
+        },
+        depends,
+        provides,
+        essential: get("Essential") == Some("yes"),
+    }))
 }
 
 /// All packages by name (highest version first) and who provides what.
@@ -198,10 +248,11 @@ pub struct Index {
 }
 
 impl Index {
-    /// An index of `entries`, each name's candidates highest version first.
-    pub fn new(entries: Vec<Entry>) -> Self {
+    /// The index of a Packages file (see [`parse_packages`]), each name's
+    /// candidates highest version first.
+    pub fn read(r: impl std::io::BufRead) -> Result<Self, DebianError> {
         let mut idx = Index::default();
-        for e in entries {
+        parse_packages(r, |e| {
             for (pname, pver) in &e.provides {
                 idx.providers.entry(pname.clone()).or_default().push((
                     e.package.name.clone(),
@@ -213,7 +264,7 @@ impl Index {
                 .entry(e.package.name.clone())
                 .or_default()
                 .push(e);
-        }
+        })?;
         for v in idx.by_name.values_mut() {
             v.sort_by(|a, b| version::compare(&b.package.version, &a.package.version));
         }
@@ -221,7 +272,7 @@ impl Index {
             // By provider name, then highest version first: deterministic.
             v.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| version::compare(&b.1, &a.1)));
         }
-        idx
+        Ok(idx)
     }
 
     /// Number of distinct package names.
@@ -323,7 +374,10 @@ impl Index {
             queue.push_back((e, vec![e.package.name.clone()]));
         }
         while let Some((e, chain)) = queue.pop_front() {
-            for group in &e.depends {
+            let groups = parse_depends(&e.depends).map_err(|what| DebianError::Index {
+                what: format!("package {}: {what}", e.package.name),
+            })?;
+            for group in &groups {
                 if group.iter().any(|d| self.chosen_satisfies(&chosen, d)) {
                     continue;
                 }
@@ -450,7 +504,7 @@ SHA256: 000000000000000000000000000000000000000000000000000000000000000a
 ";
 
     fn index() -> Index {
-        Index::new(parse_packages(INDEX).unwrap())
+        Index::read(INDEX.as_bytes()).unwrap()
     }
 
     fn names(p: &[Package]) -> Vec<String> {
@@ -461,26 +515,25 @@ SHA256: 000000000000000000000000000000000000000000000000000000000000000a
 
     #[test]
     fn parses_fields_and_skips_foreign_arch() {
-        let e = parse_packages(INDEX).unwrap();
+        let mut e = Vec::new();
+        parse_packages(INDEX.as_bytes(), |x| e.push(x)).unwrap();
         assert_eq!(e.len(), 9);
         let app = &e[0];
         assert_eq!(app.package.filename, "pool/main/a/app/app_1.0_amd64.deb");
         assert_eq!(app.package.size, 100);
         // Pre-Depends come first.
-        assert_eq!(app.depends[0][0].name, "init-system-helpers");
-        assert_eq!(app.depends[2].len(), 2);
-        assert_eq!(app.depends[3][0].name, "libfoo");
-        assert_eq!(
-            app.depends[3][0].constraint,
-            Some((Relation::Ge, "2".into()))
-        );
+        let depends = parse_depends(&app.depends).unwrap();
+        assert_eq!(depends[0][0].name, "init-system-helpers");
+        assert_eq!(depends[2].len(), 2);
+        assert_eq!(depends[3][0].name, "libfoo");
+        assert_eq!(depends[3][0].constraint, Some((Relation::Ge, "2".into())));
         let idx = index();
         assert_eq!(idx.get("libc6").unwrap().package.version, "2.41-12");
     }
 
     #[test]
     fn missing_field_is_an_error() {
-        let r = parse_packages("Package: x\nArchitecture: all\nVersion: 1\n");
+        let r = parse_packages(&b"Package: x\nArchitecture: all\nVersion: 1\n"[..], drop);
         assert!(matches!(r, Err(DebianError::Index { .. })));
     }
 

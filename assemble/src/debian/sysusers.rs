@@ -1,11 +1,14 @@
 //! Users and groups for Debian images, as a configured system has them:
 //! `/etc/passwd` and `/etc/group` from base-passwd's masters (what its
 //! preinst does), plus every user and group the packages declare in
-//! `sysusers.d` (what `systemd-sysusers` does at install time).
+//! `sysusers.d` (what `systemd-sysusers` does at install time), and
+//! `/etc/shadow` and `/etc/gshadow` with every account locked (what
+//! `pwconv` and `grpconv` give).
 //!
 //! Ids of new system users and groups are taken downward from 999, in
 //! sorted file order, so the same packages always get the same ids.
 
+use crate::users::{parse_group, parse_passwd, GroupEntry as Group, PasswdEntry as User};
 use kiln_formats::tree::{Node, Tree, TreeError};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,25 +18,6 @@ const DIRS: [&str; 2] = ["/usr/lib/sysusers.d", "/etc/sysusers.d"];
 /// systemd's SYS_UID_MAX: system ids are allocated from here down.
 const SYSTEM_MAX: u32 = 999;
 const NOLOGIN: &str = "/usr/sbin/nologin";
-
-/// One `/etc/passwd` line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct User {
-    name: String,
-    uid: u32,
-    gid: u32,
-    gecos: String,
-    home: String,
-    shell: String,
-}
-
-/// One `/etc/group` line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Group {
-    name: String,
-    gid: u32,
-    members: Vec<String>,
-}
 
 /// Errors reading the image's account files.
 #[derive(Debug, thiserror::Error)]
@@ -62,41 +46,6 @@ fn text(tree: &Tree, path: &str) -> Result<Option<String>, UsersError> {
             }),
         _ => Ok(None),
     }
-}
-
-fn parse_passwd(s: &str) -> Vec<User> {
-    s.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() == 7).then_some(())?;
-            Some(User {
-                name: f[0].into(),
-                uid: f[2].parse().ok()?,
-                gid: f[3].parse().ok()?,
-                gecos: f[4].into(),
-                home: f[5].into(),
-                shell: f[6].into(),
-            })
-        })
-        .collect()
-}
-
-fn parse_group(s: &str) -> Vec<Group> {
-    s.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() == 4).then_some(())?;
-            Some(Group {
-                name: f[0].into(),
-                gid: f[2].parse().ok()?,
-                members: f[3]
-                    .split(',')
-                    .filter(|m| !m.is_empty())
-                    .map(String::from)
-                    .collect(),
-            })
-        })
-        .collect()
 }
 
 /// Splits a sysusers.d line into fields; `"..."` quotes a field.
@@ -291,12 +240,68 @@ pub fn apply(tree: &mut Tree, mtime: u64) -> Result<(), UsersError> {
         .iter()
         .map(|g| format!("{}:x:{}:{}\n", g.name, g.gid, g.members.join(",")))
         .collect();
-    for (path, text) in [("/etc/passwd", passwd), ("/etc/group", group)] {
-        let mut node = Node::file(0o644, text);
+    // Shadow entries as pwconv and grpconv add them: locked (`*`),
+    // changed on the build's day. Existing entries are kept.
+    let day = mtime / 86_400;
+    let shadow = with_missing(
+        text(tree, "/etc/shadow")?,
+        users.iter().map(|u| &u.name),
+        |name| format!("{name}:*:{day}:0:99999:7:::\n"),
+    );
+    let gshadow = with_missing(
+        text(tree, "/etc/gshadow")?,
+        groups.iter().map(|g| &g.name),
+        |name| {
+            let members = groups
+                .iter()
+                .find(|g| &g.name == name)
+                .map(|g| g.members.join(","))
+                .unwrap_or_default();
+            format!("{name}:*::{members}\n")
+        },
+    );
+    // Readable by group shadow (base-passwd's 42) where it exists.
+    let shadow_gid = groups.iter().find(|g| g.name == "shadow").map(|g| g.gid);
+    for (path, text, mode, gid) in [
+        ("/etc/passwd", passwd, 0o644, 0),
+        ("/etc/group", group, 0o644, 0),
+        ("/etc/shadow", shadow, 0o640, shadow_gid.unwrap_or(0)),
+        ("/etc/gshadow", gshadow, 0o640, shadow_gid.unwrap_or(0)),
+    ] {
+        let mode = if shadow_gid.is_none() && mode == 0o640 {
+            0o600
+        } else {
+            mode
+        };
+        let mut node = Node::file(mode, text);
         node.meta_mut().mtime = mtime;
+        node.meta_mut().gid = gid;
         tree.insert(Path::new(path), node)?;
     }
     Ok(())
+}
+
+/// `existing` plus a `line(name)` for each of `names` it has no line for.
+fn with_missing<'a>(
+    existing: Option<String>,
+    names: impl Iterator<Item = &'a String>,
+    line: impl Fn(&String) -> String,
+) -> String {
+    let mut out = existing.unwrap_or_default();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    let have: std::collections::BTreeSet<String> = out
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .map(String::from)
+        .collect();
+    for name in names {
+        if !have.contains(name) {
+            out.push_str(&line(name));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -350,6 +355,18 @@ mod tests {
             read(&t, "/etc/group"),
             "root:x:0:\nwww-data:x:33:\nmessagebus:x:999:\n_ssh:x:998:postgres\npostgres:x:997:\n"
         );
+        assert_eq!(
+            read(&t, "/etc/shadow"),
+            "root:*:0:0:99999:7:::\nwww-data:*:0:0:99999:7:::\nmessagebus:*:0:0:99999:7:::\n\
+             postgres:*:0:0:99999:7:::\nfixed:*:0:0:99999:7:::\n"
+        );
+        assert_eq!(
+            read(&t, "/etc/gshadow"),
+            "root:*::\nwww-data:*::\nmessagebus:*::\n_ssh:*::postgres\npostgres:*::\n"
+        );
+        // No group `shadow`: only root reads them.
+        let meta = t.get(Path::new("/etc/shadow")).unwrap().meta();
+        assert_eq!((meta.mode, meta.gid), (0o600, 0));
         // Applying again changes nothing.
         let before = t.clone();
         apply(&mut t, 0).unwrap();
