@@ -96,9 +96,13 @@ fn hello_builds_validates_and_boots() {
     let r = k::boot(&kiln(), &image, 300);
     let console = &r.stdout;
     assert!(
-        r.ok,
+        r.code == Some(0),
         "guest did not power off cleanly:\n{console}\n{}",
         r.stderr
+    );
+    assert!(
+        console.contains("kiln-init: result {\"failed_essential\":[]}"),
+        "{console}"
     );
     let greet = container_lines(console, "greet");
     assert!(
@@ -439,5 +443,54 @@ fn python_and_postgres_answer() {
             l.starts_with("probe| ") || l.starts_with("client| ") || l.contains(": exited")
         });
         assert!(console.contains(line), "{recipe}:\n{console}");
+    }
+}
+
+/// Restart policies: `on-failure` restarts a failing service with growing
+/// delays until `max_restarts`, then gives up; `never` runs once; a service
+/// that exits 0 is done. The machine powers off once nothing will run
+/// again, and `kiln run` exits 3 naming the failed essential container.
+#[test]
+fn restart_policies_and_the_run_result() {
+    let dir = k::scratch("restart");
+    let recipe = dir.join("restart.toml");
+    let bb = "image = { debian = [\"busybox-static\"], scripts = false }";
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"restart\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
+             [[service]]\nname = \"crash\"\n{bb}\nmax_restarts = 2\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo attempt; exit 1\"]\n\
+             [[service]]\nname = \"once\"\n{bb}\nrestart = \"never\"\nessential = false\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo ran; exit 2\"]\n\
+             [[service]]\nname = \"fine\"\n{bb}\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo done\"]\n\
+             [host]\nwhen_done = \"poweroff\"\n[disk]\nsize = \"256M\"\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let r = k::boot(&kiln(), &out.join("restart.raw"), 300);
+    let console = &r.stdout.replace('\r', "");
+    assert_eq!(r.code, Some(3), "{console}\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("failed essential containers: crash\n"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        k::container_lines(console, "crash"),
+        ["attempt"; 3],
+        "{console}"
+    );
+    assert_eq!(k::container_lines(console, "once"), ["ran"], "{console}");
+    assert_eq!(k::container_lines(console, "fine"), ["done"], "{console}");
+    for log in [
+        "crash: exited with status 1; restart 1 in 100ms",
+        "crash: exited with status 1; restart 2 in 200ms",
+        "crash: exited with status 1; not restarted: 2 restarts in a row",
+        "once: exited with status 2\n",
+        "fine: exited with status 0\n",
+        "kiln-init: result {\"failed_essential\":[\"crash\"]}",
+    ] {
+        assert!(console.contains(log), "{log:?} not in:\n{console}");
     }
 }

@@ -525,6 +525,9 @@ fn container_config(
         binds,
         tmpfs,
         capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+        restart: spec.restart,
+        max_restarts: spec.max_restarts,
+        essential: spec.essential,
     })
 }
 

@@ -6,7 +6,7 @@
 //! field), so an error found at build time (a command missing from its
 //! image, a disk too small) still points into the recipe file.
 
-use kiln_init::config::{Net, WhenDone};
+use kiln_init::config::{Net, Restart, WhenDone, DEFAULT_MAX_RESTARTS};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, BTreeSet};
@@ -211,6 +211,12 @@ pub struct ContainerSpec {
     pub binds: Vec<At<BindSpec>>,
     /// Writable, size-limited tmpfs mounts.
     pub tmpfs: Vec<At<TmpfsSpec>>,
+    /// When it is started again after it exits.
+    pub restart: Restart,
+    /// Restarts `on-failure` allows.
+    pub max_restarts: u32,
+    /// Whether its failure fails the machine's run.
+    pub essential: bool,
 }
 
 /// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
@@ -630,6 +636,9 @@ mod raw {
         pub binds: Vec<Spanned<String>>,
         #[serde(default)]
         pub tmpfs: Vec<Spanned<String>>,
+        pub restart: Option<Spanned<String>>,
+        pub max_restarts: Option<Spanned<i64>>,
+        pub essential: Option<bool>,
     }
 
     #[derive(Debug)]
@@ -1019,8 +1028,28 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                 loc: l.loc(t.span()),
             });
         }
+        let restart = match &c.restart {
+            None => Restart::OnFailure,
+            Some(r) => match r.get_ref().as_str() {
+                "always" => Restart::Always,
+                "on-failure" => Restart::OnFailure,
+                "never" => Restart::Never,
+                _ => return Err(l.at(r, "expected \"always\", \"on-failure\" or \"never\"")),
+            },
+        };
+        let max_restarts = match &c.max_restarts {
+            None => DEFAULT_MAX_RESTARTS,
+            Some(m) if restart != Restart::OnFailure => {
+                return Err(l.at(m, "applies only to restart = \"on-failure\""))
+            }
+            Some(m) => u32::try_from(*m.get_ref())
+                .map_err(|_| l.at(m, "expected a number of restarts, 0 or more"))?,
+        };
         containers.push(ContainerSpec {
             kind,
+            restart,
+            max_restarts,
+            essential: c.essential.unwrap_or(true),
             name: l.located(c.name),
             image: At {
                 value: image,
@@ -1525,6 +1554,41 @@ size = "512M"
         );
         assert_eq!(e.loc.field, "service[0].tmpfs[1]", "{e}");
         assert!(e.to_string().contains("also a bind target"), "{e}");
+    }
+
+    #[test]
+    fn restart_policies() {
+        let base = "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n[[service]]\nname = \"a\"\nimage = \"busybox\"\n";
+        let ok = |extra: &str| parse(Path::new("r.toml"), &format!("{base}{extra}")).unwrap();
+        let c = &ok("").containers[0];
+        assert_eq!(
+            (c.restart, c.max_restarts, c.essential),
+            (Restart::OnFailure, DEFAULT_MAX_RESTARTS, true)
+        );
+        let c = &ok("restart = \"always\"\nessential = false\n").containers[0];
+        assert_eq!((c.restart, c.essential), (Restart::Always, false));
+        assert_eq!(ok("max_restarts = 0\n").containers[0].max_restarts, 0);
+        for (extra, field, says) in [
+            (
+                "restart = \"sometimes\"\n",
+                "service[0].restart",
+                "expected \"always\"",
+            ),
+            (
+                "restart = \"never\"\nmax_restarts = 2\n",
+                "service[0].max_restarts",
+                "only to restart = \"on-failure\"",
+            ),
+            (
+                "max_restarts = -1\n",
+                "service[0].max_restarts",
+                "0 or more",
+            ),
+        ] {
+            let e = err(&format!("{base}{extra}"));
+            assert_eq!(e.loc.field, field, "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 
     #[test]

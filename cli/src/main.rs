@@ -54,7 +54,12 @@ enum Command {
         out: OutputMode,
     },
     /// Boot an image in QEMU with UEFI firmware; the serial console is
-    /// this terminal. Exits 0 when the guest powers off.
+    /// this terminal.
+    ///
+    /// Exit status: 0 the guest powered off with no failed essential
+    /// container; 1 kiln's own error (or QEMU's); 2 usage; 3 the guest
+    /// reported failed essential containers; 4 the guest stopped without
+    /// its init's final report (a panic or crash); 124 `--timeout` passed.
     Run(run::RunArgs),
 }
 

@@ -1,6 +1,8 @@
 //! `kiln run`: boot an image under QEMU with OVMF, serial console on stdout.
 
 use anyhow::{bail, Context, Result};
+use kiln_init::config::{RunResult, RESULT_PREFIX};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -90,27 +92,44 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         &format!("if=virtio,format={format},snapshot=on"),
         &a.image,
     ))
-    .stdin(Stdio::null());
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| {
         format!(
             "starting {} (apt-get install qemu-system-x86)",
             a.qemu.display()
         )
     })?;
+    let console = child.stdout.take().context("QEMU's console")?;
+    let watcher = std::thread::spawn(move || forward_console(console, std::io::stdout()));
 
     let deadline = a.timeout.map(|s| Instant::now() + Duration::from_secs(s));
     loop {
         if let Some(status) = child.try_wait()? {
-            return Ok(if status.success() {
-                ExitCode::SUCCESS
-            } else {
+            let result = watcher.join().unwrap_or(None);
+            if !status.success() {
                 eprintln!("kiln: QEMU exited with {status}");
-                ExitCode::FAILURE
+                return Ok(ExitCode::FAILURE);
+            }
+            return Ok(match result {
+                Some(r) if r.failed_essential.is_empty() => ExitCode::SUCCESS,
+                Some(r) => {
+                    eprintln!(
+                        "kiln: the guest powered off with failed essential containers: {}",
+                        r.failed_essential.join(", ")
+                    );
+                    ExitCode::from(EXIT_FAILED_ESSENTIAL)
+                }
+                None => {
+                    eprintln!("kiln: the guest stopped without its init's final report (a crash or panic?)");
+                    ExitCode::from(EXIT_NO_REPORT)
+                }
             });
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let _ = child.kill();
             let _ = child.wait();
+            let _ = watcher.join();
             eprintln!(
                 "kiln: guest still running after {}s: killed",
                 a.timeout.unwrap_or(0)
@@ -121,10 +140,60 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     }
 }
 
+/// Exit status: the guest reported failed essential containers.
+pub const EXIT_FAILED_ESSENTIAL: u8 = 3;
+/// Exit status: the guest stopped without the init's final report.
+pub const EXIT_NO_REPORT: u8 = 4;
+
+/// Copies the guest's console to `out` as it comes, and returns the
+/// init's final report if a line carried one.
+fn forward_console(mut from: impl Read, mut out: impl Write) -> Option<RunResult> {
+    let mut buf = [0u8; 8192];
+    let mut line = Vec::new();
+    let mut result = None;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => return result,
+            Ok(n) => n,
+        };
+        let _ = out.write_all(&buf[..n]).and_then(|()| out.flush());
+        for &b in &buf[..n] {
+            if b != b'\n' {
+                // A report line is short; longer lines are not one.
+                if line.len() < 4096 {
+                    line.push(b);
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line);
+            if let Some(json) = text.trim_end_matches('\r').strip_prefix(RESULT_PREFIX) {
+                result = serde_json::from_str(json).ok();
+            }
+            line.clear();
+        }
+    }
+}
+
 /// `-drive` value; QEMU needs commas in file names doubled.
 fn drive_arg(opts: &str, file: &Path) -> String {
     format!(
         "{opts},file={}",
         file.display().to_string().replace(',', ",,")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_is_copied_and_the_report_read() {
+        let console = b"boot\r\nweb| kiln-init: result {\"failed_essential\":[\"x\"]}\r\nkiln-init: result {\"failed_essential\":[\"db\"]}\r\npowering off\r\n";
+        let mut out = Vec::new();
+        let r = forward_console(&console[..], &mut out);
+        assert_eq!(out, console);
+        // Only the init's own line counts, not a container's.
+        assert_eq!(r.unwrap().failed_essential, ["db"]);
+        assert!(forward_console(&b"panic\n"[..], std::io::sink()).is_none());
+    }
 }

@@ -155,6 +155,40 @@ pub struct Container {
     pub tmpfs: Vec<Tmpfs>,
     /// Capability names (e.g. "CAP_CHOWN") the container keeps.
     pub capabilities: Vec<String>,
+    /// When it is started again after it exits.
+    pub restart: Restart,
+    /// Restarts `on-failure` allows before it gives up.
+    pub max_restarts: u32,
+    /// Whether its failure makes the machine's run a failure.
+    pub essential: bool,
+}
+
+/// When a container is started again after its process exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    /// Whatever the exit status, without limit.
+    Always,
+    /// After a non-zero exit status or a signal, up to `max_restarts`.
+    OnFailure,
+    /// Never: its first exit is final.
+    Never,
+}
+
+/// Restarts `on-failure` allows when the recipe gives no `max_restarts`.
+pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+
+/// Prefix of the line the init prints last before powering off, followed
+/// by a JSON [`RunResult`]; `kiln run` reads it for its exit status.
+pub const RESULT_PREFIX: &str = "kiln-init: result ";
+
+/// How the machine's run went, as the init reports it at power-off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunResult {
+    /// Essential containers that failed (could not start, or their last
+    /// exit was a failure), in recipe order.
+    pub failed_essential: Vec<String>,
 }
 
 /// The network a container sees.

@@ -615,6 +615,9 @@ mod tests {
             ],
             tmpfs: vec![],
             capabilities: vec![],
+            restart: kiln_init::config::Restart::Never,
+            max_restarts: 0,
+            essential: true,
         }
     }
 

@@ -17,7 +17,9 @@ mod supervisor;
 mod sys;
 
 use console::log;
-use kiln_init::config::{BootConfig, HostConfig, WhenDone, BOOT_CONFIG_PATH, HOST_CONFIG_PATH};
+use kiln_init::config::{
+    BootConfig, HostConfig, RunResult, WhenDone, BOOT_CONFIG_PATH, HOST_CONFIG_PATH, RESULT_PREFIX,
+};
 use supervisor::UnitKind;
 use sys::{RealSys, Sys};
 
@@ -126,6 +128,11 @@ fn run() -> Result<std::convert::Infallible, String> {
         WhenDone::Poweroff => {
             sup.wait_all();
             log("all containers exited");
+            let result = RunResult {
+                failed_essential: sup.failed_essential(),
+            };
+            let json = serde_json::to_string(&result).unwrap_or_default();
+            console::write_console(format!("{RESULT_PREFIX}{json}\n").as_bytes());
             supervisor::poweroff();
         }
         WhenDone::Stay => {

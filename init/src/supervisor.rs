@@ -5,7 +5,7 @@
 use crate::console::{self, LineSplitter, Sink};
 use crate::container;
 use crate::sys;
-use kiln_init::config::Container;
+use kiln_init::config::{Container, Restart};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -36,7 +36,9 @@ pub enum State {
     Pending,
     /// Its process runs (PID in the init's namespace).
     Running { pid: libc::pid_t },
-    /// Its process ended with this wait status.
+    /// Its process ended with this wait status; it starts again at `at`.
+    Backoff { status: libc::c_int, at: Instant },
+    /// Its process ended with this wait status, for good.
     Exited { status: libc::c_int },
     /// It could not be started.
     Failed { reason: String },
@@ -47,9 +49,51 @@ impl State {
         match self {
             State::Pending => "pending",
             State::Running { .. } => "running",
+            State::Backoff { .. } => "backoff",
             State::Exited { .. } => "exited",
             State::Failed { .. } => "failed",
         }
+    }
+}
+
+/// First restart delay; each quick exit in a row doubles it.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest restart delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A run at least this long ends a crash loop: the delay and the count
+/// of restarts `max_restarts` limits start over.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+/// Quick exits in a row from which a unit is said to crash-loop.
+const CRASH_LOOP: u32 = 3;
+
+/// What follows an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterExit {
+    /// Its exit is final (success, or `never`).
+    Done,
+    /// Start it again after this delay.
+    Restart(Duration),
+    /// `on-failure` gave up after `max_restarts` restarts in a row.
+    GiveUp,
+}
+
+/// The policy's decision for a unit that exited with `status`, having been
+/// restarted `streak` times since its last run of [`HEALTHY_RUN`].
+pub fn after_exit(
+    restart: Restart,
+    max_restarts: u32,
+    streak: u32,
+    status: libc::c_int,
+) -> AfterExit {
+    let failed = status != 0;
+    let delay = BACKOFF_START
+        .saturating_mul(1 << streak.min(16))
+        .min(BACKOFF_CAP);
+    match restart {
+        Restart::Never => AfterExit::Done,
+        Restart::OnFailure if !failed => AfterExit::Done,
+        Restart::OnFailure if streak >= max_restarts => AfterExit::GiveUp,
+        Restart::OnFailure | Restart::Always => AfterExit::Restart(delay),
     }
 }
 
@@ -70,7 +114,12 @@ pub struct Unit {
     spec: Container,
     kind: UnitKind,
     state: State,
+    started_at: Option<Instant>,
     exited_at: Option<Instant>,
+    /// Restarts since it started first.
+    restarts: u32,
+    /// Restarts since its last run of [`HEALTHY_RUN`].
+    streak: u32,
     sink: Option<Sink>,
     streams: Vec<Stream>,
 }
@@ -81,7 +130,10 @@ impl Unit {
             spec,
             kind,
             state: State::Pending,
+            started_at: None,
             exited_at: None,
+            restarts: 0,
+            streak: 0,
             sink: None,
             streams: Vec::new(),
         }
@@ -118,29 +170,73 @@ impl Unit {
         Ok(())
     }
 
-    /// Pending → Running.
-    pub fn started(&mut self, pid: libc::pid_t) -> Result<(), BadTransition> {
-        let ok = self.state == State::Pending;
-        self.go(ok, State::Running { pid })
-    }
-
-    /// Running → Exited.
-    pub fn exited(&mut self, status: libc::c_int, at: Instant) -> Result<(), BadTransition> {
-        let ok = matches!(self.state, State::Running { .. });
-        self.go(ok, State::Exited { status })?;
-        self.exited_at = Some(at);
+    /// Pending or Backoff → Running.
+    pub fn started(&mut self, pid: libc::pid_t, at: Instant) -> Result<(), BadTransition> {
+        let ok = matches!(self.state, State::Pending | State::Backoff { .. });
+        let again = matches!(self.state, State::Backoff { .. });
+        self.go(ok, State::Running { pid })?;
+        if again {
+            self.restarts += 1;
+            self.streak += 1;
+        }
+        self.started_at = Some(at);
         Ok(())
     }
 
-    /// Pending → Failed.
+    /// Running → Backoff or Exited, as its restart policy decides; returns
+    /// the decision.
+    pub fn exited(&mut self, status: libc::c_int, at: Instant) -> Result<AfterExit, BadTransition> {
+        let ok = matches!(self.state, State::Running { .. });
+        if ok
+            && self
+                .started_at
+                .is_some_and(|s| at.duration_since(s) >= HEALTHY_RUN)
+        {
+            self.streak = 0;
+        }
+        let next = after_exit(
+            self.spec.restart,
+            self.spec.max_restarts,
+            self.streak,
+            status,
+        );
+        let to = match next {
+            AfterExit::Restart(delay) => State::Backoff {
+                status,
+                at: at + delay,
+            },
+            AfterExit::Done | AfterExit::GiveUp => State::Exited { status },
+        };
+        self.go(ok, to)?;
+        self.exited_at = Some(at);
+        Ok(next)
+    }
+
+    /// Pending or Backoff → Failed.
     pub fn failed(&mut self, reason: String) -> Result<(), BadTransition> {
-        let ok = self.state == State::Pending;
+        let ok = matches!(self.state, State::Pending | State::Backoff { .. });
         self.go(ok, State::Failed { reason })
     }
 
-    /// Whether its process runs or its output is still being drained.
+    /// Whether its process runs, will run again, or its output is still
+    /// being drained.
     pub fn busy(&self) -> bool {
-        matches!(self.state, State::Running { .. }) || !self.streams.is_empty()
+        matches!(self.state, State::Running { .. } | State::Backoff { .. })
+            || !self.streams.is_empty()
+    }
+
+    /// Whether it ended in failure: could not start, or its last exit (its
+    /// policy having given up) was not a success.
+    pub fn has_failed(&self) -> bool {
+        match self.state {
+            State::Failed { .. } => true,
+            State::Exited { status } => status != 0,
+            _ => false,
+        }
+    }
+
+    pub fn essential(&self) -> bool {
+        self.spec.essential
     }
 
     /// Whether it exited more than `grace` before `now`.
@@ -222,12 +318,18 @@ impl Supervisor {
         let Some(unit) = self.units.get_mut(name) else {
             return;
         };
-        if unit.state() != &State::Pending {
+        if !matches!(unit.state(), State::Pending | State::Backoff { .. }) {
             let now = unit.state().name();
             console::log(&format!("{name}: not started again, it is {now}"));
             return;
         }
         console::log(&format!("{name}: starting {:?}", unit.spec.args));
+        // What a restarted unit's last run left unterminated.
+        for mut st in std::mem::take(&mut unit.streams) {
+            if let Some(line) = st.split.finish() {
+                unit.line(&line);
+            }
+        }
         let res = match container::spawn(&unit.spec) {
             Ok(s) => {
                 console::log(&format!("{name}: started, pid {}", s.pid));
@@ -239,7 +341,7 @@ impl Supervisor {
                         split: LineSplitter::default(),
                     })
                     .collect();
-                unit.started(s.pid)
+                unit.started(s.pid, Instant::now())
             }
             Err(e) => {
                 let reason = console::chain(&e);
@@ -299,7 +401,14 @@ impl Supervisor {
                 owners.push((u, s));
             }
         }
-        let timeout = if self.sigfd.is_some() { 1000 } else { 100 };
+        let mut timeout: libc::c_int = if self.sigfd.is_some() { 1000 } else { 100 };
+        let now = Instant::now();
+        for unit in &self.units.0 {
+            if let State::Backoff { at, .. } = unit.state {
+                let ms = at.saturating_duration_since(now).as_millis();
+                timeout = timeout.min(libc::c_int::try_from(ms).unwrap_or(timeout));
+            }
+        }
         // SAFETY: fds is a valid array of pollfd of the given length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -342,6 +451,26 @@ impl Supervisor {
                 unit.line(&line);
             }
         }
+        let due: Vec<String> = self
+            .units
+            .0
+            .iter()
+            .filter(|u| matches!(u.state, State::Backoff { at, .. } if at <= now))
+            .map(|u| u.name().to_string())
+            .collect();
+        for name in due {
+            self.start(&name);
+        }
+    }
+
+    /// Essential units that failed, in the order added.
+    pub fn failed_essential(&self) -> Vec<String> {
+        self.units
+            .0
+            .iter()
+            .filter(|u| u.essential() && u.has_failed())
+            .map(|u| u.name().to_string())
+            .collect()
     }
 
     /// Collects every exited child, logging the units'.
@@ -356,9 +485,27 @@ impl Supervisor {
             let Some(unit) = self.units.by_pid_mut(pid) else {
                 continue;
             };
-            console::log(&format!("{}: {}", unit.name(), describe_status(status)));
-            if let Err(e) = unit.exited(status, Instant::now()) {
-                console::log(&e.to_string());
+            let name = unit.name().to_string();
+            let how = describe_status(status);
+            match unit.exited(status, Instant::now()) {
+                Ok(AfterExit::Done) => console::log(&format!("{name}: {how}")),
+                Ok(AfterExit::Restart(delay)) => {
+                    let looping = if unit.streak + 1 >= CRASH_LOOP {
+                        format!(", crash loop ({} quick exits in a row)", unit.streak + 1)
+                    } else {
+                        String::new()
+                    };
+                    console::log(&format!(
+                        "{name}: {how}; restart {} in {}ms{looping}",
+                        unit.restarts + 1,
+                        delay.as_millis()
+                    ))
+                }
+                Ok(AfterExit::GiveUp) => console::log(&format!(
+                    "{name}: {how}; not restarted: {} restarts in a row (max_restarts)",
+                    unit.streak
+                )),
+                Err(e) => console::log(&e.to_string()),
             }
             // Empty once the PID namespace is gone; a leftover is harmless.
             let _ = std::fs::remove_dir(format!("{}/{}", container::CGROUP_DIR, unit.name()));
@@ -489,6 +636,9 @@ mod tests {
             binds: vec![],
             tmpfs: vec![],
             capabilities: vec![],
+            restart: Restart::Never,
+            max_restarts: 0,
+            essential: true,
         }
     }
 
@@ -499,12 +649,13 @@ mod tests {
         assert_eq!(u.state(), &State::Pending);
         assert!(!u.busy());
         assert_eq!(u.pid(), None);
-        u.started(42).expect("start");
+        let t = Instant::now();
+        u.started(42, t).expect("start");
         assert_eq!(u.pid(), Some(42));
         assert!(u.busy());
-        let t = Instant::now();
-        u.exited(256, t).expect("exit");
+        assert_eq!(u.exited(256, t), Ok(AfterExit::Done));
         assert_eq!(u.state(), &State::Exited { status: 256 });
+        assert!(u.has_failed());
         assert_eq!(u.pid(), None);
         assert!(!u.busy());
         assert!(!u.exited_before(t, DRAIN_GRACE));
@@ -523,8 +674,8 @@ mod tests {
                 to: "exited"
             })
         );
-        u.started(7).expect("start");
-        assert!(u.started(8).is_err());
+        u.started(7, t).expect("start");
+        assert!(u.started(8, t).is_err());
         assert!(u.failed("late".into()).is_err());
         assert_eq!(u.pid(), Some(7));
         u.exited(0, t).expect("exit");
@@ -540,7 +691,8 @@ mod tests {
             }
         );
         assert!(!f.busy());
-        assert!(f.started(1).is_err());
+        assert!(f.started(1, t).is_err());
+        assert!(f.has_failed());
     }
 
     #[test]
@@ -565,9 +717,13 @@ mod tests {
         units
             .get_mut("web")
             .expect("web")
-            .started(10)
+            .started(10, Instant::now())
             .expect("start");
-        units.get_mut("db").expect("db").started(11).expect("start");
+        units
+            .get_mut("db")
+            .expect("db")
+            .started(11, Instant::now())
+            .expect("start");
         assert_eq!(
             units
                 .by_pid_mut(11)
@@ -583,6 +739,55 @@ mod tests {
             .expect("exit");
         // An exited unit's PID may be reused by an unrelated orphan.
         assert!(units.by_pid_mut(10).is_none());
+    }
+
+    #[test]
+    fn restart_policies_and_backoff() {
+        use kiln_init::config::Restart;
+        use AfterExit::{Done, GiveUp, Restart as Again};
+        let ms = Duration::from_millis;
+        // on-failure: success is final; failures back off, doubling, until
+        // max_restarts in a row.
+        assert_eq!(after_exit(Restart::OnFailure, 3, 0, 0), Done);
+        assert_eq!(after_exit(Restart::OnFailure, 3, 0, 1 << 8), Again(ms(100)));
+        assert_eq!(after_exit(Restart::OnFailure, 3, 2, 9), Again(ms(400)));
+        assert_eq!(after_exit(Restart::OnFailure, 3, 3, 1 << 8), GiveUp);
+        assert_eq!(after_exit(Restart::OnFailure, 0, 0, 1 << 8), GiveUp);
+        // always: whatever the status, without limit, the delay capped.
+        assert_eq!(after_exit(Restart::Always, 0, 0, 0), Again(ms(100)));
+        assert_eq!(after_exit(Restart::Always, 0, 40, 0), Again(BACKOFF_CAP));
+        // never.
+        assert_eq!(after_exit(Restart::Never, 5, 0, 1 << 8), Done);
+    }
+
+    #[test]
+    fn a_unit_restarts_then_gives_up() {
+        let mut spec = spec("flaky");
+        spec.restart = Restart::OnFailure;
+        spec.max_restarts = 1;
+        let mut u = Unit::new(spec, UnitKind::Service);
+        let t = Instant::now();
+        u.started(5, t).expect("start");
+        assert_eq!(u.exited(1 << 8, t), Ok(AfterExit::Restart(BACKOFF_START)));
+        assert!(u.busy() && !u.has_failed());
+        assert!(matches!(u.state(), State::Backoff { at, .. } if *at == t + BACKOFF_START));
+        u.started(6, t).expect("restart");
+        assert_eq!((u.restarts, u.streak), (1, 1));
+        assert_eq!(u.exited(1 << 8, t), Ok(AfterExit::GiveUp));
+        assert!(!u.busy() && u.has_failed());
+        // A long run ends the streak: the next failure is restarted again.
+        let mut spec2 = super::tests::spec("slow");
+        spec2.restart = Restart::OnFailure;
+        spec2.max_restarts = 1;
+        let mut v = Unit::new(spec2, UnitKind::Service);
+        v.started(7, t).expect("start");
+        v.exited(1 << 8, t).expect("exit");
+        v.started(8, t).expect("restart");
+        let later = t + HEALTHY_RUN;
+        assert_eq!(
+            v.exited(1 << 8, later),
+            Ok(AfterExit::Restart(BACKOFF_START))
+        );
     }
 
     #[test]
