@@ -494,3 +494,108 @@ fn restart_policies_and_the_run_result() {
         assert!(console.contains(log), "{log:?} not in:\n{console}");
     }
 }
+
+/// SIGTERM to `kiln run` shuts the guest down through its power button:
+/// services stop in reverse order, each with its stop signal and, past
+/// its `stop_timeout`, SIGKILL; then the onshutdown containers run; QEMU
+/// and kiln's temp files are gone afterwards.
+#[test]
+fn graceful_shutdown_on_sigterm() {
+    use std::io::BufRead;
+    let dir = k::scratch("shutdown");
+    let recipe = dir.join("shutdown.toml");
+    let bb = "image = { debian = [\"busybox-static\"], scripts = false }";
+    let service = |name: &str, trap: &str, extra: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\n{bb}\n{extra}command = [\"/bin/busybox\", \"sh\", \"-c\", \"{trap}; echo up; while :; do sleep 1; done\"]\n"
+        )
+    };
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"shutdown\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n{}{}{}\
+             [[onshutdown]]\nname = \"bye\"\n{bb}\ncommand = [\"/bin/busybox\", \"echo\", \"goodbye\"]\n[disk]\nsize = \"256M\"\n",
+            service("a", "trap 'echo got TERM; exit 0' TERM", ""),
+            service("b", "trap 'echo got USR1; exit 0' USR1", "stop_signal = \"SIGUSR1\"\n"),
+            service("stubborn", "trap '' TERM", "stop_timeout = \"1s\"\n"),
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let image = out.join("shutdown.raw");
+    let mut child = Command::new(kiln())
+        .arg("run")
+        .arg(&image)
+        .args(["--timeout", "300"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut console = String::new();
+    let mut up = 0;
+    for line in lines.by_ref() {
+        let line = line.unwrap().replace('\r', "");
+        if line.ends_with("| up") {
+            up += 1;
+        }
+        console.push_str(&line);
+        console.push('\n');
+        if up == 3 {
+            break;
+        }
+    }
+    assert_eq!(up, 3, "{console}");
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    for line in lines.map_while(Result::ok) {
+        console.push_str(&line.replace('\r', ""));
+        console.push('\n');
+    }
+    let status = child.wait().unwrap();
+    let _ = std::fs::write(image.with_extension("console.log"), &console);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(143), "{console}\n{stderr}");
+    let at = |needle: &str| {
+        console
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in:\n{console}"))
+    };
+    let order = [
+        at("power button: shutting down"),
+        at("stubborn: stopping with SIGTERM"),
+        at("stubborn: still running after 1000ms; killing"),
+        at("b| got USR1"),
+        at("a| got TERM"),
+        at("bye| goodbye"),
+        at("kiln-init: result {\"failed_essential\":[]}"),
+    ];
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "out of order:\n{console}"
+    );
+    // Nothing left behind: no QEMU for this image, no temp file.
+    let ps = k::run(Command::new("pgrep").arg("-f").arg(image.to_str().unwrap()));
+    assert!(
+        ps.stdout.trim().is_empty(),
+        "QEMU still runs: {}",
+        ps.stdout
+    );
+    let tmp = std::env::temp_dir();
+    for name in [
+        format!("kiln-ovmf-vars-{pid}.fd"),
+        format!("kiln-qmp-{pid}.sock"),
+    ] {
+        assert!(
+            !tmp.join(&name).exists(),
+            "{name} left in {}",
+            tmp.display()
+        );
+    }
+}

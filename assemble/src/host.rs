@@ -70,6 +70,7 @@ pub fn assemble(
         files: Vec::new(),
         onboot: Vec::new(),
         services: Vec::new(),
+        onshutdown: Vec::new(),
     };
     let tree_err = |what: String| move |source| HostError::Tree { what, source };
 
@@ -104,6 +105,7 @@ pub fn assemble(
         match spec.kind {
             Kind::Onboot => config.onboot.push(c),
             Kind::Service => config.services.push(c),
+            Kind::Onshutdown => config.onshutdown.push(c),
         }
     }
 
@@ -528,6 +530,8 @@ fn container_config(
         restart: spec.restart,
         max_restarts: spec.max_restarts,
         essential: spec.essential,
+        stop_signal: spec.stop_signal.clone(),
+        stop_timeout_ms: spec.stop_timeout_ms,
     })
 }
 

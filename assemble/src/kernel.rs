@@ -74,13 +74,17 @@ pub const HARDWARE_MODULES: &[&str] = &[
     "hv_vmbus",
     "hv_storvsc",
     "hv_netvsc",
+    // The ACPI power button, which the init reads through evdev.
+    "button",
+    "evdev",
 ];
 
 /// Filesystems a root or overlay may use.
 pub const FILESYSTEM_MODULES: &[&str] = &["squashfs", "erofs", "overlay"];
 
-/// Filesystem modules loaded whatever the hardware.
-pub const ALWAYS_MODULES: &[&str] = &["squashfs"];
+/// Modules loaded whatever the hardware: the root's filesystem, and
+/// evdev (a handler with no device alias) for the power button.
+pub const ALWAYS_MODULES: &[&str] = &["squashfs", "evdev"];
 
 const SUFFIXES: &[&str] = &[".ko", ".ko.xz", ".ko.zst"];
 

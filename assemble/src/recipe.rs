@@ -6,7 +6,9 @@
 //! field), so an error found at build time (a command missing from its
 //! image, a disk too small) still points into the recipe file.
 
-use kiln_init::config::{Net, Restart, WhenDone, DEFAULT_MAX_RESTARTS};
+use kiln_init::config::{
+    Net, Restart, WhenDone, DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, STOP_SIGNALS,
+};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, BTreeSet};
@@ -186,6 +188,8 @@ pub enum Kind {
     Onboot,
     /// Long-running.
     Service,
+    /// To completion, in order, once services have stopped.
+    Onshutdown,
 }
 
 /// A container from the recipe's `[[onboot]]` or `[[service]]` tables.
@@ -217,6 +221,10 @@ pub struct ContainerSpec {
     pub max_restarts: u32,
     /// Whether its failure fails the machine's run.
     pub essential: bool,
+    /// Signal asking it to stop.
+    pub stop_signal: String,
+    /// Milliseconds it is given to stop before SIGKILL.
+    pub stop_timeout_ms: u64,
 }
 
 /// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
@@ -385,6 +393,13 @@ impl Recipe {
     /// Service containers, in order.
     pub fn services(&self) -> impl Iterator<Item = &ContainerSpec> {
         self.containers.iter().filter(|c| c.kind == Kind::Service)
+    }
+
+    /// Onshutdown containers, in order.
+    pub fn onshutdown(&self) -> impl Iterator<Item = &ContainerSpec> {
+        self.containers
+            .iter()
+            .filter(|c| c.kind == Kind::Onshutdown)
     }
 }
 
@@ -600,6 +615,8 @@ mod raw {
         pub onboot: Vec<Spanned<Container>>,
         #[serde(default, rename = "service")]
         pub services: Vec<Spanned<Container>>,
+        #[serde(default)]
+        pub onshutdown: Vec<Spanned<Container>>,
         #[serde(default, rename = "file")]
         pub files: Vec<File>,
         #[serde(default)]
@@ -639,6 +656,8 @@ mod raw {
         pub restart: Option<Spanned<String>>,
         pub max_restarts: Option<Spanned<i64>>,
         pub essential: Option<bool>,
+        pub stop_signal: Option<Spanned<String>>,
+        pub stop_timeout: Option<Spanned<String>>,
     }
 
     #[derive(Debug)]
@@ -734,6 +753,21 @@ fn is_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
+}
+
+/// Milliseconds of a duration such as `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(scale)
 }
 
 /// Parses sizes like `1G`, `512M`, `2GiB`, `1048576` (binary units).
@@ -928,7 +962,8 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         .onboot
         .into_iter()
         .map(|c| (Kind::Onboot, c))
-        .chain(r.services.into_iter().map(|c| (Kind::Service, c)));
+        .chain(r.services.into_iter().map(|c| (Kind::Service, c)))
+        .chain(r.onshutdown.into_iter().map(|c| (Kind::Onshutdown, c)));
     for (kind, spanned) in all {
         let c = spanned.into_inner();
         let name = c.name.get_ref();
@@ -1045,8 +1080,34 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             Some(m) => u32::try_from(*m.get_ref())
                 .map_err(|_| l.at(m, "expected a number of restarts, 0 or more"))?,
         };
+        let stop_signal = match &c.stop_signal {
+            None => "SIGTERM".to_string(),
+            Some(sig) => {
+                let name = sig.get_ref().to_ascii_uppercase();
+                let name = if name.starts_with("SIG") {
+                    name
+                } else {
+                    format!("SIG{name}")
+                };
+                if !STOP_SIGNALS.contains(&name.as_str()) {
+                    return Err(l.at(sig, format!("expected one of {}", STOP_SIGNALS.join(", "))));
+                }
+                name
+            }
+        };
+        let stop_timeout_ms = match &c.stop_timeout {
+            None => DEFAULT_STOP_TIMEOUT_MS,
+            Some(t) => parse_duration(t.get_ref()).ok_or_else(|| {
+                l.at(
+                    t,
+                    "expected a duration such as \"500ms\", \"10s\" or \"2m\"",
+                )
+            })?,
+        };
         containers.push(ContainerSpec {
             kind,
+            stop_signal,
+            stop_timeout_ms,
             restart,
             max_restarts,
             essential: c.essential.unwrap_or(true),
@@ -1137,7 +1198,8 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         Some(w) => match w.get_ref().as_str() {
             "stay" => WhenDone::Stay,
             "poweroff" => WhenDone::Poweroff,
-            _ => return Err(l.at(w, "expected \"stay\" or \"poweroff\"")),
+            "reboot" => WhenDone::Reboot,
+            _ => return Err(l.at(w, "expected \"stay\", \"poweroff\" or \"reboot\"")),
         },
     };
 
@@ -1568,6 +1630,20 @@ size = "512M"
         let c = &ok("restart = \"always\"\nessential = false\n").containers[0];
         assert_eq!((c.restart, c.essential), (Restart::Always, false));
         assert_eq!(ok("max_restarts = 0\n").containers[0].max_restarts, 0);
+        let c = &ok("").containers[0];
+        assert_eq!(
+            (c.stop_signal.as_str(), c.stop_timeout_ms),
+            ("SIGTERM", 10_000)
+        );
+        let c = &ok("stop_signal = \"usr1\"\nstop_timeout = \"1500ms\"\n").containers[0];
+        assert_eq!(
+            (c.stop_signal.as_str(), c.stop_timeout_ms),
+            ("SIGUSR1", 1500)
+        );
+        assert_eq!(parse_duration("2m"), Some(120_000));
+        for bad in ["", "s", "1.5s", "-1s", "10 s", "3d"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
         for (extra, field, says) in [
             (
                 "restart = \"sometimes\"\n",
@@ -1583,6 +1659,16 @@ size = "512M"
                 "max_restarts = -1\n",
                 "service[0].max_restarts",
                 "0 or more",
+            ),
+            (
+                "stop_signal = \"SIGSTOP\"\n",
+                "service[0].stop_signal",
+                "SIGTERM, SIGINT",
+            ),
+            (
+                "stop_timeout = \"10\"\n",
+                "service[0].stop_timeout",
+                "a duration",
             ),
         ] {
             let e = err(&format!("{base}{extra}"));

@@ -59,7 +59,9 @@ enum Command {
     /// Exit status: 0 the guest powered off with no failed essential
     /// container; 1 kiln's own error (or QEMU's); 2 usage; 3 the guest
     /// reported failed essential containers; 4 the guest stopped without
-    /// its init's final report (a panic or crash); 124 `--timeout` passed.
+    /// its init's final report (a panic or crash); 124 `--timeout` passed;
+    /// 130/143 after SIGINT/SIGTERM, which press the guest's power button
+    /// and stop QEMU if the guest is not off within 30 s.
     Run(run::RunArgs),
 }
 

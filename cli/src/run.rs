@@ -71,6 +71,10 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     std::fs::copy(&a.ovmf_vars, &vars.0)
         .with_context(|| format!("copying {} to {}", a.ovmf_vars.display(), vars.0.display()))?;
     let format = if is_qcow2 { "qcow2" } else { "raw" };
+    let qmp = TempFile(std::env::temp_dir().join(format!("kiln-qmp-{}.sock", std::process::id())));
+    let _ = std::fs::remove_file(&qmp.0);
+    // Registered before QEMU starts, so no signal is missed.
+    let signals = watch_signals()?;
 
     let mut cmd = Command::new(&a.qemu);
     cmd.args([
@@ -82,6 +86,11 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     .args(["-m", &a.memory.to_string(), "-smp", &a.cpus.to_string()])
     .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
     .args(["-no-reboot", "-nic", "none"])
+    .arg("-qmp")
+    .arg(format!(
+        "unix:{},server=on,wait=off",
+        qmp.0.display().to_string().replace(',', ",,")
+    ))
     .arg("-drive")
     .arg(drive_arg("if=pflash,format=raw,readonly=on", &a.ovmf_code))
     .arg("-drive")
@@ -104,9 +113,29 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let watcher = std::thread::spawn(move || forward_console(console, std::io::stdout()));
 
     let deadline = a.timeout.map(|s| Instant::now() + Duration::from_secs(s));
+    // Set by SIGINT/SIGTERM: the exit status, and when to stop waiting.
+    let mut interrupted: Option<(u8, Instant)> = None;
     loop {
+        if let Ok(code) = signals.try_recv() {
+            match interrupted {
+                None => {
+                    eprintln!("kiln: asking the guest to shut down (again to stop it now)");
+                    if let Err(e) = powerdown(&qmp.0) {
+                        eprintln!("kiln: QMP: {e}; stopping the guest");
+                        let _ = child.kill();
+                    }
+                    interrupted = Some((code, Instant::now() + SHUTDOWN_GRACE));
+                }
+                Some(_) => {
+                    let _ = child.kill();
+                }
+            }
+        }
         if let Some(status) = child.try_wait()? {
             let result = watcher.join().unwrap_or(None);
+            if let Some((code, _)) = interrupted {
+                return Ok(ExitCode::from(code));
+            }
             if !status.success() {
                 eprintln!("kiln: QEMU exited with {status}");
                 return Ok(ExitCode::FAILURE);
@@ -126,6 +155,13 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                 }
             });
         }
+        if interrupted.is_some_and(|(_, d)| Instant::now() >= d) {
+            eprintln!(
+                "kiln: the guest did not power off within {}s: stopped",
+                SHUTDOWN_GRACE.as_secs()
+            );
+            let _ = child.kill();
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let _ = child.kill();
             let _ = child.wait();
@@ -138,6 +174,70 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// How long a guest asked to shut down may take before QEMU is stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// SIGINT and SIGTERM, as the exit status they give (130, 143), from a
+/// thread that waits for them.
+fn watch_signals() -> Result<std::sync::mpsc::Receiver<u8>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the signal watcher")?;
+    let (mut int, mut term) = {
+        let _entered = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("watching SIGINT")?,
+            signal(SignalKind::terminate()).context("watching SIGTERM")?,
+        )
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            loop {
+                let code = tokio::select! {
+                    _ = int.recv() => 130,
+                    _ = term.recv() => 143,
+                };
+                if tx.send(code).is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    Ok(rx)
+}
+
+/// Presses the guest's ACPI power button through QEMU's QMP socket.
+fn powerdown(socket: &Path) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut r = std::io::BufReader::new(s.try_clone()?);
+    let reply = |r: &mut std::io::BufReader<_>| -> std::io::Result<()> {
+        // Events may come first: the answer has `return` or `error`.
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if line.contains("\"error\"") {
+                return Err(std::io::Error::other(line.trim().to_string()));
+            }
+            if line.contains("\"return\"") {
+                return Ok(());
+            }
+        }
+    };
+    let mut greeting = String::new();
+    r.read_line(&mut greeting)?;
+    s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+    reply(&mut r)?;
+    s.write_all(b"{\"execute\":\"system_powerdown\"}\n")?;
+    reply(&mut r)
 }
 
 /// Exit status: the guest reported failed essential containers.

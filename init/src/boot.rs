@@ -519,6 +519,7 @@ mod tests {
             files: vec![],
             onboot: vec![],
             services: vec![],
+            onshutdown: vec![],
         };
         assert!(apply_host(&sys, &cfg).is_empty());
         assert_eq!(sys.log(), vec!["sethostname box", "ip link set lo up"]);

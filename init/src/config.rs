@@ -100,6 +100,8 @@ pub struct HostConfig {
     pub onboot: Vec<Container>,
     /// Long-running.
     pub services: Vec<Container>,
+    /// Run to completion, in order, once services have stopped.
+    pub onshutdown: Vec<Container>,
 }
 
 /// What the init does once every container has exited.
@@ -110,7 +112,19 @@ pub enum WhenDone {
     Stay,
     /// Power off once every container has exited.
     Poweroff,
+    /// Reboot once every container has exited.
+    Reboot,
 }
+
+/// Signals a recipe may name as `stop_signal` (the init maps them to the
+/// target's numbers).
+pub const STOP_SIGNALS: [&str; 9] = [
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGPWR", "SIGWINCH",
+];
+
+/// How long a container is given to stop before SIGKILL when the recipe
+/// gives no `stop_timeout`.
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 10_000;
 
 /// A file the init copies onto a tmpfs at boot, from
 /// [`RUNTIME_FILES_DIR`] + `path` in the root filesystem.
@@ -161,6 +175,10 @@ pub struct Container {
     pub max_restarts: u32,
     /// Whether its failure makes the machine's run a failure.
     pub essential: bool,
+    /// Signal asking it to stop (one of [`STOP_SIGNALS`]).
+    pub stop_signal: String,
+    /// Milliseconds it is given to stop before SIGKILL.
+    pub stop_timeout_ms: u64,
 }
 
 /// When a container is started again after its process exits.

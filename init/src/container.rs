@@ -618,6 +618,8 @@ mod tests {
             restart: kiln_init::config::Restart::Never,
             max_restarts: 0,
             essential: true,
+            stop_signal: "SIGTERM".into(),
+            stop_timeout_ms: 10_000,
         }
     }
 

@@ -7,6 +7,7 @@
 
 mod boot;
 mod bpf;
+mod button;
 mod caps;
 mod console;
 mod container;
@@ -43,7 +44,7 @@ fn main() {
     log(&format!("FATAL: {msg}"));
     log("powering off in 5 seconds");
     std::thread::sleep(std::time::Duration::from_secs(5));
-    supervisor::poweroff();
+    supervisor::poweroff(false);
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(sys: &dyn Sys, path: &str) -> Result<T, String> {
@@ -111,34 +112,40 @@ fn run() -> Result<std::convert::Infallible, String> {
         cfg.services.len()
     ));
 
+    // Ctrl-Alt-Del becomes SIGINT to this process: a clean shutdown.
+    // SAFETY: reboot(2) with a command constant only.
+    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
     let mut sup = supervisor::Supervisor::new("/var/log");
     let units = cfg
         .onboot
         .iter()
         .map(|c| (c, UnitKind::Onboot))
-        .chain(cfg.services.iter().map(|c| (c, UnitKind::Service)));
+        .chain(cfg.services.iter().map(|c| (c, UnitKind::Service)))
+        .chain(cfg.onshutdown.iter().map(|c| (c, UnitKind::Onshutdown)));
     for (c, kind) in units {
         if let Err(e) = sup.add(c.clone(), kind) {
             log(&format!("{e}: only the first runs"));
         }
     }
-    sup.run_onboot();
-    sup.start_services();
-    match cfg.when_done {
-        WhenDone::Poweroff => {
-            sup.wait_all();
-            log("all containers exited");
-            let result = RunResult {
-                failed_essential: sup.failed_essential(),
-            };
-            let json = serde_json::to_string(&result).unwrap_or_default();
-            console::write_console(format!("{RESULT_PREFIX}{json}\n").as_bytes());
-            supervisor::poweroff();
-        }
-        WhenDone::Stay => {
-            sup.wait_all();
-            log("all containers exited; staying up");
-            sup.idle_forever();
+    sup.run_in_order(UnitKind::Onboot);
+    if sup.stop_requested().is_none() {
+        sup.start_services();
+    }
+    sup.wait_all();
+    if sup.stop_requested().is_none() {
+        log("all containers exited");
+        if cfg.when_done == WhenDone::Stay {
+            log("staying up");
+            sup.wait_for_stop();
         }
     }
+    sup.stop_all();
+    sup.run_in_order(UnitKind::Onshutdown);
+    let result = RunResult {
+        failed_essential: sup.failed_essential(),
+    };
+    let json = serde_json::to_string(&result).unwrap_or_default();
+    console::write_console(format!("{RESULT_PREFIX}{json}\n").as_bytes());
+    let reboot = cfg.when_done == WhenDone::Reboot && sup.stop_requested().is_none();
+    supervisor::poweroff(reboot);
 }

@@ -27,6 +27,8 @@ pub enum UnitKind {
     Onboot,
     /// Long-running.
     Service,
+    /// Runs to completion, in order, once services have stopped.
+    Onshutdown,
 }
 
 /// Where a unit is in its life.
@@ -120,6 +122,8 @@ pub struct Unit {
     restarts: u32,
     /// Restarts since its last run of [`HEALTHY_RUN`].
     streak: u32,
+    /// The init stopped it: its exit is final and no failure.
+    stopped: bool,
     sink: Option<Sink>,
     streams: Vec<Stream>,
 }
@@ -134,6 +138,7 @@ impl Unit {
             exited_at: None,
             restarts: 0,
             streak: 0,
+            stopped: false,
             sink: None,
             streams: Vec::new(),
         }
@@ -194,12 +199,16 @@ impl Unit {
         {
             self.streak = 0;
         }
-        let next = after_exit(
-            self.spec.restart,
-            self.spec.max_restarts,
-            self.streak,
-            status,
-        );
+        let next = if self.stopped {
+            AfterExit::Done
+        } else {
+            after_exit(
+                self.spec.restart,
+                self.spec.max_restarts,
+                self.streak,
+                status,
+            )
+        };
         let to = match next {
             AfterExit::Restart(delay) => State::Backoff {
                 status,
@@ -228,6 +237,9 @@ impl Unit {
     /// Whether it ended in failure: could not start, or its last exit (its
     /// policy having given up) was not a success.
     pub fn has_failed(&self) -> bool {
+        if self.stopped {
+            return false;
+        }
         match self.state {
             State::Failed { .. } => true,
             State::Exited { status } => status != 0,
@@ -237,6 +249,19 @@ impl Unit {
 
     pub fn essential(&self) -> bool {
         self.spec.essential
+    }
+
+    /// Marks it stopped by the init if it runs or waits to restart (then
+    /// it is done); an ended unit keeps its outcome.
+    fn stop(&mut self) {
+        match self.state {
+            State::Running { .. } => self.stopped = true,
+            State::Backoff { status, .. } => {
+                self.stopped = true;
+                self.state = State::Exited { status };
+            }
+            _ => {}
+        }
     }
 
     /// Whether it exited more than `grace` before `now`.
@@ -266,18 +291,44 @@ pub fn describe_status(status: libc::c_int) -> String {
 pub struct Supervisor {
     units: Units,
     sigfd: Option<OwnedFd>,
+    /// Power button devices.
+    buttons: Vec<OwnedFd>,
     log_dir: String,
+    /// Why the machine is to shut down, once asked.
+    stop: Option<String>,
+}
+
+/// Signals to PID 1 that ask for a shutdown (SIGINT: Ctrl-Alt-Del).
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGPWR];
+
+/// The number of a recipe's `stop_signal` name (validated at build).
+pub fn signal_number(name: &str) -> libc::c_int {
+    match name {
+        "SIGINT" => libc::SIGINT,
+        "SIGQUIT" => libc::SIGQUIT,
+        "SIGHUP" => libc::SIGHUP,
+        "SIGUSR1" => libc::SIGUSR1,
+        "SIGUSR2" => libc::SIGUSR2,
+        "SIGKILL" => libc::SIGKILL,
+        "SIGPWR" => libc::SIGPWR,
+        "SIGWINCH" => libc::SIGWINCH,
+        _ => libc::SIGTERM,
+    }
 }
 
 impl Supervisor {
-    /// Blocks SIGCHLD and takes it through a signalfd; without one, polling
-    /// with a timeout still reaps.
+    /// Blocks SIGCHLD and the shutdown signals and takes them through a
+    /// signalfd (without one, polling with a timeout still reaps); opens
+    /// the power button.
     pub fn new(log_dir: &str) -> Supervisor {
         // SAFETY: an initialised signal set passed to sigprocmask/signalfd.
         let sigfd = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGCHLD);
+            for sig in STOP_SIGNALS {
+                libc::sigaddset(&mut set, sig);
+            }
             libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             sys::owned(libc::signalfd(
                 -1,
@@ -285,10 +336,28 @@ impl Supervisor {
                 libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
             ))
         };
+        let buttons = crate::button::open_power_buttons();
+        if buttons.is_empty() {
+            console::log("no power button found: shutdown by signal only");
+        }
         Supervisor {
             units: Units::default(),
             sigfd: sigfd.ok(),
+            buttons,
             log_dir: log_dir.to_string(),
+            stop: None,
+        }
+    }
+
+    /// Why a shutdown was asked for, if it was.
+    pub fn stop_requested(&self) -> Option<&str> {
+        self.stop.as_deref()
+    }
+
+    fn request_stop(&mut self, why: &str) {
+        if self.stop.is_none() {
+            console::log(&format!("{why}: shutting down"));
+            self.stop = Some(why.to_string());
         }
     }
 
@@ -297,9 +366,13 @@ impl Supervisor {
         self.units.add(Unit::new(spec, kind))
     }
 
-    /// Starts each onboot unit in turn, waiting for it to finish.
-    pub fn run_onboot(&mut self) {
-        for name in self.units.names(UnitKind::Onboot) {
+    /// Starts each unit of `kind` in turn, waiting for it to finish (or
+    /// for a shutdown request).
+    pub fn run_in_order(&mut self, kind: UnitKind) {
+        for name in self.units.names(kind) {
+            if kind != UnitKind::Onshutdown && self.stop.is_some() {
+                return;
+            }
             self.start(&name);
             self.wait(&name);
         }
@@ -358,35 +431,96 @@ impl Supervisor {
         }
     }
 
-    /// Runs until unit `name` exited and its output is drained.
+    /// Runs until unit `name` exited and its output is drained, or (but
+    /// for onshutdown units) a shutdown is asked for.
     pub fn wait(&mut self, name: &str) {
         while self.units.get(name).is_some_and(Unit::busy) {
-            self.pump();
+            let shutdown = self
+                .units
+                .get(name)
+                .is_some_and(|u| u.kind == UnitKind::Onshutdown);
+            if self.stop.is_some() && !shutdown {
+                return;
+            }
+            self.pump(None);
         }
     }
 
-    /// Runs until every started unit exited and its output is drained.
+    /// Runs until every started unit exited and its output is drained, or
+    /// a shutdown is asked for.
     pub fn wait_all(&mut self) {
-        while self.units.0.iter().any(Unit::busy) {
-            self.pump();
+        while self.stop.is_none() && self.units.0.iter().any(Unit::busy) {
+            self.pump(None);
         }
     }
 
-    /// Reaps orphans forever.
-    pub fn idle_forever(&mut self) -> ! {
-        loop {
-            self.pump();
+    /// Reaps orphans until a shutdown is asked for.
+    pub fn wait_for_stop(&mut self) {
+        while self.stop.is_none() {
+            self.pump(None);
         }
     }
 
-    /// One round: wait for output or a child exit, then handle both.
-    fn pump(&mut self) {
+    /// Stops what runs, services first in reverse order, then onboot
+    /// units: each gets its stop signal and its `stop_timeout`, then
+    /// SIGKILL. No unit restarts afterwards.
+    pub fn stop_all(&mut self) {
+        let mut names = self.units.names(UnitKind::Service);
+        names.reverse();
+        names.extend(self.units.names(UnitKind::Onboot));
+        for u in &mut self.units.0 {
+            if u.kind != UnitKind::Onshutdown {
+                u.stop();
+            }
+        }
+        for name in names {
+            self.stop_unit(&name);
+        }
+    }
+
+    fn stop_unit(&mut self, name: &str) {
+        let Some(unit) = self.units.get(name) else {
+            return;
+        };
+        let Some(pid) = unit.pid() else { return };
+        let sig = signal_number(&unit.spec.stop_signal);
+        let timeout = Duration::from_millis(unit.spec.stop_timeout_ms);
+        console::log(&format!("{name}: stopping with {}", unit.spec.stop_signal));
+        // SAFETY: signalling a child this init started and has not reaped.
+        unsafe { libc::kill(pid, sig) };
+        let deadline = Instant::now() + timeout;
+        while self.units.get(name).is_some_and(|u| u.pid().is_some()) && Instant::now() < deadline {
+            self.pump(Some(deadline));
+        }
+        if self.units.get(name).is_some_and(|u| u.pid().is_some()) {
+            console::log(&format!(
+                "{name}: still running after {}ms; killing",
+                timeout.as_millis()
+            ));
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        while self.units.get(name).is_some_and(Unit::busy) {
+            self.pump(None);
+        }
+    }
+
+    /// One round: wait (until `limit` at most) for output, a signal, the
+    /// power button or a child exit, then handle them.
+    fn pump(&mut self, limit: Option<Instant>) {
         let mut fds: Vec<libc::pollfd> = Vec::new();
         // (unit, stream) of each polled pipe, valid for this round only.
         let mut owners: Vec<(usize, usize)> = Vec::new();
         if let Some(fd) = &self.sigfd {
             fds.push(libc::pollfd {
                 fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        for b in &self.buttons {
+            fds.push(libc::pollfd {
+                fd: b.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -403,11 +537,13 @@ impl Supervisor {
         }
         let mut timeout: libc::c_int = if self.sigfd.is_some() { 1000 } else { 100 };
         let now = Instant::now();
-        for unit in &self.units.0 {
-            if let State::Backoff { at, .. } = unit.state {
-                let ms = at.saturating_duration_since(now).as_millis();
-                timeout = timeout.min(libc::c_int::try_from(ms).unwrap_or(timeout));
-            }
+        let wakes = self.units.0.iter().filter_map(|u| match u.state {
+            State::Backoff { at, .. } => Some(at),
+            _ => None,
+        });
+        for at in wakes.chain(limit) {
+            let ms = at.saturating_duration_since(now).as_millis();
+            timeout = timeout.min(libc::c_int::try_from(ms).unwrap_or(timeout));
         }
         // SAFETY: fds is a valid array of pollfd of the given length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
@@ -416,12 +552,34 @@ impl Supervisor {
             self.reap();
             return;
         }
-        let skip = usize::from(self.sigfd.is_some());
+        let skip = usize::from(self.sigfd.is_some()) + self.buttons.len();
+        let mut stop = None;
         if let Some(fd) = &self.sigfd {
             if fds[0].revents != 0 {
-                let mut buf = [0u8; 128 * 4];
-                let _ = sys::read(fd.as_fd(), &mut buf);
+                // signalfd_siginfo records: ssi_signo is their first field.
+                let mut buf = [0u8; 128 * 8];
+                let n = sys::read(fd.as_fd(), &mut buf).unwrap_or(0);
+                for info in buf[..n].chunks_exact(128) {
+                    let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+                    let signo = libc::c_int::try_from(signo).unwrap_or(0);
+                    if STOP_SIGNALS.contains(&signo) {
+                        stop = Some(format!("signal {signo}"));
+                    }
+                }
             }
+        }
+        let first_button = usize::from(self.sigfd.is_some());
+        for (i, b) in self.buttons.iter().enumerate() {
+            if fds[first_button + i].revents != 0 {
+                let mut buf = [0u8; 24 * 16];
+                let n = sys::read(b.as_fd(), &mut buf).unwrap_or(0);
+                if crate::button::pressed(&buf[..n]) {
+                    stop = Some("power button".to_string());
+                }
+            }
+        }
+        if let Some(why) = stop {
+            self.request_stop(&why);
         }
         // Output first, so lines written just before exit precede its report.
         let mut closed = Vec::new();
@@ -456,6 +614,7 @@ impl Supervisor {
             .0
             .iter()
             .filter(|u| matches!(u.state, State::Backoff { at, .. } if at <= now))
+            .filter(|_| self.stop.is_none())
             .map(|u| u.name().to_string())
             .collect();
         for name in due {
@@ -564,9 +723,10 @@ fn read_stream(unit: &mut Unit, s: usize) -> bool {
     }
 }
 
-/// Ends everything and powers off (or reboots if that fails). Never returns.
-pub fn poweroff() -> ! {
-    console::log("powering off");
+/// Ends everything and powers off (or reboots if asked, or if powering
+/// off fails). Never returns.
+pub fn poweroff(reboot: bool) -> ! {
+    console::log(if reboot { "rebooting" } else { "powering off" });
     // SAFETY: signalling every other process, then syncing; no pointers.
     unsafe {
         libc::kill(-1, libc::SIGTERM);
@@ -590,7 +750,9 @@ pub fn poweroff() -> ! {
     // SAFETY: flushing buffers then asking the kernel to power off.
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
+        if !reboot {
+            libc::reboot(libc::RB_POWER_OFF);
+        }
         libc::reboot(libc::RB_AUTOBOOT);
     }
     // Exiting PID 1 would panic the kernel: wait instead.
@@ -639,6 +801,8 @@ mod tests {
             restart: Restart::Never,
             max_restarts: 0,
             essential: true,
+            stop_signal: "SIGTERM".into(),
+            stop_timeout_ms: 10_000,
         }
     }
 
@@ -788,6 +952,21 @@ mod tests {
             v.exited(1 << 8, later),
             Ok(AfterExit::Restart(BACKOFF_START))
         );
+    }
+
+    #[test]
+    fn stopping_is_no_failure_but_keeps_past_failures() {
+        let t = Instant::now();
+        let mut ran = Unit::new(spec("ran"), UnitKind::Service);
+        ran.started(1, t).unwrap();
+        ran.exited(1 << 8, t).unwrap();
+        ran.stop();
+        assert!(ran.has_failed());
+        let mut runs = Unit::new(spec("runs"), UnitKind::Service);
+        runs.started(2, t).unwrap();
+        runs.stop();
+        assert_eq!(runs.exited(15, t), Ok(AfterExit::Done));
+        assert!(!runs.has_failed());
     }
 
     #[test]
