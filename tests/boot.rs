@@ -462,6 +462,7 @@ fn restart_policies_and_the_run_result() {
              [[service]]\nname = \"crash\"\n{bb}\nmax_restarts = 2\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo attempt; exit 1\"]\n\
              [[service]]\nname = \"once\"\n{bb}\nrestart = \"never\"\nessential = false\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo ran; exit 2\"]\n\
              [[service]]\nname = \"fine\"\n{bb}\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo done\"]\n\
+             [[onshutdown]]\nname = \"report\"\n{bb}\nbinds = [\"/run/kiln/state/status.json:/run/status.json:ro\"]\ncommand = [\"/bin/busybox\", \"cat\", \"/run/status.json\"]\n\
              [host]\nwhen_done = \"poweroff\"\n[disk]\nsize = \"256M\"\n"
         ),
     )
@@ -493,6 +494,42 @@ fn restart_policies_and_the_run_result() {
     ] {
         assert!(console.contains(log), "{log:?} not in:\n{console}");
     }
+    // The status file, as a container reads it through its bind.
+    let report = k::container_lines(console, "report");
+    assert_eq!(report.len(), 1, "{console}");
+    let status: serde_json::Value = serde_json::from_str(report[0]).unwrap();
+    let unit = |name: &str| {
+        status["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in {status}"))
+            .clone()
+    };
+    let crash = unit("crash");
+    assert_eq!(
+        (&crash["state"], &crash["restarts"], &crash["last_exit"]),
+        (
+            &serde_json::json!("exited"),
+            &serde_json::json!(2),
+            &serde_json::json!({"code": 1})
+        ),
+        "{status}"
+    );
+    assert_eq!(unit("once")["last_exit"], serde_json::json!({"code": 2}));
+    assert_eq!(unit("once")["essential"], serde_json::json!(false));
+    assert_eq!(unit("fine")["state"], serde_json::json!("exited"));
+    let me = unit("report");
+    assert_eq!(
+        (&me["state"], &me["kind"]),
+        (
+            &serde_json::json!("running"),
+            &serde_json::json!("onshutdown")
+        )
+    );
+    assert!(me["pid"].as_i64().is_some_and(|p| p > 1), "{status}");
+    assert_eq!(status["stopping"], serde_json::json!(false));
 }
 
 /// SIGTERM to `kiln run` shuts the guest down through its power button:

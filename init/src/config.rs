@@ -43,8 +43,15 @@ pub fn is_runtime_file(path: &str) -> bool {
 
 /// Where per-container cgroups live.
 pub const CGROUP_DIR: &str = "/sys/fs/cgroup/kiln";
-/// tmpfs holding the containers' root mount points.
+/// The init's tmpfs (mode 0700): containers' roots and its state.
 pub const PLUMBING_DIR: &str = "/run/kiln";
+/// The containers' root mount points: `CONTAINER_ROOTS_DIR/NAME`.
+pub const CONTAINER_ROOTS_DIR: &str = "/run/kiln/roots";
+/// What the init publishes about the containers.
+pub const STATE_DIR: &str = "/run/kiln/state";
+/// Every container's state as JSON (see docs/status.md); a container may
+/// bind this one file read-only.
+pub const STATUS_FILE: &str = "/run/kiln/state/status.json";
 /// PATH when an image sets none (Docker's).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -195,6 +202,52 @@ pub enum Restart {
 
 /// Restarts `on-failure` allows when the recipe gives no `max_restarts`.
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+
+/// What [`STATUS_FILE`] holds: every container's state, rewritten in
+/// place (a bind pins the file) whenever one changes, padded with spaces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    /// Seconds since boot when it was written.
+    pub uptime: f64,
+    /// Whether the machine is shutting down.
+    pub stopping: bool,
+    /// In recipe order: onboot, service, onshutdown containers.
+    pub containers: Vec<ContainerStatus>,
+}
+
+/// One container in [`Status`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerStatus {
+    /// Its name.
+    pub name: String,
+    /// `onboot`, `service` or `onshutdown`.
+    pub kind: String,
+    /// `pending`, `running`, `backoff` (exited, to be restarted),
+    /// `exited` (for good) or `failed` (could not start).
+    pub state: String,
+    /// Its process (in the host's PID namespace) while running.
+    pub pid: Option<i32>,
+    /// Times it was started again.
+    pub restarts: u32,
+    /// How its last run ended, if one did.
+    pub last_exit: Option<Exit>,
+    /// Seconds since boot when it entered this state.
+    pub since: f64,
+    /// Whether its failure fails the run.
+    pub essential: bool,
+}
+
+/// How a process ended: an exit code or a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exit {
+    /// It exited with this status.
+    Code(i32),
+    /// This signal killed it.
+    Signal(i32),
+}
 
 /// Prefix of the line the init prints last before powering off, followed
 /// by a JSON [`RunResult`]; `kiln run` reads it for its exit status.

@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use thiserror::Error;
 
-pub use kiln_init::config::{CGROUP_DIR, DEFAULT_PATH, PLUMBING_DIR};
+pub use kiln_init::config::{CGROUP_DIR, CONTAINER_ROOTS_DIR, DEFAULT_PATH};
 
 #[derive(Debug, Error)]
 pub enum ContainerError {
@@ -85,7 +85,7 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     }
     let plan = caps::plan(caps::mask(&c.capabilities)?, c.uid, caps::last_cap());
     let cgroup = make_cgroup(&c.name)?;
-    let root = format!("{PLUMBING_DIR}/{}", c.name);
+    let root = format!("{CONTAINER_ROOTS_DIR}/{}", c.name);
     RealSys
         .mkdir_all(&root)
         .map_err(|e| ContainerError::Io("plumbing dir", e))?;
@@ -623,7 +623,7 @@ mod tests {
         }
     }
 
-    const ROOT: &str = "/run/kiln/web";
+    const ROOT: &str = "/run/kiln/roots/web";
 
     /// A fake whose container root has some of the /proc and /sys paths
     /// Docker masks: a file, directories, and others absent.
@@ -659,14 +659,14 @@ mod tests {
             [
                 "mount - / - rec,private -",
                 "sethostname web",
-                "mount /containers/web/rootfs /run/kiln/web - bind,rec -",
-                "mount - /run/kiln/web - ro,nosuid,nodev,remount,bind -",
+                "mount /containers/web/rootfs /run/kiln/roots/web - bind,rec -",
+                "mount - /run/kiln/roots/web - ro,nosuid,nodev,remount,bind -",
             ]
         );
         assert_eq!(
             log[log.len() - 4..],
             [
-                "chdir /run/kiln/web",
+                "chdir /run/kiln/roots/web",
                 "pivot_root . .",
                 "umount . 0x2",
                 "chdir /",
@@ -680,15 +680,15 @@ mod tests {
         setup_root(&sys, &container(), ROOT).expect("setup");
         let log = sys.log();
         for want in [
-            "mount proc /run/kiln/web/proc proc nosuid,nodev,noexec -",
+            "mount proc /run/kiln/roots/web/proc proc nosuid,nodev,noexec -",
             // A file gets the null device, a directory an empty tmpfs.
-            "mount /run/kiln/web/dev/null /run/kiln/web/proc/kcore - bind -",
-            "mount tmpfs /run/kiln/web/proc/acpi tmpfs ro,nosuid,nodev,noexec size=0",
-            "mount /run/kiln/web/proc/sys /run/kiln/web/proc/sys - bind,rec -",
-            "mount - /run/kiln/web/proc/sys - ro,nosuid,nodev,noexec,remount,bind -",
-            "mount - /run/kiln/web/proc/sysrq-trigger - ro,nosuid,nodev,noexec,remount,bind -",
-            "mount sysfs /run/kiln/web/sys sysfs ro,nosuid,nodev,noexec -",
-            "mount tmpfs /run/kiln/web/sys/firmware tmpfs ro,nosuid,nodev,noexec size=0",
+            "mount /run/kiln/roots/web/dev/null /run/kiln/roots/web/proc/kcore - bind -",
+            "mount tmpfs /run/kiln/roots/web/proc/acpi tmpfs ro,nosuid,nodev,noexec size=0",
+            "mount /run/kiln/roots/web/proc/sys /run/kiln/roots/web/proc/sys - bind,rec -",
+            "mount - /run/kiln/roots/web/proc/sys - ro,nosuid,nodev,noexec,remount,bind -",
+            "mount - /run/kiln/roots/web/proc/sysrq-trigger - ro,nosuid,nodev,noexec,remount,bind -",
+            "mount sysfs /run/kiln/roots/web/sys sysfs ro,nosuid,nodev,noexec -",
+            "mount tmpfs /run/kiln/roots/web/sys/firmware tmpfs ro,nosuid,nodev,noexec size=0",
         ] {
             assert!(
                 log.iter().any(|l| l == want),
@@ -699,8 +699,8 @@ mod tests {
         let targets = sys.mount_targets();
         assert!(!targets.iter().any(|t| t.ends_with("/proc/keys")));
         let at = |t: &str| targets.iter().position(|x| x == t).expect(t);
-        assert!(at("/run/kiln/web/proc") < at("/run/kiln/web/proc/kcore"));
-        assert!(at("/run/kiln/web/sys") < at("/run/kiln/web/sys/firmware"));
+        assert!(at("/run/kiln/roots/web/proc") < at("/run/kiln/roots/web/proc/kcore"));
+        assert!(at("/run/kiln/roots/web/sys") < at("/run/kiln/roots/web/sys/firmware"));
     }
 
     /// A tmpfs is mounted with its size and the image directory's mode and
@@ -739,16 +739,17 @@ mod tests {
                 .position(|l| l == want)
                 .unwrap_or_else(|| panic!("missing {want:?} in {log:#?}"))
         };
-        let mount = at("mount tmpfs /run/kiln/web/var/lib/nginx tmpfs nosuid,nodev size=1048576,mode=750,uid=33,gid=33");
+        let mount = at("mount tmpfs /run/kiln/roots/web/var/lib/nginx tmpfs nosuid,nodev size=1048576,mode=750,uid=33,gid=33");
         // Under the container's own /run tmpfs: its mount point is made.
-        let run = at("mkdir -p /run/kiln/web/run/postgresql");
-        assert!(run < at("mount tmpfs /run/kiln/web/run/postgresql tmpfs nosuid,nodev size=1048576,mode=2775,uid=100,gid=102"));
-        let made = at("mkdir -p /run/kiln/web/var/lib/nginx/sock");
-        let bound = at("mount /run/app/sock /run/kiln/web/var/lib/nginx/sock - bind,rec -");
+        let run = at("mkdir -p /run/kiln/roots/web/run/postgresql");
+        assert!(run < at("mount tmpfs /run/kiln/roots/web/run/postgresql tmpfs nosuid,nodev size=1048576,mode=2775,uid=100,gid=102"));
+        let made = at("mkdir -p /run/kiln/roots/web/var/lib/nginx/sock");
+        let bound = at("mount /run/app/sock /run/kiln/roots/web/var/lib/nginx/sock - bind,rec -");
         assert!(mount < made && made < bound, "{log:#?}");
         // Targets the image has are used as they are.
         assert!(
-            !log.iter().any(|l| l == "mkdir -p /run/kiln/web/etc/web"),
+            !log.iter()
+                .any(|l| l == "mkdir -p /run/kiln/roots/web/etc/web"),
             "{log:#?}"
         );
     }
@@ -759,12 +760,12 @@ mod tests {
         setup_root(&sys, &container(), ROOT).expect("setup");
         let log = sys.log();
         let rw = [
-            "mount /var/lib/web /run/kiln/web/data - bind,rec -",
-            "mount - /run/kiln/web/data - nosuid,nodev,remount,bind -",
+            "mount /var/lib/web /run/kiln/roots/web/data - bind,rec -",
+            "mount - /run/kiln/roots/web/data - nosuid,nodev,remount,bind -",
         ];
         let ro = [
-            "mount /etc/web /run/kiln/web/etc/web - bind,rec -",
-            "mount - /run/kiln/web/etc/web - ro,nosuid,nodev,remount,bind -",
+            "mount /etc/web /run/kiln/roots/web/etc/web - bind,rec -",
+            "mount - /run/kiln/roots/web/etc/web - ro,nosuid,nodev,remount,bind -",
         ];
         for pair in [rw, ro] {
             let i = log.iter().position(|l| l == pair[0]).expect(pair[0]);
@@ -799,7 +800,8 @@ mod tests {
                 continue;
             }
             assert_ne!(flags & libc::MS_NOSUID, 0, "{op}");
-            let dev = target == "/run/kiln/web/dev" || target == "/run/kiln/web/dev/pts";
+            let dev =
+                target == "/run/kiln/roots/web/dev" || target == "/run/kiln/roots/web/dev/pts";
             assert_eq!(flags & libc::MS_NODEV == 0, dev, "{op}");
         }
     }
@@ -810,13 +812,13 @@ mod tests {
         setup_root(&sys, &container(), ROOT).expect("setup");
         let log = sys.log();
         for want in [
-            "mount tmpfs /run/kiln/web/dev tmpfs nosuid,noexec mode=755,size=65536k",
-            "mknod /run/kiln/web/dev/null 20666 1:3",
-            "chmod /run/kiln/web/dev/null 666",
-            "mknod /run/kiln/web/dev/tty 20666 5:0",
-            "mount devpts /run/kiln/web/dev/pts devpts nosuid,noexec newinstance,ptmxmode=0666,mode=0620,gid=5",
-            "symlink /run/kiln/web/dev/ptmx -> pts/ptmx",
-            "symlink /run/kiln/web/dev/stderr -> /proc/self/fd/2",
+            "mount tmpfs /run/kiln/roots/web/dev tmpfs nosuid,noexec mode=755,size=65536k",
+            "mknod /run/kiln/roots/web/dev/null 20666 1:3",
+            "chmod /run/kiln/roots/web/dev/null 666",
+            "mknod /run/kiln/roots/web/dev/tty 20666 5:0",
+            "mount devpts /run/kiln/roots/web/dev/pts devpts nosuid,noexec newinstance,ptmxmode=0666,mode=0620,gid=5",
+            "symlink /run/kiln/roots/web/dev/ptmx -> pts/ptmx",
+            "symlink /run/kiln/roots/web/dev/stderr -> /proc/self/fd/2",
         ] {
             assert!(log.iter().any(|l| l == want), "missing {want:?} in {log:#?}");
         }
@@ -826,11 +828,11 @@ mod tests {
     #[test]
     fn a_failing_step_stops_setup_and_says_which() {
         let sys = FakeSys {
-            fail_at: Some(("/run/kiln/web/data".into(), libc::ENOENT)),
+            fail_at: Some(("/run/kiln/roots/web/data".into(), libc::ENOENT)),
             ..fake_root()
         };
         // The image has the mount point: the bind itself fails.
-        sys.add("/run/kiln/web/data/file", b"");
+        sys.add("/run/kiln/roots/web/data/file", b"");
         let err = setup_root(&sys, &container(), ROOT).expect_err("must fail");
         assert_eq!(
             err,

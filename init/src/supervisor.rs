@@ -5,7 +5,9 @@
 use crate::console::{self, LineSplitter, Sink};
 use crate::container;
 use crate::sys;
-use kiln_init::config::{Container, Restart};
+use kiln_init::config::{
+    Container, ContainerStatus, Exit, Restart, Status, STATE_DIR, STATUS_FILE,
+};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -124,6 +126,10 @@ pub struct Unit {
     streak: u32,
     /// The init stopped it: its exit is final and no failure.
     stopped: bool,
+    /// Seconds since boot when it entered its state.
+    since: f64,
+    /// The wait status of its last run.
+    last_status: Option<libc::c_int>,
     sink: Option<Sink>,
     streams: Vec<Stream>,
 }
@@ -139,6 +145,8 @@ impl Unit {
             restarts: 0,
             streak: 0,
             stopped: false,
+            since: sys::boot_seconds(),
+            last_status: None,
             sink: None,
             streams: Vec::new(),
         }
@@ -172,7 +180,33 @@ impl Unit {
             });
         }
         self.state = to;
+        self.since = sys::boot_seconds();
         Ok(())
+    }
+
+    /// Its entry in the status file.
+    fn status(&self) -> ContainerStatus {
+        let kind = match self.kind {
+            UnitKind::Onboot => "onboot",
+            UnitKind::Service => "service",
+            UnitKind::Onshutdown => "onshutdown",
+        };
+        ContainerStatus {
+            name: self.name().to_string(),
+            kind: kind.to_string(),
+            state: self.state.name().to_string(),
+            pid: self.pid(),
+            restarts: self.restarts,
+            last_exit: self.last_status.map(|s| {
+                if libc::WIFSIGNALED(s) {
+                    Exit::Signal(libc::WTERMSIG(s))
+                } else {
+                    Exit::Code(libc::WEXITSTATUS(s))
+                }
+            }),
+            since: self.since,
+            essential: self.spec.essential,
+        }
     }
 
     /// Pending or Backoff → Running.
@@ -218,6 +252,7 @@ impl Unit {
         };
         self.go(ok, to)?;
         self.exited_at = Some(at);
+        self.last_status = Some(status);
         Ok(next)
     }
 
@@ -296,10 +331,33 @@ pub struct Supervisor {
     log_dir: String,
     /// Why the machine is to shut down, once asked.
     stop: Option<String>,
+    /// The status file, and what was last written to it.
+    status: Option<std::fs::File>,
+    published: String,
 }
 
 /// Signals to PID 1 that ask for a shutdown (SIGINT: Ctrl-Alt-Del).
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGPWR];
+
+/// Creates the state directory and the status file (world-readable: a
+/// container of any user may bind it).
+fn open_status() -> Option<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let _ = std::fs::DirBuilder::new().mode(0o755).create(STATE_DIR);
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o644)
+        .open(STATUS_FILE)
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            console::log(&format!("cannot write {STATUS_FILE}: {e}"));
+            None
+        }
+    }
+}
 
 /// The number of a recipe's `stop_signal` name (validated at build).
 pub fn signal_number(name: &str) -> libc::c_int {
@@ -346,6 +404,43 @@ impl Supervisor {
             buttons,
             log_dir: log_dir.to_string(),
             stop: None,
+            status: open_status(),
+            published: String::new(),
+        }
+    }
+
+    /// Rewrites the status file if anything in it changed.
+    pub fn publish(&mut self) {
+        let status = Status {
+            uptime: 0.0,
+            stopping: self.stop.is_some(),
+            containers: self.units.0.iter().map(Unit::status).collect(),
+        };
+        let Ok(text) = serde_json::to_string(&status) else {
+            return;
+        };
+        if text == self.published {
+            return;
+        }
+        let Some(file) = &self.status else { return };
+        let stamped = Status {
+            uptime: sys::boot_seconds(),
+            ..status
+        };
+        let Ok(mut out) = serde_json::to_string(&stamped) else {
+            return;
+        };
+        // In place: a container's bind holds this very file. Padding keeps
+        // no stale tail from a longer previous text: one line always.
+        let old = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let pad = usize::try_from(old)
+            .unwrap_or(0)
+            .saturating_sub(out.len() + 1);
+        out.extend(std::iter::repeat_n(' ', pad));
+        out.push('\n');
+        use std::os::unix::fs::FileExt;
+        if file.write_all_at(out.as_bytes(), 0).is_ok() {
+            self.published = text;
         }
     }
 
@@ -429,6 +524,7 @@ impl Supervisor {
         if let Err(e) = res {
             console::log(&e.to_string());
         }
+        self.publish();
     }
 
     /// Runs until unit `name` exited and its output is drained, or (but
@@ -620,6 +716,7 @@ impl Supervisor {
         for name in due {
             self.start(&name);
         }
+        self.publish();
     }
 
     /// Essential units that failed, in the order added.

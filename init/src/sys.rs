@@ -334,6 +334,18 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Kernel uptime as printed in log lines, e.g. `3.41`; `?` if unreadable.
+/// Seconds since boot (CLOCK_BOOTTIME), to the millisecond.
+pub fn boot_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let ms = ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000;
+    ms as f64 / 1000.0
+}
+
 pub fn uptime() -> String {
     match std::fs::read_to_string("/proc/uptime") {
         Ok(s) => s.split_whitespace().next().unwrap_or("?").to_string(),
