@@ -636,3 +636,78 @@ fn graceful_shutdown_on_sigterm() {
         );
     }
 }
+
+/// `depends_on` waits for readiness, by each probe kind (a TCP listener,
+/// a file, a command run in the container); once essential containers
+/// have been ready for `healthy_after`, the init records the run healthy.
+#[test]
+fn dependencies_wait_for_readiness() {
+    let dir = k::scratch("ready");
+    let recipe = dir.join("ready.toml");
+    let bb = "image = { debian = [\"busybox-static\"], scripts = false }";
+    let service = |name: &str, extra: &str, script: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\n{bb}\n{extra}command = [\"/bin/busybox\", \"sh\", \"-c\", \"{script}\"]\n"
+        )
+    };
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"ready\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n{}{}{}{}[host]\nhealthy_after = \"2s\"\n[disk]\nsize = \"256M\"\n",
+            service(
+                "web",
+                "depends_on = [\"db\", \"cache\", \"check\"]\nbinds = [\"/run/kiln/state/status.json:/run/status.json:ro\", \"/run/kiln/state/health:/run/health:ro\"]\n",
+                "echo started; busybox cat /run/status.json; while ! busybox grep -q healthy /run/health; do busybox sleep 0.5; done; busybox cat /run/health; busybox sleep 1000",
+            ),
+            service(
+                "db",
+                "ready = { tcp = 7000 }\n",
+                "busybox sleep 2; echo listening; exec busybox nc -l -p 7000",
+            ),
+            service(
+                "cache",
+                "ready = { file = \"/run/ready\" }\n",
+                "busybox sleep 2; busybox touch /run/ready; echo made-file; exec busybox sleep 1000",
+            ),
+            service(
+                "check",
+                "ready = { exec = [\"/bin/busybox\", \"test\", \"-e\", \"/tmp/ok\"] }\n",
+                "busybox sleep 2; busybox touch /tmp/ok; echo made-ok; exec busybox sleep 1000",
+            ),
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let console = k::boot_until(&kiln(), &out.join("ready.raw"), 300, |l| {
+        l.starts_with("web| healthy") || l.contains(": exited")
+    })
+    .replace('\r', "");
+    let at = |needle: &str| {
+        console
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in:\n{console}"))
+    };
+    assert!(at("web: waiting for db, cache, check") < at("db| listening"));
+    for (made, ready) in [
+        ("db| listening", "db: ready"),
+        ("cache| made-file", "cache: ready"),
+        ("check| made-ok", "check: ready"),
+    ] {
+        assert!(at(made) < at(ready), "{made} after {ready}:\n{console}");
+        assert!(
+            at(ready) < at("web| started"),
+            "web before {ready}:\n{console}"
+        );
+    }
+    // What web saw when it started: its dependencies ready.
+    let status = k::container_lines(&console, "web")[1];
+    let status: serde_json::Value = serde_json::from_str(status).unwrap();
+    for c in status["containers"].as_array().unwrap() {
+        if c["name"] != "web" {
+            assert_eq!(c["ready"], serde_json::json!(true), "{status}");
+        }
+    }
+    assert!(at("web| started") < at("healthy: essential containers ready for 2000ms"));
+    assert!(at("web| healthy ") > 0);
+}

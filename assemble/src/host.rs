@@ -67,6 +67,7 @@ pub fn assemble(
     let mut config = HostConfig {
         hostname: recipe.host.hostname.clone(),
         when_done: recipe.host.when_done,
+        healthy_after_ms: recipe.host.healthy_after_ms,
         files: Vec::new(),
         onboot: Vec::new(),
         services: Vec::new(),
@@ -532,6 +533,8 @@ fn container_config(
         essential: spec.essential,
         stop_signal: spec.stop_signal.clone(),
         stop_timeout_ms: spec.stop_timeout_ms,
+        depends_on: spec.depends_on.clone(),
+        ready: spec.ready.clone(),
     })
 }
 

@@ -7,7 +7,8 @@
 //! image, a disk too small) still points into the recipe file.
 
 use kiln_init::config::{
-    Net, Restart, WhenDone, DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, STOP_SIGNALS,
+    Net, Probe, Restart, WhenDone, DEFAULT_HEALTHY_AFTER_MS, DEFAULT_MAX_RESTARTS,
+    DEFAULT_STOP_TIMEOUT_MS, STOP_SIGNALS,
 };
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -225,6 +226,10 @@ pub struct ContainerSpec {
     pub stop_signal: String,
     /// Milliseconds it is given to stop before SIGKILL.
     pub stop_timeout_ms: u64,
+    /// Services that must be ready before it starts.
+    pub depends_on: Vec<String>,
+    /// When it counts as ready; `None`: once started.
+    pub ready: Option<Probe>,
 }
 
 /// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
@@ -285,6 +290,8 @@ pub struct HostSpec {
     pub hostname: String,
     /// What to do once every container has exited.
     pub when_done: WhenDone,
+    /// Milliseconds essential containers must be ready to count healthy.
+    pub healthy_after_ms: u64,
 }
 
 /// The recipe's `[disk]` table.
@@ -658,6 +665,8 @@ mod raw {
         pub essential: Option<bool>,
         pub stop_signal: Option<Spanned<String>>,
         pub stop_timeout: Option<Spanned<String>>,
+        pub depends_on: Option<Vec<Spanned<String>>>,
+        pub ready: Option<Spanned<Probe>>,
     }
 
     #[derive(Debug)]
@@ -731,6 +740,7 @@ mod raw {
     pub struct Host {
         pub hostname: Option<Spanned<String>>,
         pub when_done: Option<Spanned<String>>,
+        pub healthy_after: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -753,6 +763,77 @@ fn is_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
+}
+
+/// Every `depends_on` names another service, and no service waits for
+/// itself through others.
+fn check_dependencies(
+    l: &Locator<'_>,
+    containers: &[ContainerSpec],
+    deps: &[(String, Vec<Spanned<String>>)],
+) -> Result<(), Box<RecipeError>> {
+    let kind_of = |n: &str| {
+        containers
+            .iter()
+            .find(|c| c.name.value == n)
+            .map(|c| c.kind)
+    };
+    for (name, ds) in deps {
+        for d in ds {
+            match kind_of(d.get_ref()) {
+                None => return Err(l.at(d, format!("no container is named {:?}", d.get_ref()))),
+                Some(_) if d.get_ref() == name => return Err(l.at(d, "a service cannot wait for itself")),
+                Some(Kind::Service) => {}
+                Some(_) => {
+                    return Err(l.at(
+                        d,
+                        format!("{:?} is not a service (onboot containers have all finished before services start)", d.get_ref()),
+                    ))
+                }
+            }
+        }
+    }
+    // A cycle: a path from a dependency back to the service.
+    let next = |n: &str| -> Vec<&Spanned<String>> {
+        deps.iter()
+            .find(|(x, _)| x == n)
+            .map(|(_, d)| d.iter().collect())
+            .unwrap_or_default()
+    };
+    for (name, ds) in deps {
+        for d in ds {
+            let mut path = vec![name.clone(), d.get_ref().clone()];
+            let mut seen = BTreeSet::new();
+            if reaches(d.get_ref(), name, &next, &mut seen, &mut path) {
+                return Err(l.at(d, format!("dependency cycle: {}", path.join(" -> "))));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `to` is reachable from `from`; `path` ends with the way there.
+fn reaches<'a>(
+    from: &str,
+    to: &str,
+    next: &dyn Fn(&str) -> Vec<&'a Spanned<String>>,
+    seen: &mut BTreeSet<String>,
+    path: &mut Vec<String>,
+) -> bool {
+    if from == to {
+        return true;
+    }
+    if !seen.insert(from.to_string()) {
+        return false;
+    }
+    for n in next(from) {
+        path.push(n.get_ref().clone());
+        if reaches(n.get_ref(), to, next, seen, path) {
+            return true;
+        }
+        path.pop();
+    }
+    false
 }
 
 /// Milliseconds of a duration such as `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
@@ -958,6 +1039,8 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
 
     let mut names = BTreeSet::new();
     let mut containers = Vec::new();
+    // Each container's `depends_on`, with locations, for the checks after.
+    let mut deps: Vec<(String, Vec<Spanned<String>>)> = Vec::new();
     let all = r
         .onboot
         .into_iter()
@@ -1095,6 +1178,32 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                 name
             }
         };
+        if kind != Kind::Service {
+            if let Some(d) = c.depends_on.as_ref().and_then(|d| d.first()) {
+                return Err(l.at(
+                    d,
+                    "only services wait for others (onboot and onshutdown containers run in order)",
+                ));
+            }
+            if let Some(r) = &c.ready {
+                return Err(l.at(r, "only services have a readiness probe"));
+            }
+        }
+        let ready = match &c.ready {
+            None => None,
+            Some(r) => Some(match r.get_ref() {
+                Probe::Tcp(0) => return Err(l.at(r, "port 0 is no port")),
+                Probe::File(p) if !is_clean_absolute(p) => {
+                    return Err(l.at(r, "the file must be an absolute path without `..`"))
+                }
+                Probe::Exec(a) if a.first().is_none_or(String::is_empty) => {
+                    return Err(l.at(r, "the command must not be empty"))
+                }
+                p => p.clone(),
+            }),
+        };
+        let depends_on: Vec<Spanned<String>> = c.depends_on.clone().unwrap_or_default();
+        deps.push((name.clone(), depends_on.clone()));
         let stop_timeout_ms = match &c.stop_timeout {
             None => DEFAULT_STOP_TIMEOUT_MS,
             Some(t) => parse_duration(t.get_ref()).ok_or_else(|| {
@@ -1106,6 +1215,8 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         };
         containers.push(ContainerSpec {
             kind,
+            depends_on: depends_on.iter().map(|d| d.get_ref().clone()).collect(),
+            ready,
             stop_signal,
             stop_timeout_ms,
             restart,
@@ -1125,6 +1236,8 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             tmpfs,
         });
     }
+
+    check_dependencies(l, &containers, &deps)?;
 
     let mut paths = BTreeSet::new();
     let mut files = Vec::new();
@@ -1201,6 +1314,16 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             "reboot" => WhenDone::Reboot,
             _ => return Err(l.at(w, "expected \"stay\", \"poweroff\" or \"reboot\"")),
         },
+    };
+
+    let healthy_after_ms = match &r.host.healthy_after {
+        None => DEFAULT_HEALTHY_AFTER_MS,
+        Some(h) => parse_duration(h.get_ref()).ok_or_else(|| {
+            l.at(
+                h,
+                "expected a duration such as \"500ms\", \"30s\" or \"5m\"",
+            )
+        })?,
     };
 
     let size = match r.disk.size {
@@ -1298,6 +1421,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         host: HostSpec {
             hostname,
             when_done,
+            healthy_after_ms,
         },
         disk: DiskSpec { size },
         output: OutputSpec {
@@ -1675,6 +1799,92 @@ size = "512M"
             assert_eq!(e.loc.field, field, "{e}");
             assert!(e.to_string().contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn dependencies_and_readiness() {
+        let svc = |name: &str, extra: &str| {
+            format!("[[service]]\nname = \"{name}\"\nimage = \"busybox\"\n{extra}")
+        };
+        let head =
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n";
+        let text = format!(
+            "{head}[[onboot]]\nname = \"init\"\nimage = \"busybox\"\n{}{}[host]\nhealthy_after = \"2s\"\n",
+            svc("db", "ready = { tcp = 5432 }\n"),
+            svc("web", "depends_on = [\"db\"]\nready = { exec = [\"true\"] }\n"),
+        );
+        let r = parse(Path::new("r.toml"), &text).unwrap();
+        assert_eq!(r.host.healthy_after_ms, 2000);
+        assert_eq!(r.containers[1].ready, Some(Probe::Tcp(5432)));
+        assert_eq!(r.containers[2].depends_on, ["db"]);
+        assert_eq!(
+            r.containers[2].ready,
+            Some(Probe::Exec(vec!["true".into()]))
+        );
+        for (body, field, says) in [
+            (
+                svc("a", "depends_on = [\"nope\"]\n"),
+                "service[0].depends_on[0]",
+                "no container is named \"nope\"",
+            ),
+            (
+                svc("a", "depends_on = [\"a\"]\n"),
+                "service[0].depends_on[0]",
+                "itself",
+            ),
+            (
+                format!(
+                    "{}{}{}",
+                    svc("a", "depends_on = [\"b\"]\n"),
+                    svc("b", "depends_on = [\"c\"]\n"),
+                    svc("c", "depends_on = [\"a\"]\n")
+                ),
+                "service[0].depends_on[0]",
+                "dependency cycle: a -> b -> c -> a",
+            ),
+            (
+                format!(
+                    "[[onboot]]\nname = \"o\"\nimage = \"busybox\"\n{}",
+                    svc("a", "depends_on = [\"o\"]\n")
+                ),
+                "service[0].depends_on[0]",
+                "not a service",
+            ),
+            (
+                svc("a", "ready = { http = 80 }\n"),
+                "service[0].ready.http",
+                "unknown variant",
+            ),
+            (
+                svc("a", "ready = { file = \"run/x\" }\n"),
+                "service[0].ready",
+                "absolute",
+            ),
+            (
+                svc("a", "ready = { exec = [] }\n"),
+                "service[0].ready",
+                "must not be empty",
+            ),
+            (
+                svc("a", "ready = { tcp = 0 }\n"),
+                "service[0].ready",
+                "port 0",
+            ),
+            (
+                "[[onboot]]\nname = \"o\"\nimage = \"busybox\"\nready = { tcp = 1 }\n".to_string(),
+                "onboot[0].ready",
+                "only services",
+            ),
+        ] {
+            let e = err(&format!("{head}{body}"));
+            assert_eq!(e.loc.field, field, "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        let e = err(&format!(
+            "{head}{}[host]\nhealthy_after = \"soon\"\n",
+            svc("a", "")
+        ));
+        assert_eq!(e.loc.field, "host.healthy_after", "{e}");
     }
 
     #[test]

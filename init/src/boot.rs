@@ -516,6 +516,7 @@ mod tests {
         let cfg = HostConfig {
             hostname: "box".into(),
             when_done: kiln_init::config::WhenDone::Stay,
+            healthy_after_ms: 0,
             files: vec![],
             onboot: vec![],
             services: vec![],

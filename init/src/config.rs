@@ -99,6 +99,9 @@ pub struct HostConfig {
     pub hostname: String,
     /// What to do once every container has exited.
     pub when_done: WhenDone,
+    /// Milliseconds essential containers must have been ready before the
+    /// run counts as healthy ([`HEALTH_FILE`]).
+    pub healthy_after_ms: u64,
     /// Recipe `[[file]]`s on a tmpfs (see [`is_runtime_file`]), which the
     /// init copies into place from [`RUNTIME_FILES_DIR`]; the others are
     /// baked into the read-only root and need nothing at run time.
@@ -186,7 +189,32 @@ pub struct Container {
     pub stop_signal: String,
     /// Milliseconds it is given to stop before SIGKILL.
     pub stop_timeout_ms: u64,
+    /// Services that must be ready before it starts.
+    pub depends_on: Vec<String>,
+    /// When it counts as ready; `None`: once started.
+    pub ready: Option<Probe>,
 }
+
+/// A readiness probe, as a recipe writes it: `{ tcp = 5432 }`,
+/// `{ file = "/run/ready" }` or `{ exec = ["pg_isready"] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Probe {
+    /// Something listens on this TCP port in the container's network.
+    Tcp(u16),
+    /// This path exists in the container.
+    File(String),
+    /// This command, run in the container as its user, exits 0.
+    Exec(Vec<String>),
+}
+
+/// How long essential containers must have been ready before the run is
+/// recorded healthy, when the recipe gives no `healthy_after`.
+pub const DEFAULT_HEALTHY_AFTER_MS: u64 = 30_000;
+/// Empty at boot; written (in place, so a container may bind it) once
+/// every essential container has been ready, waiting to restart or done
+/// well for `healthy_after`: one line, `healthy SECONDS-SINCE-BOOT`.
+pub const HEALTH_FILE: &str = "/run/kiln/state/health";
 
 /// When a container is started again after its process exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +265,9 @@ pub struct ContainerStatus {
     pub since: f64,
     /// Whether its failure fails the run.
     pub essential: bool,
+    /// Whether it is ready: its probe passed in this run (or, with none,
+    /// it runs).
+    pub ready: bool,
 }
 
 /// How a process ended: an exit code or a signal.

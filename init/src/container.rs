@@ -147,6 +147,102 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     })
 }
 
+/// Starts `argv` inside the running container whose PID 1 is `pid`: in
+/// its cgroup, network, IPC, UTS and mount namespaces and root, as its
+/// user with its capabilities, output discarded (a readiness probe).
+/// Returns the probe's PID; the caller reaps it.
+pub fn spawn_probe(
+    c: &Container,
+    pid: libc::pid_t,
+    argv: &[String],
+) -> Result<libc::pid_t, ContainerError> {
+    let plan = caps::plan(caps::mask(&c.capabilities)?, c.uid, caps::last_cap());
+    let mut probe = c.clone();
+    probe.args = argv.to_vec();
+    let exec = ExecPlan::new(&probe)?;
+    // Opened now, in the init's namespaces: after entering the mount
+    // namespace these paths would name other processes.
+    let open = |what: &str| -> Result<OwnedFd, ContainerError> {
+        let path = cstr(&format!("/proc/{pid}/{what}"))
+            .map_err(|e| ContainerError::Io("probe path", e))?;
+        // SAFETY: a NUL-terminated path alive for the call.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        sys::owned(fd).map_err(|e| ContainerError::Io("opening the container's namespaces", e))
+    };
+    let mut namespaces = Vec::new();
+    for ns in ["ns/net", "ns/ipc", "ns/uts", "ns/mnt"] {
+        namespaces.push(open(ns)?);
+    }
+    let root = open("root")?;
+    let cgroup = format!("{CGROUP_DIR}/{}/cgroup.procs", c.name);
+    // SAFETY: the init is single-threaded, so the child may run Rust code.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(ContainerError::Io("fork", io::Error::last_os_error()));
+    }
+    if child > 0 {
+        return Ok(child);
+    }
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = enter_and_exec(&probe, &cgroup, &namespaces, &root, &plan, &exec);
+    }));
+    exit(127);
+}
+
+/// The probe child's work; only returns on error.
+fn enter_and_exec(
+    c: &Container,
+    cgroup: &str,
+    namespaces: &[OwnedFd],
+    root: &OwnedFd,
+    plan: &CapPlan,
+    exec: &ExecPlan,
+) -> Result<std::convert::Infallible, Failure> {
+    // SAFETY: an empty, initialised signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+    step("join cgroup", RealSys.write_file(cgroup, b"0"))?;
+    for ns in namespaces {
+        // SAFETY: a namespace fd we hold; 0 accepts any type.
+        step("setns", check(unsafe { libc::setns(ns.as_raw_fd(), 0) }))?;
+    }
+    // SAFETY: an fd we hold.
+    step("fchdir", check(unsafe { libc::fchdir(root.as_raw_fd()) }))?;
+    // SAFETY: a static NUL-terminated path.
+    step("chroot", check(unsafe { libc::chroot(c".".as_ptr()) }))?;
+    let null = step("open /dev/null", std::fs::File::open("/dev/null"))?;
+    for to in 0..3 {
+        // SAFETY: duplicating an fd we hold onto the standard ones.
+        step("dup2", check(unsafe { libc::dup2(null.as_raw_fd(), to) }))?;
+    }
+    step("drop bounding capabilities", caps::drop_bounding(plan))?;
+    // SAFETY: pointer and length describe the groups vector.
+    let r = unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) };
+    step("setgroups", check(r))?;
+    // SAFETY: integer arguments only.
+    step("setgid", check(unsafe { libc::setgid(c.gid) }))?;
+    // SAFETY: integer arguments only.
+    step("setuid", check(unsafe { libc::setuid(c.uid) }))?;
+    step("set capabilities", caps::set_sets(plan))?;
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    step("no_new_privs", check(r))?;
+    step("chdir", std::env::set_current_dir(&exec.cwd))?;
+    let prog = resolve(&c.args[0], &c.env, &is_executable)
+        .ok_or_else(|| Failure::other(format!("{}: not found in PATH", c.args[0])))?;
+    let prog = step("program path", cstr(&prog))?;
+    let mut argv: Vec<*const libc::c_char> = exec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: NULL-terminated arrays of valid C strings kept alive by `exec`.
+    unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    Err(Failure::os("exec", &io::Error::last_os_error()))
+}
+
 /// The container's PID from what the setup processes reported: the first
 /// failure wins, and silence means they died before saying anything.
 fn outcome(report: &[u8]) -> Result<libc::pid_t, ContainerError> {
@@ -620,6 +716,8 @@ mod tests {
             essential: true,
             stop_signal: "SIGTERM".into(),
             stop_timeout_ms: 10_000,
+            depends_on: vec![],
+            ready: None,
         }
     }
 

@@ -115,7 +115,8 @@ fn run() -> Result<std::convert::Infallible, String> {
     // Ctrl-Alt-Del becomes SIGINT to this process: a clean shutdown.
     // SAFETY: reboot(2) with a command constant only.
     unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
-    let mut sup = supervisor::Supervisor::new("/var/log");
+    let healthy_after = std::time::Duration::from_millis(cfg.healthy_after_ms);
+    let mut sup = supervisor::Supervisor::new("/var/log", healthy_after);
     let units = cfg
         .onboot
         .iter()

@@ -6,7 +6,7 @@ use crate::console::{self, LineSplitter, Sink};
 use crate::container;
 use crate::sys;
 use kiln_init::config::{
-    Container, ContainerStatus, Exit, Restart, Status, STATE_DIR, STATUS_FILE,
+    Container, ContainerStatus, Exit, Probe, Restart, Status, HEALTH_FILE, STATE_DIR, STATUS_FILE,
 };
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -130,6 +130,13 @@ pub struct Unit {
     since: f64,
     /// The wait status of its last run.
     last_status: Option<libc::c_int>,
+    /// Its probe passed in this run (or it started, having none).
+    ready: bool,
+    /// When its probe runs next; a running exec probe and its start.
+    next_probe: Option<Instant>,
+    probing: Option<(libc::pid_t, Instant)>,
+    /// It has logged what it waits for.
+    said_waiting: bool,
     sink: Option<Sink>,
     streams: Vec<Stream>,
 }
@@ -147,6 +154,10 @@ impl Unit {
             stopped: false,
             since: sys::boot_seconds(),
             last_status: None,
+            ready: false,
+            next_probe: None,
+            probing: None,
+            said_waiting: false,
             sink: None,
             streams: Vec::new(),
         }
@@ -206,6 +217,18 @@ impl Unit {
             }),
             since: self.since,
             essential: self.spec.essential,
+            ready: self.ready,
+        }
+    }
+
+    /// Whether it counts toward a healthy run: ready and running, waiting
+    /// to restart, or ended well. Onshutdown units do not count.
+    fn healthy(&self) -> bool {
+        match self.state {
+            State::Running { .. } => self.ready,
+            State::Backoff { .. } => true,
+            State::Exited { .. } => !self.has_failed(),
+            State::Pending | State::Failed { .. } => false,
         }
     }
 
@@ -219,6 +242,8 @@ impl Unit {
             self.streak += 1;
         }
         self.started_at = Some(at);
+        self.ready = self.spec.ready.is_none();
+        self.next_probe = self.spec.ready.as_ref().map(|_| at);
         Ok(())
     }
 
@@ -253,6 +278,8 @@ impl Unit {
         self.go(ok, to)?;
         self.exited_at = Some(at);
         self.last_status = Some(status);
+        self.ready = false;
+        self.next_probe = None;
         Ok(next)
     }
 
@@ -334,16 +361,54 @@ pub struct Supervisor {
     /// The status file, and what was last written to it.
     status: Option<std::fs::File>,
     published: String,
+    /// Services may start (as their dependencies become ready).
+    services_started: bool,
+    /// How long essential units must be healthy to record the run so,
+    /// since when they are, and whether it is recorded.
+    healthy_after: Duration,
+    healthy_since: Option<Instant>,
+    healthy_recorded: bool,
 }
+
+/// How often a probe runs until it passes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// An exec probe running this long has failed; it is killed.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Signals to PID 1 that ask for a shutdown (SIGINT: Ctrl-Alt-Del).
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGPWR];
+
+/// Whether a socket listens on TCP `port` in the network namespace of
+/// process `pid` (its `/proc/PID/net/tcp` and `tcp6`): no connection made.
+fn listening(pid: libc::pid_t, port: u16) -> bool {
+    ["tcp", "tcp6"].iter().any(|t| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).is_ok_and(|s| listens_on(&s, port))
+    })
+}
+
+/// Whether a `/proc/net/tcp`-style table has a listening socket on `port`.
+fn listens_on(table: &str, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = f.get(1).and_then(|a| a.rsplit_once(':')).map(|(_, p)| p);
+        f.get(3) == Some(&LISTEN)
+            && local_port.and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+    })
+}
 
 /// Creates the state directory and the status file (world-readable: a
 /// container of any user may bind it).
 fn open_status() -> Option<std::fs::File> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let _ = std::fs::DirBuilder::new().mode(0o755).create(STATE_DIR);
+    // Empty until the run is healthy, so that a container can bind it.
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o644)
+        .open(HEALTH_FILE);
     match std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -378,7 +443,7 @@ impl Supervisor {
     /// Blocks SIGCHLD and the shutdown signals and takes them through a
     /// signalfd (without one, polling with a timeout still reaps); opens
     /// the power button.
-    pub fn new(log_dir: &str) -> Supervisor {
+    pub fn new(log_dir: &str, healthy_after: Duration) -> Supervisor {
         // SAFETY: an initialised signal set passed to sigprocmask/signalfd.
         let sigfd = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
@@ -406,7 +471,147 @@ impl Supervisor {
             stop: None,
             status: open_status(),
             published: String::new(),
+            services_started: false,
+            healthy_after,
+            healthy_since: None,
+            healthy_recorded: false,
         }
+    }
+
+    /// Runs due probes; marks units ready.
+    fn probe(&mut self, now: Instant) {
+        for unit in &mut self.units.0 {
+            let (Some(pid), Some(probe)) = (unit.pid(), unit.spec.ready.clone()) else {
+                continue;
+            };
+            if unit.ready {
+                continue;
+            }
+            if let Some((p, since)) = unit.probing {
+                if now.duration_since(since) > PROBE_TIMEOUT {
+                    // SAFETY: signalling our own unreaped child.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                continue;
+            }
+            if unit.next_probe.is_none_or(|t| t > now) {
+                continue;
+            }
+            unit.next_probe = Some(now + PROBE_INTERVAL);
+            let passed = match &probe {
+                Probe::Tcp(port) => listening(pid, *port),
+                Probe::File(path) => {
+                    std::fs::symlink_metadata(format!("/proc/{pid}/root{path}")).is_ok()
+                }
+                Probe::Exec(argv) => {
+                    match container::spawn_probe(&unit.spec, pid, argv) {
+                        Ok(p) => unit.probing = Some((p, now)),
+                        Err(e) => {
+                            console::log(&format!("{}: probe: {}", unit.name(), console::chain(&e)))
+                        }
+                    }
+                    false
+                }
+            };
+            if passed {
+                unit.ready = true;
+                console::log(&format!("{}: ready", unit.name()));
+            }
+        }
+    }
+
+    /// Starts pending services whose dependencies are ready; fails those
+    /// whose dependency ended without being ready.
+    fn start_ready_services(&mut self) {
+        if !self.services_started || self.stop.is_some() {
+            return;
+        }
+        for name in self.units.names(UnitKind::Service) {
+            let Some(unit) = self.units.get(&name) else {
+                continue;
+            };
+            if unit.state != State::Pending {
+                continue;
+            }
+            let mut waiting = Vec::new();
+            let mut dead = None;
+            for d in &unit.spec.depends_on {
+                match self.units.get(d) {
+                    Some(dep) if dep.ready => {}
+                    Some(dep)
+                        if matches!(dep.state, State::Exited { .. } | State::Failed { .. }) =>
+                    {
+                        dead = Some(d.clone())
+                    }
+                    _ => waiting.push(d.clone()),
+                }
+            }
+            if let Some(d) = dead {
+                console::log(&format!(
+                    "{name}: not started: {d} ended without becoming ready"
+                ));
+                if let Some(u) = self.units.get_mut(&name) {
+                    let _ = u.failed(format!("{d} ended without becoming ready"));
+                }
+            } else if waiting.is_empty() {
+                self.start(&name);
+            } else if let Some(u) = self.units.get_mut(&name) {
+                if !u.said_waiting {
+                    u.said_waiting = true;
+                    console::log(&format!("{name}: waiting for {}", waiting.join(", ")));
+                }
+            }
+        }
+    }
+
+    /// Records the run healthy once every essential unit has been healthy
+    /// for `healthy_after`.
+    fn check_health(&mut self, now: Instant) {
+        if self.healthy_recorded || !self.services_started || self.stop.is_some() {
+            return;
+        }
+        let all = self
+            .units
+            .0
+            .iter()
+            .filter(|u| u.essential() && u.kind != UnitKind::Onshutdown)
+            .all(Unit::healthy);
+        if !all {
+            self.healthy_since = None;
+            return;
+        }
+        let since = *self.healthy_since.get_or_insert(now);
+        if now.duration_since(since) >= self.healthy_after {
+            self.healthy_recorded = true;
+            let line = format!("healthy {}\n", sys::boot_seconds());
+            // In place, like the status file: a bind holds it.
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .open(HEALTH_FILE)
+                .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, line.as_bytes(), 0));
+            match written {
+                Ok(()) => console::log(&format!(
+                    "healthy: essential containers ready for {}ms",
+                    self.healthy_after.as_millis()
+                )),
+                Err(e) => console::log(&format!("cannot write {HEALTH_FILE}: {e}")),
+            }
+        }
+    }
+
+    /// When the next probe or the health record is due.
+    fn next_wake(&self) -> Option<Instant> {
+        let probes = self
+            .units
+            .0
+            .iter()
+            .filter(|u| u.pid().is_some() && !u.ready && u.probing.is_none())
+            .filter_map(|u| u.next_probe);
+        let health = self
+            .healthy_since
+            .filter(|_| !self.healthy_recorded)
+            .map(|t| t + self.healthy_after);
+        probes.chain(health).min()
     }
 
     /// Rewrites the status file if anything in it changed.
@@ -473,11 +678,11 @@ impl Supervisor {
         }
     }
 
-    /// Starts every service unit.
+    /// Starts the services, each once its dependencies are ready.
     pub fn start_services(&mut self) {
-        for name in self.units.names(UnitKind::Service) {
-            self.start(&name);
-        }
+        self.services_started = true;
+        self.start_ready_services();
+        self.publish();
     }
 
     /// Starts a pending unit; failures are logged and leave it Failed.
@@ -561,7 +766,7 @@ impl Supervisor {
     /// units: each gets its stop signal and its `stop_timeout`, then
     /// SIGKILL. No unit restarts afterwards.
     pub fn stop_all(&mut self) {
-        let mut names = self.units.names(UnitKind::Service);
+        let mut names = self.units.start_order();
         names.reverse();
         names.extend(self.units.names(UnitKind::Onboot));
         for u in &mut self.units.0 {
@@ -637,7 +842,8 @@ impl Supervisor {
             State::Backoff { at, .. } => Some(at),
             _ => None,
         });
-        for at in wakes.chain(limit) {
+        let next = self.next_wake();
+        for at in wakes.chain(limit).chain(next) {
             let ms = at.saturating_duration_since(now).as_millis();
             timeout = timeout.min(libc::c_int::try_from(ms).unwrap_or(timeout));
         }
@@ -716,6 +922,10 @@ impl Supervisor {
         for name in due {
             self.start(&name);
         }
+        let now = Instant::now();
+        self.probe(now);
+        self.start_ready_services();
+        self.check_health(now);
         self.publish();
     }
 
@@ -737,6 +947,19 @@ impl Supervisor {
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid <= 0 {
                 return;
+            }
+            if let Some(unit) = self
+                .units
+                .0
+                .iter_mut()
+                .find(|u| u.probing.is_some_and(|(p, _)| p == pid))
+            {
+                unit.probing = None;
+                if status == 0 && unit.pid().is_some() && !unit.ready {
+                    unit.ready = true;
+                    console::log(&format!("{}: ready", unit.name()));
+                }
+                continue;
             }
             let Some(unit) = self.units.by_pid_mut(pid) else {
                 continue;
@@ -794,6 +1017,27 @@ impl Units {
     /// The running unit whose process is `pid`.
     pub fn by_pid_mut(&mut self, pid: libc::pid_t) -> Option<&mut Unit> {
         self.0.iter_mut().find(|u| u.pid() == Some(pid))
+    }
+
+    /// Services with each one's dependencies before it, otherwise in the
+    /// order added (cycles were refused at build).
+    pub fn start_order(&self) -> Vec<String> {
+        fn visit(units: &Units, name: &str, out: &mut Vec<String>, depth: usize) {
+            if out.iter().any(|n| n == name) || depth > units.0.len() {
+                return;
+            }
+            if let Some(u) = units.get(name) {
+                for d in &u.spec.depends_on {
+                    visit(units, d, out, depth + 1);
+                }
+                out.push(name.to_string());
+            }
+        }
+        let mut out = Vec::new();
+        for name in self.names(UnitKind::Service) {
+            visit(self, &name, &mut out, 0);
+        }
+        out
     }
 
     /// Names of the units of `kind`, in the order they were added.
@@ -900,6 +1144,8 @@ mod tests {
             essential: true,
             stop_signal: "SIGTERM".into(),
             stop_timeout_ms: 10_000,
+            depends_on: vec![],
+            ready: None,
         }
     }
 
@@ -1064,6 +1310,17 @@ mod tests {
         runs.stop();
         assert_eq!(runs.exited(15, t), Ok(AfterExit::Done));
         assert!(!runs.has_failed());
+    }
+
+    #[test]
+    fn listening_sockets() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+   0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n\
+   1: 0100007F:0050 0100007F:9C40 01 00000000:00000000 00:00000000 00000000\n";
+        assert!(listens_on(table, 5432));
+        // Port 80 only has an established connection.
+        assert!(!listens_on(table, 80));
+        assert!(!listens_on("", 5432));
     }
 
     #[test]
