@@ -462,6 +462,8 @@ fn restart_policies_and_the_run_result() {
              [[service]]\nname = \"crash\"\n{bb}\nmax_restarts = 2\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo attempt; exit 1\"]\n\
              [[service]]\nname = \"once\"\n{bb}\nrestart = \"never\"\nessential = false\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo ran; exit 2\"]\n\
              [[service]]\nname = \"fine\"\n{bb}\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"echo done\"]\n\
+             [[service]]\nname = \"segv-init\"\n{bb}\ninit = true\nrestart = \"never\"\nessential = false\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"kill -SEGV $$; echo survived\"]\n\
+             [[service]]\nname = \"segv-pid1\"\n{bb}\nrestart = \"never\"\nessential = false\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"kill -SEGV $$; echo survived\"]\n\
              [[onshutdown]]\nname = \"report\"\n{bb}\nbinds = [\"/run/kiln/state/status.json:/run/status.json:ro\"]\ncommand = [\"/bin/busybox\", \"cat\", \"/run/status.json\"]\n\
              [host]\nwhen_done = \"poweroff\"\n[disk]\nsize = \"256M\"\n"
         ),
@@ -484,6 +486,21 @@ fn restart_policies_and_the_run_result() {
     );
     assert_eq!(k::container_lines(console, "once"), ["ran"], "{console}");
     assert_eq!(k::container_lines(console, "fine"), ["done"], "{console}");
+    // SIGSEGV to itself: with the reaper as PID 1 the shell dies of it; as
+    // PID 1 of its namespace it has no handler, so the signal is ignored.
+    assert!(
+        k::container_lines(console, "segv-init").is_empty(),
+        "{console}"
+    );
+    assert!(
+        console.contains("segv-init: exited with status 139\n"),
+        "{console}"
+    );
+    assert_eq!(
+        k::container_lines(console, "segv-pid1"),
+        ["survived"],
+        "{console}"
+    );
     for log in [
         "crash: exited with status 1; restart 1 in 100ms",
         "crash: exited with status 1; restart 2 in 200ms",
@@ -555,7 +572,7 @@ fn graceful_shutdown_on_sigterm() {
             service("a", "trap 'echo got TERM; exit 0' TERM", ""),
             service("b", "trap 'echo got USR1; exit 0' USR1", "stop_signal = \"SIGUSR1\"\n"),
             service("stubborn", "trap '' TERM", "stop_timeout = \"1s\"\n"),
-        ),
+        ) + &service("fwd", "trap 'echo forwarded; exit 0' TERM", "init = true\n"),
     )
     .unwrap();
     let out = dir.join("out");
@@ -580,11 +597,11 @@ fn graceful_shutdown_on_sigterm() {
         }
         console.push_str(&line);
         console.push('\n');
-        if up == 3 {
+        if up == 4 {
             break;
         }
     }
-    assert_eq!(up, 3, "{console}");
+    assert_eq!(up, 4, "{console}");
     let sent = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
@@ -606,6 +623,8 @@ fn graceful_shutdown_on_sigterm() {
     };
     let order = [
         at("power button: shutting down"),
+        // Through the reaper: its PID 1 forwards the signal to the shell.
+        at("fwd| forwarded"),
         at("stubborn: stopping with SIGTERM"),
         at("stubborn: still running after 1000ms; killing"),
         at("b| got USR1"),

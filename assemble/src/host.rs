@@ -535,6 +535,7 @@ fn container_config(
         stop_timeout_ms: spec.stop_timeout_ms,
         depends_on: spec.depends_on.clone(),
         ready: spec.ready.clone(),
+        init: spec.init,
     })
 }
 

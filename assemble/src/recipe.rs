@@ -230,6 +230,8 @@ pub struct ContainerSpec {
     pub depends_on: Vec<String>,
     /// When it counts as ready; `None`: once started.
     pub ready: Option<Probe>,
+    /// A reaper is PID 1 rather than the program.
+    pub init: bool,
 }
 
 /// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
@@ -667,6 +669,7 @@ mod raw {
         pub stop_timeout: Option<Spanned<String>>,
         pub depends_on: Option<Vec<Spanned<String>>>,
         pub ready: Option<Spanned<Probe>>,
+        pub init: Option<bool>,
     }
 
     #[derive(Debug)]
@@ -1217,6 +1220,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             kind,
             depends_on: depends_on.iter().map(|d| d.get_ref().clone()).collect(),
             ready,
+            init: c.init.unwrap_or(false),
             stop_signal,
             stop_timeout_ms,
             restart,

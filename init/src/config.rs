@@ -193,6 +193,9 @@ pub struct Container {
     pub depends_on: Vec<String>,
     /// When it counts as ready; `None`: once started.
     pub ready: Option<Probe>,
+    /// A built-in reaper is its PID 1, forwarding signals to the program
+    /// and reaping orphans (Docker's `--init`); otherwise the program is.
+    pub init: bool,
 }
 
 /// A readiness probe, as a recipe writes it: `{ tcp = 5432 }`,

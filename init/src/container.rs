@@ -308,7 +308,7 @@ fn intermediate(
     // SAFETY: still single-threaded.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        let e = match setup(c, root, plan, exec, out, err) {
+        let e = match setup(c, root, plan, exec, out, err, rep) {
             Err(e) => e,
             Ok(never) => match never {},
         };
@@ -382,6 +382,7 @@ fn setup(
     exec: &ExecPlan,
     out: BorrowedFd<'_>,
     err: BorrowedFd<'_>,
+    rep: BorrowedFd<'_>,
 ) -> Result<std::convert::Infallible, Failure> {
     // The init blocks SIGCHLD for its signalfd; the mask survives exec.
     // SAFETY: an empty, initialised signal set.
@@ -429,12 +430,72 @@ fn setup(
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
+    if c.init {
+        reaper(rep)?;
+    }
     // SAFETY: NULL-terminated arrays of valid C strings kept alive by `exec`.
     unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
     Err(Failure::os(
         format!("exec {}", c.args[0]),
         &io::Error::last_os_error(),
     ))
+}
+
+/// With `init = true`: forks; the child returns to exec the program, and
+/// this process stays PID 1 of the namespace as its reaper: it forwards
+/// every signal it can catch to the program, reaps orphans, and exits as
+/// the program did (128 + N if signal N killed it), like tini.
+fn reaper(rep: BorrowedFd<'_>) -> Result<(), Failure> {
+    // SAFETY: an initialised full signal set; blocked before the fork so
+    // no signal meant for the program is lost to a default action here.
+    let all = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        all
+    };
+    // SAFETY: this process is single-threaded.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(Failure::os("fork", &io::Error::last_os_error()));
+    }
+    if child == 0 {
+        // SAFETY: an initialised empty set: the program starts unmasked.
+        unsafe {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        }
+        return Ok(());
+    }
+    // The program's exec (or failure) alone ends the setup report.
+    // SAFETY: closing this process's copy of an fd it will not use.
+    unsafe { libc::close(rep.as_raw_fd()) };
+    loop {
+        // SAFETY: a valid set and a null info pointer.
+        let sig = unsafe { libc::sigwaitinfo(&all, std::ptr::null_mut()) };
+        if sig == libc::SIGCHLD {
+            loop {
+                let mut status = 0;
+                // SAFETY: a valid status pointer.
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    break;
+                }
+                if pid == child {
+                    let code = if libc::WIFSIGNALED(status) {
+                        128 + libc::WTERMSIG(status)
+                    } else {
+                        libc::WEXITSTATUS(status)
+                    };
+                    exit(code);
+                }
+            }
+        } else if sig > 0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child, sig) };
+        }
+    }
 }
 
 /// The container's filesystem tree and hostname, from a fresh mount
@@ -718,6 +779,7 @@ mod tests {
             stop_timeout_ms: 10_000,
             depends_on: vec![],
             ready: None,
+            init: false,
         }
     }
 

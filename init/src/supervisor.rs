@@ -1146,6 +1146,7 @@ mod tests {
             stop_timeout_ms: 10_000,
             depends_on: vec![],
             ready: None,
+            init: false,
         }
     }
 
