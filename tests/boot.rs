@@ -730,3 +730,97 @@ fn dependencies_wait_for_readiness() {
     assert!(at("web| started") < at("healthy: essential containers ready for 2000ms"));
     assert!(at("web| healthy ") > 0);
 }
+
+/// Resources as intent: pids and memory limits hold inside their own
+/// cgroup while a neighbour runs on, a critical service gets far more CPU
+/// than a batch one under contention, and each sees its settings.
+#[test]
+fn resources_hold() {
+    let dir = k::scratch("resources");
+    let recipe = dir.join("resources.toml");
+    let bb = "image = { debian = [\"busybox-static\"], scripts = false }";
+    let service = |name: &str, extra: &str, script: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\n{bb}\nrestart = \"never\"\n{extra}command = [\"/bin/busybox\", \"sh\", \"-c\", \"{script}\"]\n"
+        )
+    };
+    let spin = "read adj < /proc/self/oom_score_adj; echo adj $adj; busybox sh -c 'while :; do :; done' & busybox sleep 10; kill $!";
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"resources\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n{}{}{}{}{}{}[host]\nwhen_done = \"poweroff\"\n[disk]\nsize = \"256M\"\n",
+            // Forks until refused (the subshell dies of it); then only
+            // builtins, which need no fork.
+            service(
+                "bomb",
+                "pids = 16\n",
+                "(i=0; while [ $i -lt 40 ]; do busybox sleep 3 & i=$((i+1)); done) 2>/dev/null; read cur < /sys/fs/cgroup/pids.current; read max < /sys/fs/cgroup/pids.max; read ev < /sys/fs/cgroup/pids.events; echo current $cur max $max; echo $ev",
+            ),
+            service(
+                "hog",
+                "memory = \"8M\"\nessential = false\n",
+                "echo max $(busybox cat /sys/fs/cgroup/memory.max); busybox head -c 25165824 /dev/zero | busybox tail -c 25165824 >/dev/null; busybox grep oom_kill /sys/fs/cgroup/memory.events",
+            ),
+            service(
+                "calm",
+                "io_weight = 300\n",
+                "busybox sleep 3; echo io $(busybox cat /sys/fs/cgroup/io.weight); echo still here",
+            ),
+            service("crit", "class = \"critical\"\n", spin),
+            service("batch", "class = \"batch\"\n", spin),
+            // CPU over 5 s while both spin, from their cgroups' cpu.stat.
+            service(
+                "judge",
+                "depends_on = [\"crit\", \"batch\"]\nbinds = [\"/sys/fs/cgroup/kiln/crit/cpu.stat:/run/crit:ro\", \"/sys/fs/cgroup/kiln/batch/cpu.stat:/run/batch:ro\"]\n",
+                "busybox sleep 1; read x c0 < /run/crit; read x b0 < /run/batch; busybox sleep 5; read x c1 < /run/crit; read x b1 < /run/batch; echo crit $((c1 - c0)) batch $((b1 - b0))",
+            ),
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let r = k::boot(&kiln(), &out.join("resources.raw"), 300);
+    let console = r.stdout.replace('\r', "");
+    assert_eq!(r.code, Some(0), "{console}\n{}", r.stderr);
+    let lines = |name: &str| k::container_lines(&console, name);
+    // The fork bomb was held at 16 processes, forks refused.
+    let bomb = lines("bomb");
+    let current: u32 = bomb
+        .first()
+        .and_then(|l| l.strip_prefix("current "))
+        .and_then(|l| l.strip_suffix(" max 16"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{console}"));
+    assert!((10..=16).contains(&current), "{console}");
+    let refused: u32 = bomb
+        .get(1)
+        .and_then(|l| l.strip_prefix("max "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(refused > 0, "{console}");
+    // The hog was OOM-killed in its cgroup; its neighbour ran on.
+    assert_eq!(lines("hog").first(), Some(&"max 8388608"), "{console}");
+    assert!(
+        lines("hog")
+            .iter()
+            .any(|l| l.starts_with("oom_kill ") && *l != "oom_kill 0"),
+        "{console}"
+    );
+    assert_eq!(lines("calm"), ["io default 300", "still here"], "{console}");
+    // CPU under contention: critical at least 4x batch.
+    let judged: Vec<u64> = lines("judge")
+        .first()
+        .map(|l| l.split(' ').filter_map(|w| w.parse().ok()).collect())
+        .unwrap_or_default();
+    let [crit, batch] = judged[..] else {
+        panic!("{console}")
+    };
+    assert!(
+        crit >= 4 * batch,
+        "critical {crit} us, batch {batch} us\n{console}"
+    );
+    assert!(
+        lines("crit").contains(&"adj -900") && lines("batch").contains(&"adj 1000"),
+        "{console}"
+    );
+}

@@ -536,6 +536,7 @@ fn container_config(
         depends_on: spec.depends_on.clone(),
         ready: spec.ready.clone(),
         init: spec.init,
+        resources: spec.resources.clone(),
     })
 }
 

@@ -7,8 +7,8 @@
 //! image, a disk too small) still points into the recipe file.
 
 use kiln_init::config::{
-    Net, Probe, Restart, WhenDone, DEFAULT_HEALTHY_AFTER_MS, DEFAULT_MAX_RESTARTS,
-    DEFAULT_STOP_TIMEOUT_MS, STOP_SIGNALS,
+    Class, Net, Probe, Resources, Restart, WhenDone, DEFAULT_HEALTHY_AFTER_MS,
+    DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, STOP_SIGNALS,
 };
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -232,6 +232,8 @@ pub struct ContainerSpec {
     pub ready: Option<Probe>,
     /// A reaper is PID 1 rather than the program.
     pub init: bool,
+    /// Limits and priority.
+    pub resources: Resources,
 }
 
 /// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
@@ -670,6 +672,11 @@ mod raw {
         pub depends_on: Option<Vec<Spanned<String>>>,
         pub ready: Option<Spanned<Probe>>,
         pub init: Option<bool>,
+        pub memory: Option<Spanned<String>>,
+        pub cpu: Option<Spanned<f64>>,
+        pub pids: Option<Spanned<i64>>,
+        pub io_weight: Option<Spanned<i64>>,
+        pub class: Option<Spanned<Class>>,
     }
 
     #[derive(Debug)]
@@ -1216,8 +1223,55 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                 )
             })?,
         };
+        let resources = Resources {
+            memory: match &c.memory {
+                None => None,
+                Some(m) => Some(
+                    parse_size(m.get_ref())
+                        .filter(|n| *n >= 4 << 20)
+                        .ok_or_else(|| {
+                            l.at(m, "expected a size of at least 4M, such as \"256M\"")
+                        })?,
+                ),
+            },
+            cpu_millis: match &c.cpu {
+                None => None,
+                Some(v) => {
+                    let cores = *v.get_ref();
+                    if !(0.01..=1024.0).contains(&cores) {
+                        return Err(l.at(v, "expected cores between 0.01 and 1024, such as 0.5"));
+                    }
+                    // In range: at most 1,024,000.
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    let millis = (cores * 1000.0).round() as u32;
+                    Some(millis)
+                }
+            },
+            pids: match &c.pids {
+                None => None,
+                Some(p) => Some(
+                    u32::try_from(*p.get_ref())
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .ok_or_else(|| l.at(p, "expected a number of processes, 1 or more"))?,
+                ),
+            },
+            io_weight: match &c.io_weight {
+                None => None,
+                Some(w) => Some(
+                    u16::try_from(*w.get_ref())
+                        .ok()
+                        .filter(|n| (1..=10_000).contains(n))
+                        .ok_or_else(|| {
+                            l.at(w, "expected a weight from 1 to 10000 (default 100)")
+                        })?,
+                ),
+            },
+            class: c.class.as_ref().map(|c| *c.get_ref()).unwrap_or_default(),
+        };
         containers.push(ContainerSpec {
             kind,
+            resources,
             depends_on: depends_on.iter().map(|d| d.get_ref().clone()).collect(),
             ready,
             init: c.init.unwrap_or(false),
@@ -1769,6 +1823,23 @@ size = "512M"
             ("SIGUSR1", 1500)
         );
         assert_eq!(parse_duration("2m"), Some(120_000));
+        let c =
+            &ok("memory = \"256M\"\ncpu = 0.5\npids = 64\nio_weight = 200\nclass = \"batch\"\n")
+                .containers[0];
+        assert_eq!(
+            c.resources,
+            Resources {
+                memory: Some(256 << 20),
+                cpu_millis: Some(500),
+                pids: Some(64),
+                io_weight: Some(200),
+                class: Class::Batch
+            }
+        );
+        assert_eq!(
+            ok("cpu = 2\n").containers[0].resources.cpu_millis,
+            Some(2000)
+        );
         for bad in ["", "s", "1.5s", "-1s", "10 s", "3d"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
@@ -1798,6 +1869,11 @@ size = "512M"
                 "service[0].stop_timeout",
                 "a duration",
             ),
+            ("memory = \"1M\"\n", "service[0].memory", "at least 4M"),
+            ("cpu = 0\n", "service[0].cpu", "between 0.01"),
+            ("pids = 0\n", "service[0].pids", "1 or more"),
+            ("io_weight = 20000\n", "service[0].io_weight", "1 to 10000"),
+            ("class = \"low\"\n", "service[0].class", "unknown variant"),
         ] {
             let e = err(&format!("{base}{extra}"));
             assert_eq!(e.loc.field, field, "{e}");

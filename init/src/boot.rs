@@ -277,7 +277,7 @@ pub fn mount_runtime(sys: &dyn Sys) -> Vec<BootError> {
 pub fn setup_cgroups(sys: &dyn Sys) -> Vec<String> {
     let mut failed = Vec::new();
     let _ = sys.mkdir_all("/sys/fs/cgroup/kiln");
-    for ctl in ["pids", "memory"] {
+    for ctl in ["cpu", "io", "pids", "memory"] {
         for dir in ["/sys/fs/cgroup", "/sys/fs/cgroup/kiln"] {
             let knob = format!("{dir}/cgroup.subtree_control");
             if sys.write_file(&knob, format!("+{ctl}").as_bytes()).is_err() {
@@ -495,6 +495,8 @@ mod tests {
         assert_eq!(
             setup_cgroups(&sys),
             vec![
+                "cpu in /sys/fs/cgroup/kiln",
+                "io in /sys/fs/cgroup/kiln",
                 "pids in /sys/fs/cgroup/kiln",
                 "memory in /sys/fs/cgroup/kiln"
             ]
@@ -503,6 +505,8 @@ mod tests {
             sys.log(),
             vec![
                 "mkdir -p /sys/fs/cgroup/kiln",
+                "write /sys/fs/cgroup/cgroup.subtree_control +cpu",
+                "write /sys/fs/cgroup/cgroup.subtree_control +io",
                 "write /sys/fs/cgroup/cgroup.subtree_control +pids",
                 "write /sys/fs/cgroup/cgroup.subtree_control +memory",
             ]

@@ -196,6 +196,84 @@ pub struct Container {
     /// A built-in reaper is its PID 1, forwarding signals to the program
     /// and reaping orphans (Docker's `--init`); otherwise the program is.
     pub init: bool,
+    /// Limits and priority, applied to its cgroup before it starts.
+    pub resources: Resources,
+}
+
+/// A container's resources as intent; see [`Resources::knobs`] for the
+/// cgroup v2 settings each becomes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Memory limit in bytes (`memory.max`).
+    pub memory: Option<u64>,
+    /// CPU limit in thousandths of a core (`cpu.max`).
+    pub cpu_millis: Option<u32>,
+    /// Process and thread limit (`pids.max`).
+    pub pids: Option<u32>,
+    /// Block I/O weight, 1 to 10000 (`io.weight`; default 100).
+    pub io_weight: Option<u16>,
+    /// How it fares against the others under contention.
+    pub class: Class,
+}
+
+/// What a container is to the machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    /// Protected: its memory is not reclaimed (`memory.low`), ten times
+    /// the CPU weight, and the OOM killer avoids it (`oom_score_adj`
+    /// -900).
+    Critical,
+    /// The default: cgroup defaults.
+    #[default]
+    Normal,
+    /// Uses what is idle: a tenth of the CPU weight, reclaimed first
+    /// (`memory.high` at 80% of its limit) and OOM-killed first
+    /// (`oom_score_adj` 1000).
+    Batch,
+}
+
+impl Resources {
+    /// The cgroup v2 files and values that carry these resources.
+    pub fn knobs(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(m) = self.memory {
+            out.push(("memory.max", m.to_string()));
+            if self.class == Class::Batch {
+                out.push(("memory.high", (m / 10 * 8).to_string()));
+            }
+        }
+        if self.class == Class::Critical {
+            let low = self.memory.map_or("max".to_string(), |m| m.to_string());
+            out.push(("memory.low", low));
+        }
+        if let Some(c) = self.cpu_millis {
+            out.push(("cpu.max", format!("{} 100000", u64::from(c) * 100)));
+        }
+        let weight = match self.class {
+            Class::Critical => 1000,
+            Class::Normal => 100,
+            Class::Batch => 10,
+        };
+        out.push(("cpu.weight", weight.to_string()));
+        if let Some(p) = self.pids {
+            out.push(("pids.max", p.to_string()));
+        }
+        if let Some(w) = self.io_weight {
+            out.push(("io.weight", format!("default {w}")));
+        }
+        out
+    }
+
+    /// The `oom_score_adj` its processes get.
+    pub fn oom_score_adj(&self) -> i32 {
+        match self.class {
+            Class::Critical => -900,
+            Class::Normal => 0,
+            Class::Batch => 1000,
+        }
+    }
 }
 
 /// A readiness probe, as a recipe writes it: `{ tcp = 5432 }`,
@@ -352,3 +430,47 @@ pub const DEFAULT_CAPABILITIES: [&str; 14] = [
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_as_cgroup_knobs() {
+        let r = Resources {
+            memory: Some(100 << 20),
+            cpu_millis: Some(500),
+            pids: Some(64),
+            io_weight: Some(200),
+            class: Class::Batch,
+        };
+        assert_eq!(
+            r.knobs(),
+            [
+                ("memory.max", "104857600".to_string()),
+                ("memory.high", "83886080".into()),
+                ("cpu.max", "50000 100000".into()),
+                ("cpu.weight", "10".into()),
+                ("pids.max", "64".into()),
+                ("io.weight", "default 200".into()),
+            ]
+        );
+        assert_eq!(r.oom_score_adj(), 1000);
+        let critical = Resources {
+            class: Class::Critical,
+            ..Default::default()
+        };
+        assert_eq!(
+            critical.knobs(),
+            [
+                ("memory.low", "max".to_string()),
+                ("cpu.weight", "1000".into())
+            ]
+        );
+        assert_eq!(critical.oom_score_adj(), -900);
+        assert_eq!(
+            Resources::default().knobs(),
+            [("cpu.weight", "100".to_string())]
+        );
+    }
+}

@@ -64,9 +64,16 @@ fn make_cgroup_dir(sys: &dyn Sys, name: &str) -> Result<String, ContainerError> 
     Ok(path)
 }
 
-/// Creates the container's cgroup and attaches the device filter.
-fn make_cgroup(name: &str) -> Result<String, ContainerError> {
-    let path = make_cgroup_dir(&RealSys, name)?;
+/// Creates the container's cgroup with its resources and attaches the
+/// device filter.
+fn make_cgroup(c: &Container) -> Result<String, ContainerError> {
+    let path = make_cgroup_dir(&RealSys, &c.name)?;
+    for (knob, value) in c.resources.knobs() {
+        let file = format!("{path}/{knob}");
+        RealSys
+            .write_file(&file, value.as_bytes())
+            .map_err(|source| ContainerError::Cgroup { path: file, source })?;
+    }
     let dir = std::fs::File::open(&path).map_err(|e| ContainerError::Cgroup {
         path: path.clone(),
         source: e,
@@ -84,7 +91,7 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
         return Err(ContainerError::NoArgs);
     }
     let plan = caps::plan(caps::mask(&c.capabilities)?, c.uid, caps::last_cap());
-    let cgroup = make_cgroup(&c.name)?;
+    let cgroup = make_cgroup(c)?;
     let root = format!("{CONTAINER_ROOTS_DIR}/{}", c.name);
     RealSys
         .mkdir_all(&root)
@@ -295,8 +302,18 @@ fn intermediate(
         report(rep, Failure::os(format!("join cgroup {cgroup}"), &e));
         exit(1);
     }
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    // Inherited through fork and exec by everything the container runs.
+    let adj = c.resources.oom_score_adj().to_string();
+    if let Err(e) = RealSys.write_file("/proc/self/oom_score_adj", adj.as_bytes()) {
+        report(rep, Failure::os("oom_score_adj", &e));
+        exit(1);
+    }
+    // Its own cgroup namespace: the container sees its cgroup as the root.
+    let mut flags = libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP;
     if c.net == Net::None {
         flags |= libc::CLONE_NEWNET;
     }
@@ -535,6 +552,17 @@ pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), Failur
         ),
     )?;
     mask(sys, &at("/sys/firmware"), &at("/dev/null"))?;
+    // Its own cgroup (the namespace's root), read-only, as Docker does.
+    step(
+        "mount /sys/fs/cgroup",
+        sys.mount(
+            Some("cgroup2"),
+            &at("/sys/fs/cgroup"),
+            Some("cgroup2"),
+            NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+            None,
+        ),
+    )?;
     for t in &c.tmpfs {
         let data = format!(
             "size={},mode={:o},uid={},gid={}",
@@ -780,6 +808,7 @@ mod tests {
             depends_on: vec![],
             ready: None,
             init: false,
+            resources: Default::default(),
         }
     }
 
@@ -849,6 +878,7 @@ mod tests {
             "mount - /run/kiln/roots/web/proc/sysrq-trigger - ro,nosuid,nodev,noexec,remount,bind -",
             "mount sysfs /run/kiln/roots/web/sys sysfs ro,nosuid,nodev,noexec -",
             "mount tmpfs /run/kiln/roots/web/sys/firmware tmpfs ro,nosuid,nodev,noexec size=0",
+            "mount cgroup2 /run/kiln/roots/web/sys/fs/cgroup cgroup2 ro,nosuid,nodev,noexec -",
         ] {
             assert!(
                 log.iter().any(|l| l == want),

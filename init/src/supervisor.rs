@@ -1147,6 +1147,7 @@ mod tests {
             depends_on: vec![],
             ready: None,
             init: false,
+            resources: Default::default(),
         }
     }
 
