@@ -824,3 +824,57 @@ fn resources_hold() {
         "{console}"
     );
 }
+
+/// Hardening by default, as Docker's: the seccomp filter is on and refuses
+/// user namespaces and the kernel keyring (and the same calls pass with
+/// `seccomp = "unconfined"`, so the filter is what refuses them),
+/// /proc/kcore is masked, and capabilities follow `add` and `drop`.
+#[test]
+fn hardening_defaults() {
+    let dir = k::scratch("hardening");
+    let recipe = dir.join("hardening.toml");
+    let image = "image = { debian = [\"busybox-static\", \"keyutils\"], scripts = false }";
+    let probe = "busybox grep Seccomp: /proc/self/status; busybox unshare -U true 2>&1 || echo unshare-refused; keyctl add user k v @s 2>&1 || echo add_key-refused; echo kcore $(busybox wc -c < /proc/kcore); busybox grep CapEff /proc/self/status";
+    let service = |name: &str, extra: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\n{image}\n{extra}command = [\"/bin/busybox\", \"sh\", \"-c\", \"{probe}\"]\n"
+        )
+    };
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"hardening\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n{}{}{}[host]\nwhen_done = \"poweroff\"\n[disk]\nsize = \"256M\"\n",
+            service("confined", ""),
+            service("unconfined", "seccomp = \"unconfined\"\n"),
+            service("caps", "capabilities = { add = [\"NET_ADMIN\"], drop = [\"CHOWN\"] }\n"),
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let r = k::boot(&kiln(), &out.join("hardening.raw"), 300);
+    let console = r.stdout.replace('\r', "");
+    assert_eq!(r.code, Some(0), "{console}\n{}", r.stderr);
+    let lines = |name: &str| k::container_lines(&console, name).join("\n");
+    let confined = lines("confined");
+    for want in [
+        "Seccomp:\t2",
+        "Operation not permitted\nunshare-refused",
+        "add_key: Operation not permitted\nadd_key-refused",
+        "kcore 0",
+        "CapEff:\t00000000a80425fb",
+    ] {
+        assert!(confined.contains(want), "{want:?} not in:\n{confined}");
+    }
+    let unconfined = lines("unconfined");
+    assert!(unconfined.contains("Seccomp:\t0"), "{unconfined}");
+    assert!(
+        !unconfined.contains("refused") && unconfined.lines().any(|l| l.parse::<u64>().is_ok()),
+        "the calls failed without the filter:\n{unconfined}"
+    );
+    assert!(
+        lines("caps").contains("CapEff:\t00000000a80435fa"),
+        "{}",
+        lines("caps")
+    );
+}

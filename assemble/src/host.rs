@@ -11,7 +11,7 @@ use kiln_formats::tree::{Meta, Node, Tree, TreeError};
 pub use kiln_init::config::DEFAULT_PATH;
 use kiln_init::config::{
     self as initcfg, Bind, Container, FileEntry, HostConfig, CONTAINER_MOUNTPOINTS,
-    DEFAULT_CAPABILITIES, HOST_MOUNTPOINTS, RUNTIME_PREFIXES,
+    HOST_MOUNTPOINTS, RUNTIME_PREFIXES,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -527,7 +527,7 @@ fn container_config(
         net: spec.net,
         binds,
         tmpfs,
-        capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+        capabilities: spec.capabilities.clone(),
         restart: spec.restart,
         max_restarts: spec.max_restarts,
         essential: spec.essential,
@@ -537,6 +537,7 @@ fn container_config(
         ready: spec.ready.clone(),
         init: spec.init,
         resources: spec.resources.clone(),
+        seccomp: spec.seccomp,
     })
 }
 

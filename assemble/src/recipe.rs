@@ -234,6 +234,10 @@ pub struct ContainerSpec {
     pub init: bool,
     /// Limits and priority.
     pub resources: Resources,
+    /// Capabilities it keeps (`CAP_` names, kernel order).
+    pub capabilities: Vec<String>,
+    /// Docker's default seccomp filter; `false`: unconfined.
+    pub seccomp: bool,
 }
 
 /// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
@@ -677,6 +681,17 @@ mod raw {
         pub pids: Option<Spanned<i64>>,
         pub io_weight: Option<Spanned<i64>>,
         pub class: Option<Spanned<Class>>,
+        pub capabilities: Option<Capabilities>,
+        pub seccomp: Option<Spanned<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Capabilities {
+        #[serde(default)]
+        pub add: Vec<Spanned<String>>,
+        #[serde(default)]
+        pub drop: Vec<Spanned<String>>,
     }
 
     #[derive(Debug)]
@@ -773,6 +788,57 @@ fn is_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
+}
+
+/// Docker's default capabilities with the recipe's `drop` then `add`
+/// applied (`"ALL"` in either means every capability), as `CAP_` names in
+/// kernel order.
+fn capability_set(
+    l: &Locator<'_>,
+    c: Option<&raw::Capabilities>,
+) -> Result<Vec<String>, Box<RecipeError>> {
+    use kiln_init::config::{CAPABILITIES, DEFAULT_CAPABILITIES};
+    let bare = |s: &str| {
+        let up = s.to_ascii_uppercase();
+        up.strip_prefix("CAP_").unwrap_or(&up).to_string()
+    };
+    let mut keep: BTreeSet<String> = DEFAULT_CAPABILITIES.iter().map(|c| bare(c)).collect();
+    let Some(c) = c else {
+        return Ok(CAPABILITIES
+            .iter()
+            .filter(|n| keep.contains(**n))
+            .map(|n| format!("CAP_{n}"))
+            .collect());
+    };
+    let check = |s: &Spanned<String>| -> Result<String, Box<RecipeError>> {
+        let name = bare(s.get_ref());
+        if name == "ALL" || CAPABILITIES.contains(&name.as_str()) {
+            Ok(name)
+        } else {
+            Err(l.at(s, format!("unknown capability {:?}", s.get_ref())))
+        }
+    };
+    for d in &c.drop {
+        match check(d)?.as_str() {
+            "ALL" => keep.clear(),
+            n => {
+                keep.remove(n);
+            }
+        }
+    }
+    for a in &c.add {
+        match check(a)?.as_str() {
+            "ALL" => keep.extend(CAPABILITIES.iter().map(|n| n.to_string())),
+            n => {
+                keep.insert(n.to_string());
+            }
+        }
+    }
+    Ok(CAPABILITIES
+        .iter()
+        .filter(|n| keep.contains(**n))
+        .map(|n| format!("CAP_{n}"))
+        .collect())
 }
 
 /// Every `depends_on` names another service, and no service waits for
@@ -1269,8 +1335,19 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             },
             class: c.class.as_ref().map(|c| *c.get_ref()).unwrap_or_default(),
         };
+        let capabilities = capability_set(l, c.capabilities.as_ref())?;
+        let seccomp = match &c.seccomp {
+            None => true,
+            Some(s) => match s.get_ref().as_str() {
+                "default" => true,
+                "unconfined" => false,
+                _ => return Err(l.at(s, "expected \"default\" or \"unconfined\"")),
+            },
+        };
         containers.push(ContainerSpec {
             kind,
+            capabilities,
+            seccomp,
             resources,
             depends_on: depends_on.iter().map(|d| d.get_ref().clone()).collect(),
             ready,

@@ -198,6 +198,8 @@ pub struct Container {
     pub init: bool,
     /// Limits and priority, applied to its cgroup before it starts.
     pub resources: Resources,
+    /// Docker's default seccomp filter; `false`: unconfined.
+    pub seccomp: bool,
 }
 
 /// A container's resources as intent; see [`Resources::knobs`] for the
@@ -411,6 +413,51 @@ pub struct Tmpfs {
     /// Owner group id of its root.
     pub gid: u32,
 }
+
+/// Capability names in kernel number order (`CAP_CHOWN` = 0).
+pub const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
 
 /// Docker's default capability set, what a container gets unless the
 /// recipe asks for more.

@@ -5,6 +5,7 @@
 use crate::bpf;
 use crate::caps::{self, CapPlan};
 use crate::msg::{ChildMsg, DecodeError, Failure};
+use crate::seccomp;
 use crate::sys::{self, check, cstr, Kind, RealSys, Sys};
 use kiln_init::config::{Container, Net};
 use std::ffi::CString;
@@ -238,6 +239,9 @@ fn enter_and_exec(
     let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     step("no_new_privs", check(r))?;
     step("chdir", std::env::set_current_dir(&exec.cwd))?;
+    if c.seccomp {
+        step("seccomp filter", crate::seccomp::install(&exec.seccomp))?;
+    }
     let prog = resolve(&c.args[0], &c.env, &is_executable)
         .ok_or_else(|| Failure::other(format!("{}: not found in PATH", c.args[0])))?;
     let prog = step("program path", cstr(&prog))?;
@@ -345,6 +349,8 @@ pub struct ExecPlan {
     argv: Vec<CString>,
     envp: Vec<CString>,
     cwd: String,
+    /// The seccomp program, built before fork.
+    seccomp: Vec<libc::sock_filter>,
 }
 
 impl ExecPlan {
@@ -362,6 +368,7 @@ impl ExecPlan {
             } else {
                 c.cwd.clone()
             },
+            seccomp: crate::seccomp::program(caps::mask(&c.capabilities)?),
         })
     }
 }
@@ -447,6 +454,10 @@ fn setup(
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
+    if c.seccomp {
+        // Last, after every setup call the filter would refuse.
+        step("seccomp filter", seccomp::install(&exec.seccomp))?;
+    }
     if c.init {
         reaper(rep)?;
     }
@@ -809,6 +820,7 @@ mod tests {
             ready: None,
             init: false,
             resources: Default::default(),
+            seccomp: true,
         }
     }
 

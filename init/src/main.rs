@@ -14,6 +14,7 @@ mod container;
 mod glob;
 mod modules;
 mod msg;
+mod seccomp;
 mod supervisor;
 mod sys;
 

@@ -1148,6 +1148,7 @@ mod tests {
             ready: None,
             init: false,
             resources: Default::default(),
+            seccomp: true,
         }
     }
 
