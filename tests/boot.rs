@@ -847,6 +847,9 @@ fn hardening_defaults() {
             service("confined", ""),
             service("unconfined", "seccomp = \"unconfined\"\n"),
             service("caps", "capabilities = { add = [\"NET_ADMIN\"], drop = [\"CHOWN\"] }\n"),
+        ) + &format!(
+            "[[service]]\nname = \"tuned\"\n{image}\nnet = \"none\"\nsysctl = {{ \"net.core.somaxconn\" = \"1024\", \"kernel.shmmni\" = 2048 }}\nrlimits = {{ nofile = 1000, core = \"0:unlimited\" }}\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"busybox cat /proc/sys/net/core/somaxconn /proc/sys/kernel/shmmni; echo nofile $(ulimit -n) core $(ulimit -c) $(ulimit -H -c)\"]\n"
         ),
     )
     .unwrap();
@@ -876,5 +879,11 @@ fn hardening_defaults() {
         lines("caps").contains("CapEff:\t00000000a80435fa"),
         "{}",
         lines("caps")
+    );
+    // Namespaced sysctls and limits, seen from inside.
+    assert_eq!(
+        lines("tuned"),
+        "1024\n2048\nnofile 1000 core 0 unlimited",
+        "{console}"
     );
 }

@@ -538,6 +538,8 @@ fn container_config(
         init: spec.init,
         resources: spec.resources.clone(),
         seccomp: spec.seccomp,
+        sysctl: spec.sysctl.clone(),
+        rlimits: spec.rlimits.clone(),
     })
 }
 

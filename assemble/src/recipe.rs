@@ -238,6 +238,10 @@ pub struct ContainerSpec {
     pub capabilities: Vec<String>,
     /// Docker's default seccomp filter; `false`: unconfined.
     pub seccomp: bool,
+    /// Namespaced kernel settings.
+    pub sysctl: BTreeMap<String, String>,
+    /// Resource limits as (soft, hard).
+    pub rlimits: BTreeMap<String, (u64, u64)>,
 }
 
 /// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
@@ -683,6 +687,8 @@ mod raw {
         pub class: Option<Spanned<Class>>,
         pub capabilities: Option<Capabilities>,
         pub seccomp: Option<Spanned<String>>,
+        pub sysctl: Option<BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
+        pub rlimits: Option<BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -788,6 +794,26 @@ fn is_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
+}
+
+/// A limit as a recipe writes it: `4096`, `"unlimited"`, `"1024:4096"`.
+fn parse_rlimit(v: &toml::Value) -> Option<(u64, u64)> {
+    let one = |s: &str| match s {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    };
+    let (soft, hard) = match v {
+        toml::Value::Integer(i) => {
+            let n = u64::try_from(*i).ok()?;
+            (n, n)
+        }
+        toml::Value::String(s) => match s.split_once(':') {
+            Some((a, b)) => (one(a)?, one(b)?),
+            None => (one(s)?, one(s)?),
+        },
+        _ => return None,
+    };
+    (soft <= hard).then_some((soft, hard))
 }
 
 /// Docker's default capabilities with the recipe's `drop` then `add`
@@ -1344,8 +1370,50 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                 _ => return Err(l.at(s, "expected \"default\" or \"unconfined\"")),
             },
         };
+        let mut sysctl = BTreeMap::new();
+        for (k, v) in c.sysctl.iter().flatten() {
+            let key = k.get_ref();
+            if !kiln_init::config::namespaced_sysctl(key) {
+                return Err(l.at(k, format!("{key} is not namespaced: only net.*, fs.mqueue.* and the IPC kernel.* settings can be set for one container")));
+            }
+            if key.starts_with("net.") && net == Net::Host {
+                return Err(l.at(
+                    k,
+                    format!("{key} would change the host's network: set net = \"none\""),
+                ));
+            }
+            let value = match v.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                _ => return Err(l.at(v, "expected a string or an integer")),
+            };
+            sysctl.insert(key.clone(), value);
+        }
+        let mut rlimits = BTreeMap::new();
+        for (k, v) in c.rlimits.iter().flatten() {
+            let key = k.get_ref().to_ascii_lowercase();
+            if !kiln_init::config::RLIMITS.contains(&key.as_str()) {
+                return Err(l.at(
+                    k,
+                    format!(
+                        "unknown limit {:?} (expected one of {})",
+                        k.get_ref(),
+                        kiln_init::config::RLIMITS.join(", ")
+                    ),
+                ));
+            }
+            let limit = parse_rlimit(v.get_ref()).ok_or_else(|| {
+                l.at(
+                    v,
+                    "expected a number, \"unlimited\" or \"SOFT:HARD\" with soft no more than hard",
+                )
+            })?;
+            rlimits.insert(key, limit);
+        }
         containers.push(ContainerSpec {
             kind,
+            sysctl,
+            rlimits,
             capabilities,
             seccomp,
             resources,
@@ -1917,6 +1985,12 @@ size = "512M"
             ok("cpu = 2\n").containers[0].resources.cpu_millis,
             Some(2000)
         );
+        let c = &ok("net = \"none\"\nsysctl = { \"net.core.somaxconn\" = 512, \"kernel.sem\" = \"1 2 3 4\" }\nrlimits = { NOFILE = 64, core = \"unlimited\", stack = \"1:2\" }\n").containers[0];
+        assert_eq!(c.sysctl["net.core.somaxconn"], "512");
+        assert_eq!(c.sysctl["kernel.sem"], "1 2 3 4");
+        assert_eq!(c.rlimits["nofile"], (64, 64));
+        assert_eq!(c.rlimits["core"], (u64::MAX, u64::MAX));
+        assert_eq!(c.rlimits["stack"], (1, 2));
         for bad in ["", "s", "1.5s", "-1s", "10 s", "3d"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
@@ -1951,6 +2025,26 @@ size = "512M"
             ("pids = 0\n", "service[0].pids", "1 or more"),
             ("io_weight = 20000\n", "service[0].io_weight", "1 to 10000"),
             ("class = \"low\"\n", "service[0].class", "unknown variant"),
+            (
+                "sysctl = { \"vm.swappiness\" = \"1\" }\n",
+                "service[0].sysctl.vm.swappiness",
+                "not namespaced",
+            ),
+            (
+                "sysctl = { \"net.core.somaxconn\" = \"1\" }\n",
+                "service[0].sysctl.net.core.somaxconn",
+                "net = \"none\"",
+            ),
+            (
+                "rlimits = { files = 1 }\n",
+                "service[0].rlimits.files",
+                "unknown limit",
+            ),
+            (
+                "rlimits = { nofile = \"9:1\" }\n",
+                "service[0].rlimits.nofile",
+                "SOFT:HARD",
+            ),
         ] {
             let e = err(&format!("{base}{extra}"));
             assert_eq!(e.loc.field, field, "{e}");

@@ -200,6 +200,48 @@ pub struct Container {
     pub resources: Resources,
     /// Docker's default seccomp filter; `false`: unconfined.
     pub seccomp: bool,
+    /// Namespaced kernel settings (`net.core.somaxconn` → `1024`), written
+    /// in its namespaces before it starts.
+    pub sysctl: BTreeMap<String, String>,
+    /// Resource limits by name (`nofile`), as (soft, hard); `u64::MAX` is
+    /// unlimited.
+    pub rlimits: BTreeMap<String, (u64, u64)>,
+}
+
+/// Resource limit names a recipe may set (`RLIMIT_` + upper case).
+pub const RLIMITS: [&str; 16] = [
+    "as",
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+];
+
+/// Whether a sysctl is namespaced (Docker's list): only these may be set
+/// for a container, `net.*` only with its own network namespace.
+pub fn namespaced_sysctl(key: &str) -> bool {
+    const IPC: [&str; 8] = [
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    IPC.contains(&key) || key.starts_with("fs.mqueue.") || key.starts_with("net.")
 }
 
 /// A container's resources as intent; see [`Resources::knobs`] for the

@@ -373,6 +373,35 @@ impl ExecPlan {
     }
 }
 
+/// setrlimit's resource type, which differs between C libraries.
+#[cfg(target_env = "musl")]
+type Resource = libc::c_int;
+#[cfg(not(target_env = "musl"))]
+type Resource = libc::__rlimit_resource_t;
+
+/// The `RLIMIT_` constant of a recipe's limit name.
+fn rlimit_resource(name: &str) -> Option<Resource> {
+    Some(match name {
+        "as" => libc::RLIMIT_AS,
+        "core" => libc::RLIMIT_CORE,
+        "cpu" => libc::RLIMIT_CPU,
+        "data" => libc::RLIMIT_DATA,
+        "fsize" => libc::RLIMIT_FSIZE,
+        "locks" => libc::RLIMIT_LOCKS,
+        "memlock" => libc::RLIMIT_MEMLOCK,
+        "msgqueue" => libc::RLIMIT_MSGQUEUE,
+        "nice" => libc::RLIMIT_NICE,
+        "nofile" => libc::RLIMIT_NOFILE,
+        "nproc" => libc::RLIMIT_NPROC,
+        "rss" => libc::RLIMIT_RSS,
+        "rtprio" => libc::RLIMIT_RTPRIO,
+        "rttime" => libc::RLIMIT_RTTIME,
+        "sigpending" => libc::RLIMIT_SIGPENDING,
+        "stack" => libc::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
 /// Resolves `prog` against the PATH in `env`, with `is_exec` telling
 /// whether a candidate is an executable file.
 pub fn resolve(prog: &str, env: &[String], is_exec: &dyn Fn(&str) -> bool) -> Option<String> {
@@ -426,7 +455,27 @@ fn setup(
     if c.net == Net::None {
         step("bring up lo", RealSys.loopback_up())?;
     }
+    // Through the host's /proc while it is still mounted: net.* and IPC
+    // settings are those of the writer's namespaces, this container's.
+    for (key, value) in &c.sysctl {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        step(
+            &format!("sysctl {key}"),
+            RealSys.write_file(&path, value.as_bytes()),
+        )?;
+    }
     setup_root(&RealSys, c, root)?;
+    for (name, (soft, hard)) in &c.rlimits {
+        let resource =
+            rlimit_resource(name).ok_or_else(|| Failure::other(format!("unknown limit {name}")))?;
+        let lim = libc::rlimit {
+            rlim_cur: *soft,
+            rlim_max: *hard,
+        };
+        // SAFETY: a valid rlimit for the call.
+        let r = unsafe { libc::setrlimit(resource, &lim) };
+        step(&format!("rlimit {name}"), check(r))?;
+    }
 
     // Credentials: bounding set first (needs CAP_SETPCAP), then ids, then
     // the sets, which setuid to non-root has already emptied.
@@ -821,6 +870,8 @@ mod tests {
             init: false,
             resources: Default::default(),
             seccomp: true,
+            sysctl: Default::default(),
+            rlimits: Default::default(),
         }
     }
 

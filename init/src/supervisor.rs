@@ -1149,6 +1149,8 @@ mod tests {
             init: false,
             resources: Default::default(),
             seccomp: true,
+            sysctl: Default::default(),
+            rlimits: Default::default(),
         }
     }
 
