@@ -572,7 +572,12 @@ fn graceful_shutdown_on_sigterm() {
             service("a", "trap 'echo got TERM; exit 0' TERM", ""),
             service("b", "trap 'echo got USR1; exit 0' USR1", "stop_signal = \"SIGUSR1\"\n"),
             service("stubborn", "trap '' TERM", "stop_timeout = \"1s\"\n"),
-        ) + &service("fwd", "trap 'echo forwarded; exit 0' TERM", "init = true\n"),
+        ) + &service("fwd", "trap 'echo forwarded; exit 0' TERM", "init = true\n")
+            // A system container: busybox's init reads the inittab below
+            // (no /bin/sh in this image: commands without shell syntax),
+            // and powers its namespace off on SIGUSR2.
+            + &format!("[[service]]\nname = \"sys\"\n{bb}\ninit = \"image\"\ncommand = [\"/bin/busybox\", \"init\"]\n")
+            + "[[file]]\ncontainer = \"sys\"\npath = \"/etc/inittab\"\ncontents = \"::sysinit:/bin/busybox echo system booted\\n::once:/bin/busybox echo up\\n::respawn:/bin/busybox sleep 1000\\n::shutdown:/bin/busybox echo system stopping\\n\"\n",
     )
     .unwrap();
     let out = dir.join("out");
@@ -597,11 +602,11 @@ fn graceful_shutdown_on_sigterm() {
         }
         console.push_str(&line);
         console.push('\n');
-        if up == 4 {
+        if up == 5 {
             break;
         }
     }
-    assert_eq!(up, 4, "{console}");
+    assert_eq!(up, 5, "{console}");
     let sent = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
@@ -622,7 +627,11 @@ fn graceful_shutdown_on_sigterm() {
             .unwrap_or_else(|| panic!("{needle:?} not in:\n{console}"))
     };
     let order = [
+        at("sys| system booted"),
         at("power button: shutting down"),
+        at("sys: stopping with SIGUSR2"),
+        at("sys| system stopping"),
+        at("sys: killed by signal 2"),
         // Through the reaper: its PID 1 forwards the signal to the shell.
         at("fwd| forwarded"),
         at("stubborn: stopping with SIGTERM"),

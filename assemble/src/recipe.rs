@@ -679,7 +679,7 @@ mod raw {
         pub stop_timeout: Option<Spanned<String>>,
         pub depends_on: Option<Vec<Spanned<String>>>,
         pub ready: Option<Spanned<Probe>>,
-        pub init: Option<bool>,
+        pub init: Option<Spanned<toml::Value>>,
         pub memory: Option<Spanned<String>>,
         pub cpu: Option<Spanned<f64>>,
         pub pids: Option<Spanned<i64>>,
@@ -1265,7 +1265,17 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             Some(m) => u32::try_from(*m.get_ref())
                 .map_err(|_| l.at(m, "expected a number of restarts, 0 or more"))?,
         };
+        // `init = true`: kiln's reaper as PID 1; `"image"`: the image's own
+        // init (a system container), which may power its namespace off.
+        let (reaper, system) = match c.init.as_ref().map(|i| (i, i.get_ref())) {
+            None => (false, false),
+            Some((_, toml::Value::Boolean(b))) => (*b, false),
+            Some((_, toml::Value::String(s))) if s == "image" => (false, true),
+            Some((i, _)) => return Err(l.at(i, "expected true, false or \"image\"")),
+        };
         let stop_signal = match &c.stop_signal {
+            // busybox's init (and finit) power off on SIGUSR2.
+            None if system => "SIGUSR2".to_string(),
             None => "SIGTERM".to_string(),
             Some(sig) => {
                 let name = sig.get_ref().to_ascii_uppercase();
@@ -1361,7 +1371,16 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             },
             class: c.class.as_ref().map(|c| *c.get_ref()).unwrap_or_default(),
         };
-        let capabilities = capability_set(l, c.capabilities.as_ref())?;
+        let mut capabilities = capability_set(l, c.capabilities.as_ref())?;
+        if system && !capabilities.iter().any(|c| c == "CAP_SYS_BOOT") {
+            // In its own PID namespace reboot(2) only ends that namespace.
+            capabilities.push("CAP_SYS_BOOT".into());
+            capabilities.sort_by_key(|c| {
+                kiln_init::config::CAPABILITIES
+                    .iter()
+                    .position(|n| c.strip_prefix("CAP_") == Some(n))
+            });
+        }
         let seccomp = match &c.seccomp {
             None => true,
             Some(s) => match s.get_ref().as_str() {
@@ -1419,7 +1438,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             resources,
             depends_on: depends_on.iter().map(|d| d.get_ref().clone()).collect(),
             ready,
-            init: c.init.unwrap_or(false),
+            init: reaper,
             stop_signal,
             stop_timeout_ms,
             restart,
@@ -1430,7 +1449,14 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                 value: image,
                 loc: l.loc(image_span),
             },
-            command: c.command.map(|c| l.located(c)),
+            command: match c.command {
+                Some(c) => Some(l.located(c)),
+                None if system => Some(At {
+                    value: vec!["/sbin/init".to_string()],
+                    loc: l.loc(c.init.as_ref().map_or(0..0, |i| i.span())),
+                }),
+                None => None,
+            },
             env: c.env.map(Spanned::into_inner).unwrap_or_default(),
             cwd: c.cwd.map(|c| l.located(c)),
             user: c.user.map(|u| l.located(u)),
@@ -1991,6 +2017,14 @@ size = "512M"
         assert_eq!(c.rlimits["nofile"], (64, 64));
         assert_eq!(c.rlimits["core"], (u64::MAX, u64::MAX));
         assert_eq!(c.rlimits["stack"], (1, 2));
+        let c = &ok("init = \"image\"\n").containers[0];
+        assert_eq!(
+            c.command.as_ref().map(|c| &c.value[..]),
+            Some(&["/sbin/init".to_string()][..])
+        );
+        assert_eq!((c.init, c.stop_signal.as_str()), (false, "SIGUSR2"));
+        assert!(c.capabilities.contains(&"CAP_SYS_BOOT".to_string()));
+        assert!(ok("init = true\n").containers[0].init);
         for bad in ["", "s", "1.5s", "-1s", "10 s", "3d"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
@@ -2025,6 +2059,7 @@ size = "512M"
             ("pids = 0\n", "service[0].pids", "1 or more"),
             ("io_weight = 20000\n", "service[0].io_weight", "1 to 10000"),
             ("class = \"low\"\n", "service[0].class", "unknown variant"),
+            ("init = \"yes\"\n", "service[0].init", "\"image\""),
             (
                 "sysctl = { \"vm.swappiness\" = \"1\" }\n",
                 "service[0].sysctl.vm.swappiness",
