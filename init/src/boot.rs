@@ -148,6 +148,11 @@ fn read_gpt(sys: &dyn Sys, disk: &str) -> Result<gpt::Table, GptError> {
 }
 
 /// Looks once through every disk's GPT for the partition with `guid`.
+/// Whether the partition with unique GUID `guid` is there now.
+pub fn root_present(sys: &dyn Sys, guid: &str) -> bool {
+    Guid::parse(guid).is_ok_and(|g| find_partition(sys, g).is_some())
+}
+
 pub fn find_partition(sys: &dyn Sys, guid: Guid) -> Option<String> {
     for disk in whole_disks(sys) {
         let Ok(table) = read_gpt(sys, &disk) else {

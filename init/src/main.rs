@@ -22,6 +22,7 @@ use console::log;
 use kiln_init::config::{
     BootConfig, HostConfig, RunResult, WhenDone, BOOT_CONFIG_PATH, HOST_CONFIG_PATH, RESULT_PREFIX,
 };
+use std::os::fd::AsRawFd;
 use supervisor::UnitKind;
 use sys::{RealSys, Sys};
 
@@ -55,23 +56,70 @@ fn read_json<T: serde::de::DeserializeOwned>(sys: &dyn Sys, path: &str) -> Resul
     serde_json::from_slice(&data).map_err(|e| format!("parse {path}: {e}"))
 }
 
-/// The initramfs stage: modules, root discovery, switch_root.
-fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<(), String> {
-    let report = modules::load_all(sys, &boot.modules);
-    log(&format!(
-        "modules loaded ({}): {}",
-        report.loaded.len(),
-        report.loaded.join(" ")
-    ));
+/// Modules left for after the root is mounted, and the initramfs that
+/// holds them (no longer `/` by then).
+struct Deferred {
+    loader: modules::Loader,
+    index: kiln_init::config::ModuleIndex,
+    initramfs: std::os::fd::OwnedFd,
+}
+
+fn log_report(what: &str, report: &modules::LoadReport, from: usize) {
+    let loaded = &report.loaded[from.min(report.loaded.len())..];
+    log(&format!("{what} ({}): {}", loaded.len(), loaded.join(" ")));
     for (name, err) in &report.failed {
         log(&format!("module {name} failed: {err}"));
     }
+}
+
+/// The initramfs stage: the modules the root needs (the rest wait),
+/// root discovery, switch_root.
+fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Option<Deferred>, String> {
+    let mut loader = modules::Loader::default();
+    let root_there = || boot::root_present(sys, &boot.root_partuuid);
+    let early = loader.load(sys, &boot.modules, "", &root_there);
+    log_report("modules for the root", &loader.report, 0);
     let dev = boot::wait_for_partition(sys, &boot.root_partuuid, ROOT_WAIT_MS)
         .map_err(|e| console::chain(&e))?;
     boot::mount_fs(sys, &dev, SYSROOT, &boot.root_fstype, libc::MS_RDONLY, None)
         .map_err(|e| console::chain(&e))?;
     log(&format!("root {dev} ({}) mounted", boot.root_fstype));
-    boot::switch_root(sys, SYSROOT).map_err(|e| console::chain(&e))
+    // The rest of the modules stay reachable through this descriptor.
+    let initramfs = std::fs::File::open("/")
+        .ok()
+        .map(std::os::fd::OwnedFd::from);
+    boot::switch_root(sys, SYSROOT).map_err(|e| console::chain(&e))?;
+    Ok(match (early, initramfs) {
+        (true, Some(initramfs)) => Some(Deferred {
+            loader,
+            index: boot.modules.clone(),
+            initramfs,
+        }),
+        _ => None,
+    })
+}
+
+/// Loads the deferred modules in a child process, alongside the services.
+fn load_later(d: Deferred) {
+    // SAFETY: the init is single-threaded, so the child may run Rust code.
+    match unsafe { libc::fork() } {
+        0 => {
+            let Deferred {
+                mut loader,
+                index,
+                initramfs,
+            } = d;
+            let before = loader.report.loaded.len();
+            loader.report.failed.clear();
+            let prefix = format!("/proc/self/fd/{}", initramfs.as_raw_fd());
+            loader.load(&RealSys, &index, &prefix, &|| false);
+            log_report("modules loaded later", &loader.report, before);
+            // SAFETY: leaving the child without the parent's cleanup.
+            unsafe { libc::_exit(0) }
+        }
+        pid if pid < 0 => log("cannot fork to load the remaining modules"),
+        _ => {}
+    }
 }
 
 fn run() -> Result<std::convert::Infallible, String> {
@@ -86,9 +134,10 @@ fn run() -> Result<std::convert::Infallible, String> {
     for e in pseudo_errs {
         log(&format!("warning: {}", console::chain(&e)));
     }
+    let mut deferred = None;
     if sys.exists(BOOT_CONFIG_PATH) {
         let boot: BootConfig = read_json(&sys, BOOT_CONFIG_PATH)?;
-        initramfs_stage(&sys, &boot)?;
+        deferred = initramfs_stage(&sys, &boot)?;
     } else {
         log("no boot config: assuming the real root is already mounted");
     }
@@ -116,6 +165,9 @@ fn run() -> Result<std::convert::Infallible, String> {
     // Ctrl-Alt-Del becomes SIGINT to this process: a clean shutdown.
     // SAFETY: reboot(2) with a command constant only.
     unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
+    if let Some(d) = deferred {
+        load_later(d);
+    }
     let healthy_after = std::time::Duration::from_millis(cfg.healthy_after_ms);
     let mut sup = supervisor::Supervisor::new("/var/log", healthy_after);
     let units = cfg

@@ -81,38 +81,81 @@ pub fn read_modaliases(sys: &dyn Sys) -> BTreeSet<String> {
     out
 }
 
-/// Loads `always` modules, then modules matching present devices, pass
-/// after pass until a pass loads nothing new (a loaded bus driver can make
-/// new devices appear). Each module is tried at most once.
-pub fn load_all(sys: &dyn Sys, index: &ModuleIndex) -> LoadReport {
-    let mut report = LoadReport::default();
-    let mut tried: BTreeSet<String> = BTreeSet::new();
-    let mut wanted: Vec<String> = index.always.iter().map(|n| normalize(n)).collect();
-    // Bounded: each pass must try a new module or the loop ends.
-    for _ in 0..=index.modules.len() + 1 {
-        wanted.extend(matching(index, &read_modaliases(sys)));
-        let mut progressed = false;
-        for name in std::mem::take(&mut wanted) {
-            for m in closure(index, &name) {
-                if !tried.insert(m.clone()) {
+/// Where a module comes in the order of loading: bus drivers and the
+/// power button first, then disk drivers (the slow, often idle AHCI
+/// last), then everything else.
+fn priority(name: &str) -> u8 {
+    match name {
+        "virtio_pci" | "virtio_pci_legacy_dev" | "virtio_pci_modern_dev" | "hv_vmbus" => 0,
+        "button" | "evdev" => 0,
+        "virtio_blk" | "virtio_scsi" | "nvme" | "xen_blkfront" | "hv_storvsc" | "sd_mod" => 1,
+        "ahci" | "libahci" => 2,
+        _ => 3,
+    }
+}
+
+/// Loads modules as devices ask for them, remembering what was tried so a
+/// later round (after the root is mounted) skips it.
+#[derive(Debug, Default)]
+pub struct Loader {
+    tried: BTreeSet<String>,
+    /// What this loader did so far.
+    pub report: LoadReport,
+}
+
+impl Loader {
+    /// Loads `always` modules, then modules matching present devices, the
+    /// first by [`priority`] each time, looking at the devices again after
+    /// each (a bus driver makes new devices appear), until none is left
+    /// or `enough` holds after a module: then it returns true, the rest
+    /// left for a later call. Paths are read below `prefix` (`""`, or a
+    /// directory fd's `/proc/self/fd/N` once the initramfs is not `/`).
+    pub fn load(
+        &mut self,
+        sys: &dyn Sys,
+        index: &ModuleIndex,
+        prefix: &str,
+        enough: &dyn Fn() -> bool,
+    ) -> bool {
+        let always: Vec<String> = index.always.iter().map(|n| normalize(n)).collect();
+        // Bounded: each round tries at least one new module.
+        for _ in 0..=index.modules.len() {
+            let mut wanted: Vec<String> = always
+                .iter()
+                .cloned()
+                .chain(matching(index, &read_modaliases(sys)))
+                .filter(|n| closure(index, n).iter().any(|m| !self.tried.contains(m)))
+                .collect();
+            // `always` first, then by priority, then by name (stable).
+            wanted.sort_by_key(|n| {
+                if always.contains(n) {
+                    0
+                } else {
+                    1 + priority(n)
+                }
+            });
+            let Some(name) = wanted.first() else {
+                return false;
+            };
+            for m in closure(index, name) {
+                if !self.tried.insert(m.clone()) {
                     continue;
                 }
-                progressed = true;
                 let Some(info) = index.modules.get(&m) else {
                     continue;
                 };
                 let compressed = info.path.ends_with(".xz") || info.path.ends_with(".zst");
-                match sys.finit_module(&info.path, compressed) {
-                    Ok(()) => report.loaded.push(m),
-                    Err(e) => report.failed.push((m, e.to_string())),
+                match sys.finit_module(&format!("{prefix}{}", info.path), compressed) {
+                    Ok(()) => self.report.loaded.push(m),
+                    Err(e) => self.report.failed.push((m, e.to_string())),
                 }
             }
+            if enough() {
+                return true;
+            }
         }
-        if !progressed {
-            break;
-        }
+        false
     }
-    report
 }
 
 #[cfg(test)]
@@ -120,6 +163,13 @@ mod tests {
     use super::*;
     use crate::sys::fake::FakeSys;
     use kiln_init::config::ModuleInfo;
+
+    /// Loads every module present devices ask for.
+    fn load_all(sys: &dyn Sys, index: &ModuleIndex) -> LoadReport {
+        let mut loader = Loader::default();
+        loader.load(sys, index, "", &|| false);
+        loader.report
+    }
 
     fn module(path: &str, depends: &[&str], aliases: &[&str]) -> ModuleInfo {
         ModuleInfo {
@@ -230,6 +280,65 @@ mod tests {
         assert!(loaded.contains(&("/m/virtio_blk.ko.xz".to_string(), true)));
         assert!(loaded.contains(&("/m/squashfs.ko.zst".to_string(), true)));
         assert!(loaded.contains(&("/m/virtio.ko".to_string(), false)));
+    }
+
+    /// Disk drivers before the idle AHCI controller's; once the root is
+    /// there the rest waits, and a later round from another prefix loads
+    /// only what was not tried.
+    #[test]
+    fn the_root_first_the_rest_later() {
+        let mut sys = FakeSys::default();
+        sys.add(
+            "/sys/bus/pci/devices/0000:00:1f.2/modalias",
+            b"pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01\n",
+        );
+        sys.add(
+            "/sys/bus/pci/devices/0000:00:04.0/modalias",
+            b"pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00\n",
+        );
+        sys.on_load = Some(Box::new(|path, s: &FakeSys| {
+            if path == "/m/virtio_pci.ko" {
+                s.add(
+                    "/sys/bus/virtio/devices/virtio0/modalias",
+                    b"virtio:d00000002v00001AF4\n",
+                );
+            }
+        }));
+        let mut idx = index();
+        idx.modules.insert(
+            "ahci".into(),
+            module("/m/ahci.ko", &[], &["pci:v*d*sv*sd*bc01sc06i01*"]),
+        );
+        let mut loader = Loader::default();
+        let root = || {
+            sys.loaded
+                .borrow()
+                .iter()
+                .any(|(p, _)| p.ends_with("virtio_blk.ko.xz"))
+        };
+        assert!(loader.load(&sys, &idx, "", &root));
+        assert_eq!(
+            loader.report.loaded.last().map(String::as_str),
+            Some("virtio_blk")
+        );
+        assert!(!loader.report.loaded.contains(&"ahci".to_string()));
+        assert!(!loader.load(&sys, &idx, "/proc/self/fd/3", &|| false));
+        assert_eq!(
+            loader.report.loaded.last().map(String::as_str),
+            Some("ahci")
+        );
+        let loaded = sys.loaded.borrow();
+        assert_eq!(
+            loaded.last().map(|l| l.0.as_str()),
+            Some("/proc/self/fd/3/m/ahci.ko")
+        );
+        assert_eq!(
+            loaded
+                .iter()
+                .filter(|l| l.0.ends_with("squashfs.ko.zst"))
+                .count(),
+            1
+        );
     }
 
     #[test]
