@@ -577,6 +577,8 @@ fn graceful_shutdown_on_sigterm() {
             // (no /bin/sh in this image: commands without shell syntax),
             // and powers its namespace off on SIGUSR2.
             + &format!("[[service]]\nname = \"sys\"\n{bb}\ninit = \"image\"\ncommand = [\"/bin/busybox\", \"init\"]\n")
+            // Restarted whatever its status, with growing delays.
+            + &format!("[[service]]\nname = \"again\"\n{bb}\nrestart = \"always\"\ncommand = [\"/bin/busybox\", \"echo\", \"again\"]\n")
             + "[[file]]\ncontainer = \"sys\"\npath = \"/etc/inittab\"\ncontents = \"::sysinit:/bin/busybox echo system booted\\n::once:/bin/busybox echo up\\n::respawn:/bin/busybox sleep 1000\\n::shutdown:/bin/busybox echo system stopping\\n\"\n",
     )
     .unwrap();
@@ -602,7 +604,7 @@ fn graceful_shutdown_on_sigterm() {
         }
         console.push_str(&line);
         console.push('\n');
-        if up == 5 {
+        if up == 5 && console.contains("again: exited with status 0; restart 3 in 400ms") {
             break;
         }
     }
@@ -626,6 +628,11 @@ fn graceful_shutdown_on_sigterm() {
             .find(needle)
             .unwrap_or_else(|| panic!("{needle:?} not in:\n{console}"))
     };
+    // `always` restarts a clean exit too, doubling the delay each time.
+    assert!(
+        at("again: exited with status 0; restart 1 in 100ms")
+            < at("again: exited with status 0; restart 2 in 200ms")
+    );
     let order = [
         at("sys| system booted"),
         at("power button: shutting down"),

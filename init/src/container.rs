@@ -226,32 +226,7 @@ fn enter_and_exec(
         // SAFETY: duplicating an fd we hold onto the standard ones.
         step("dup2", check(unsafe { libc::dup2(null.as_raw_fd(), to) }))?;
     }
-    step("drop bounding capabilities", caps::drop_bounding(plan))?;
-    // SAFETY: pointer and length describe the groups vector.
-    let r = unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) };
-    step("setgroups", check(r))?;
-    // SAFETY: integer arguments only.
-    step("setgid", check(unsafe { libc::setgid(c.gid) }))?;
-    // SAFETY: integer arguments only.
-    step("setuid", check(unsafe { libc::setuid(c.uid) }))?;
-    step("set capabilities", caps::set_sets(plan))?;
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    step("no_new_privs", check(r))?;
-    step("chdir", std::env::set_current_dir(&exec.cwd))?;
-    if c.seccomp {
-        step("seccomp filter", crate::seccomp::install(&exec.seccomp))?;
-    }
-    let prog = resolve(&c.args[0], &c.env, &is_executable)
-        .ok_or_else(|| Failure::other(format!("{}: not found in PATH", c.args[0])))?;
-    let prog = step("program path", cstr(&prog))?;
-    let mut argv: Vec<*const libc::c_char> = exec.argv.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
-    envp.push(std::ptr::null());
-    // SAFETY: NULL-terminated arrays of valid C strings kept alive by `exec`.
-    unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    Err(Failure::os("exec", &io::Error::last_os_error()))
+    become_and_exec(c, plan, exec, None)
 }
 
 /// The container's PID from what the setup processes reported: the first
@@ -477,8 +452,21 @@ fn setup(
         step(&format!("rlimit {name}"), check(r))?;
     }
 
-    // Credentials: bounding set first (needs CAP_SETPCAP), then ids, then
-    // the sets, which setuid to non-root has already emptied.
+    become_and_exec(c, plan, exec, c.init.then_some(rep))
+}
+
+/// The end of every start, a container's or a probe's: its credentials
+/// (bounding set first, which needs CAP_SETPCAP, then ids, then the sets,
+/// which setuid to non-root has already emptied), no_new_privs, its
+/// directory, the seccomp filter last (it would refuse the calls before),
+/// then exec, behind the reaper when given its report fd. Only returns
+/// on error.
+fn become_and_exec(
+    c: &Container,
+    plan: &CapPlan,
+    exec: &ExecPlan,
+    reaper_rep: Option<BorrowedFd<'_>>,
+) -> Result<std::convert::Infallible, Failure> {
     step("drop bounding capabilities", caps::drop_bounding(plan))?;
     // SAFETY: pointer and length describe the groups vector.
     let r = unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) };
@@ -495,7 +483,6 @@ fn setup(
         &format!("chdir {}", exec.cwd),
         std::env::set_current_dir(&exec.cwd),
     )?;
-
     let prog = resolve(&c.args[0], &c.env, &is_executable)
         .ok_or_else(|| Failure::other(format!("{}: not found in PATH", c.args[0])))?;
     let prog = step("program path", cstr(&prog))?;
@@ -504,10 +491,9 @@ fn setup(
     let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
     if c.seccomp {
-        // Last, after every setup call the filter would refuse.
         step("seccomp filter", seccomp::install(&exec.seccomp))?;
     }
-    if c.init {
+    if let Some(rep) = reaper_rep {
         reaper(rep)?;
     }
     // SAFETY: NULL-terminated arrays of valid C strings kept alive by `exec`.
@@ -815,7 +801,7 @@ fn pivot(sys: &dyn Sys, root: &str) -> Result<(), Failure> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sys::fake::{FakeSys, Op};
     use kiln_init::config::Bind;
@@ -835,7 +821,8 @@ mod tests {
         assert_eq!(resolve("sh", &[], &exists).as_deref(), Some("/bin/sh"));
     }
 
-    fn container() -> Container {
+    /// A container `web` running nginx with two binds, for tests.
+    pub(crate) fn container() -> Container {
         Container {
             name: "web".into(),
             rootfs: "/containers/web/rootfs".into(),

@@ -156,10 +156,11 @@ fn run() -> Result<std::convert::Infallible, String> {
         log(&format!("warning: {e}"));
     }
     log(&format!(
-        "host {} ready: {} onboot, {} services",
+        "host {} ready: {} onboot, {} services (init resident: {} KiB)",
         cfg.hostname,
         cfg.onboot.len(),
-        cfg.services.len()
+        cfg.services.len(),
+        sys::rss_kib().map_or("?".to_string(), |k| k.to_string())
     ));
 
     // Ctrl-Alt-Del becomes SIGINT to this process: a clean shutdown.

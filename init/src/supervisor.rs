@@ -1123,34 +1123,13 @@ fn unmount_all() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_init::config::Net;
 
     fn spec(name: &str) -> Container {
         Container {
             name: name.into(),
-            rootfs: format!("/containers/{name}/rootfs"),
             args: vec!["true".into()],
-            env: vec![],
-            cwd: String::new(),
-            uid: 0,
-            gid: 0,
-            groups: vec![],
-            net: Net::Host,
             binds: vec![],
-            tmpfs: vec![],
-            capabilities: vec![],
-            restart: Restart::Never,
-            max_restarts: 0,
-            essential: true,
-            stop_signal: "SIGTERM".into(),
-            stop_timeout_ms: 10_000,
-            depends_on: vec![],
-            ready: None,
-            init: false,
-            resources: Default::default(),
-            seccomp: true,
-            sysctl: Default::default(),
-            rlimits: Default::default(),
+            ..crate::container::tests::container()
         }
     }
 

@@ -346,6 +346,16 @@ pub fn boot_seconds() -> f64 {
     ms as f64 / 1000.0
 }
 
+/// This process's resident memory (`VmRSS`), in KiB.
+pub fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 pub fn uptime() -> String {
     match std::fs::read_to_string("/proc/uptime") {
         Ok(s) => s.split_whitespace().next().unwrap_or("?").to_string(),
