@@ -760,7 +760,9 @@ fn resources_hold() {
             "[[service]]\nname = \"{name}\"\n{bb}\nrestart = \"never\"\n{extra}command = [\"/bin/busybox\", \"sh\", \"-c\", \"{script}\"]\n"
         )
     };
-    let spin = "read adj < /proc/self/oom_score_adj; echo adj $adj; busybox sh -c 'while :; do :; done' & busybox sleep 10; kill $!";
+    // Long enough to cover the judge's window however slowly the batch
+    // one starts (its setup runs at its low weight).
+    let spin = "read adj < /proc/self/oom_score_adj; echo adj $adj; busybox sh -c 'while :; do :; done' & busybox sleep 25; kill $!";
     std::fs::write(
         &recipe,
         format!(
