@@ -702,12 +702,12 @@ fn dependencies_wait_for_readiness() {
             service(
                 "cache",
                 "ready = { file = \"/run/ready\" }\n",
-                "busybox sleep 2; busybox touch /run/ready; echo made-file; exec busybox sleep 1000",
+                "busybox sleep 2; echo made-file; busybox touch /run/ready; exec busybox sleep 1000",
             ),
             service(
                 "check",
                 "ready = { exec = [\"/bin/busybox\", \"test\", \"-e\", \"/tmp/ok\"] }\n",
-                "busybox sleep 2; busybox touch /tmp/ok; echo made-ok; exec busybox sleep 1000",
+                "busybox sleep 2; echo made-ok; busybox touch /tmp/ok; exec busybox sleep 1000",
             ),
         ),
     )
