@@ -4,6 +4,8 @@
 #
 #   scripts/bench.sh            encoders (cargo bench) and the pipeline
 #   scripts/bench.sh formats    only the encoders: squashfs, FAT32, cpio, GPT
+#   scripts/bench.sh boot       /init to the first container line: kiln-init
+#                               against a busybox /init doing the same
 #   scripts/bench.sh pipeline   only the whole build:
 #     - hello.toml, warm cache and lock, against the shell pipeline a user
 #       would script from the same unpacked inputs (mksquashfs, objcopy UKI,
@@ -24,6 +26,57 @@ what="${1:-all}"
 
 if [ "$what" = all ] || [ "$what" = formats ]; then
   cargo bench -p kiln-formats --bench formats
+fi
+ratio() { awk "BEGIN { printf \"%.2f\", $1 / $2 }"; }
+row() { printf "| %-46s | %8s | %8s | %6s |\n" "$1" "$2" "$3" "$4"; }
+
+# Boot: /init to the first container output line of hello.toml under TCG,
+# kiln-init against a busybox /init that loads the same root modules,
+# mounts the same root and runs the same container's echo (same kernel,
+# initramfs modules, disk and QEMU; both booted directly, best of three).
+if [ "$what" = all ] || [ "$what" = boot ]; then
+  cargo build --release -p kiln >/dev/null 2>&1 || cargo build --release -p kiln
+  b="$(mktemp -d /var/tmp/kiln-boot.XXXXXX)"
+  "$PWD/target/release/kiln" build -q recipes/hello.toml -o "$b/out"
+  read -r first last < <(sgdisk -i1 "$b/out/hello.raw" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
+  dd if="$b/out/hello.raw" of="$b/esp.img" bs=512 skip="$first" count=$((last - first + 1)) status=none
+  mcopy -i "$b/esp.img" ::/EFI/BOOT/BOOTX64.EFI "$b/uki.efi"
+  for s in linux initrd cmdline; do objcopy -O binary --only-section=".$s" "$b/uki.efi" "$b/$s"; done
+  mkdir "$b/bb"
+  (cd "$b/bb" && cpio -idm --quiet <../initrd && rm -rf init kiln && mkdir -p bin && cp /bin/busybox bin/)
+  mods=$(cd "$b/bb" && for m in squashfs evdev button virtio_blk; do find lib/modules -name "$m.ko*"; done | tr '\n' ' ')
+  {
+    echo '#!/bin/busybox sh'
+    echo '/bin/busybox mount -t proc proc /proc'
+    echo '/bin/busybox mount -t sysfs sysfs /sys'
+    echo '/bin/busybox mount -t devtmpfs dev /dev'
+    echo 'read up _ < /proc/uptime; echo "bb start $up"'
+    echo "for m in $mods; do /bin/busybox insmod /\$m; done"
+    echo 'while [ ! -b /dev/vda2 ]; do /bin/busybox usleep 10000; done'
+    echo '/bin/busybox mount -t squashfs -o ro /dev/vda2 /sysroot'
+    echo '/bin/busybox chroot /sysroot/containers/greet/rootfs /bin/busybox echo hello'
+    echo 'read up _ < /proc/uptime; echo "bb first $up"'
+    echo '/bin/busybox poweroff -f'
+  } >"$b/bb/init"
+  chmod 755 "$b/bb/init"
+  (cd "$b/bb" && find . | cpio -o -H newc --quiet) >"$b/bb-initrd"
+  boot() { # INITRD: the console
+    timeout 120 qemu-system-x86_64 -machine q35 -accel tcg -m 1024 -smp 1 -display none \
+      -serial stdio -monitor none -no-reboot -nic none -kernel "$b/linux" -initrd "$1" \
+      -append "$(cat "$b/cmdline")" -drive "if=virtio,format=raw,snapshot=on,file=$b/out/hello.raw" </dev/null | tr -d '\r'
+  }
+  kiln_s=$(for _ in 1 2 3; do
+    boot "$b/initrd" | awk '/\] starting$/ {s=$3+0} /greet: first output line/ {f=$3+0} END {printf "%.2f\n", f - s}'
+  done | sort -n | head -1)
+  bb_s=$(for _ in 1 2 3; do
+    boot "$b/bb-initrd" | awk '/^bb start/ {s=$3} /^bb first/ {f=$3} END {printf "%.2f\n", f - s}'
+  done | sort -n | head -1)
+  echo
+  echo "## Boot (seconds from /init to the first container line, TCG)"
+  echo
+  row "case" "kiln s" "busybox s" "ratio"
+  row "hello.toml, one vCPU, direct kernel boot" "$kiln_s" "$bb_s" "$(ratio "$kiln_s" "$bb_s")"
+  rm -rf "$b"
 fi
 [ "$what" = all ] || [ "$what" = pipeline ] || exit 0
 
@@ -51,8 +104,6 @@ best3() {
   done
   echo "$best"
 }
-ratio() { awk "BEGIN { printf \"%.2f\", $1 / $2 }"; }
-row() { printf "| %-46s | %8s | %8s | %6s |\n" "$1" "$2" "$3" "$4"; }
 
 echo
 echo "## Pipeline (wall seconds; ratio = kiln / tools)"

@@ -109,6 +109,13 @@ fn load_later(d: Deferred) {
                 index,
                 initramfs,
             } = d;
+            // Idle priority: on a small machine the services go first.
+            // SAFETY: sched_param is plain integers (more fields on musl);
+            // zero is SCHED_IDLE's only priority.
+            unsafe {
+                let param: libc::sched_param = std::mem::zeroed();
+                libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+            }
             let before = loader.report.loaded.len();
             loader.report.failed.clear();
             let prefix = format!("/proc/self/fd/{}", initramfs.as_raw_fd());
