@@ -706,7 +706,8 @@ fn dependencies_wait_for_readiness() {
             ),
             service(
                 "check",
-                "ready = { exec = [\"/bin/busybox\", \"test\", \"-e\", \"/tmp/ok\"] }\n",
+                // In its own user namespace: the probe joins that too.
+                "userns = true\nready = { exec = [\"/bin/busybox\", \"test\", \"-e\", \"/tmp/ok\"] }\n",
                 "busybox sleep 2; echo made-ok; busybox touch /tmp/ok; exec busybox sleep 1000",
             ),
         ),
@@ -852,7 +853,10 @@ fn hardening_defaults() {
     let dir = k::scratch("hardening");
     let recipe = dir.join("hardening.toml");
     let image = "image = { debian = [\"busybox-static\", \"keyutils\"], scripts = false }";
-    let probe = "busybox grep Seccomp: /proc/self/status; busybox unshare -U true 2>&1 || echo unshare-refused; keyctl add user k v @s 2>&1 || echo add_key-refused; echo kcore $(busybox wc -c < /proc/kcore); busybox grep CapEff /proc/self/status";
+    let probe = "busybox grep Seccomp: /proc/self/status; busybox unshare -U true 2>&1 || echo unshare-refused; keyctl add user k v @s 2>&1 || echo add_key-refused; echo kcore $(busybox wc -c < /proc/kcore); busybox grep CapEff /proc/self/status; busybox mknod /tmp/n c 1 3 2>&1 && echo mknod-ok";
+    // Root in its own user namespace: host ids from 100000 (65534 is the
+    // unmapped host root), its capabilities of no use on the host's objects.
+    let remapped = "busybox cat /proc/self/uid_map /proc/self/gid_map; echo uid $(busybox id -u) owner $(busybox stat -c %u /bin/busybox); busybox mknod /tmp/n c 1 3 2>&1 || echo mknod-refused; busybox grep CapEff /proc/self/status; echo classes $(busybox ls /sys/class | busybox wc -l)";
     let service = |name: &str, extra: &str| {
         format!(
             "[[service]]\nname = \"{name}\"\n{image}\n{extra}command = [\"/bin/busybox\", \"sh\", \"-c\", \"{probe}\"]\n"
@@ -868,6 +872,9 @@ fn hardening_defaults() {
         ) + &format!(
             "[[service]]\nname = \"tuned\"\n{image}\nnet = \"none\"\nsysctl = {{ \"net.core.somaxconn\" = \"1024\", \"kernel.shmmni\" = 2048 }}\nrlimits = {{ nofile = 1000, core = \"0:unlimited\" }}\n\
              command = [\"/bin/busybox\", \"sh\", \"-c\", \"busybox cat /proc/sys/net/core/somaxconn /proc/sys/kernel/shmmni; echo nofile $(ulimit -n) core $(ulimit -c) $(ulimit -H -c)\"]\n"
+        ) + &format!(
+            "[[service]]\nname = \"remapped\"\n{image}\nuserns = true\nrlimits = {{ nofile = 100000 }}\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}; echo nofile $(ulimit -n)\"]\n\
+             [[service]]\nname = \"remapped2\"\n{image}\nuserns = true\nnet = \"none\"\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}\"]\n"
         ),
     )
     .unwrap();
@@ -879,6 +886,7 @@ fn hardening_defaults() {
     let lines = |name: &str| k::container_lines(&console, name).join("\n");
     let confined = lines("confined");
     for want in [
+        "mknod-ok",
         "Seccomp:\t2",
         "Operation not permitted\nunshare-refused",
         "add_key: Operation not permitted\nadd_key-refused",
@@ -904,4 +912,31 @@ fn hardening_defaults() {
         "1024\n2048\nnofile 1000 core 0 unlimited",
         "{console}"
     );
+    // userns: each container its own range; a hard limit above the
+    // host's default still set (by the init, from outside).
+    for (name, first, extra) in [
+        ("remapped", 100_000, "\nnofile 100000"),
+        ("remapped2", 165_536, ""),
+    ] {
+        let map = format!("{:>10} {first:>10} {:>10}", 0, 65536);
+        let got = lines(name);
+        let head: Vec<&str> = got.lines().take(7).collect();
+        assert_eq!(
+            head[..6],
+            [
+                map.as_str(),
+                map.as_str(),
+                "uid 0 owner 65534",
+                "mknod: /tmp/n: Operation not permitted",
+                "mknod-refused",
+                "CapEff:\t00000000a80425fb",
+            ],
+            "{name}:\n{got}"
+        );
+        assert!(
+            head[6].starts_with("classes ") && head[6] != "classes 0",
+            "{got}"
+        );
+        assert!(got.ends_with(&format!("{}{extra}", head[6])), "{got}");
+    }
 }

@@ -97,9 +97,16 @@ pub fn assemble(
             .map_err(tree_err(format!("[[file]] {path}")))?;
     }
 
+    // Each userns container's ids follow the previous one's.
+    let mut userns_ranges = (0..).map(|n| initcfg::USERNS_FIRST + n * initcfg::USERNS_SIZE);
     for (spec, image) in recipe.containers.iter().zip(images) {
         let mut rootfs = image.tree;
-        let c = container_config(recipe, spec, &mut rootfs, &image.config, &host)?;
+        let userns = if spec.userns {
+            userns_ranges.next()
+        } else {
+            None
+        };
+        let c = container_config(recipe, spec, &mut rootfs, &image.config, &host, userns)?;
         clamp_mtimes(&mut rootfs.root, source_date_epoch);
         host.insert(Path::new(&c.rootfs), Node::Dir(rootfs.root))
             .map_err(tree_err(format!("container {}", c.name)))?;
@@ -337,6 +344,7 @@ fn container_config(
     rootfs: &mut Tree,
     image: &ImageConfig,
     host: &Tree,
+    userns: Option<u32>,
 ) -> Result<Container, HostError> {
     let name = spec.name.value.clone();
     let at_image = |message: String| recipe.error(&spec.image.loc, message);
@@ -367,6 +375,22 @@ fn container_config(
             .error(user_loc, format!("container {name}: {e}"))
             .into(),
     })?;
+    if userns.is_some() {
+        let ids = [id.uid, id.gid]
+            .into_iter()
+            .chain(id.groups.iter().copied());
+        if let Some(out) = ids.into_iter().find(|&i| i >= initcfg::USERNS_SIZE) {
+            return Err(recipe
+                .error(
+                    user_loc,
+                    format!(
+                        "container {name}: id {out} is outside the {} ids its user namespace maps (userns = true)",
+                        initcfg::USERNS_SIZE
+                    ),
+                )
+                .into());
+        }
+    }
 
     // Image Env, then the recipe's over it; PATH and HOME as Docker does.
     let mut env: BTreeMap<String, String> = BTreeMap::new();
@@ -540,6 +564,7 @@ fn container_config(
         seccomp: spec.seccomp,
         sysctl: spec.sysctl.clone(),
         rlimits: spec.rlimits.clone(),
+        userns,
     })
 }
 

@@ -242,6 +242,8 @@ pub struct ContainerSpec {
     pub sysctl: BTreeMap<String, String>,
     /// Resource limits as (soft, hard).
     pub rlimits: BTreeMap<String, (u64, u64)>,
+    /// Its root is an unprivileged host id in its own user namespace.
+    pub userns: bool,
 }
 
 /// A tmpfs as written in a recipe: `PATH[:size=SIZE]`.
@@ -689,6 +691,7 @@ mod raw {
         pub seccomp: Option<Spanned<String>>,
         pub sysctl: Option<BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
         pub rlimits: Option<BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
+        pub userns: Option<bool>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -1433,6 +1436,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             kind,
             sysctl,
             rlimits,
+            userns: c.userns.unwrap_or(false),
             capabilities,
             seccomp,
             resources,
@@ -2017,6 +2021,8 @@ size = "512M"
         assert_eq!(c.rlimits["nofile"], (64, 64));
         assert_eq!(c.rlimits["core"], (u64::MAX, u64::MAX));
         assert_eq!(c.rlimits["stack"], (1, 2));
+        assert!(!c.userns);
+        assert!(ok("userns = true\n").containers[0].userns);
         let c = &ok("init = \"image\"\n").containers[0];
         assert_eq!(
             c.command.as_ref().map(|c| &c.value[..]),

@@ -266,7 +266,9 @@ pub fn mount_runtime(sys: &dyn Sys) -> Vec<BootError> {
             "/run/kiln",
             "tmpfs",
             NOSUID_NODEV,
-            Some("mode=700"),
+            // Others may pass through (a container with its own user
+            // namespace mounts its root below), not list.
+            Some("mode=711"),
         ),
     ];
     for (src, target, fstype, flags, data) in mounts {

@@ -206,7 +206,17 @@ pub struct Container {
     /// Resource limits by name (`nofile`), as (soft, hard); `u64::MAX` is
     /// unlimited.
     pub rlimits: BTreeMap<String, (u64, u64)>,
+    /// Its own user namespace: ids 0 to [`USERNS_SIZE`] - 1 inside are
+    /// host ids from this one on; `None`: the host's ids.
+    pub userns: Option<u32>,
 }
+
+/// The first host uid and gid given to a container with `userns = true`
+/// (as Docker's userns-remap and /etc/subuid conventions start).
+pub const USERNS_FIRST: u32 = 100_000;
+/// How many ids each such container maps: its range follows the previous
+/// one's, so containers never share an id.
+pub const USERNS_SIZE: u32 = 65_536;
 
 /// Resource limit names a recipe may set (`RLIMIT_` + upper case).
 pub const RLIMITS: [&str; 16] = [

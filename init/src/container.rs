@@ -11,8 +11,10 @@ use kiln_init::config::{Container, Net};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 
+use kiln_init::config::USERNS_SIZE;
 pub use kiln_init::config::{CGROUP_DIR, CONTAINER_ROOTS_DIR, DEFAULT_PATH};
 
 #[derive(Debug, Error)]
@@ -37,22 +39,44 @@ pub enum ContainerError {
     },
     #[error("bad report from the setup process")]
     Report(#[source] DecodeError),
-    #[error("container process did not start")]
-    NotStarted,
+    #[error("no device filter (it failed to attach at boot)")]
+    NoDeviceFilter,
     #[error("no args to run")]
     NoArgs,
 }
 
-/// A started container: its PID (in the init's namespace) and the read
-/// ends of its stdout and stderr.
+/// A started container: its PID (in the init's namespace), the read
+/// ends of its stdout and stderr, and its setup report (non-blocking),
+/// which ends when the container execs its program or dies: empty then,
+/// or the step that failed (see [`setup_outcome`]).
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: libc::pid_t,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    pub report: OwnedFd,
 }
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+/// Whether [`attach_device_filter`] succeeded: no container starts
+/// without the filter.
+static DEVICE_FILTER: AtomicBool = AtomicBool::new(false);
+
+/// Attaches the device allow-list to the cgroup all containers live
+/// under, once at boot: every container cgroup inherits it, and none can
+/// attach its own (attached without BPF_F_ALLOW_OVERRIDE).
+pub fn attach_device_filter() -> Result<(), ContainerError> {
+    let dir = std::fs::File::open(CGROUP_DIR).map_err(|e| ContainerError::Cgroup {
+        path: CGROUP_DIR.to_string(),
+        source: e,
+    })?;
+    let prog = bpf::program(&bpf::DEFAULT_RULES);
+    // The attachment keeps the program; its fd can go.
+    bpf::load_and_attach(&prog, dir.as_fd()).map_err(ContainerError::DeviceFilter)?;
+    DEVICE_FILTER.store(true, Ordering::Relaxed);
+    Ok(())
+}
 
 /// Creates the container's cgroup directory, or reuses a leftover one.
 fn make_cgroup_dir(sys: &dyn Sys, name: &str) -> Result<String, ContainerError> {
@@ -65,9 +89,9 @@ fn make_cgroup_dir(sys: &dyn Sys, name: &str) -> Result<String, ContainerError> 
     Ok(path)
 }
 
-/// Creates the container's cgroup with its resources and attaches the
-/// device filter.
-fn make_cgroup(c: &Container) -> Result<String, ContainerError> {
+/// Creates the container's cgroup with its resources; returns its
+/// directory, open for clone3.
+fn make_cgroup(c: &Container) -> Result<OwnedFd, ContainerError> {
     let path = make_cgroup_dir(&RealSys, &c.name)?;
     for (knob, value) in c.resources.knobs() {
         let file = format!("{path}/{knob}");
@@ -75,21 +99,18 @@ fn make_cgroup(c: &Container) -> Result<String, ContainerError> {
             .write_file(&file, value.as_bytes())
             .map_err(|source| ContainerError::Cgroup { path: file, source })?;
     }
-    let dir = std::fs::File::open(&path).map_err(|e| ContainerError::Cgroup {
-        path: path.clone(),
-        source: e,
-    })?;
-    let prog = bpf::program(&bpf::DEFAULT_RULES);
-    // The attachment keeps the program; its fd can go.
-    bpf::load_and_attach(&prog, dir.as_fd()).map_err(ContainerError::DeviceFilter)?;
-    Ok(path)
+    let dir = std::fs::File::open(&path).map_err(|e| ContainerError::Cgroup { path, source: e })?;
+    Ok(dir.into())
 }
 
-/// Starts `c`. Returns once the container process has exec'd its program
-/// or failed to set up (the error then says why).
+/// Starts `c` and returns at once; the container sets itself up and
+/// execs while the caller goes on (see [`Spawned::report`]).
 pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     if c.args.is_empty() {
         return Err(ContainerError::NoArgs);
+    }
+    if !DEVICE_FILTER.load(Ordering::Relaxed) {
+        return Err(ContainerError::NoDeviceFilter);
     }
     let plan = caps::plan(caps::mask(&c.capabilities)?, c.uid, caps::last_cap());
     let cgroup = make_cgroup(c)?;
@@ -97,62 +118,122 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     RealSys
         .mkdir_all(&root)
         .map_err(|e| ContainerError::Io("plumbing dir", e))?;
-    // Built before fork so the child allocates little.
+    // Built before the clone so the child allocates little.
     let exec = ExecPlan::new(c)?;
 
     let pipes = |what| sys::pipe().map_err(|e| ContainerError::Io(what, e));
     let (out_r, out_w) = pipes("stdout pipe")?;
     let (err_r, err_w) = pipes("stderr pipe")?;
     let (rep_r, rep_w) = pipes("report pipe")?;
-
-    // SAFETY: the init is single-threaded, so the child may run Rust code.
-    let pid = unsafe { libc::fork() };
-    // Before the closes below can touch errno.
-    let fork_err = (pid < 0).then(io::Error::last_os_error);
+    let (go_r, go_w) = pipes("go pipe")?;
+    // Its own cgroup namespace: the container sees its cgroup as the root.
+    let mut flags = libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP;
+    if c.net == Net::None {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // Created first, it owns the other new namespaces: the container's
+    // root has its capabilities over them, none over the host's.
+    if c.userns.is_some() {
+        flags |= libc::CLONE_NEWUSER;
+    }
+    // SAFETY: the init is single-threaded.
+    let pid = unsafe { sys::clone_into(flags, cgroup.as_fd()) }
+        .map_err(|e| ContainerError::Io("clone3", e))?;
     if pid == 0 {
-        drop((out_r, err_r, rep_r));
+        drop((out_r, err_r, rep_r, go_w, cgroup));
+        // Until the init has prepared it (see `prepare`); EOF: it gave up.
+        let mut go = [0u8; 1];
+        if !matches!(sys::read(go_r.as_fd(), &mut go), Ok(1)) {
+            exit(127);
+        }
+        drop(go_r);
         // A panic here must never unwind into the init's own fatal path
         // (which would power the machine off from a child).
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            intermediate(
+            let e = match setup(
                 c,
-                &cgroup,
                 &root,
                 &plan,
                 &exec,
-                rep_w.as_fd(),
                 out_w.as_fd(),
                 err_w.as_fd(),
-            )
+                rep_w.as_fd(),
+            ) {
+                Err(e) => e,
+                Ok(never) => match never {},
+            };
+            report(rep_w.as_fd(), e);
+            exit(127);
         }));
         report(rep_w.as_fd(), Failure::other("panic during setup"));
         exit(127);
     }
-    // Only the children may hold the write ends, so reads end when they go.
-    drop((out_w, err_w, rep_w));
-    if let Some(e) = fork_err {
-        return Err(ContainerError::Io("fork", e));
-    }
-    // Everything the children report, until the last copy of the write end
-    // closes (exec or exit).
-    let mut report = Vec::new();
-    let mut buf = [0u8; 512];
-    while let Ok(n) = sys::read(rep_r.as_fd(), &mut buf) {
-        if n == 0 || report.len() > 64 * 1024 {
-            break;
+    // Only the child may hold the write ends, so reads end when it goes.
+    drop((out_w, err_w, rep_w, go_r));
+    let go = prepare(c, pid).and_then(|()| {
+        sys::write_all(go_w.as_fd(), b"g").map_err(|e| ContainerError::Io("go pipe", e))
+    });
+    if let Err(e) = go {
+        // SAFETY: killing and reaping the child just cloned.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
         }
-        report.extend_from_slice(&buf[..n]);
+        return Err(e);
     }
-    drop(rep_r);
-    let mut status = 0;
-    // SAFETY: reaping our own direct child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    let pid = outcome(&report)?;
+    sys::set_nonblocking(rep_r.as_fd()).map_err(|e| ContainerError::Io("report pipe", e))?;
     Ok(Spawned {
         pid,
         stdout: out_r,
         stderr: err_r,
+        report: rep_r,
     })
+}
+
+/// What the init sets on a container it just cloned, before letting it
+/// go on (all of it needs privileges on the host the container may not
+/// have, and all of it survives exec): its id maps, its oom_score_adj
+/// and its resource limits.
+fn prepare(c: &Container, pid: libc::pid_t) -> Result<(), ContainerError> {
+    let fail = |step: String| {
+        move |e| ContainerError::Setup {
+            step,
+            source: Some(e),
+        }
+    };
+    if let Some(first) = c.userns {
+        // setgroups stays allowed: the writer has CAP_SETGID on the host.
+        let map = format!("0 {first} {USERNS_SIZE}\n");
+        for f in ["uid_map", "gid_map"] {
+            RealSys
+                .write_file(&format!("/proc/{pid}/{f}"), map.as_bytes())
+                .map_err(fail(format!("write {f}")))?;
+        }
+    }
+    let adj = c.resources.oom_score_adj().to_string();
+    RealSys
+        .write_file(&format!("/proc/{pid}/oom_score_adj"), adj.as_bytes())
+        .map_err(fail("oom_score_adj".into()))?;
+    for (name, (soft, hard)) in &c.rlimits {
+        let Some(resource) = rlimit_resource(name) else {
+            return Err(ContainerError::Setup {
+                step: format!("unknown limit {name}"),
+                source: None,
+            });
+        };
+        let lim = libc::rlimit {
+            rlim_cur: *soft,
+            rlim_max: *hard,
+        };
+        // SAFETY: a valid rlimit; the old value is not asked for.
+        let r = unsafe { libc::prlimit(pid, resource, &lim, std::ptr::null_mut()) };
+        check(r).map_err(fail(format!("rlimit {name}")))?;
+    }
+    Ok(())
 }
 
 /// Starts `argv` inside the running container whose PID 1 is `pid`: in
@@ -178,7 +259,13 @@ pub fn spawn_probe(
         sys::owned(fd).map_err(|e| ContainerError::Io("opening the container's namespaces", e))
     };
     let mut namespaces = Vec::new();
-    for ns in ["ns/net", "ns/ipc", "ns/uts", "ns/mnt"] {
+    // The user namespace last: once in it, the probe has no capabilities
+    // over the host's namespaces (a host network's, say).
+    let user = c.userns.map(|_| "ns/user");
+    for ns in ["ns/net", "ns/ipc", "ns/uts", "ns/mnt"]
+        .into_iter()
+        .chain(user)
+    {
         namespaces.push(open(ns)?);
     }
     let root = open("root")?;
@@ -229,26 +316,22 @@ fn enter_and_exec(
     become_and_exec(c, plan, exec, None)
 }
 
-/// The container's PID from what the setup processes reported: the first
-/// failure wins, and silence means they died before saying anything.
-fn outcome(report: &[u8]) -> Result<libc::pid_t, ContainerError> {
+/// What a container's whole setup report says: nothing (it exec'd, or
+/// died before a step failed) or the step that failed, the first if
+/// several did.
+pub fn setup_outcome(report: &[u8]) -> Result<(), ContainerError> {
     let msgs = ChildMsg::decode_all(report).map_err(ContainerError::Report)?;
-    let mut started = None;
-    for m in msgs {
-        match m {
-            ChildMsg::Started { pid } => started = Some(pid),
-            ChildMsg::Failed(f) => {
-                return Err(ContainerError::Setup {
-                    source: f.os_error(),
-                    step: f.step,
-                })
-            }
-        }
+    match msgs.into_iter().next() {
+        Some(ChildMsg::Failed(f)) => Err(ContainerError::Setup {
+            source: f.os_error(),
+            step: f.step,
+        }),
+        None => Ok(()),
     }
-    started.ok_or(ContainerError::NotStarted)
 }
 
-/// Sends one message in a single write, so the two children's never mix.
+/// Sends one message in a single write (below PIPE_BUF: never mixed with
+/// another writer's).
 fn send(fd: BorrowedFd<'_>, msg: &ChildMsg) {
     let _ = sys::write_all(fd, &msg.encode());
 }
@@ -261,62 +344,6 @@ fn report(fd: BorrowedFd<'_>, f: Failure) {
 fn exit(code: libc::c_int) -> ! {
     // SAFETY: leaving a forked child without running the parent's cleanup.
     unsafe { libc::_exit(code) }
-}
-
-/// First child: joins the cgroup, makes the namespaces, forks the process
-/// that becomes PID 1 of the new PID namespace, reports its PID and exits.
-#[allow(clippy::too_many_arguments)]
-fn intermediate(
-    c: &Container,
-    cgroup: &str,
-    root: &str,
-    plan: &CapPlan,
-    exec: &ExecPlan,
-    rep: BorrowedFd<'_>,
-    out: BorrowedFd<'_>,
-    err: BorrowedFd<'_>,
-) -> ! {
-    // Join before forking so the container never runs outside the filter.
-    if let Err(e) = RealSys.write_file(&format!("{cgroup}/cgroup.procs"), b"0") {
-        report(rep, Failure::os(format!("join cgroup {cgroup}"), &e));
-        exit(1);
-    }
-    // Inherited through fork and exec by everything the container runs.
-    let adj = c.resources.oom_score_adj().to_string();
-    if let Err(e) = RealSys.write_file("/proc/self/oom_score_adj", adj.as_bytes()) {
-        report(rep, Failure::os("oom_score_adj", &e));
-        exit(1);
-    }
-    // Its own cgroup namespace: the container sees its cgroup as the root.
-    let mut flags = libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWCGROUP;
-    if c.net == Net::None {
-        flags |= libc::CLONE_NEWNET;
-    }
-    // SAFETY: unshare with flags only.
-    if let Err(e) = check(unsafe { libc::unshare(flags) }) {
-        report(rep, Failure::os("unshare", &e));
-        exit(1);
-    }
-    // SAFETY: still single-threaded.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let e = match setup(c, root, plan, exec, out, err, rep) {
-            Err(e) => e,
-            Ok(never) => match never {},
-        };
-        report(rep, e);
-        exit(127);
-    }
-    if pid < 0 {
-        report(rep, Failure::os("fork", &io::Error::last_os_error()));
-        exit(1);
-    }
-    send(rep, &ChildMsg::Started { pid });
-    exit(0);
 }
 
 /// argv, envp and the resolved program, ready for execve.
@@ -402,7 +429,8 @@ fn step<T>(what: &str, r: io::Result<T>) -> Result<T, Failure> {
     r.map_err(|e| Failure::os(what, &e))
 }
 
-/// Runs in the container's PID 1 before exec. Only returns on error.
+/// Runs in the container's PID 1, in its cgroup and new namespaces,
+/// before exec. Only returns on error.
 fn setup(
     c: &Container,
     root: &str,
@@ -427,6 +455,16 @@ fn setup(
         step("dup2", check(unsafe { libc::dup2(from.as_raw_fd(), to) }))?;
     }
     drop(null);
+    if c.userns.is_some() {
+        // Its ids are still the host's root, unmapped here: become the
+        // namespace's root (keeping the namespace's capabilities).
+        // SAFETY: integer arguments and an empty list.
+        unsafe {
+            step("setresgid", check(libc::setresgid(0, 0, 0)))?;
+            step("setgroups", check(libc::setgroups(0, std::ptr::null())))?;
+            step("setresuid", check(libc::setresuid(0, 0, 0)))?;
+        }
+    }
     if c.net == Net::None {
         step("bring up lo", RealSys.loopback_up())?;
     }
@@ -440,17 +478,6 @@ fn setup(
         )?;
     }
     setup_root(&RealSys, c, root)?;
-    for (name, (soft, hard)) in &c.rlimits {
-        let resource =
-            rlimit_resource(name).ok_or_else(|| Failure::other(format!("unknown limit {name}")))?;
-        let lim = libc::rlimit {
-            rlim_cur: *soft,
-            rlim_max: *hard,
-        };
-        // SAFETY: a valid rlimit for the call.
-        let r = unsafe { libc::setrlimit(resource, &lim) };
-        step(&format!("rlimit {name}"), check(r))?;
-    }
 
     become_and_exec(c, plan, exec, c.init.then_some(rep))
 }
@@ -585,18 +612,45 @@ pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), Failur
     let at = |p: &str| format!("{root}{p}");
     tmpfs(sys, &at("/tmp"), NOSUID_NODEV, "mode=1777")?;
     tmpfs(sys, &at("/run"), NOSUID_NODEV, "mode=755")?;
-    make_dev(sys, &at("/dev"))?;
+    make_dev(sys, &at("/dev"), c.userns.is_some())?;
     make_proc(sys, &at("/proc"), &at("/dev/null"))?;
-    step(
-        "mount /sys",
-        sys.mount(
-            Some("sysfs"),
-            &at("/sys"),
-            Some("sysfs"),
-            NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
-            None,
-        ),
-    )?;
+    if c.userns.is_some() && c.net == Net::Host {
+        // A user namespace may mount sysfs only for a network namespace
+        // it owns: the host's is bound instead, read-only.
+        step(
+            "bind /sys",
+            sys.mount(
+                Some("/sys"),
+                &at("/sys"),
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            ),
+        )?;
+        step(
+            "read-only /sys",
+            remount_bind(sys, &at("/sys"), true, libc::MS_NOEXEC),
+        )?;
+        // The host's cgroup2 came along and cannot be unmounted (nor its
+        // own mounted on it): cover it first.
+        tmpfs(
+            sys,
+            &at("/sys/fs/cgroup"),
+            NOSUID_NODEV | libc::MS_NOEXEC,
+            "size=4k,mode=755",
+        )?;
+    } else {
+        step(
+            "mount /sys",
+            sys.mount(
+                Some("sysfs"),
+                &at("/sys"),
+                Some("sysfs"),
+                NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+                None,
+            ),
+        )?;
+    }
     mask(sys, &at("/sys/firmware"), &at("/dev/null"))?;
     // Its own cgroup (the namespace's root), read-only, as Docker does.
     step(
@@ -661,16 +715,21 @@ fn tmpfs(sys: &dyn Sys, path: &str, flags: libc::c_ulong, data: &str) -> Result<
 }
 
 /// Remounts a bind mount with nosuid,nodev (+ read-only, + `extra`).
+///
+/// Flags the mount has are kept: inside a user namespace the kernel
+/// refuses to clear them (and outside, a bind keeps its source's).
 fn remount_bind(sys: &dyn Sys, path: &str, readonly: bool, extra: libc::c_ulong) -> io::Result<()> {
-    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | NOSUID_NODEV | extra;
+    let has = sys.mount_flags(path)?;
+    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | NOSUID_NODEV | extra | has;
     if readonly {
         flags |= libc::MS_RDONLY;
     }
     sys.mount(None, path, None, flags, None)
 }
 
-/// The minimal /dev: real device nodes on a tmpfs, a private devpts, shm.
-fn make_dev(sys: &dyn Sys, dev: &str) -> Result<(), Failure> {
+/// The minimal /dev: real device nodes on a tmpfs (bound from the host's
+/// in a user namespace, where mknod is refused), a private devpts, shm.
+fn make_dev(sys: &dyn Sys, dev: &str, userns: bool) -> Result<(), Failure> {
     tmpfs(
         sys,
         dev,
@@ -686,6 +745,15 @@ fn make_dev(sys: &dyn Sys, dev: &str) -> Result<(), Failure> {
         ("tty", 5, 0),
     ] {
         let p = format!("{dev}/{name}");
+        if userns {
+            step(&format!("make {p}"), sys.write_file(&p, b""))?;
+            let host = format!("/dev/{name}");
+            step(
+                &format!("bind {host}"),
+                sys.mount(Some(&host), &p, None, libc::MS_BIND, None),
+            )?;
+            continue;
+        }
         step(
             &format!("mknod {p}"),
             sys.mknod(&p, libc::S_IFCHR | 0o666, major, minor),
@@ -859,6 +927,7 @@ pub(crate) mod tests {
             seccomp: true,
             sysctl: Default::default(),
             rlimits: Default::default(),
+            userns: None,
         }
     }
 
@@ -1106,25 +1175,25 @@ pub(crate) mod tests {
 
     #[test]
     fn outcome_of_reports() {
-        let started = ChildMsg::Started { pid: 77 }.encode();
-        assert_eq!(outcome(&started).ok(), Some(77));
-        let failed = ChildMsg::Failed(Failure {
-            step: "mount /proc".into(),
-            errno: libc::EPERM,
-        })
-        .encode();
-        // The container's PID 1 can fail after the intermediate reported it.
-        let both = [started.clone(), failed].concat();
-        let err = outcome(&both).expect_err("failed");
+        // An exec (or a death before any step failed) says nothing.
+        assert!(setup_outcome(&[]).is_ok());
+        let failed = |step: &str| {
+            ChildMsg::Failed(Failure {
+                step: step.into(),
+                errno: libc::EPERM,
+            })
+            .encode()
+        };
+        let two = [failed("mount /proc"), failed("later")].concat();
+        let err = setup_outcome(&two).expect_err("failed");
         assert_eq!(err.to_string(), "setup: mount /proc");
         let cause = std::error::Error::source(&err).expect("errno kept as the cause");
         assert_eq!(
             cause.to_string(),
             io::Error::from_raw_os_error(libc::EPERM).to_string()
         );
-        assert!(matches!(outcome(&[]), Err(ContainerError::NotStarted)));
         assert!(matches!(
-            outcome(&started[..3]),
+            setup_outcome(&two[..3]),
             Err(ContainerError::Report(DecodeError::Truncated))
         ));
     }

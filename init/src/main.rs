@@ -158,6 +158,12 @@ fn run() -> Result<std::convert::Infallible, String> {
             failed.join(", ")
         ));
     }
+    if let Err(e) = container::attach_device_filter() {
+        log(&format!(
+            "warning: no container can start: {}",
+            console::chain(&e)
+        ));
+    }
     let cfg: HostConfig = read_json(&sys, HOST_CONFIG_PATH)?;
     for e in boot::apply_host(&sys, &cfg) {
         log(&format!("warning: {e}"));
@@ -173,8 +179,14 @@ fn run() -> Result<std::convert::Infallible, String> {
     // Ctrl-Alt-Del becomes SIGINT to this process: a clean shutdown.
     // SAFETY: reboot(2) with a command constant only.
     unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
-    if let Some(d) = deferred {
-        load_later(d);
+    // The kernel's work for a module is not preemptible: on one CPU it
+    // would delay the first containers however low the loader's priority,
+    // so there the rest loads once they have started.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus > 1 {
+        if let Some(d) = deferred.take() {
+            load_later(d);
+        }
     }
     let healthy_after = std::time::Duration::from_millis(cfg.healthy_after_ms);
     let mut sup = supervisor::Supervisor::new("/var/log", healthy_after);
@@ -192,6 +204,10 @@ fn run() -> Result<std::convert::Infallible, String> {
     sup.run_in_order(UnitKind::Onboot);
     if sup.stop_requested().is_none() {
         sup.start_services();
+    }
+    sup.settle();
+    if let Some(d) = deferred {
+        load_later(d);
     }
     sup.wait_all();
     if sup.stop_requested().is_none() {

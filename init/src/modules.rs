@@ -104,12 +104,14 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Loads `always` modules, then modules matching present devices, the
-    /// first by [`priority`] each time, looking at the devices again after
-    /// each (a bus driver makes new devices appear), until none is left
-    /// or `enough` holds after a module: then it returns true, the rest
-    /// left for a later call. Paths are read below `prefix` (`""`, or a
-    /// directory fd's `/proc/self/fd/N` once the initramfs is not `/`).
+    /// Loads `always` modules (without looking at devices: a scan of
+    /// sysfs costs as much as a small module under emulation), then
+    /// modules matching present devices, the first by [`priority`] each
+    /// time, looking at the devices again after each (a bus driver makes
+    /// new devices appear), until none is left or `enough` holds: then it
+    /// returns true, the rest left for a later call. Paths are read below
+    /// `prefix` (`""`, or a directory fd's `/proc/self/fd/N` once the
+    /// initramfs is not `/`).
     pub fn load(
         &mut self,
         sys: &dyn Sys,
@@ -117,44 +119,46 @@ impl Loader {
         prefix: &str,
         enough: &dyn Fn() -> bool,
     ) -> bool {
-        let always: Vec<String> = index.always.iter().map(|n| normalize(n)).collect();
+        for name in &index.always {
+            self.load_closure(sys, index, prefix, &normalize(name));
+        }
+        if enough() {
+            return true;
+        }
         // Bounded: each round tries at least one new module.
         for _ in 0..=index.modules.len() {
-            let mut wanted: Vec<String> = always
-                .iter()
-                .cloned()
-                .chain(matching(index, &read_modaliases(sys)))
+            let mut wanted: Vec<String> = matching(index, &read_modaliases(sys))
+                .into_iter()
                 .filter(|n| closure(index, n).iter().any(|m| !self.tried.contains(m)))
                 .collect();
-            // `always` first, then by priority, then by name (stable).
-            wanted.sort_by_key(|n| {
-                if always.contains(n) {
-                    0
-                } else {
-                    1 + priority(n)
-                }
-            });
+            // By priority, then by name (stable).
+            wanted.sort_by_key(|n| priority(n));
             let Some(name) = wanted.first() else {
                 return false;
             };
-            for m in closure(index, name) {
-                if !self.tried.insert(m.clone()) {
-                    continue;
-                }
-                let Some(info) = index.modules.get(&m) else {
-                    continue;
-                };
-                let compressed = info.path.ends_with(".xz") || info.path.ends_with(".zst");
-                match sys.finit_module(&format!("{prefix}{}", info.path), compressed) {
-                    Ok(()) => self.report.loaded.push(m),
-                    Err(e) => self.report.failed.push((m, e.to_string())),
-                }
-            }
+            self.load_closure(sys, index, prefix, &name.clone());
             if enough() {
                 return true;
             }
         }
         false
+    }
+
+    /// Loads `name` and what it depends on, each once.
+    fn load_closure(&mut self, sys: &dyn Sys, index: &ModuleIndex, prefix: &str, name: &str) {
+        for m in closure(index, name) {
+            if !self.tried.insert(m.clone()) {
+                continue;
+            }
+            let Some(info) = index.modules.get(&m) else {
+                continue;
+            };
+            let compressed = info.path.ends_with(".xz") || info.path.ends_with(".zst");
+            match sys.finit_module(&format!("{prefix}{}", info.path), compressed) {
+                Ok(()) => self.report.loaded.push(m),
+                Err(e) => self.report.failed.push((m, e.to_string())),
+            }
+        }
     }
 }
 

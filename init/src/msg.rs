@@ -1,7 +1,7 @@
-//! What a container's setup processes tell the init over the report pipe.
+//! What a container's setup process tells the init over the report pipe.
 //!
 //! Each message is one write of at most [`MAX_MSG`] bytes, below
-//! `PIPE_BUF`, so messages from the two children never interleave.
+//! `PIPE_BUF`, so messages from several writers never interleave.
 
 use std::fmt;
 use std::io;
@@ -14,7 +14,6 @@ pub const MAX_MSG: usize = 1 + 4 + 2 + MAX_STEP;
 // Pipe writes up to PIPE_BUF are atomic.
 const _: () = assert!(MAX_MSG <= libc::PIPE_BUF);
 
-const TAG_STARTED: u8 = 1;
 const TAG_FAILED: u8 = 2;
 
 /// A setup step that failed in the child.
@@ -60,8 +59,6 @@ impl fmt::Display for Failure {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChildMsg {
-    /// The container's PID 1 exists; its PID in the init's namespace.
-    Started { pid: i32 },
     /// Setup failed; nothing was exec'd.
     Failed(Failure),
 }
@@ -80,11 +77,6 @@ impl ChildMsg {
     /// Tag, then little-endian fields; the step is length-prefixed.
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            ChildMsg::Started { pid } => {
-                let mut out = vec![TAG_STARTED];
-                out.extend_from_slice(&pid.to_le_bytes());
-                out
-            }
             ChildMsg::Failed(f) => {
                 let mut end = f.step.len().min(MAX_STEP);
                 while !f.step.is_char_boundary(end) {
@@ -110,7 +102,6 @@ impl ChildMsg {
         let take = |at: usize, n: usize| buf.get(at..at + n).ok_or(DecodeError::Truncated);
         let i32_at = |at| take(at, 4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         match *buf.first().ok_or(DecodeError::Truncated)? {
-            TAG_STARTED => Ok((ChildMsg::Started { pid: i32_at(1)? }, 5)),
             TAG_FAILED => {
                 let errno = i32_at(1)?;
                 let len = take(5, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)?;
@@ -143,8 +134,6 @@ mod tests {
 
     fn samples() -> Vec<ChildMsg> {
         vec![
-            ChildMsg::Started { pid: 4242 },
-            ChildMsg::Started { pid: -1 },
             ChildMsg::Failed(Failure {
                 step: "bind /var/lib/é to /data".into(),
                 errno: libc::ENOENT,

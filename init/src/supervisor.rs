@@ -22,6 +22,40 @@ struct Stream {
     split: LineSplitter,
 }
 
+/// A starting container's setup report (non-blocking), read until it
+/// ends: at the exec, or the setup's failure.
+struct Report {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+/// More than any failure report takes.
+const REPORT_MAX: usize = 64 * 1024;
+
+impl Report {
+    /// Reads what is there; true once the writers are gone.
+    fn read(&mut self) -> bool {
+        let mut chunk = [0u8; 512];
+        loop {
+            match sys::read(self.fd.as_fd(), &mut chunk) {
+                Ok(0) => return true,
+                Ok(n) if self.buf.len() < REPORT_MAX => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
+                Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        }
+    }
+}
+
+/// What a pipe polled in a round belongs to.
+#[derive(Clone, Copy)]
+enum Pipe {
+    /// Stream `.1` of unit `.0`.
+    Output(usize, usize),
+    /// The setup report of unit `.0`.
+    Report(usize),
+}
+
 /// When a unit runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnitKind {
@@ -130,8 +164,11 @@ pub struct Unit {
     since: f64,
     /// The wait status of its last run.
     last_status: Option<libc::c_int>,
-    /// Its probe passed in this run (or it started, having none).
+    /// Its probe passed in this run (or it exec'd, having none).
     ready: bool,
+    /// Its setup report while it sets up; the step that failed, if one did.
+    report: Option<Report>,
+    setup_failure: Option<String>,
     /// When its probe runs next; a running exec probe and its start.
     next_probe: Option<Instant>,
     probing: Option<(libc::pid_t, Instant)>,
@@ -155,6 +192,8 @@ impl Unit {
             since: sys::boot_seconds(),
             last_status: None,
             ready: false,
+            report: None,
+            setup_failure: None,
             next_probe: None,
             probing: None,
             said_waiting: false,
@@ -242,9 +281,35 @@ impl Unit {
             self.streak += 1;
         }
         self.started_at = Some(at);
-        self.ready = self.spec.ready.is_none();
-        self.next_probe = self.spec.ready.as_ref().map(|_| at);
+        self.ready = false;
+        self.next_probe = None;
         Ok(())
+    }
+
+    /// Its setup report ended at `at`: it exec'd its program (ready if it
+    /// has no probe; probing from now if it has), or a step failed.
+    fn set_up(&mut self, outcome: Result<(), String>, at: Instant) {
+        match outcome {
+            Ok(()) if self.pid().is_some() => {
+                self.ready = self.spec.ready.is_none();
+                self.next_probe = self.spec.ready.as_ref().map(|_| at);
+            }
+            Ok(()) => {}
+            Err(reason) => self.setup_failure = Some(reason),
+        }
+    }
+
+    /// Reads the rest of its setup report, if it has one, and handles it.
+    fn finish_report(&mut self, at: Instant) {
+        let Some(mut report) = self.report.take() else {
+            return;
+        };
+        report.read();
+        let outcome = container::setup_outcome(&report.buf).map_err(|e| console::chain(&e));
+        if let Err(reason) = &outcome {
+            console::log(&format!("{}: failed to start: {reason}", self.name()));
+        }
+        self.set_up(outcome, at);
     }
 
     /// Running → Backoff or Exited, as its restart policy decides; returns
@@ -287,6 +352,17 @@ impl Unit {
     pub fn failed(&mut self, reason: String) -> Result<(), BadTransition> {
         let ok = matches!(self.state, State::Pending | State::Backoff { .. });
         self.go(ok, State::Failed { reason })
+    }
+
+    /// Running → Failed: its process ended having reported a failed
+    /// setup step (it never ran its program, so it is not restarted).
+    fn failed_setup(&mut self, reason: String, at: Instant) -> Result<(), BadTransition> {
+        let ok = matches!(self.state, State::Running { .. });
+        self.go(ok, State::Failed { reason })?;
+        self.exited_at = Some(at);
+        self.ready = false;
+        self.next_probe = None;
+        Ok(())
     }
 
     /// Whether its process runs, will run again, or its output is still
@@ -706,6 +782,11 @@ impl Supervisor {
         let res = match container::spawn(&unit.spec) {
             Ok(s) => {
                 console::log(&format!("{name}: started, pid {}", s.pid));
+                unit.report = Some(Report {
+                    fd: s.report,
+                    buf: Vec::new(),
+                });
+                unit.setup_failure = None;
                 unit.sink = Some(Sink::open(name, &log_dir));
                 unit.streams = [s.stdout, s.stderr]
                     .into_iter()
@@ -743,6 +824,14 @@ impl Supervisor {
             if self.stop.is_some() && !shutdown {
                 return;
             }
+            self.pump(None);
+        }
+    }
+
+    /// Runs until every started unit has exec'd its program or failed to,
+    /// or a shutdown is asked for.
+    pub fn settle(&mut self) {
+        while self.stop.is_none() && self.units.0.iter().any(|u| u.report.is_some()) {
             self.pump(None);
         }
     }
@@ -810,8 +899,8 @@ impl Supervisor {
     /// power button or a child exit, then handle them.
     fn pump(&mut self, limit: Option<Instant>) {
         let mut fds: Vec<libc::pollfd> = Vec::new();
-        // (unit, stream) of each polled pipe, valid for this round only.
-        let mut owners: Vec<(usize, usize)> = Vec::new();
+        // Whose each polled pipe is, valid for this round only.
+        let mut owners: Vec<Pipe> = Vec::new();
         if let Some(fd) = &self.sigfd {
             fds.push(libc::pollfd {
                 fd: fd.as_raw_fd(),
@@ -833,7 +922,15 @@ impl Supervisor {
                     events: libc::POLLIN,
                     revents: 0,
                 });
-                owners.push((u, s));
+                owners.push(Pipe::Output(u, s));
+            }
+            if let Some(r) = &unit.report {
+                fds.push(libc::pollfd {
+                    fd: r.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                owners.push(Pipe::Report(u));
             }
         }
         let mut timeout: libc::c_int = if self.sigfd.is_some() { 1000 } else { 100 };
@@ -889,9 +986,18 @@ impl Supervisor {
             if pfd.revents == 0 {
                 continue;
             }
-            let (u, s) = owners[k - skip];
-            if !read_stream(&mut self.units.0[u], s) {
-                closed.push((u, s));
+            match owners[k - skip] {
+                Pipe::Output(u, s) => {
+                    if !read_stream(&mut self.units.0[u], s) {
+                        closed.push((u, s));
+                    }
+                }
+                Pipe::Report(u) => {
+                    let unit = &mut self.units.0[u];
+                    if unit.report.as_mut().is_some_and(Report::read) {
+                        unit.finish_report(Instant::now());
+                    }
+                }
             }
         }
         self.reap();
@@ -965,8 +1071,18 @@ impl Supervisor {
                 continue;
             };
             let name = unit.name().to_string();
+            let now = Instant::now();
+            // Written before it ended, so all there.
+            unit.finish_report(now);
+            if let Some(reason) = unit.setup_failure.take() {
+                if let Err(e) = unit.failed_setup(reason, now) {
+                    console::log(&e.to_string());
+                }
+                let _ = std::fs::remove_dir(format!("{}/{name}", container::CGROUP_DIR));
+                continue;
+            }
             let how = describe_status(status);
-            match unit.exited(status, Instant::now()) {
+            match unit.exited(status, now) {
                 Ok(AfterExit::Done) => console::log(&format!("{name}: {how}")),
                 Ok(AfterExit::Restart(delay)) => {
                     let looping = if unit.streak + 1 >= CRASH_LOOP {

@@ -46,6 +46,9 @@ pub trait Sys {
     /// pivot_root(2) with the old root stacked on the new one.
     fn pivot_root(&self, new_root: &str, put_old: &str) -> io::Result<()>;
     fn umount(&self, target: &str, flags: libc::c_int) -> io::Result<()>;
+    /// The read-only, nosuid, nodev and noexec flags (`MS_*`) of the
+    /// mount `path` is on.
+    fn mount_flags(&self, path: &str) -> io::Result<libc::c_ulong>;
 }
 
 /// The type of a filesystem entry, as far as setup cares.
@@ -73,6 +76,16 @@ pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 impl Sys for RealSys {
+    fn mount_flags(&self, path: &str) -> io::Result<libc::c_ulong> {
+        let p = cstr(path)?;
+        // SAFETY: a valid C string and a zeroed statvfs to fill.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        check(unsafe { libc::statvfs(p.as_ptr(), &mut st) })?;
+        // The ST_ bits of these four are the MS_ ones.
+        Ok(st.f_flag & (libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC))
+    }
+
     fn mount(
         &self,
         src: Option<&str>,
@@ -287,6 +300,45 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
     // SAFETY: pipe2 succeeded, so both are fresh descriptors nothing else owns.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// clone3's flag to start the child in the cgroup `cgroup` names (not
+/// in libc for musl).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// fork(2) into new namespaces (`flags`, CLONE_NEW*) and straight into the
+/// cgroup directory `cgroup`, through clone3: no migration afterwards (a
+/// write to cgroup.procs waits for an RCU grace period) and no window in
+/// which the child runs outside the cgroup. Returns 0 in the child.
+///
+/// # Safety
+/// As fork: the caller is single-threaded, so the child may run Rust code.
+pub unsafe fn clone_into(flags: libc::c_int, cgroup: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
+    let mut args: libc::clone_args = std::mem::zeroed();
+    // The CLONE_NEW* flags are small positive ints.
+    args.flags = u64::try_from(flags).unwrap_or(0) | CLONE_INTO_CGROUP;
+    args.exit_signal = libc::SIGCHLD as u64;
+    args.cgroup = u64::try_from(cgroup.as_raw_fd()).unwrap_or(0);
+    // SAFETY: args is a valid clone_args of the size given; no stack is
+    // passed, so the child continues on a copy of this one, as with fork.
+    let r = libc::syscall(
+        libc::SYS_clone3,
+        &raw mut args,
+        std::mem::size_of::<libc::clone_args>(),
+    );
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    libc::pid_t::try_from(r).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we hold, integer arguments only.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
 }
 
 /// Takes ownership of a descriptor a syscall just returned, or its errno.
@@ -543,6 +595,10 @@ pub mod fake {
     }
 
     impl Sys for FakeSys {
+        fn mount_flags(&self, _path: &str) -> io::Result<libc::c_ulong> {
+            Ok(0)
+        }
+
         fn mount(
             &self,
             src: Option<&str>,
