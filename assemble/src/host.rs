@@ -674,6 +674,41 @@ mod tests {
         assert_eq!(e.loc.field, "service[0].tmpfs[0]", "{e}");
     }
 
+    /// Each userns container gets the next range; ids it cannot map are
+    /// refused on the user field.
+    #[test]
+    fn userns_ranges_follow_each_other() {
+        let svc = |name: &str, extra: &str| {
+            format!("[[service]]\nname = \"{name}\"\nimage = {{ debian = [\"busybox-static\"] }}\ncommand = [\"/bin/sh\"]\n{extra}")
+        };
+        let head = "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"k\"\n";
+        let text = format!(
+            "{head}{}{}{}",
+            svc("a", "userns = true\n"),
+            svc("b", ""),
+            svc("c", "userns = true\n")
+        );
+        let recipe = crate::recipe::parse(Path::new("/r/x.toml"), &text).unwrap();
+        let images = |n| {
+            (0..n)
+                .map(|_| crate::fetch::ContainerImage {
+                    tree: image(),
+                    config: Default::default(),
+                })
+                .collect()
+        };
+        let host = assemble(&recipe, images(3), 0).unwrap();
+        let ranges: Vec<Option<u32>> = host.config.services.iter().map(|c| c.userns).collect();
+        assert_eq!(ranges, [Some(100_000), None, Some(165_536)]);
+        let text = format!("{head}{}", svc("d", "userns = true\nuser = \"70000\"\n"));
+        let recipe = crate::recipe::parse(Path::new("/r/x.toml"), &text).unwrap();
+        let Err(HostError::Recipe(e)) = assemble(&recipe, images(1), 0) else {
+            panic!("an id beyond the range must be refused")
+        };
+        assert_eq!(e.loc.field, "service[0].user", "{e}");
+        assert!(e.to_string().contains("id 70000 is outside"), "{e}");
+    }
+
     #[test]
     fn lookup_follows_symlinks() {
         let t = image();
