@@ -940,3 +940,118 @@ fn hardening_defaults() {
         assert!(got.ends_with(&format!("{}{extra}", head[6])), "{got}");
     }
 }
+
+/// The host network with two restricted cards: DHCP on eth0 (slirp's
+/// restricted DHCP gives an address, no router, no DNS), the recipe's
+/// static settings on eth1, the files containers on the host network see,
+/// a service's port published to this machine with `--publish`, and a
+/// server on this machine reached from the guest with `--forward`.
+#[test]
+fn host_network_and_published_port() {
+    let dir = k::scratch("network");
+    let recipe = dir.join("network.toml");
+    let bb = "image = { debian = [\"busybox-static\"], scripts = false }";
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"network\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
+             [[service]]\nname = \"web\"\n{bb}\nready = {{ tcp = 8080 }}\ncommand = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
+             [[file]]\ncontainer = \"web\"\npath = \"/www/index.html\"\ncontents = \"served from the guest\\n\"\n\
+             [[service]]\nname = \"fetch\"\n{bb}\nrestart = \"never\"\ncommand = [\"/bin/busybox\", \"wget\", \"-q\", \"-O\", \"-\", \"http://10.0.2.100/\"]\n\
+             [[service]]\nname = \"show\"\n{bb}\nrestart = \"never\"\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"for i in eth0 eth1; do echo $i $(busybox ip -4 -o addr show dev $i | busybox awk '{{print $4}}'); done; busybox ip route | busybox grep default; busybox cat /etc/resolv.conf /etc/hosts\"]\n\
+             [host]\nhostname = \"edge\"\n\
+             [[network.interface]]\nname = \"eth1\"\naddress = \"192.168.50.5/24\"\ngateway = \"192.168.50.1\"\ndns = [\"192.168.50.53\"]\n\
+             [disk]\nsize = \"256M\"\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let publish = format!("{port}:8080");
+    // What the guest reaches at 10.0.2.100:80: a server here, one answer
+    // per connection.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let forward = format!("10.0.2.100:80={}", server.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut c in server.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 15\r\n\r\nfrom the host!\n");
+        }
+    });
+    let mut page = None;
+    let mut show_done = false;
+    let mut fetched = false;
+    let console = k::boot_until_with(
+        &kiln(),
+        &out.join("network.raw"),
+        300,
+        &[
+            "--net",
+            "restricted",
+            "--net",
+            "restricted",
+            "--publish",
+            &publish,
+            "--forward",
+            &forward,
+        ],
+        |l| {
+            if l.contains("web: ready") {
+                page = Some(http_get(port));
+            }
+            show_done |= l.contains("show: exited");
+            fetched |= l.contains("fetch: exited");
+            page.is_some() && show_done && fetched
+        },
+    )
+    .replace('\r', "");
+    let page = page.unwrap_or_else(|| panic!("web never ready:\n{console}"));
+    assert!(
+        page.starts_with("HTTP/1.") && page.contains("served from the guest"),
+        "{page}\n{console}"
+    );
+    assert!(console.contains("network up in"), "{console}");
+    assert_eq!(
+        container_lines(&console, "fetch"),
+        ["from the host!"],
+        "{console}"
+    );
+    let show = container_lines(&console, "show");
+    assert_eq!(show.len(), 7, "{console}");
+    assert_eq!(show[..2], ["eth0 10.0.2.15/24", "eth1 192.168.50.5/24"]);
+    assert!(
+        show[2].starts_with("default via 192.168.50.1 dev eth1"),
+        "{console}"
+    );
+    assert_eq!(
+        show[3..],
+        [
+            "nameserver 192.168.50.53",
+            "127.0.0.1\tlocalhost",
+            "::1\tlocalhost ip6-localhost ip6-loopback",
+            "10.0.2.15\tedge"
+        ],
+        "{console}"
+    );
+}
+
+/// `GET /` from 127.0.0.1:`port`, the whole answer (or the error).
+fn http_get(port: u16) -> String {
+    use std::io::{Read, Write};
+    let attempt = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    attempt().unwrap_or_else(|e| format!("error: {e}"))
+}

@@ -72,6 +72,8 @@ pub fn assemble(
         onboot: Vec::new(),
         services: Vec::new(),
         onshutdown: Vec::new(),
+        network: recipe.network.clone(),
+        hostname_pinned: recipe.host.hostname_pinned,
     };
     let tree_err = |what: String| move |source| HostError::Tree { what, source };
 
@@ -469,6 +471,32 @@ fn container_config(
             target: b.target.clone(),
             readonly: b.readonly,
         });
+    }
+    // On the host network: the init's view of it, kept current (what
+    // Docker gives), unless the recipe binds these itself.
+    if spec.net == initcfg::Net::Host {
+        for (source, target) in [
+            (initcfg::RESOLV_CONF, "/etc/resolv.conf"),
+            (initcfg::HOSTS_FILE, "/etc/hosts"),
+        ] {
+            if binds.iter().any(|b: &Bind| b.target == target) {
+                continue;
+            }
+            // An image's symlink (to systemd-resolved's file, say) would
+            // send the bind elsewhere: a plain file takes its place.
+            if !matches!(
+                rootfs.get(Path::new(target)),
+                Some(Node::File { .. }) | None
+            ) {
+                let _ = rootfs.remove(Path::new(target));
+            }
+            mountpoints.push((target.to_string(), true));
+            binds.push(Bind {
+                source: source.to_string(),
+                target: target.to_string(),
+                readonly: true,
+            });
+        }
     }
     mountpoints.push((cwd.clone(), false));
 

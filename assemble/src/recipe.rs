@@ -97,6 +97,8 @@ pub struct Recipe {
     pub disk: DiskSpec,
     /// Output settings.
     pub output: OutputSpec,
+    /// The host's network (`[network]`).
+    pub network: kiln_init::config::Network,
 }
 
 /// The recipe's `[kernel]` table.
@@ -306,6 +308,8 @@ pub struct HostSpec {
     pub when_done: WhenDone,
     /// Milliseconds essential containers must be ready to count healthy.
     pub healthy_after_ms: u64,
+    /// `hostname_from = "recipe"`: the hostname is kept whatever DHCP says.
+    pub hostname_pinned: bool,
 }
 
 /// The recipe's `[disk]` table.
@@ -646,6 +650,29 @@ mod raw {
         pub disk: Disk,
         #[serde(default)]
         pub output: Output,
+        #[serde(default)]
+        pub network: Network,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Network {
+        pub ipv6: Option<bool>,
+        pub wait: Option<Spanned<String>>,
+        #[serde(default)]
+        pub interface: Vec<Spanned<NetInterface>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct NetInterface {
+        pub name: Spanned<String>,
+        pub dhcp: Option<bool>,
+        pub address: Option<Spanned<String>>,
+        pub gateway: Option<Spanned<String>>,
+        #[serde(default)]
+        pub dns: Vec<Spanned<String>>,
+        pub mtu: Option<Spanned<i64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -775,6 +802,7 @@ mod raw {
         pub hostname: Option<Spanned<String>>,
         pub when_done: Option<Spanned<String>>,
         pub healthy_after: Option<Spanned<String>>,
+        pub hostname_from: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -1549,6 +1577,15 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         },
     };
 
+    let hostname_pinned = match &r.host.hostname_from {
+        None => false,
+        Some(h) => match h.get_ref().as_str() {
+            "recipe" => true,
+            "network" => false,
+            _ => return Err(l.at(h, "expected \"recipe\" or \"network\"")),
+        },
+    };
+    let network = network(l, &r.network)?;
     let healthy_after_ms = match &r.host.healthy_after {
         None => DEFAULT_HEALTHY_AFTER_MS,
         Some(h) => parse_duration(h.get_ref()).ok_or_else(|| {
@@ -1655,12 +1692,98 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             hostname,
             when_done,
             healthy_after_ms,
+            hostname_pinned,
         },
         disk: DiskSpec { size },
         output: OutputSpec {
             formats,
             root_compression,
         },
+        network,
+    })
+}
+
+/// The typed `[network]` table.
+fn network(l: &Locator, n: &raw::Network) -> Result<kiln_init::config::Network, Box<RecipeError>> {
+    use kiln_init::config::Interface;
+    use std::net::Ipv4Addr;
+    let wait_ms = match &n.wait {
+        None => kiln_init::config::DEFAULT_NETWORK_WAIT_MS,
+        Some(w) => parse_duration(w.get_ref())
+            .ok_or_else(|| l.at(w, "expected a duration such as \"500ms\", \"5s\" or \"1m\""))?,
+    };
+    let ip = |s: &Spanned<String>| {
+        s.get_ref()
+            .parse::<Ipv4Addr>()
+            .map_err(|_| l.at(s, "expected an IPv4 address such as \"10.0.0.1\""))
+    };
+    let mut interfaces: Vec<Interface> = Vec::new();
+    for i in &n.interface {
+        let i = i.get_ref();
+        let name = i.name.get_ref();
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', ':'])
+            || name.chars().any(char::is_whitespace)
+        {
+            return Err(l.at(
+                &i.name,
+                "not an interface name (1 to 15 characters, no '/', ':' or spaces)",
+            ));
+        }
+        if interfaces.iter().any(|o| o.name == *name) {
+            return Err(l.at(&i.name, format!("interface {name} is configured twice")));
+        }
+        let address = match &i.address {
+            None => None,
+            Some(a) => {
+                let parsed = a.get_ref().split_once('/').and_then(|(ip, p)| {
+                    Some((
+                        ip.parse::<Ipv4Addr>().ok()?,
+                        p.parse::<u8>().ok().filter(|&p| p <= 32)?,
+                    ))
+                });
+                Some(parsed.ok_or_else(|| {
+                    l.at(
+                        a,
+                        "expected an address with its prefix length, such as \"10.0.0.5/24\"",
+                    )
+                })?)
+            }
+        };
+        let dhcp = i.dhcp.unwrap_or(address.is_none());
+        if dhcp && address.is_some() {
+            if let Some(a) = &i.address {
+                return Err(l.at(a, "a static address needs dhcp = false"));
+            }
+        }
+        let gateway = i.gateway.as_ref().map(ip).transpose()?;
+        if let (Some(g), None) = (&i.gateway, address) {
+            return Err(l.at(g, "a gateway needs a static address"));
+        }
+        let dns = i.dns.iter().map(ip).collect::<Result<Vec<_>, _>>()?;
+        let mtu = match &i.mtu {
+            None => None,
+            Some(m) => Some(
+                u32::try_from(*m.get_ref())
+                    .ok()
+                    .filter(|m| (576..=65535).contains(m))
+                    .ok_or_else(|| l.at(m, "expected an MTU from 576 to 65535"))?,
+            ),
+        };
+        interfaces.push(Interface {
+            name: name.clone(),
+            dhcp,
+            address,
+            gateway,
+            dns,
+            mtu,
+        });
+    }
+    Ok(kiln_init::config::Network {
+        interfaces,
+        ipv6: n.ipv6.unwrap_or(true),
+        wait_ms,
     })
 }
 
@@ -2085,6 +2208,77 @@ size = "512M"
                 "rlimits = { nofile = \"9:1\" }\n",
                 "service[0].rlimits.nofile",
                 "SOFT:HARD",
+            ),
+        ] {
+            let e = err(&format!("{base}{extra}"));
+            assert_eq!(e.loc.field, field, "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn network_tables() {
+        let base =
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n";
+        let ok = |extra: &str| parse(Path::new("r.toml"), &format!("{base}{extra}")).unwrap();
+        let n = ok("").network;
+        assert_eq!(n, kiln_init::config::Network::default());
+        assert!(n.ipv6 && n.interfaces.is_empty() && n.wait_ms == 5000);
+        let r = ok("[host]\nhostname_from = \"recipe\"\n[network]\nipv6 = false\nwait = \"2s\"\n[[network.interface]]\nname = \"eth1\"\naddress = \"10.0.0.5/24\"\ngateway = \"10.0.0.1\"\ndns = [\"10.0.0.53\"]\nmtu = 9000\n[[network.interface]]\nname = \"eth0\"\nmtu = 1400\n");
+        assert!(r.host.hostname_pinned);
+        assert_eq!((r.network.ipv6, r.network.wait_ms), (false, 2000));
+        let i = &r.network.interfaces;
+        assert_eq!(i[0].name, "eth1");
+        assert!(!i[0].dhcp);
+        assert_eq!(i[0].address, Some(("10.0.0.5".parse().unwrap(), 24)));
+        assert_eq!(i[0].gateway, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            i[0].dns,
+            ["10.0.0.53".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(i[0].mtu, Some(9000));
+        assert!(i[1].dhcp && i[1].address.is_none());
+        for (extra, field, says) in [
+            ("[network]\nwait = \"soon\"\n", "network.wait", "duration"),
+            (
+                "[[network.interface]]\nname = \"a/b\"\n",
+                "network.interface[0].name",
+                "interface name",
+            ),
+            (
+                "[[network.interface]]\nname = \"e\"\n[[network.interface]]\nname = \"e\"\n",
+                "network.interface[1].name",
+                "twice",
+            ),
+            (
+                "[[network.interface]]\nname = \"e\"\naddress = \"10.0.0.5\"\n",
+                "network.interface[0].address",
+                "prefix length",
+            ),
+            (
+                "[[network.interface]]\nname = \"e\"\naddress = \"10.0.0.5/24\"\ndhcp = true\n",
+                "network.interface[0].address",
+                "dhcp = false",
+            ),
+            (
+                "[[network.interface]]\nname = \"e\"\ngateway = \"10.0.0.1\"\n",
+                "network.interface[0].gateway",
+                "static address",
+            ),
+            (
+                "[[network.interface]]\nname = \"e\"\ndns = [\"x\"]\n",
+                "network.interface[0].dns[0]",
+                "IPv4",
+            ),
+            (
+                "[[network.interface]]\nname = \"e\"\nmtu = 10\n",
+                "network.interface[0].mtu",
+                "MTU",
+            ),
+            (
+                "[host]\nhostname_from = \"dns\"\n",
+                "host.hostname_from",
+                "recipe",
             ),
         ] {
             let e = err(&format!("{base}{extra}"));

@@ -63,6 +63,14 @@ enum Command {
     /// 130/143 after SIGINT/SIGTERM, which press the guest's power button
     /// and stop QEMU if the guest is not off within 30 s.
     Run(run::RunArgs),
+    /// Copies stdin to a TCP connection to ADDR:PORT and the connection to
+    /// stdout: what `kiln run --forward` has QEMU start per guest
+    /// connection.
+    #[command(hide = true)]
+    Relay {
+        /// Where to connect.
+        to: std::net::SocketAddr,
+    },
 }
 
 #[derive(Args)]
@@ -288,6 +296,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Build(args) => build(args),
         Command::Lock(args) => lock(args),
         Command::Run(args) => run::run(&args),
+        Command::Relay { to } => run::relay(to),
     }
 }
 

@@ -32,6 +32,136 @@ pub struct RunArgs {
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// A network card, repeatable (one each): `restricted` (the default:
+    /// user-mode networking that reaches nothing past QEMU but what
+    /// --publish allows), `user` (outbound NAT through this machine,
+    /// which includes its networks and, on a cloud VM, its metadata
+    /// service and credentials), or `none` (no card).
+    #[arg(long = "net", value_enum)]
+    nets: Vec<NetMode>,
+    /// Publish a guest port on this machine, [ADDR:]HOST:GUEST[/tcp|udp]
+    /// (ADDR 127.0.0.1 unless given), through the first card. Repeatable.
+    #[arg(long)]
+    publish: Vec<String>,
+    /// Let the guest reach GUEST_IP:PORT (an address inside the user-mode
+    /// network, 10.0.2.0/24), each connection forwarded to HOST_PORT on
+    /// this machine's 127.0.0.1, through the first card. Repeatable.
+    #[arg(long)]
+    forward: Vec<String>,
+}
+
+/// What a `--net` card reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum NetMode {
+    Restricted,
+    User,
+    None,
+}
+
+/// QEMU's `hostfwd` for a `--publish` value.
+fn hostfwd(spec: &str) -> Result<String> {
+    let (ports, proto) = match spec.rsplit_once('/') {
+        Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
+        Some(_) => bail!("--publish {spec}: the protocol is tcp or udp"),
+        None => (spec, "tcp"),
+    };
+    let parts: Vec<&str> = ports.split(':').collect();
+    let (addr, host, guest) = match parts[..] {
+        [host, guest] => ("127.0.0.1", host, guest),
+        [addr, host, guest] => (addr, host, guest),
+        _ => bail!("--publish {spec}: expected [ADDR:]HOST:GUEST[/tcp|udp]"),
+    };
+    if addr.parse::<std::net::Ipv4Addr>().is_err() {
+        bail!("--publish {spec}: {addr} is not an IPv4 address");
+    }
+    for p in [host, guest] {
+        if !p.parse::<u16>().is_ok_and(|p| p > 0) {
+            bail!("--publish {spec}: {p} is not a port (1 to 65535)");
+        }
+    }
+    Ok(format!("hostfwd={proto}:{addr}:{host}-:{guest}"))
+}
+
+/// QEMU's `guestfwd` for a `--forward` value: a `kiln relay` per
+/// connection (QEMU's socket form opens one connection, at start).
+fn guestfwd(spec: &str, kiln: &Path) -> Result<String> {
+    let parsed = spec.split_once('=').and_then(|(guest, host)| {
+        let (ip, port) = guest.rsplit_once(':')?;
+        Some((
+            ip.parse::<std::net::Ipv4Addr>().ok()?,
+            port.parse::<u16>().ok().filter(|&p| p > 0)?,
+            host.parse::<u16>().ok().filter(|&p| p > 0)?,
+        ))
+    });
+    let Some((ip, port, host)) = parsed else {
+        bail!("--forward {spec}: expected GUEST_IP:PORT=HOST_PORT");
+    };
+    let kiln = kiln.display().to_string();
+    if kiln.contains(char::is_whitespace) {
+        bail!("--forward: kiln's path {kiln} has spaces, which QEMU's guestfwd cannot pass");
+    }
+    // Commas are doubled in QEMU's option syntax.
+    Ok(format!(
+        "guestfwd=tcp:{ip}:{port}-cmd:{} relay 127.0.0.1:{host}",
+        kiln.replace(',', ",,")
+    ))
+}
+
+/// `kiln relay`: stdin to the connection, the connection to stdout.
+pub fn relay(to: std::net::SocketAddr) -> Result<ExitCode> {
+    let conn = std::net::TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+    let mut up = conn.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut up);
+        let _ = up.shutdown(std::net::Shutdown::Write);
+    });
+    let mut down = conn;
+    std::io::copy(&mut down, &mut std::io::stdout().lock())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `-nic` arguments for the cards asked for.
+fn nic_args(nets: &[NetMode], publish: &[String], forward: &[String]) -> Result<Vec<String>> {
+    let nets = if nets.is_empty() {
+        &[NetMode::Restricted][..]
+    } else {
+        nets
+    };
+    if nets.contains(&NetMode::None) {
+        if nets.len() > 1 {
+            bail!("--net none is no card: it cannot be combined with others");
+        }
+        if !publish.is_empty() || !forward.is_empty() {
+            bail!("--publish and --forward need a network card (not --net none)");
+        }
+        return Ok(vec!["-nic".into(), "none".into()]);
+    }
+    let mut fwd = Vec::new();
+    for p in publish {
+        fwd.push(hostfwd(p)?);
+    }
+    if !forward.is_empty() {
+        let kiln = std::env::current_exe().context("finding kiln's own path for --forward")?;
+        for f in forward {
+            fwd.push(guestfwd(f, &kiln)?);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, n) in nets.iter().enumerate() {
+        let mut nic = String::from("user,model=virtio-net-pci");
+        if *n == NetMode::Restricted {
+            nic.push_str(",restrict=on");
+        }
+        if i == 0 {
+            for f in &fwd {
+                nic.push(',');
+                nic.push_str(f);
+            }
+        }
+        out.push("-nic".into());
+        out.push(nic);
+    }
+    Ok(out)
 }
 
 /// Removes the private OVMF vars copy however `run` ends.
@@ -85,7 +215,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     ])
     .args(["-m", &a.memory.to_string(), "-smp", &a.cpus.to_string()])
     .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
-    .args(["-no-reboot", "-nic", "none"])
+    .arg("-no-reboot")
+    .args(nic_args(&a.nets, &a.publish, &a.forward)?)
     .arg("-qmp")
     .arg(format!(
         "unix:{},server=on,wait=off",
@@ -285,6 +416,65 @@ fn drive_arg(opts: &str, file: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwards_run_a_relay_per_connection() {
+        let k = Path::new("/opt/k,1/kiln");
+        assert_eq!(
+            guestfwd("10.0.2.100:80=8080", k).unwrap(),
+            "guestfwd=tcp:10.0.2.100:80-cmd:/opt/k,,1/kiln relay 127.0.0.1:8080"
+        );
+        for bad in [
+            "10.0.2.100:80",
+            "x:80=1",
+            "10.0.2.100:0=1",
+            "10.0.2.100:80=http",
+        ] {
+            let e = guestfwd(bad, k).unwrap_err().to_string();
+            assert!(e.contains("GUEST_IP:PORT=HOST_PORT"), "{e}");
+        }
+        assert!(guestfwd("10.0.2.100:80=1", Path::new("/a b/kiln")).is_err());
+    }
+
+    #[test]
+    fn network_cards() {
+        let nic = |nets: &[NetMode], publish: &[&str]| {
+            let p: Vec<String> = publish.iter().map(|s| s.to_string()).collect();
+            nic_args(nets, &p, &[]).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            nic(&[], &["8080:80", "0.0.0.0:5353:53/udp"]).unwrap(),
+            [
+                "-nic",
+                "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:0.0.0.0:5353-:53"
+            ]
+        );
+        assert_eq!(
+            nic(&[NetMode::Restricted, NetMode::User], &[]).unwrap(),
+            [
+                "-nic",
+                "user,model=virtio-net-pci,restrict=on",
+                "-nic",
+                "user,model=virtio-net-pci"
+            ]
+        );
+        assert_eq!(nic(&[NetMode::None], &[]).unwrap(), ["-nic", "none"]);
+        for (nets, publish, says) in [
+            (&[NetMode::None][..], &["80:80"][..], "need a network card"),
+            (
+                &[NetMode::None, NetMode::User][..],
+                &[][..],
+                "cannot be combined",
+            ),
+            (&[][..], &["80"][..], "expected [ADDR:]HOST:GUEST"),
+            (&[][..], &["80:0"][..], "not a port"),
+            (&[][..], &["80:80/sctp"][..], "tcp or udp"),
+            (&[][..], &["host:80:80"][..], "not an IPv4 address"),
+        ] {
+            let e = nic(nets, publish).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
 
     #[test]
     fn the_console_is_copied_and_the_report_read() {

@@ -532,6 +532,8 @@ mod tests {
             onboot: vec![],
             services: vec![],
             onshutdown: vec![],
+            network: Default::default(),
+            hostname_pinned: false,
         };
         assert!(apply_host(&sys, &cfg).is_empty());
         assert_eq!(sys.log(), vec!["sethostname box", "ip link set lo up"]);

@@ -112,7 +112,64 @@ pub struct HostConfig {
     pub services: Vec<Container>,
     /// Run to completion, in order, once services have stopped.
     pub onshutdown: Vec<Container>,
+    /// The host's network.
+    pub network: Network,
+    /// Keep `hostname` whatever DHCP (or metadata) names the host.
+    pub hostname_pinned: bool,
 }
+
+/// The host's network (recipe `[network]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Interfaces configured by name; every other Ethernet interface
+    /// runs DHCP.
+    pub interfaces: Vec<Interface>,
+    /// IPv6 by SLAAC (the kernel's autoconfiguration); false: IPv6 off.
+    pub ipv6: bool,
+    /// Milliseconds containers on the host network wait for it before
+    /// starting anyway.
+    pub wait_ms: u64,
+}
+
+/// How long containers wait for the network by default.
+pub const DEFAULT_NETWORK_WAIT_MS: u64 = 5_000;
+
+impl Default for Network {
+    fn default() -> Network {
+        Network {
+            interfaces: Vec::new(),
+            ipv6: true,
+            wait_ms: DEFAULT_NETWORK_WAIT_MS,
+        }
+    }
+}
+
+/// One interface of `[[network.interface]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// Kernel name, `eth0`.
+    pub name: String,
+    /// Configured by DHCP (false: by the fields below, or only brought up).
+    pub dhcp: bool,
+    /// Static address and prefix length.
+    pub address: Option<(std::net::Ipv4Addr, u8)>,
+    /// Default route through this router.
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Name servers.
+    pub dns: Vec<std::net::Ipv4Addr>,
+    /// Link MTU.
+    pub mtu: Option<u32>,
+}
+
+/// Where the init keeps what it learnt of the network.
+pub const NET_DIR: &str = "/run/kiln/net";
+/// Name servers and search domain, bound read-only over /etc/resolv.conf
+/// in containers on the host network (kept current in place).
+pub const RESOLV_CONF: &str = "/run/kiln/net/resolv.conf";
+/// localhost and the host's name and address, bound over /etc/hosts.
+pub const HOSTS_FILE: &str = "/run/kiln/net/hosts";
 
 /// What the init does once every container has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

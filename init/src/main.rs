@@ -11,9 +11,12 @@ mod button;
 mod caps;
 mod console;
 mod container;
+mod dhcp;
 mod glob;
 mod modules;
 mod msg;
+mod netlink;
+mod network;
 mod seccomp;
 mod supervisor;
 mod sys;
@@ -148,6 +151,17 @@ fn run() -> Result<std::convert::Infallible, String> {
     } else {
         log("no boot config: assuming the real root is already mounted");
     }
+    // Network drivers now, in this process: DHCP runs while containers
+    // set up, and a one-CPU machine defers the rest until they started.
+    if let Some(d) = &mut deferred {
+        let prefix = format!("/proc/self/fd/{}", d.initramfs.as_raw_fd());
+        let before = d.loader.report.loaded.len();
+        d.loader
+            .load_where(&sys, &d.index, &prefix, &|p| p.contains("/drivers/net/"));
+        if d.loader.report.loaded.len() > before {
+            log_report("network drivers", &d.loader.report, before);
+        }
+    }
     for e in boot::mount_runtime(&sys) {
         log(&format!("warning: {}", console::chain(&e)));
     }
@@ -190,6 +204,15 @@ fn run() -> Result<std::convert::Infallible, String> {
     }
     let healthy_after = std::time::Duration::from_millis(cfg.healthy_after_ms);
     let mut sup = supervisor::Supervisor::new("/var/log", healthy_after);
+    match network::Network::start(
+        &cfg.network,
+        &cfg.hostname,
+        cfg.hostname_pinned,
+        std::time::Instant::now(),
+    ) {
+        Ok(net) => sup.set_network(net, std::time::Duration::from_millis(cfg.network.wait_ms)),
+        Err(e) => log(&format!("warning: no network: {}", console::chain(&e))),
+    }
     let units = cfg
         .onboot
         .iter()

@@ -144,6 +144,28 @@ impl Loader {
         false
     }
 
+    /// Loads the modules present devices ask for whose path `wanted`
+    /// accepts (network drivers, say), with what they depend on.
+    pub fn load_where(
+        &mut self,
+        sys: &dyn Sys,
+        index: &ModuleIndex,
+        prefix: &str,
+        wanted: &dyn Fn(&str) -> bool,
+    ) {
+        // Bounded: each round tries at least one new module.
+        for _ in 0..=index.modules.len() {
+            let next = matching(index, &read_modaliases(sys))
+                .into_iter()
+                .filter(|n| index.modules.get(n).is_some_and(|i| wanted(&i.path)))
+                .find(|n| closure(index, n).iter().any(|m| !self.tried.contains(m)));
+            let Some(name) = next else {
+                return;
+            };
+            self.load_closure(sys, index, prefix, &name);
+        }
+    }
+
     /// Loads `name` and what it depends on, each once.
     fn load_closure(&mut self, sys: &dyn Sys, index: &ModuleIndex, prefix: &str, name: &str) {
         for m in closure(index, name) {

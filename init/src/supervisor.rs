@@ -4,9 +4,11 @@
 
 use crate::console::{self, LineSplitter, Sink};
 use crate::container;
+use crate::network::Network;
 use crate::sys;
 use kiln_init::config::{
-    Container, ContainerStatus, Exit, Probe, Restart, Status, HEALTH_FILE, STATE_DIR, STATUS_FILE,
+    Container, ContainerStatus, Exit, Net, Probe, Restart, Status, HEALTH_FILE, STATE_DIR,
+    STATUS_FILE,
 };
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -444,6 +446,11 @@ pub struct Supervisor {
     healthy_after: Duration,
     healthy_since: Option<Instant>,
     healthy_recorded: bool,
+    /// The host's network, until when containers on it wait for it, and
+    /// whether starting them anyway was said.
+    net: Option<Network>,
+    net_wait_until: Option<Instant>,
+    said_net_late: bool,
 }
 
 /// How often a probe runs until it passes.
@@ -551,7 +558,33 @@ impl Supervisor {
             healthy_after,
             healthy_since: None,
             healthy_recorded: false,
+            net: None,
+            net_wait_until: None,
+            said_net_late: false,
         }
+    }
+
+    /// Runs the host's network from the loop; containers on it wait for
+    /// it to be up, or `wait` at most.
+    pub fn set_network(&mut self, net: Network, wait: Duration) {
+        self.net_wait_until = Some(Instant::now() + wait);
+        self.net = Some(net);
+    }
+
+    /// Whether containers on the host network may start: it is up, or
+    /// they have waited long enough.
+    fn network_ready(&mut self, now: Instant) -> bool {
+        if self.net.as_ref().is_none_or(Network::up) {
+            return true;
+        }
+        if self.net_wait_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        if !self.said_net_late {
+            self.said_net_late = true;
+            console::log("network not up in time: starting its containers anyway");
+        }
+        true
     }
 
     /// Runs due probes; marks units ready.
@@ -630,6 +663,16 @@ impl Supervisor {
                     let _ = u.failed(format!("{d} ended without becoming ready"));
                 }
             } else if waiting.is_empty() {
+                let on_host = unit.spec.net == Net::Host;
+                if on_host && !self.network_ready(Instant::now()) {
+                    if let Some(u) = self.units.get_mut(&name) {
+                        if !u.said_waiting {
+                            u.said_waiting = true;
+                            console::log(&format!("{name}: waiting for the network"));
+                        }
+                    }
+                    continue;
+                }
                 self.start(&name);
             } else if let Some(u) = self.units.get_mut(&name) {
                 if !u.said_waiting {
@@ -749,6 +792,13 @@ impl Supervisor {
             if kind != UnitKind::Onshutdown && self.stop.is_some() {
                 return;
             }
+            let on_host = self
+                .units
+                .get(&name)
+                .is_some_and(|u| u.spec.net == Net::Host);
+            while on_host && self.stop.is_none() && !self.network_ready(Instant::now()) {
+                self.pump(None);
+            }
             self.start(&name);
             self.wait(&name);
         }
@@ -836,10 +886,14 @@ impl Supervisor {
         }
     }
 
-    /// Runs until every started unit exited and its output is drained, or
-    /// a shutdown is asked for.
+    /// Runs until every unit that started or will start has exited and
+    /// its output is drained, or a shutdown is asked for.
     pub fn wait_all(&mut self) {
-        while self.stop.is_none() && self.units.0.iter().any(Unit::busy) {
+        // A pending service still starts (once its dependencies or the
+        // network are ready).
+        let waits =
+            |u: &Unit| u.busy() || (u.kind == UnitKind::Service && u.state == State::Pending);
+        while self.stop.is_none() && self.units.0.iter().any(waits) {
             self.pump(None);
         }
     }
@@ -915,6 +969,14 @@ impl Supervisor {
                 revents: 0,
             });
         }
+        let net_fds = self.net.as_ref().map_or(Vec::new(), Network::fds);
+        for &fd in &net_fds {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         for (u, unit) in self.units.0.iter().enumerate() {
             for (s, st) in unit.streams.iter().enumerate() {
                 fds.push(libc::pollfd {
@@ -940,7 +1002,14 @@ impl Supervisor {
             _ => None,
         });
         let next = self.next_wake();
-        for at in wakes.chain(limit).chain(next) {
+        let net_next = self.net.as_ref().and_then(|n| {
+            let waiting = !n.up() && !self.said_net_late;
+            n.deadline()
+                .into_iter()
+                .chain(self.net_wait_until.filter(|_| waiting))
+                .min()
+        });
+        for at in wakes.chain(limit).chain(next).chain(net_next) {
             let ms = at.saturating_duration_since(now).as_millis();
             timeout = timeout.min(libc::c_int::try_from(ms).unwrap_or(timeout));
         }
@@ -951,7 +1020,16 @@ impl Supervisor {
             self.reap();
             return;
         }
-        let skip = usize::from(self.sigfd.is_some()) + self.buttons.len();
+        let skip = usize::from(self.sigfd.is_some()) + self.buttons.len() + net_fds.len();
+        let first_net = skip - net_fds.len();
+        let net_ready: Vec<libc::c_int> = fds[first_net..skip]
+            .iter()
+            .filter(|p| p.revents != 0)
+            .map(|p| p.fd)
+            .collect();
+        if let Some(net) = &mut self.net {
+            net.handle(&net_ready, Instant::now());
+        }
         let mut stop = None;
         if let Some(fd) = &self.sigfd {
             if fds[0].revents != 0 {

@@ -91,9 +91,15 @@ pub fn build(kiln: &Path, recipe: &Path, out: &Path) -> Ran {
 
 /// Boots `image` with `kiln run`, returning the serial console output.
 pub fn boot(kiln: &Path, image: &Path, timeout_secs: u64) -> Ran {
+    boot_with(kiln, image, timeout_secs, &[])
+}
+
+/// [`boot`] with more `kiln run` arguments (network cards, say).
+pub fn boot_with(kiln: &Path, image: &Path, timeout_secs: u64, args: &[&str]) -> Ran {
     let r = run(Command::new(kiln)
         .arg("run")
         .arg(image)
+        .args(args)
         .arg("--timeout")
         .arg(timeout_secs.to_string()));
     // Kept for post-mortems when an assertion fails.
@@ -108,13 +114,25 @@ pub fn boot_until(
     kiln: &Path,
     image: &Path,
     timeout_secs: u64,
-    done: impl Fn(&str) -> bool,
+    done: impl FnMut(&str) -> bool,
+) -> String {
+    boot_until_with(kiln, image, timeout_secs, &[], done)
+}
+
+/// [`boot_until`] with more `kiln run` arguments.
+pub fn boot_until_with(
+    kiln: &Path,
+    image: &Path,
+    timeout_secs: u64,
+    args: &[&str],
+    mut done: impl FnMut(&str) -> bool,
 ) -> String {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     let mut child = Command::new(kiln)
         .arg("run")
         .arg(image)
+        .args(args)
         .arg("--timeout")
         .arg(timeout_secs.to_string())
         .stdout(std::process::Stdio::piped())
