@@ -5,7 +5,7 @@
 use crate::glob;
 use crate::sys::Sys;
 use kiln_init::config::ModuleIndex;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What a round of loading did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -58,27 +58,20 @@ pub fn matching(index: &ModuleIndex, modaliases: &BTreeSet<String>) -> Vec<Strin
         .collect()
 }
 
-/// Every `/sys/bus/*/devices/*/modalias` currently present.
-pub fn read_modaliases(sys: &dyn Sys) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let Ok(buses) = sys.list_dir("/sys/bus") else {
-        return out;
-    };
-    for bus in buses {
-        let dir = format!("/sys/bus/{bus}/devices");
-        let Ok(devs) = sys.list_dir(&dir) else {
-            continue;
-        };
-        for dev in devs {
-            if let Ok(data) = sys.read_file(&format!("{dir}/{dev}/modalias")) {
-                let s = String::from_utf8_lossy(&data).trim().to_string();
-                if !s.is_empty() {
-                    out.insert(s);
-                }
-            }
-        }
-    }
-    out
+/// The buses (`pci`, `virtio`, `acpi`...) some alias of `modules` names:
+/// the part of each pattern before its first `:` or glob character.
+fn buses_of<'i>(
+    index: &ModuleIndex,
+    modules: impl Iterator<Item = &'i String>,
+) -> BTreeSet<String> {
+    modules
+        .filter_map(|m| index.modules.get(m))
+        .flat_map(|info| info.aliases.iter())
+        .filter_map(|pat| {
+            let end = pat.find([':', '*', '?', '['])?;
+            Some(pat[..end].to_string()).filter(|b| !b.is_empty())
+        })
+        .collect()
 }
 
 /// Where a module comes in the order of loading: bus drivers and the
@@ -99,6 +92,9 @@ fn priority(name: &str) -> u8 {
 #[derive(Debug, Default)]
 pub struct Loader {
     tried: BTreeSet<String>,
+    /// Each device's modalias by its sysfs path, read once: a device's
+    /// never changes, and under emulation every sysfs read costs.
+    seen: BTreeMap<String, String>,
     /// What this loader did so far.
     pub report: LoadReport,
 }
@@ -127,7 +123,8 @@ impl Loader {
         }
         // Bounded: each round tries at least one new module.
         for _ in 0..=index.modules.len() {
-            let mut wanted: Vec<String> = matching(index, &read_modaliases(sys))
+            let present = self.modaliases(sys, index);
+            let mut wanted: Vec<String> = matching(index, &present)
                 .into_iter()
                 .filter(|n| closure(index, n).iter().any(|m| !self.tried.contains(m)))
                 .collect();
@@ -155,7 +152,8 @@ impl Loader {
     ) {
         // Bounded: each round tries at least one new module.
         for _ in 0..=index.modules.len() {
-            let next = matching(index, &read_modaliases(sys))
+            let present = self.modaliases(sys, index);
+            let next = matching(index, &present)
                 .into_iter()
                 .filter(|n| index.modules.get(n).is_some_and(|i| wanted(&i.path)))
                 .find(|n| closure(index, n).iter().any(|m| !self.tried.contains(m)));
@@ -164,6 +162,34 @@ impl Loader {
             };
             self.load_closure(sys, index, prefix, &name);
         }
+    }
+
+    /// The modaliases of present devices on the buses that modules not
+    /// tried yet have aliases for, reading only devices not seen before.
+    fn modaliases(&mut self, sys: &dyn Sys, index: &ModuleIndex) -> BTreeSet<String> {
+        let untried = index.modules.keys().filter(|m| !self.tried.contains(*m));
+        let buses = buses_of(index, untried);
+        for bus in sys.list_dir("/sys/bus").unwrap_or_default() {
+            if !buses.contains(&bus) {
+                continue;
+            }
+            let dir = format!("/sys/bus/{bus}/devices");
+            for dev in sys.list_dir(&dir).unwrap_or_default() {
+                let path = format!("{dir}/{dev}");
+                if self.seen.contains_key(&path) {
+                    continue;
+                }
+                // None yet may mean a device still being added: read again.
+                let alias = sys
+                    .read_file(&format!("{path}/modalias"))
+                    .map(|d| String::from_utf8_lossy(&d).trim().to_string())
+                    .unwrap_or_default();
+                if !alias.is_empty() {
+                    self.seen.insert(path, alias);
+                }
+            }
+        }
+        self.seen.values().cloned().collect()
     }
 
     /// Loads `name` and what it depends on, each once.
@@ -365,6 +391,30 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn only_buses_some_alias_names_are_read() {
+        let idx = index();
+        let all = idx.modules.keys();
+        assert_eq!(
+            buses_of(&idx, all).into_iter().collect::<Vec<_>>(),
+            ["pci", "virtio"]
+        );
+        // squashfs's "fs-squashfs" names no bus.
+        let names = ["squashfs".to_string()];
+        assert!(buses_of(&idx, names.iter()).is_empty());
+        let sys = FakeSys::default();
+        sys.add("/sys/bus/cpu/devices/cpu0/modalias", b"cpu:type:x86\n");
+        sys.add(
+            "/sys/bus/pci/devices/0000:00:04.0/modalias",
+            b"pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00\n",
+        );
+        let mut loader = Loader::default();
+        let got = loader.modaliases(&sys, &idx);
+        assert_eq!(got.len(), 1);
+        assert!(got.iter().all(|a| a.starts_with("pci:")));
+        assert_eq!(loader.modaliases(&sys, &idx), got);
     }
 
     #[test]
