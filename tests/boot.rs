@@ -954,7 +954,9 @@ fn host_network_and_published_port() {
     std::fs::write(
         &recipe,
         format!(
-            "name = \"network\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
+            "name = \"network\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4 kiln.metadata_url=http://10.0.2.100\"\n\
+             [[service]]\nname = \"meta\"\n{bb}\nrestart = \"never\"\nbinds = [\"/run/config:/config:ro\"]\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"cd /config && busybox cat provider hostname ssh/authorized_keys app/greeting && busybox stat -c %a app/greeting && busybox touch x 2>&1\"]\n\
              [[service]]\nname = \"web\"\n{bb}\nready = {{ tcp = 8080 }}\ncommand = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
              [[file]]\ncontainer = \"web\"\npath = \"/www/index.html\"\ncontents = \"served from the guest\\n\"\n\
              [[service]]\nname = \"fetch\"\n{bb}\nrestart = \"never\"\ncommand = [\"/bin/busybox\", \"wget\", \"-q\", \"-O\", \"-\", \"http://10.0.2.100/\"]\n\
@@ -973,21 +975,19 @@ fn host_network_and_published_port() {
         .map(|a| a.port())
         .unwrap();
     let publish = format!("{port}:8080");
-    // What the guest reaches at 10.0.2.100:80: a server here, one answer
-    // per connection.
+    // What the guest reaches at 10.0.2.100:80: a server here, IMDSv2's
+    // metadata paths and a page at /.
     let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let forward = format!("10.0.2.100:80={}", server.local_addr().unwrap().port());
     std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for mut c in server.incoming().flatten() {
-            let mut buf = [0u8; 1024];
-            let _ = c.read(&mut buf);
-            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 15\r\n\r\nfrom the host!\n");
+        for c in server.incoming().flatten() {
+            imds(c);
         }
     });
     let mut page = None;
     let mut show_done = false;
     let mut fetched = false;
+    let mut meta = false;
     let console = k::boot_until_with(
         &kiln(),
         &out.join("network.raw"),
@@ -1008,7 +1008,8 @@ fn host_network_and_published_port() {
             }
             show_done |= l.contains("show: exited");
             fetched |= l.contains("fetch: exited");
-            page.is_some() && show_done && fetched
+            meta |= l.contains("meta: exited");
+            page.is_some() && show_done && fetched && meta
         },
     )
     .replace('\r', "");
@@ -1036,10 +1037,77 @@ fn host_network_and_published_port() {
             "nameserver 192.168.50.53",
             "127.0.0.1\tlocalhost",
             "::1\tlocalhost ip6-localhost ip6-loopback",
-            "10.0.2.15\tedge"
+            "10.0.2.15\tmeta-host"
         ],
         "{console}"
     );
+    // IMDSv2 (the emulation answers nothing without the session token):
+    // provider, hostname, key and the userdata's file tree, read-only.
+    assert!(
+        console.contains("hostname meta-host (from metadata)"),
+        "{console}"
+    );
+    assert_eq!(
+        container_lines(&console, "meta"),
+        [
+            "aws",
+            "meta-host",
+            "ssh-ed25519 AAAAC3Nza test@kiln",
+            "hello from userdata",
+            "600",
+            "touch: x: Read-only file system"
+        ],
+        "{console}"
+    );
+}
+
+/// One connection to an IMDSv2 emulation: a token for `PUT
+/// /latest/api/token` (with a TTL header), metadata only for requests
+/// carrying it, 401 otherwise; a plain page at `/`.
+fn imds(mut c: std::net::TcpStream) {
+    use std::io::{BufRead, Write};
+    const TOKEN: &str = "AQAEAtok3n";
+    let mut reader = std::io::BufReader::new(c.try_clone().unwrap());
+    let mut request = String::new();
+    let _ = reader.read_line(&mut request);
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+            break;
+        }
+        headers.push(h.trim().to_ascii_lowercase());
+    }
+    let has = |h: &str| headers.iter().any(|x| x.starts_with(h));
+    let parts: Vec<&str> = request.split_whitespace().collect();
+    let (method, path) = (
+        parts.first().copied().unwrap_or(""),
+        parts.get(1).copied().unwrap_or(""),
+    );
+    let tree = r#"{"app": {"greeting": {"content": "hello from userdata\n", "perm": "0600"}}}"#;
+    let body: Result<&str, u16> = match (method, path) {
+        ("GET", "/") => Ok("from the host!\n"),
+        ("PUT", "/latest/api/token") if has("x-aws-ec2-metadata-token-ttl-seconds:") => Ok(TOKEN),
+        ("GET", _)
+            if !has(&format!(
+                "x-aws-ec2-metadata-token: {}",
+                TOKEN.to_ascii_lowercase()
+            )) =>
+        {
+            Err(401)
+        }
+        ("GET", "/latest/meta-data/local-hostname") => Ok("meta-host"),
+        ("GET", "/latest/meta-data/public-keys/0/openssh-key") => {
+            Ok("ssh-ed25519 AAAAC3Nza test@kiln")
+        }
+        ("GET", "/latest/user-data") => Ok(tree),
+        _ => Err(404),
+    };
+    let answer = match body {
+        Ok(b) => format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{b}", b.len()),
+        Err(code) => format!("HTTP/1.0 {code} No\r\nContent-Length: 0\r\n\r\n"),
+    };
+    let _ = c.write_all(answer.as_bytes());
 }
 
 /// `GET /` from 127.0.0.1:`port`, the whole answer (or the error).

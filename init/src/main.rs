@@ -13,6 +13,7 @@ mod console;
 mod container;
 mod dhcp;
 mod glob;
+mod metadata;
 mod modules;
 mod msg;
 mod netlink;

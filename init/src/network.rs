@@ -8,6 +8,7 @@
 
 use crate::console::log;
 use crate::dhcp::{self, Action, Lease};
+use crate::metadata;
 use crate::netlink::{self, Cidr, Link};
 use crate::sys::{self, check, owned, RealSys, Sys};
 use kiln_init::config::{self as cfg, HOSTS_FILE, NET_DIR, RESOLV_CONF};
@@ -39,7 +40,21 @@ struct Iface {
     lease: Option<Lease>,
 }
 
+/// Where the metadata lookup is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Meta {
+    /// Waiting for the network.
+    Pending,
+    /// A child process asks the providers.
+    Asking(libc::pid_t),
+    Done,
+}
+
 pub struct Network {
+    meta: Meta,
+    cmdline: String,
+    /// The hostname came from metadata: DHCP's does not replace it.
+    named_by_metadata: bool,
     nl: netlink::Socket,
     monitor: Option<OwnedFd>,
     cfg: cfg::Network,
@@ -213,7 +228,21 @@ impl Network {
                 let _ = std::fs::write(knob, "1");
             }
         }
+        // Read-only once the metadata is in; a tmpfs so it can be made so.
+        let _ = std::fs::create_dir_all(metadata::CONFIG_DIR);
+        if let Err(e) = sys::mount(
+            Some("tmpfs"),
+            metadata::CONFIG_DIR,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some("mode=755,size=4m"),
+        ) {
+            log(&format!("net: cannot mount {}: {e}", metadata::CONFIG_DIR));
+        }
         let mut net = Network {
+            meta: Meta::Pending,
+            cmdline: std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+            named_by_metadata: false,
             nl: netlink::Socket::open()?,
             monitor: link_monitor()
                 .map_err(|e| log(&format!("net: no link notifications: {e}")))
@@ -226,6 +255,10 @@ impl Network {
             said_up: false,
         };
         net.scan(now);
+        // With no NIC (or only static ones) nothing else would start it.
+        if net.links_up() {
+            net.ask_metadata();
+        }
         Ok(net)
     }
 
@@ -338,9 +371,86 @@ impl Network {
         ));
     }
 
-    /// Whether every interface is configured (with none, at once).
+    /// Whether every interface is configured (with none, at once) and
+    /// the metadata providers have answered or failed.
     pub fn up(&self) -> bool {
+        self.links_up() && self.meta == Meta::Done
+    }
+
+    fn links_up(&self) -> bool {
         self.ifaces.iter().all(|i| i.ready)
+    }
+
+    /// Asks the metadata providers: in a child process over the network
+    /// once an interface has an address, else only the command line.
+    fn ask_metadata(&mut self) {
+        let has_address = self.ifaces.iter().any(|i| i.lease.is_some())
+            || self.cfg.interfaces.iter().any(|i| i.address.is_some());
+        if !has_address {
+            let found = metadata::discover_offline(&self.cmdline);
+            self.metadata_done(found.as_ref());
+            return;
+        }
+        // SAFETY: the init is single-threaded, so the child may run Rust code.
+        match unsafe { libc::fork() } {
+            0 => {
+                let found = metadata::discover(&self.cmdline, &log);
+                let code = match metadata::write(metadata::CONFIG_DIR, found.as_ref(), &log) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        log(&format!("metadata: writing {}: {e}", metadata::CONFIG_DIR));
+                        1
+                    }
+                };
+                // SAFETY: leaving the child without the parent's cleanup.
+                unsafe { libc::_exit(code) }
+            }
+            pid if pid < 0 => {
+                log("metadata: cannot fork");
+                self.metadata_done(None);
+            }
+            pid => self.meta = Meta::Asking(pid),
+        }
+    }
+
+    /// Whether `pid` was the metadata child; then takes its results.
+    pub fn reaped(&mut self, pid: libc::pid_t) -> bool {
+        if self.meta != Meta::Asking(pid) {
+            return false;
+        }
+        self.meta = Meta::Done;
+        self.take_metadata();
+        true
+    }
+
+    /// Offline results are written here; then, either way, taken.
+    fn metadata_done(&mut self, found: Option<&metadata::Found>) {
+        if let Err(e) = metadata::write(metadata::CONFIG_DIR, found, &log) {
+            log(&format!("metadata: writing {}: {e}", metadata::CONFIG_DIR));
+        }
+        self.meta = Meta::Done;
+        self.take_metadata();
+    }
+
+    /// Makes /run/config read-only, names the host as the metadata says.
+    fn take_metadata(&mut self) {
+        let dir = metadata::CONFIG_DIR;
+        let flags =
+            libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        if let Err(e) = sys::mount(None, dir, None, flags, None) {
+            log(&format!("metadata: cannot make {dir} read-only: {e}"));
+        }
+        let provider = std::fs::read_to_string(format!("{dir}/provider")).unwrap_or_default();
+        log(&format!("metadata: provider {}", provider.trim()));
+        let name = std::fs::read_to_string(format!("{dir}/hostname")).unwrap_or_default();
+        let name = name.trim();
+        let rename = !name.is_empty() && !self.pinned && name != self.hostname;
+        if rename && RealSys.sethostname(name).is_ok() {
+            log(&format!("hostname {name} (from metadata)"));
+            self.hostname = name.to_string();
+            self.named_by_metadata = true;
+            self.write_files();
+        }
     }
 
     /// Descriptors to poll: link notifications and DHCP sockets.
@@ -388,6 +498,9 @@ impl Network {
             for a in actions {
                 self.apply(k, a);
             }
+        }
+        if self.meta == Meta::Pending && self.links_up() {
+            self.ask_metadata();
         }
         if !self.said_up && self.up() {
             self.said_up = true;
@@ -472,7 +585,8 @@ impl Network {
                         }
                     ));
                 }
-                if let Some(h) = lease.hostname.as_ref().filter(|_| !self.pinned) {
+                let dhcp_names = !self.pinned && !self.named_by_metadata;
+                if let Some(h) = lease.hostname.as_ref().filter(|_| dhcp_names) {
                     if *h != self.hostname && RealSys.sethostname(h).is_ok() {
                         log(&format!("hostname {h} (from DHCP)"));
                         self.hostname = h.clone();

@@ -1132,6 +1132,9 @@ impl Supervisor {
             if pid <= 0 {
                 return;
             }
+            if self.net.as_mut().is_some_and(|n| n.reaped(pid)) {
+                continue;
+            }
             if let Some(unit) = self
                 .units
                 .0
