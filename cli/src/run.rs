@@ -48,7 +48,17 @@ pub struct RunArgs {
     /// this machine's 127.0.0.1, through the first card. Repeatable.
     #[arg(long)]
     forward: Vec<String>,
+    /// With `--net user`, let the guest's init ask the metadata service it
+    /// would reach, which is this machine's own on a cloud VM (by default
+    /// it is told not to, through an SMBIOS string systemd-stub adds to the
+    /// kernel command line: `kiln.metadata=off`).
+    #[arg(long)]
+    allow_host_metadata: bool,
 }
+
+/// What systemd-stub appends to the kernel command line from SMBIOS
+/// (type 11), when Secure Boot is off as with OVMF's default variables.
+const CMDLINE_EXTRA: &str = "io.systemd.stub.kernel-cmdline-extra=";
 
 /// What a `--net` card reaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -118,6 +128,19 @@ pub fn relay(to: std::net::SocketAddr) -> Result<ExitCode> {
     let mut down = conn;
     std::io::copy(&mut down, &mut std::io::stdout().lock())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Under `--net user` the guest could reach this machine's metadata
+/// service (its cloud credentials): its init is told to ask none.
+fn metadata_args(nets: &[NetMode], allow: bool) -> Vec<String> {
+    if nets.contains(&NetMode::User) && !allow {
+        vec![
+            "-smbios".into(),
+            format!("type=11,value={CMDLINE_EXTRA}kiln.metadata=off"),
+        ]
+    } else {
+        Vec::new()
+    }
 }
 
 /// `-nic` arguments for the cards asked for.
@@ -217,6 +240,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
     .arg("-no-reboot")
     .args(nic_args(&a.nets, &a.publish, &a.forward)?)
+    .args(metadata_args(&a.nets, a.allow_host_metadata))
     .arg("-qmp")
     .arg(format!(
         "unix:{},server=on,wait=off",
@@ -434,6 +458,21 @@ mod tests {
             assert!(e.contains("GUEST_IP:PORT=HOST_PORT"), "{e}");
         }
         assert!(guestfwd("10.0.2.100:80=1", Path::new("/a b/kiln")).is_err());
+    }
+
+    #[test]
+    fn user_networking_keeps_the_guest_off_host_metadata() {
+        let user = [NetMode::Restricted, NetMode::User];
+        assert_eq!(
+            metadata_args(&user, false),
+            [
+                "-smbios",
+                "type=11,value=io.systemd.stub.kernel-cmdline-extra=kiln.metadata=off"
+            ]
+        );
+        assert!(metadata_args(&user, true).is_empty());
+        assert!(metadata_args(&[], false).is_empty());
+        assert!(metadata_args(&[NetMode::Restricted], false).is_empty());
     }
 
     #[test]

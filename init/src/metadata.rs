@@ -242,7 +242,13 @@ pub type TreeFile = (String, String, u32);
 
 /// Tries the providers in order: AWS, GCE (at `kiln.metadata_url=` if
 /// given), then userdata on the command line (`kiln.userdata=`).
+/// `kiln.metadata=off` leaves only the command line (what `kiln run --net
+/// user` asks, so a guest never reads the build host's credentials).
 pub fn discover(cmdline: &str, log: &dyn Fn(&str)) -> Option<Found> {
+    if cmdline_value(cmdline, "kiln.metadata") == Some("off") {
+        log("metadata: network providers off (kiln.metadata=off)");
+        return discover_offline(cmdline);
+    }
     let base = cmdline_value(cmdline, "kiln.metadata_url")
         .unwrap_or(DEFAULT_ENDPOINT)
         .trim_end_matches('/');
