@@ -874,13 +874,37 @@ fn hardening_defaults() {
              command = [\"/bin/busybox\", \"sh\", \"-c\", \"busybox cat /proc/sys/net/core/somaxconn /proc/sys/kernel/shmmni; echo nofile $(ulimit -n) core $(ulimit -c) $(ulimit -H -c)\"]\n"
         ) + &format!(
             "[[service]]\nname = \"remapped\"\n{image}\nuserns = true\nrlimits = {{ nofile = 100000 }}\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}; echo nofile $(ulimit -n)\"]\n\
-             [[service]]\nname = \"remapped2\"\n{image}\nuserns = true\nnet = \"none\"\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}\"]\n"
+             [[service]]\nname = \"remapped2\"\n{image}\nuserns = true\nnet = \"none\"\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}\"]\n\
+             [[service]]\nname = \"cfg\"\n{image}\nbinds = [\"/run/config:/config:ro\"]\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"cd /config && busybox cat provider hostname ssh/authorized_keys userdata\"]\n"
         ),
     )
     .unwrap();
     let out = dir.join("out");
     k::build(&kiln(), &recipe, &out);
-    let r = k::boot(&kiln(), &out.join("hardening.raw"), 300);
+    // A NoCloud config drive, as cloud-localds makes it (an ISO labelled
+    // cidata, written here by xorriso).
+    let drive = dir.join("drive");
+    std::fs::create_dir_all(&drive).unwrap();
+    std::fs::write(
+        drive.join("meta-data"),
+        "instance-id: i-42\nlocal-hostname: drive-host\npublic-keys:\n  - ssh-ed25519 AAAAdrive test@iso\n",
+    )
+    .unwrap();
+    std::fs::write(drive.join("user-data"), "from the config drive\n").unwrap();
+    let iso = dir.join("cidata.iso");
+    let made = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-r", "-o"])
+        .arg(&iso)
+        .arg(&drive)
+        .status()
+        .expect("xorriso (scripts/install-deps.sh installs it)");
+    assert!(made.success());
+    let r = k::boot_with(
+        &kiln(),
+        &out.join("hardening.raw"),
+        300,
+        &["--disk", iso.to_str().unwrap()],
+    );
     let console = r.stdout.replace('\r', "");
     assert_eq!(r.code, Some(0), "{console}\n{}", r.stderr);
     let lines = |name: &str| k::container_lines(&console, name).join("\n");
@@ -910,6 +934,16 @@ fn hardening_defaults() {
     assert_eq!(
         lines("tuned"),
         "1024\n2048\nnofile 1000 core 0 unlimited",
+        "{console}"
+    );
+    // The config drive's metadata and userdata, read-only in /run/config.
+    assert_eq!(
+        lines("cfg"),
+        "nocloud\ndrive-host\nssh-ed25519 AAAAdrive test@iso\nfrom the config drive",
+        "{console}"
+    );
+    assert!(
+        console.contains("hostname drive-host (from metadata)"),
         "{console}"
     );
     // userns: each container its own range; a hard limit above the

@@ -54,6 +54,11 @@ pub struct RunArgs {
     /// kernel command line: `kiln.metadata=off`).
     #[arg(long)]
     allow_host_metadata: bool,
+    /// Attach another drive (virtio): an `.iso` read
+    /// only (a NoCloud or OpenStack config drive), a `.qcow2`, or raw; a
+    /// data disk is written in place. Repeatable.
+    #[arg(long)]
+    disk: Vec<PathBuf>,
 }
 
 /// What systemd-stub appends to the kernel command line from SMBIOS
@@ -128,6 +133,25 @@ pub fn relay(to: std::net::SocketAddr) -> Result<ExitCode> {
     let mut down = conn;
     std::io::copy(&mut down, &mut std::io::stdout().lock())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `-drive` arguments for `--disk` files.
+fn disk_args(disks: &[PathBuf]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for d in disks {
+        if !d.is_file() {
+            bail!("--disk {}: not found (or not a file)", d.display());
+        }
+        let ext = d.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let opts = match ext {
+            "iso" => "if=virtio,format=raw,readonly=on",
+            "qcow2" => "if=virtio,format=qcow2",
+            _ => "if=virtio,format=raw",
+        };
+        out.push("-drive".to_string());
+        out.push(drive_arg(opts, d));
+    }
+    Ok(out)
 }
 
 /// Under `--net user` the guest could reach this machine's metadata
@@ -241,6 +265,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     .arg("-no-reboot")
     .args(nic_args(&a.nets, &a.publish, &a.forward)?)
     .args(metadata_args(&a.nets, a.allow_host_metadata))
+    .args(disk_args(&a.disk)?)
     .arg("-qmp")
     .arg(format!(
         "unix:{},server=on,wait=off",

@@ -13,6 +13,7 @@ mod console;
 mod container;
 mod dhcp;
 mod glob;
+mod iso9660;
 mod metadata;
 mod modules;
 mod msg;

@@ -225,8 +225,102 @@ pub fn cmdline_value<'c>(cmdline: &'c str, name: &str) -> Option<&'c str> {
         .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
 }
 
-/// Without a network: only userdata on the command line.
-pub fn discover_offline(cmdline: &str) -> Option<Found> {
+/// `local-hostname` and the `public-keys` list of NoCloud's meta-data
+/// (the little YAML it holds: `key: value` lines and `- item` lists).
+fn nocloud_meta(text: &str) -> (Option<String>, Vec<String>) {
+    let mut hostname = None;
+    let mut keys = Vec::new();
+    let mut in_keys = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(item) = t.strip_prefix("- ").filter(|_| in_keys) {
+            keys.push(item.trim().trim_matches('"').to_string());
+            continue;
+        }
+        in_keys = false;
+        if let Some((k, v)) = t.split_once(':') {
+            let v = v.trim().trim_matches('"');
+            match k.trim() {
+                "local-hostname" | "hostname" if !v.is_empty() => hostname = Some(v.to_string()),
+                "public-keys" => in_keys = true,
+                _ => {}
+            }
+        }
+    }
+    (hostname, keys)
+}
+
+/// A config drive: a block device whose ISO 9660 label is `cidata`
+/// (NoCloud: `meta-data`, `user-data`) or `config-2` (OpenStack:
+/// `openstack/latest/meta_data.json`, `.../user_data`).
+pub fn config_drive(log: &dyn Fn(&str)) -> Option<Found> {
+    let mut devs: Vec<String> = std::fs::read_dir("/sys/class/block")
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    devs.sort();
+    for dev in devs {
+        let Ok(f) = std::fs::File::open(format!("/dev/{dev}")) else {
+            continue;
+        };
+        let Ok(Some(mut iso)) = crate::iso9660::Iso::open(f) else {
+            continue;
+        };
+        let label = iso.label.to_ascii_lowercase();
+        let read = |iso: &mut crate::iso9660::Iso<std::fs::File>, p: &str| {
+            iso.file(p).unwrap_or_else(|e| {
+                log(&format!("metadata: /dev/{dev}: {p}: {e}"));
+                None
+            })
+        };
+        let found = match label.as_str() {
+            "cidata" => {
+                let meta = read(&mut iso, "meta-data")
+                    .and_then(text)
+                    .unwrap_or_default();
+                let (hostname, ssh_keys) = nocloud_meta(&meta);
+                Found {
+                    provider: "nocloud",
+                    userdata: read(&mut iso, "user-data"),
+                    hostname,
+                    ssh_keys,
+                }
+            }
+            "config-2" => {
+                let meta = read(&mut iso, "openstack/latest/meta_data.json")
+                    .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
+                    .unwrap_or_default();
+                let keys = meta["public_keys"]
+                    .as_object()
+                    .map(|o| {
+                        o.values()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Found {
+                    provider: "nocloud",
+                    userdata: read(&mut iso, "openstack/latest/user_data"),
+                    hostname: meta["hostname"]
+                        .as_str()
+                        .map(|h| h.split('.').next().unwrap_or(h).to_string()),
+                    ssh_keys: keys,
+                }
+            }
+            _ => continue,
+        };
+        log(&format!("metadata: config drive /dev/{dev} ({label})"));
+        return Some(found);
+    }
+    None
+}
+
+/// Without a network: a config drive, then userdata on the command line.
+pub fn discover_offline(cmdline: &str, log: &dyn Fn(&str)) -> Option<Found> {
+    if let Some(f) = config_drive(log) {
+        return Some(f);
+    }
     cmdline_value(cmdline, "kiln.userdata").map(|u| Found {
         provider: "cmdline",
         userdata: Some(u.as_bytes().to_vec()),
@@ -241,13 +335,14 @@ type Provider = fn(&str) -> Result<Found, FetchError>;
 pub type TreeFile = (String, String, u32);
 
 /// Tries the providers in order: AWS, GCE (at `kiln.metadata_url=` if
-/// given), then userdata on the command line (`kiln.userdata=`).
+/// given), a config drive, then userdata on the command line
+/// (`kiln.userdata=`).
 /// `kiln.metadata=off` leaves only the command line (what `kiln run --net
 /// user` asks, so a guest never reads the build host's credentials).
 pub fn discover(cmdline: &str, log: &dyn Fn(&str)) -> Option<Found> {
     if cmdline_value(cmdline, "kiln.metadata") == Some("off") {
         log("metadata: network providers off (kiln.metadata=off)");
-        return discover_offline(cmdline);
+        return discover_offline(cmdline, log);
     }
     let base = cmdline_value(cmdline, "kiln.metadata_url")
         .unwrap_or(DEFAULT_ENDPOINT)
@@ -259,7 +354,7 @@ pub fn discover(cmdline: &str, log: &dyn Fn(&str)) -> Option<Found> {
             Err(e) => log(&format!("metadata: {name}: {}", crate::console::chain(&e))),
         }
     }
-    discover_offline(cmdline)
+    discover_offline(cmdline, log)
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -460,6 +555,16 @@ mod tests {
         ] {
             assert_eq!(userdata_tree(bad), Some(Err(want)));
         }
+    }
+
+    #[test]
+    fn nocloud_meta_data() {
+        let (h, k) = nocloud_meta(
+            "instance-id: i-1\nlocal-hostname: \"box-1\"\npublic-keys:\n  - ssh-ed25519 AAAA a@b\n  - ssh-rsa BBBB c@d\nother: x\n- not-a-key\n",
+        );
+        assert_eq!(h.as_deref(), Some("box-1"));
+        assert_eq!(k, ["ssh-ed25519 AAAA a@b", "ssh-rsa BBBB c@d"]);
+        assert_eq!(nocloud_meta(""), (None, vec![]));
     }
 
     #[test]

@@ -381,20 +381,21 @@ impl Network {
         self.ifaces.iter().all(|i| i.ready)
     }
 
-    /// Asks the metadata providers: in a child process over the network
-    /// once an interface has an address, else only the command line.
+    /// Asks the metadata providers in a child process (a hostile server
+    /// or config drive can only end that): over the network once an
+    /// interface has an address, else only a config drive and the
+    /// command line.
     fn ask_metadata(&mut self) {
         let has_address = self.ifaces.iter().any(|i| i.lease.is_some())
             || self.cfg.interfaces.iter().any(|i| i.address.is_some());
-        if !has_address {
-            let found = metadata::discover_offline(&self.cmdline);
-            self.metadata_done(found.as_ref());
-            return;
-        }
         // SAFETY: the init is single-threaded, so the child may run Rust code.
         match unsafe { libc::fork() } {
             0 => {
-                let found = metadata::discover(&self.cmdline, &log);
+                let found = if has_address {
+                    metadata::discover(&self.cmdline, &log)
+                } else {
+                    metadata::discover_offline(&self.cmdline, &log)
+                };
                 let code = match metadata::write(metadata::CONFIG_DIR, found.as_ref(), &log) {
                     Ok(()) => 0,
                     Err(e) => {

@@ -215,9 +215,16 @@ pub fn container_lines<'a>(console: &'a str, name: &str) -> Vec<&'a str> {
     console
         .lines()
         .filter_map(|l| {
-            l.trim_end_matches('\r')
-                .split_once(&prefix)
-                .map(|(_, rest)| rest)
+            let l = l.trim_end_matches('\r');
+            // The name whole: "confined| " is not "unconfined| ".
+            l.match_indices(&prefix)
+                .find(|(at, _)| {
+                    l[..*at]
+                        .chars()
+                        .next_back()
+                        .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '-'))
+                })
+                .map(|(at, _)| &l[at + prefix.len()..])
         })
         .collect()
 }
