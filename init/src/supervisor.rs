@@ -1350,6 +1350,43 @@ mod tests {
         assert!(u.exited_before(t + DRAIN_GRACE * 2, DRAIN_GRACE));
     }
 
+    /// A unit is ready only once its setup ended in the exec (with no
+    /// probe); a failed setup fails it without a restart.
+    #[test]
+    fn ready_once_set_up() {
+        let t = Instant::now();
+        let mut u = Unit::new(spec("web"), UnitKind::Service);
+        u.started(5, t).expect("start");
+        assert!(!u.ready && !u.healthy());
+        u.set_up(Ok(()), t);
+        assert!(u.ready && u.healthy());
+        let mut probed = Unit::new(
+            Container {
+                ready: Some(Probe::Tcp(80)),
+                ..spec("db")
+            },
+            UnitKind::Service,
+        );
+        probed.started(6, t).expect("start");
+        probed.set_up(Ok(()), t);
+        assert_eq!((probed.ready, probed.next_probe), (false, Some(t)));
+        let mut bad = Unit::new(spec("bad"), UnitKind::Onboot);
+        bad.started(7, t).expect("start");
+        bad.set_up(Err("setup: mount /proc".into()), t);
+        let reason = bad.setup_failure.take().expect("kept until reaped");
+        bad.failed_setup(reason, t).expect("fail");
+        assert_eq!(
+            bad.state(),
+            &State::Failed {
+                reason: "setup: mount /proc".into()
+            }
+        );
+        assert!(bad.has_failed() && !bad.busy());
+        assert!(Unit::new(spec("x"), UnitKind::Onboot)
+            .failed_setup("r".into(), t)
+            .is_err());
+    }
+
     #[test]
     fn bad_transitions_are_refused() {
         let mut u = Unit::new(spec("job"), UnitKind::Onboot);
