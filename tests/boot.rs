@@ -875,7 +875,8 @@ fn hardening_defaults() {
         ) + &format!(
             "[[service]]\nname = \"remapped\"\n{image}\nuserns = true\nrlimits = {{ nofile = 100000 }}\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}; echo nofile $(ulimit -n)\"]\n\
              [[service]]\nname = \"remapped2\"\n{image}\nuserns = true\nnet = \"none\"\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}\"]\n\
-             [[service]]\nname = \"cfg\"\n{image}\nbinds = [\"/run/config:/config:ro\"]\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"cd /config && busybox cat provider hostname ssh/authorized_keys userdata\"]\n"
+             [[service]]\nname = \"cfg\"\n{image}\nbinds = [\"/run/config:/config:ro\"]\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"cd /config && busybox cat provider hostname ssh/authorized_keys userdata; busybox sleep 3; echo v6 $(busybox ip -6 addr show dev eth0 | busybox wc -l) $(busybox cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6)\"]\n\
+             [network]\nipv6 = false\n"
         ),
     )
     .unwrap();
@@ -939,7 +940,7 @@ fn hardening_defaults() {
     // The config drive's metadata and userdata, read-only in /run/config.
     assert_eq!(
         lines("cfg"),
-        "nocloud\ndrive-host\nssh-ed25519 AAAAdrive test@iso\nfrom the config drive",
+        "nocloud\ndrive-host\nssh-ed25519 AAAAdrive test@iso\nfrom the config drive\nv6 0 1",
         "{console}"
     );
     assert!(
@@ -995,7 +996,7 @@ fn host_network_and_published_port() {
              [[file]]\ncontainer = \"web\"\npath = \"/www/index.html\"\ncontents = \"served from the guest\\n\"\n\
              [[service]]\nname = \"fetch\"\n{bb}\nrestart = \"never\"\ncommand = [\"/bin/busybox\", \"wget\", \"-q\", \"-O\", \"-\", \"http://10.0.2.100/\"]\n\
              [[service]]\nname = \"show\"\n{bb}\nrestart = \"never\"\n\
-             command = [\"/bin/busybox\", \"sh\", \"-c\", \"for i in eth0 eth1; do echo $i $(busybox ip -4 -o addr show dev $i | busybox awk '{{print $4}}'); done; busybox ip route | busybox grep default; busybox cat /etc/resolv.conf /etc/hosts\"]\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"for i in eth0 eth1; do echo $i $(busybox ip -4 -o addr show dev $i | busybox awk '{{print $4}}'); done; busybox ip route | busybox grep default; busybox cat /etc/resolv.conf /etc/hosts; for i in $(busybox seq 50); do busybox ip -6 addr show dev eth0 | busybox grep -q dynamic && break; busybox sleep 0.2; done; echo v6 $(busybox ip -6 -o addr show dev eth0 | busybox grep dynamic | busybox awk '{{print $4}}')\"]\n\
              [host]\nhostname = \"edge\"\n\
              [[network.interface]]\nname = \"eth1\"\naddress = \"192.168.50.5/24\"\ngateway = \"192.168.50.1\"\ndns = [\"192.168.50.53\"]\n\
              [disk]\nsize = \"256M\"\n"
@@ -1059,14 +1060,17 @@ fn host_network_and_published_port() {
         "{console}"
     );
     let show = container_lines(&console, "show");
-    assert_eq!(show.len(), 7, "{console}");
+    assert_eq!(show.len(), 8, "{console}");
+    // IPv6 by SLAAC from slirp's router advertisements (its fec0::/64,
+    // site scope).
+    assert_eq!(show[7], "v6 fec0::5054:ff:fe12:3456/64", "{console}");
     assert_eq!(show[..2], ["eth0 10.0.2.15/24", "eth1 192.168.50.5/24"]);
     assert!(
         show[2].starts_with("default via 192.168.50.1 dev eth1"),
         "{console}"
     );
     assert_eq!(
-        show[3..],
+        show[3..7],
         [
             "nameserver 192.168.50.53",
             "127.0.0.1\tlocalhost",
