@@ -401,7 +401,7 @@ size = "256M"
             env: "FROM_IMAGE=registry-tag-moved OVERRIDE=image-a HOME=/",
             path: "/bin",
             root: true,
-            netdev: "lo",
+            netdev: "lo eth0",
             greeting: true,
         },
         Expect {
@@ -423,7 +423,7 @@ size = "256M"
             env: "FROM_IMAGE=layout-v2 OVERRIDE= HOME=/home/app",
             path: "/bin:/usr/bin",
             root: false,
-            netdev: "lo",
+            netdev: "lo eth0",
             greeting: false,
         },
         Expect {
@@ -434,7 +434,7 @@ size = "256M"
             env: "FROM_IMAGE=archive-c OVERRIDE=from-recipe-archive HOME=/",
             path: DEFAULT_PATH,
             root: true,
-            netdev: "lo",
+            netdev: "lo eth0",
             greeting: true,
         },
     ];
