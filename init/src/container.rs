@@ -174,9 +174,13 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
     }
     // Only the child may hold the write ends, so reads end when it goes.
     drop((out_w, err_w, rep_w, go_r));
-    let go = prepare(c, pid).and_then(|()| {
-        sys::write_all(go_w.as_fd(), b"g").map_err(|e| ContainerError::Io("go pipe", e))
-    });
+    // Any failure before the go byte kills the child: nothing half-started.
+    let go = sys::set_nonblocking(rep_r.as_fd())
+        .map_err(|e| ContainerError::Io("report pipe", e))
+        .and_then(|()| prepare(c, pid))
+        .and_then(|()| {
+            sys::write_all(go_w.as_fd(), b"g").map_err(|e| ContainerError::Io("go pipe", e))
+        });
     if let Err(e) = go {
         // SAFETY: killing and reaping the child just cloned.
         unsafe {
@@ -185,7 +189,6 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
         }
         return Err(e);
     }
-    sys::set_nonblocking(rep_r.as_fd()).map_err(|e| ContainerError::Io("report pipe", e))?;
     Ok(Spawned {
         pid,
         stdout: out_r,

@@ -150,6 +150,16 @@ fn text(body: Vec<u8>) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// An item a provider may not have: missing (404) is `None`; any other
+/// failure ends the provider.
+fn optional(r: Result<Vec<u8>, FetchError>) -> Result<Option<Vec<u8>>, FetchError> {
+    match r {
+        Ok(b) => Ok(Some(b)),
+        Err(FetchError::Status { status: 404, .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// AWS EC2's IMDSv2: a session token first (PUT), then each item with it.
 pub fn aws(base: &str) -> Result<Found, FetchError> {
     let token = http(
@@ -166,12 +176,6 @@ pub fn aws(base: &str) -> Result<Found, FetchError> {
             &format!("{base}{path}"),
             &[("X-aws-ec2-metadata-token", &token)],
         )
-    };
-    // Missing items are fine (404); other failures end the provider.
-    let optional = |r: Result<Vec<u8>, FetchError>| match r {
-        Ok(b) => Ok(Some(b)),
-        Err(FetchError::Status { status: 404, .. }) => Ok(None),
-        Err(e) => Err(e),
     };
     let hostname = optional(get("/latest/meta-data/local-hostname"))?.and_then(text);
     let userdata = optional(get("/latest/user-data"))?;
@@ -194,11 +198,6 @@ pub fn gce(base: &str) -> Result<Found, FetchError> {
         )
     };
     let hostname = get("hostname")?;
-    let optional = |r: Result<Vec<u8>, FetchError>| match r {
-        Ok(b) => Ok(Some(b)),
-        Err(FetchError::Status { status: 404, .. }) => Ok(None),
-        Err(e) => Err(e),
-    };
     let userdata = optional(get("attributes/user-data"))?;
     // "user:ssh-ed25519 AAAA... comment" per line.
     let keys = optional(get("attributes/ssh-keys"))?

@@ -408,7 +408,11 @@ impl Network {
             }
             pid if pid < 0 => {
                 log("metadata: cannot fork");
-                self.metadata_done(None);
+                if let Err(e) = metadata::write(metadata::CONFIG_DIR, None, &log) {
+                    log(&format!("metadata: writing {}: {e}", metadata::CONFIG_DIR));
+                }
+                self.meta = Meta::Done;
+                self.take_metadata();
             }
             pid => self.meta = Meta::Asking(pid),
         }
@@ -422,15 +426,6 @@ impl Network {
         self.meta = Meta::Done;
         self.take_metadata();
         true
-    }
-
-    /// Offline results are written here; then, either way, taken.
-    fn metadata_done(&mut self, found: Option<&metadata::Found>) {
-        if let Err(e) = metadata::write(metadata::CONFIG_DIR, found, &log) {
-            log(&format!("metadata: writing {}: {e}", metadata::CONFIG_DIR));
-        }
-        self.meta = Meta::Done;
-        self.take_metadata();
     }
 
     /// Makes /run/config read-only, names the host as the metadata says.
