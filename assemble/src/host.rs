@@ -474,10 +474,17 @@ fn container_config(
     }
     // On the host network: the init's view of it, kept current (what
     // Docker gives), unless the recipe binds these itself.
-    if spec.net == initcfg::Net::Host {
+    // On the bridge: the same name servers (reached through masquerade),
+    // and every bridge container by name.
+    let hosts = match spec.net {
+        initcfg::Net::Host => Some(initcfg::HOSTS_FILE),
+        initcfg::Net::Bridge => Some(initcfg::BRIDGE_HOSTS_FILE),
+        initcfg::Net::None => None,
+    };
+    if let Some(hosts) = hosts {
         for (source, target) in [
             (initcfg::RESOLV_CONF, "/etc/resolv.conf"),
-            (initcfg::HOSTS_FILE, "/etc/hosts"),
+            (hosts, "/etc/hosts"),
         ] {
             if binds.iter().any(|b: &Bind| b.target == target) {
                 continue;
@@ -577,6 +584,8 @@ fn container_config(
         gid: id.gid,
         groups: id.groups,
         net: spec.net,
+        address: spec.address.map(|a| (a, recipe.network.bridge_subnet.1)),
+        ports: spec.ports.clone(),
         binds,
         tmpfs,
         capabilities: spec.capabilities.clone(),

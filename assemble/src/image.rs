@@ -219,7 +219,16 @@ pub fn encode(
 
     // Initramfs: the init, its boot config and the kernel modules.
     step("initramfs");
-    let (modules, index) = kernel.initramfs_modules(&[])?;
+    let bridge = recipe
+        .containers
+        .iter()
+        .any(|c| c.net == initcfg::Net::Bridge);
+    let on_demand: &[&str] = if bridge {
+        &initcfg::BRIDGE_MODULES
+    } else {
+        &[]
+    };
+    let (modules, index) = kernel.initramfs_modules(&[], on_demand)?;
     let boot = BootConfig {
         root_partuuid: root_guid.to_string(),
         root_fstype: "squashfs".into(),

@@ -219,13 +219,18 @@ impl Kernel {
     /// `extra`, plus everything they depend on. Paths are
     /// `/lib/modules/RELEASE/...` as shipped, sorted.
     ///
+    /// `extra` modules load at every boot; `on_demand` ones are shipped
+    /// for the init to load when it needs them (the bridge's, say).
+    ///
     /// A default module this kernel lacks is skipped (built in, or not
-    /// configured). A missing `extra` module is an error unless it is known
-    /// built in or the package ships no `modules.builtin` to tell.
+    /// configured). A missing `extra` or `on_demand` module is an error
+    /// unless it is known built in or the package ships no
+    /// `modules.builtin` to tell.
     #[allow(clippy::type_complexity)]
     pub fn initramfs_modules(
         &self,
         extra: &[&str],
+        on_demand: &[&str],
     ) -> Result<(Vec<(String, FileData)>, ModuleIndex), KernelError> {
         let extra: Vec<String> = extra.iter().map(|e| normalize(e)).collect();
         let mut queue = VecDeque::new();
@@ -238,7 +243,8 @@ impl Kernel {
                 queue.push_back(name);
             }
         }
-        for name in &extra {
+        let on_demand: Vec<String> = on_demand.iter().map(|e| normalize(e)).collect();
+        for name in extra.iter().chain(&on_demand) {
             if self.modules.contains_key(name) {
                 queue.push_back(name.clone());
             } else if self.builtin.is_some() && !self.is_builtin(name) {
@@ -539,7 +545,7 @@ mod tests {
         let k = Kernel::from_tree(&t).unwrap();
         assert_eq!(k.release, "6.12.0-1-cloud-amd64");
         assert_eq!(&k.image[..], b"MZkernel");
-        let (files, idx) = k.initramfs_modules(&["dummy"]).unwrap();
+        let (files, idx) = k.initramfs_modules(&["dummy"], &[]).unwrap();
         let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
         let r = "/lib/modules/6.12.0-1-cloud-amd64/kernel";
         assert_eq!(
@@ -564,10 +570,10 @@ mod tests {
         // Shipped bytes are kept compressed.
         assert!(files[2].1.bytes().unwrap().starts_with(b"\xfd7zXZ"));
         // Unknown extra with no modules.builtin to tell: skipped.
-        assert!(k.initramfs_modules(&["nothere"]).is_ok());
+        assert!(k.initramfs_modules(&["nothere"], &[]).is_ok());
         // A dependency that is missing is an error.
         assert!(matches!(
-            k.initramfs_modules(&["dm-verity"]),
+            k.initramfs_modules(&["dm-verity"], &[]),
             Err(KernelError::MissingDependency { .. })
         ));
     }
@@ -580,11 +586,11 @@ mod tests {
         )]);
         let k = Kernel::from_tree(&t).unwrap();
         // dm-bufio is built in: dm_verity's dependency is satisfied.
-        let (_, idx) = k.initramfs_modules(&["dm_verity", "ext4"]).unwrap();
+        let (_, idx) = k.initramfs_modules(&["dm_verity", "ext4"], &[]).unwrap();
         assert!(idx.modules.contains_key("dm_verity"));
         assert!(!idx.always.contains(&"ext4".to_string()));
         assert!(matches!(
-            k.initramfs_modules(&["nothere"]),
+            k.initramfs_modules(&["nothere"], &[]),
             Err(KernelError::Unknown(_))
         ));
     }
@@ -655,7 +661,7 @@ mod tests {
         // bzImage: "HdrS" setup header magic at 0x202.
         assert_eq!(&k.image[0x202..0x206], b"HdrS");
 
-        let (files, idx) = k.initramfs_modules(&["dm-verity"]).unwrap();
+        let (files, idx) = k.initramfs_modules(&["dm-verity"], &[]).unwrap();
         // virtio_blk's dependencies are in the set unless built in (trixie
         // builds virtio, virtio_ring and virtio_pci into the cloud kernel;
         // bookworm ships them as modules).

@@ -596,7 +596,7 @@ mod tests {
         let t = from_path(d.path(), "bzImage", None).unwrap();
         let k = Kernel::from_tree(&t).unwrap();
         assert_eq!(k.release, REL);
-        let (files, idx) = k.initramfs_modules(&[]).unwrap();
+        let (files, idx) = k.initramfs_modules(&[], &[]).unwrap();
         assert!(files.is_empty() && idx.modules.is_empty());
         // Absolute path, recipe dir ignored.
         let abs = d.path().join("bzImage");
@@ -903,7 +903,7 @@ mod tests {
         let mut deb_tree = Tree::new();
         layers::apply(&mut deb_tree, &layer).unwrap();
         let reference = Kernel::from_tree(&deb_tree).unwrap();
-        let (want_files, want_idx) = reference.initramfs_modules(&[]).unwrap();
+        let (want_files, want_idx) = reference.initramfs_modules(&[], &[]).unwrap();
         assert!(!want_files.is_empty());
         let want: Vec<&str> = want_files.iter().map(|(p, _)| p.as_str()).collect();
 
@@ -928,7 +928,7 @@ mod tests {
             let k = Kernel::from_tree(t).unwrap();
             assert_eq!(k.release, reference.release);
             assert_eq!(k.image, reference.image);
-            let (files, idx) = k.initramfs_modules(&[]).unwrap();
+            let (files, idx) = k.initramfs_modules(&[], &[]).unwrap();
             let got: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
             assert_eq!(got, want);
             assert_eq!(idx, want_idx);

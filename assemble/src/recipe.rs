@@ -7,7 +7,7 @@
 //! image, a disk too small) still points into the recipe file.
 
 use kiln_init::config::{
-    Class, Net, Probe, Resources, Restart, WhenDone, DEFAULT_HEALTHY_AFTER_MS,
+    Class, Net, Port, Probe, Protocol, Resources, Restart, WhenDone, DEFAULT_HEALTHY_AFTER_MS,
     DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, STOP_SIGNALS,
 };
 use serde::de::{self, MapAccess, Visitor};
@@ -214,6 +214,10 @@ pub struct ContainerSpec {
     pub user: Option<At<String>>,
     /// Network namespace choice.
     pub net: Net,
+    /// Its address on the bridge, assigned in recipe order.
+    pub address: Option<std::net::Ipv4Addr>,
+    /// Host ports forwarded to it (`net = "bridge"`).
+    pub ports: Vec<Port>,
     /// Host paths bind-mounted into the container.
     pub binds: Vec<At<BindSpec>>,
     /// Writable, size-limited tmpfs mounts.
@@ -659,6 +663,7 @@ mod raw {
     pub struct Network {
         pub ipv6: Option<bool>,
         pub wait: Option<Spanned<String>>,
+        pub bridge_subnet: Option<Spanned<String>>,
         #[serde(default)]
         pub interface: Vec<Spanned<NetInterface>>,
     }
@@ -719,6 +724,7 @@ mod raw {
         pub sysctl: Option<BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
         pub rlimits: Option<BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
         pub userns: Option<bool>,
+        pub ports: Option<Vec<Spanned<String>>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -1172,6 +1178,8 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
 
     let mut names = BTreeSet::new();
     let mut containers = Vec::new();
+    // Published ports so far, by container, for clashes.
+    let mut published: Vec<(String, Port)> = Vec::new();
     // Each container's `depends_on`, with locations, for the checks after.
     let mut deps: Vec<(String, Vec<Spanned<String>>)> = Vec::new();
     let all = r
@@ -1251,9 +1259,40 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             Some(n) => match n.get_ref().as_str() {
                 "host" => Net::Host,
                 "none" => Net::None,
-                _ => return Err(l.at(n, "expected \"host\" or \"none\"")),
+                "bridge" => Net::Bridge,
+                _ => return Err(l.at(n, "expected \"host\", \"none\" or \"bridge\"")),
             },
         };
+        let mut ports = Vec::new();
+        for p in c.ports.iter().flatten() {
+            if net != Net::Bridge {
+                return Err(l.at(p, "published ports need net = \"bridge\""));
+            }
+            let port = parse_port(p.get_ref()).ok_or_else(|| {
+                l.at(
+                    p,
+                    "expected [HOST_IP:]HOST_PORT:PORT[/tcp|/udp], such as \"8080:80\" or \"53:53/udp\"",
+                )
+            })?;
+            let clash = |o: &(String, Port)| {
+                o.1.host_port == port.host_port
+                    && o.1.protocol == port.protocol
+                    && (o.1.host_ip.is_none()
+                        || port.host_ip.is_none()
+                        || o.1.host_ip == port.host_ip)
+            };
+            if let Some((other, _)) = published.iter().find(|o| clash(o)) {
+                return Err(l.at(
+                    p,
+                    format!(
+                        "host port {} is already published by {other}",
+                        port.host_port
+                    ),
+                ));
+            }
+            published.push((name.clone(), port));
+            ports.push(port);
+        }
         let binds = c
             .binds
             .into_iter()
@@ -1493,6 +1532,8 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             cwd: c.cwd.map(|c| l.located(c)),
             user: c.user.map(|u| l.located(u)),
             net,
+            address: None,
+            ports,
             binds,
             tmpfs,
         });
@@ -1586,6 +1627,32 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         },
     };
     let network = network(l, &r.network)?;
+    // Bridge addresses in recipe order, after the host's (the first).
+    let (subnet, prefix) = network.bridge_subnet;
+    let size = 1u64 << (32 - u32::from(prefix));
+    for (n, c) in containers
+        .iter_mut()
+        .filter(|c| c.net == Net::Bridge)
+        .enumerate()
+    {
+        // Network, host, containers, broadcast.
+        let offset = n as u64 + 2;
+        if offset >= size - 1 {
+            let msg = format!(
+                "{}/{prefix} has room for {} containers on the bridge, not {}",
+                subnet,
+                size.saturating_sub(3),
+                n + 1
+            );
+            return Err(match &r.network.bridge_subnet {
+                Some(s) => l.at(s, msg),
+                None => l.error_at(c.name.loc.clone(), msg),
+            });
+        }
+        c.address = Some(std::net::Ipv4Addr::from(
+            u32::from(subnet) + u32::try_from(offset).unwrap_or(u32::MAX),
+        ));
+    }
     let healthy_after_ms = match &r.host.healthy_after {
         None => DEFAULT_HEALTHY_AFTER_MS,
         Some(h) => parse_duration(h.get_ref()).ok_or_else(|| {
@@ -1704,6 +1771,29 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
 }
 
 /// The typed `[network]` table.
+/// `[HOST_IP:]HOST_PORT:PORT[/tcp|/udp]`, TCP by default; ports 1-65535.
+fn parse_port(s: &str) -> Option<Port> {
+    let (rest, protocol) = match s.rsplit_once('/') {
+        Some((r, "tcp")) => (r, Protocol::Tcp),
+        Some((r, "udp")) => (r, Protocol::Udp),
+        Some(_) => return None,
+        None => (s, Protocol::Tcp),
+    };
+    let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0);
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (host_ip, host_port, inner) = match parts[..] {
+        [h, c] => (None, h, c),
+        [ip, h, c] => (Some(ip.parse().ok()?), h, c),
+        _ => return None,
+    };
+    Some(Port {
+        host_ip,
+        host_port: port(host_port)?,
+        port: port(inner)?,
+        protocol,
+    })
+}
+
 fn network(l: &Locator, n: &raw::Network) -> Result<kiln_init::config::Network, Box<RecipeError>> {
     use kiln_init::config::Interface;
     use std::net::Ipv4Addr;
@@ -1780,10 +1870,34 @@ fn network(l: &Locator, n: &raw::Network) -> Result<kiln_init::config::Network, 
             mtu,
         });
     }
+    let bridge_subnet = match &n.bridge_subnet {
+        None => kiln_init::config::DEFAULT_BRIDGE_SUBNET,
+        Some(s) => {
+            let msg = "expected a private IPv4 subnet with room for containers, such as \"172.31.0.0/24\" (prefix 8 to 29, host bits zero)";
+            let (ip, p) = s
+                .get_ref()
+                .split_once('/')
+                .and_then(|(ip, p)| Some((ip.parse::<Ipv4Addr>().ok()?, p.parse::<u8>().ok()?)))
+                .filter(|(ip, p)| {
+                    (8..=29).contains(p) && u32::from(*ip) & (u32::MAX >> p) == 0 && ip.is_private()
+                })
+                .ok_or_else(|| l.at(s, msg))?;
+            let clash = interfaces.iter().find_map(|i| {
+                let (a, ap) = i.address?;
+                let bits = u32::MAX << (32 - u32::from(ap.min(p)));
+                (u32::from(a) & bits == u32::from(ip) & bits).then(|| i.name.clone())
+            });
+            if let Some(name) = clash {
+                return Err(l.at(s, format!("overlaps the address of interface {name}")));
+            }
+            (ip, p)
+        }
+    };
     Ok(kiln_init::config::Network {
         interfaces,
         ipv6: n.ipv6.unwrap_or(true),
         wait_ms,
+        bridge_subnet,
     })
 }
 
@@ -2030,7 +2144,7 @@ size = "512M"
 
     #[test]
     fn validation_errors_point_at_values() {
-        let e = err(&GOOD.replace("net = \"none\"", "net = \"bridge\""));
+        let e = err(&GOOD.replace("net = \"none\"", "net = \"nat\""));
         assert_eq!(
             (e.loc.line, e.loc.field.as_str()),
             (18, "service[0].net"),
@@ -2285,6 +2399,97 @@ size = "512M"
             assert_eq!(e.loc.field, field, "{e}");
             assert!(e.to_string().contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn bridge_addresses_and_ports() {
+        use std::net::Ipv4Addr;
+        let svc = |name: &str, extra: &str| {
+            format!("[[service]]\nname = \"{name}\"\nimage = \"busybox\"\n{extra}")
+        };
+        let head =
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n";
+        let parse_with = |body: String| parse(Path::new("r.toml"), &format!("{head}{body}"));
+        let r = parse_with(format!(
+            "{}{}{}",
+            svc(
+                "web",
+                "net = \"bridge\"\nports = [\"8080:80\", \"10.0.2.15:5353:53/udp\"]\n"
+            ),
+            svc("host", ""),
+            svc("db", "net = \"bridge\"\n"),
+        ))
+        .unwrap();
+        let c = &r.containers;
+        assert_eq!(c[0].address, Some(Ipv4Addr::new(172, 31, 0, 2)));
+        assert_eq!(c[1].address, None);
+        assert_eq!(c[2].address, Some(Ipv4Addr::new(172, 31, 0, 3)));
+        assert_eq!(
+            c[0].ports,
+            [
+                Port {
+                    host_ip: None,
+                    host_port: 8080,
+                    port: 80,
+                    protocol: Protocol::Tcp
+                },
+                Port {
+                    host_ip: Some(Ipv4Addr::new(10, 0, 2, 15)),
+                    host_port: 5353,
+                    port: 53,
+                    protocol: Protocol::Udp
+                }
+            ]
+        );
+        let r = parse_with(format!(
+            "{}[network]\nbridge_subnet = \"10.9.0.0/16\"\n",
+            svc("a", "net = \"bridge\"\n")
+        ))
+        .unwrap();
+        assert_eq!(r.network.bridge_subnet, (Ipv4Addr::new(10, 9, 0, 0), 16));
+        assert_eq!(r.containers[0].address, Some(Ipv4Addr::new(10, 9, 0, 2)));
+        let bridged = svc("a", "net = \"bridge\"\nports = [\"80:80\"]\n");
+        for (body, field, says) in [
+            (svc("a", "ports = [\"80:80\"]\n"), "service[0].ports[0]", "net = \"bridge\""),
+            (svc("a", "net = \"bridge\"\nports = [\"80\"]\n"), "service[0].ports[0]", "HOST_PORT:PORT"),
+            (svc("a", "net = \"bridge\"\nports = [\"0:80\"]\n"), "service[0].ports[0]", "HOST_PORT:PORT"),
+            (svc("a", "net = \"bridge\"\nports = [\"80:80/sctp\"]\n"), "service[0].ports[0]", "/udp"),
+            (
+                format!("{bridged}{}", svc("b", "net = \"bridge\"\nports = [\"127.0.0.1:80:81\"]\n")),
+                "service[1].ports[0]",
+                "already published by a",
+            ),
+            (
+                format!("{bridged}[network]\nbridge_subnet = \"172.31.0.1/24\"\n"),
+                "network.bridge_subnet",
+                "host bits zero",
+            ),
+            (
+                format!("{bridged}[network]\nbridge_subnet = \"8.8.0.0/16\"\n"),
+                "network.bridge_subnet",
+                "private",
+            ),
+            (
+                format!("{bridged}{}[network]\nbridge_subnet = \"10.1.0.0/29\"\n", (0..6).map(|i| svc(&format!("s{i}"), "net = \"bridge\"\n")).collect::<String>()),
+                "network.bridge_subnet",
+                "room for 5 containers",
+            ),
+            (
+                format!("{bridged}[network]\nbridge_subnet = \"10.0.0.0/16\"\n[[network.interface]]\nname = \"eth1\"\naddress = \"10.0.3.4/24\"\n"),
+                "network.bridge_subnet",
+                "interface eth1",
+            ),
+        ] {
+            let e = *parse_with(body).unwrap_err();
+            assert_eq!(e.loc.field, field, "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        // Bridge containers may set their own network's sysctls.
+        assert!(parse_with(svc(
+            "a",
+            "net = \"bridge\"\nsysctl = { \"net.core.somaxconn\" = 9 }\n"
+        ))
+        .is_ok());
     }
 
     #[test]

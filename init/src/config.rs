@@ -130,7 +130,32 @@ pub struct Network {
     /// Milliseconds containers on the host network wait for it before
     /// starting anyway.
     pub wait_ms: u64,
+    /// The `kiln0` bridge's subnet (network address, prefix length): the
+    /// host is its first address, containers with `net = "bridge"` the
+    /// next ones in recipe order.
+    pub bridge_subnet: (std::net::Ipv4Addr, u8),
 }
+
+/// The bridge subnet when the recipe names none: private, and clear of
+/// QEMU's 10.0.2.0/24 and Docker's 172.17.0.0/16.
+pub const DEFAULT_BRIDGE_SUBNET: (std::net::Ipv4Addr, u8) =
+    (std::net::Ipv4Addr::new(172, 31, 0, 0), 24);
+/// The bridge containers with `net = "bridge"` are plugged into.
+pub const BRIDGE: &str = "kiln0";
+/// Modules the bridge, its veth pairs and the nftables rules for
+/// masquerade and published ports need (with what they depend on);
+/// shipped when a container uses the bridge, loaded when the network
+/// comes up.
+pub const BRIDGE_MODULES: [&str; 8] = [
+    "bridge",
+    "veth",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_fib_ipv4",
+    "nf_conntrack",
+];
 
 /// How long containers wait for the network by default.
 pub const DEFAULT_NETWORK_WAIT_MS: u64 = 5_000;
@@ -141,6 +166,7 @@ impl Default for Network {
             interfaces: Vec::new(),
             ipv6: true,
             wait_ms: DEFAULT_NETWORK_WAIT_MS,
+            bridge_subnet: DEFAULT_BRIDGE_SUBNET,
         }
     }
 }
@@ -170,6 +196,9 @@ pub const NET_DIR: &str = "/run/kiln/net";
 pub const RESOLV_CONF: &str = "/run/kiln/net/resolv.conf";
 /// localhost and the host's name and address, bound over /etc/hosts.
 pub const HOSTS_FILE: &str = "/run/kiln/net/hosts";
+/// localhost and every bridge container's name and address, bound over
+/// /etc/hosts in containers on the bridge: they reach each other by name.
+pub const BRIDGE_HOSTS_FILE: &str = "/run/kiln/net/bridge-hosts";
 
 /// What the init does once every container has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +259,11 @@ pub struct Container {
     pub groups: Vec<u32>,
     /// Network namespace choice.
     pub net: Net,
+    /// Its address and the subnet's prefix length on the bridge (`net =
+    /// "bridge"`); the subnet's first address is the host's, its gateway.
+    pub address: Option<(std::net::Ipv4Addr, u8)>,
+    /// Ports of the host's addresses forwarded to it (`net = "bridge"`).
+    pub ports: Vec<Port>,
     /// Host paths bind-mounted into the container.
     pub binds: Vec<Bind>,
     /// Writable tmpfs mounts, before the binds.
@@ -493,6 +527,45 @@ pub enum Net {
     Host,
     /// Own network namespace with only loopback.
     None,
+    /// Own network namespace with loopback and `eth0`, one end of a veth
+    /// pair whose other end is on the [`BRIDGE`]; traffic out is
+    /// masqueraded to the host's addresses.
+    Bridge,
+}
+
+/// A published port: traffic to `host_port` on the host's addresses (or
+/// only on `host_ip`) goes to the container's `port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    /// Only this address of the host's; `None`: any.
+    pub host_ip: Option<std::net::Ipv4Addr>,
+    /// Port on the host.
+    pub host_port: u16,
+    /// Port in the container.
+    pub port: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+}
+
+/// A transport protocol of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// Its IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
 }
 
 /// A host path bind-mounted into a container.

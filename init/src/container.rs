@@ -132,7 +132,7 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP;
-    if c.net == Net::None {
+    if c.net != Net::Host {
         flags |= libc::CLONE_NEWNET;
     }
     // Created first, it owns the other new namespaces: the container's
@@ -199,8 +199,8 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
 
 /// What the init sets on a container it just cloned, before letting it
 /// go on (all of it needs privileges on the host the container may not
-/// have, and all of it survives exec): its id maps, its oom_score_adj
-/// and its resource limits.
+/// have, and all of it survives exec): its id maps, its end of a veth
+/// pair on the bridge, its oom_score_adj and its resource limits.
 fn prepare(c: &Container, pid: libc::pid_t) -> Result<(), ContainerError> {
     let fail = |step: String| {
         move |e| ContainerError::Setup {
@@ -216,6 +216,9 @@ fn prepare(c: &Container, pid: libc::pid_t) -> Result<(), ContainerError> {
                 .write_file(&format!("/proc/{pid}/{f}"), map.as_bytes())
                 .map_err(fail(format!("write {f}")))?;
         }
+    }
+    if let (Net::Bridge, Some(address)) = (c.net, c.address) {
+        crate::bridge::attach(address, pid).map_err(fail("plug into the bridge".into()))?;
     }
     let adj = c.resources.oom_score_adj().to_string();
     RealSys
@@ -468,8 +471,13 @@ fn setup(
             step("setresuid", check(libc::setresuid(0, 0, 0)))?;
         }
     }
-    if c.net == Net::None {
-        step("bring up lo", RealSys.loopback_up())?;
+    match (c.net, c.address) {
+        (Net::None, _) => step("bring up lo", RealSys.loopback_up())?,
+        (Net::Bridge, Some(address)) => step(
+            "configure eth0 on the bridge",
+            crate::bridge::configure_inside(address),
+        )?,
+        _ => {}
     }
     // Through the host's /proc while it is still mounted: net.* and IPC
     // settings are those of the writer's namespaces, this container's.
@@ -904,6 +912,8 @@ pub(crate) mod tests {
             gid: 0,
             groups: vec![],
             net: Net::Host,
+            address: None,
+            ports: Vec::new(),
             binds: vec![
                 Bind {
                     source: "/var/lib/web".into(),

@@ -7,6 +7,7 @@
 
 mod boot;
 mod bpf;
+mod bridge;
 mod button;
 mod caps;
 mod console;
@@ -19,6 +20,7 @@ mod modules;
 mod msg;
 mod netlink;
 mod network;
+mod nftables;
 mod seccomp;
 mod supervisor;
 mod sys;
@@ -64,6 +66,9 @@ fn read_json<T: serde::de::DeserializeOwned>(sys: &dyn Sys, path: &str) -> Resul
 /// Modules left for after the root is mounted, and the initramfs that
 /// holds them (no longer `/` by then).
 struct Deferred {
+    /// Whether hardware modules are left (false: only ones loaded on
+    /// demand, such as the bridge's, may still be needed).
+    more: bool,
     loader: modules::Loader,
     index: kiln_init::config::ModuleIndex,
     initramfs: std::os::fd::OwnedFd,
@@ -94,18 +99,19 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Option<Deferred>,
         .ok()
         .map(std::os::fd::OwnedFd::from);
     boot::switch_root(sys, SYSROOT).map_err(|e| console::chain(&e))?;
-    Ok(match (early, initramfs) {
-        (true, Some(initramfs)) => Some(Deferred {
-            loader,
-            index: boot.modules.clone(),
-            initramfs,
-        }),
-        _ => None,
-    })
+    Ok(initramfs.map(|initramfs| Deferred {
+        more: early,
+        loader,
+        index: boot.modules.clone(),
+        initramfs,
+    }))
 }
 
 /// Loads the deferred modules in a child process, alongside the services.
 fn load_later(d: Deferred) {
+    if !d.more {
+        return;
+    }
     // SAFETY: the init is single-threaded, so the child may run Rust code.
     match unsafe { libc::fork() } {
         0 => {
@@ -113,6 +119,7 @@ fn load_later(d: Deferred) {
                 mut loader,
                 index,
                 initramfs,
+                ..
             } = d;
             // Idle priority: on a small machine the services go first.
             // SAFETY: sched_param is plain integers (more fields on musl);
@@ -131,6 +138,32 @@ fn load_later(d: Deferred) {
         }
         pid if pid < 0 => log("cannot fork to load the remaining modules"),
         _ => {}
+    }
+}
+
+/// Loads the bridge's modules and sets the bridge up; containers on it
+/// fail to start if this fails, the others are unaffected.
+fn set_up_bridge(sys: &dyn Sys, plan: &bridge::Plan, deferred: Option<&mut Deferred>) {
+    let Some(d) = deferred else {
+        log("bridge: the initramfs is gone, its modules cannot be loaded");
+        return;
+    };
+    let prefix = format!("/proc/self/fd/{}", d.initramfs.as_raw_fd());
+    let before = d.loader.report.loaded.len();
+    d.loader.report.failed.clear();
+    for m in kiln_init::config::BRIDGE_MODULES {
+        d.loader.load_named(sys, &d.index, &prefix, m);
+    }
+    log_report("bridge modules", &d.loader.report, before);
+    match plan.set_up() {
+        Ok(()) => log(&format!(
+            "bridge {} up at {}: {} containers, {} published ports",
+            kiln_init::config::BRIDGE,
+            plan.host,
+            plan.members.len(),
+            plan.forwards.len()
+        )),
+        Err(e) => log(&format!("bridge: {e}")),
     }
 }
 
@@ -191,6 +224,11 @@ fn run() -> Result<std::convert::Infallible, String> {
         cfg.services.len(),
         sys::rss_kib().map_or("?".to_string(), |k| k.to_string())
     ));
+
+    // The bridge before any container can be plugged into it.
+    if let Some(plan) = bridge::Plan::of(&cfg) {
+        set_up_bridge(&sys, &plan, deferred.as_mut());
+    }
 
     // Ctrl-Alt-Del becomes SIGINT to this process: a clean shutdown.
     // SAFETY: reboot(2) with a command constant only.

@@ -193,6 +193,23 @@ impl Loader {
     }
 
     /// Loads `name` and what it depends on, each once.
+    /// Loads `name` and what it depends on, whatever the devices; true
+    /// when all of them loaded (now or before).
+    pub fn load_named(
+        &mut self,
+        sys: &dyn Sys,
+        index: &ModuleIndex,
+        prefix: &str,
+        name: &str,
+    ) -> bool {
+        let name = normalize(name);
+        self.load_closure(sys, index, prefix, &name);
+        closure(index, &name)
+            .iter()
+            .all(|m| self.report.loaded.contains(m))
+            && index.modules.contains_key(&name)
+    }
+
     fn load_closure(&mut self, sys: &dyn Sys, index: &ModuleIndex, prefix: &str, name: &str) {
         for m in closure(index, name) {
             if !self.tried.insert(m.clone()) {

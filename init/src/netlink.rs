@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
@@ -18,11 +19,18 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_NET_NS_PID: u16 = 19;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_BROADCAST: u16 = 4;
@@ -53,7 +61,8 @@ pub struct Link {
     pub name: String,
     /// Its hardware address (six bytes for Ethernet).
     pub mac: Vec<u8>,
-    /// Ethernet, not loopback: what DHCP runs on by default.
+    /// Ethernet hardware, not loopback nor a virtual link (a bridge, a
+    /// veth): what DHCP runs on by default.
     pub ethernet: bool,
     pub up: bool,
 }
@@ -93,7 +102,7 @@ impl std::fmt::Display for Cidr {
 }
 
 /// Appends one attribute, padded to four bytes.
-fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+pub(crate) fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&len.to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
@@ -104,7 +113,7 @@ fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 }
 
 /// A whole message: header, then `body` (the fixed part and attributes).
-fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+pub(crate) fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
     let len = u32::try_from(HEADER + body.len()).unwrap_or(u32::MAX);
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(&len.to_ne_bytes());
@@ -123,6 +132,52 @@ fn ifinfo(index: u32, flags: u32, change: u32) -> Vec<u8> {
     b.extend_from_slice(&flags.to_ne_bytes());
     b.extend_from_slice(&change.to_ne_bytes());
     b
+}
+
+/// Creates a link of `kind` named `name` (up, on `master` if given);
+/// `data` is the kind's IFLA_INFO_DATA, if any.
+fn new_link(seq: u32, name: &str, kind: &str, master: Option<u32>, data: Option<&[u8]>) -> Vec<u8> {
+    let up = libc::IFF_UP as u32;
+    let mut body = ifinfo(0, up, up);
+    attr(&mut body, IFLA_IFNAME, format!("{name}\0").as_bytes());
+    if let Some(m) = master {
+        attr(&mut body, IFLA_MASTER, &m.to_ne_bytes());
+    }
+    let mut info = Vec::new();
+    attr(&mut info, IFLA_INFO_KIND, kind.as_bytes());
+    if let Some(d) = data {
+        attr(&mut info, IFLA_INFO_DATA, d);
+    }
+    attr(&mut body, IFLA_LINKINFO, &info);
+    message(
+        RTM_NEWLINK,
+        NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+        seq,
+        &body,
+    )
+}
+
+/// Creates the bridge `name`, up.
+pub fn new_bridge(seq: u32, name: &str) -> Vec<u8> {
+    new_link(seq, name, "bridge", None, None)
+}
+
+/// Creates a veth pair: `name` here, up on bridge `master`, and `peer`
+/// in the network namespace of process `pid` (configured from there).
+pub fn new_veth(seq: u32, name: &str, master: u32, peer: &str, pid: u32) -> Vec<u8> {
+    let mut peer_info = ifinfo(0, 0, 0);
+    attr(&mut peer_info, IFLA_IFNAME, format!("{peer}\0").as_bytes());
+    attr(&mut peer_info, IFLA_NET_NS_PID, &pid.to_ne_bytes());
+    let mut data = Vec::new();
+    attr(&mut data, VETH_INFO_PEER, &peer_info);
+    new_link(seq, name, "veth", Some(master), Some(&data))
+}
+
+/// Deletes the link `name` (a veth's peer goes with it).
+pub fn del_link(seq: u32, name: &str) -> Vec<u8> {
+    let mut body = ifinfo(0, 0, 0);
+    attr(&mut body, IFLA_IFNAME, format!("{name}\0").as_bytes());
+    message(RTM_DELLINK, NLM_F_ACK, seq, &body)
 }
 
 /// Asks for every link.
@@ -288,6 +343,8 @@ fn parse_link(body: &[u8]) -> Option<Link> {
     };
     for (t, v) in attrs(body, 16) {
         match t {
+            // Only virtual links (bridge, veth) have a kind.
+            IFLA_LINKINFO => link.ethernet = false,
             IFLA_IFNAME => {
                 let v = v.split(|&b| b == 0).next().unwrap_or(v);
                 link.name = String::from_utf8_lossy(v).into_owned();
@@ -306,16 +363,45 @@ pub struct Socket {
 }
 
 impl Socket {
+    /// An rtnetlink socket, in the caller's network namespace.
     pub fn open() -> io::Result<Socket> {
+        Socket::open_protocol(libc::NETLINK_ROUTE)
+    }
+
+    /// A netlink socket of another family (netfilter's, say).
+    pub fn open_protocol(protocol: libc::c_int) -> io::Result<Socket> {
         // SAFETY: plain socket creation.
         let fd = crate::sys::owned(unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
+                protocol,
             )
         })?;
         Ok(Socket { fd, seq: 0 })
+    }
+
+    /// Sends `msg` (one message, or a batch of them) and reads `acks`
+    /// acknowledgements, failing with the first error among them.
+    pub fn transact(&mut self, msg: &[u8], acks: usize) -> io::Result<()> {
+        self.send(msg)?;
+        let mut first_err = None;
+        for _ in 0..acks {
+            if let Err(e) = self.receive(&mut |_, _| {}) {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    return Err(e);
+                }
+                first_err.get_or_insert(e);
+                // A failed batch is answered for the failing message only.
+                break;
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The next sequence number, for messages built outside.
+    pub fn seq(&mut self) -> u32 {
+        self.next_seq()
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -380,6 +466,31 @@ impl Socket {
             }
         })?;
         Ok(out)
+    }
+
+    /// The link named `name`.
+    pub fn link(&mut self, name: &str) -> io::Result<Link> {
+        self.links()?
+            .into_iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no link {name}")))
+    }
+
+    pub fn new_bridge(&mut self, name: &str) -> io::Result<()> {
+        self.request(|seq| new_bridge(seq, name))
+    }
+
+    /// A veth pair (see [`new_veth`]); a leftover of the same name (the
+    /// peer of a namespace the kernel has not finished tearing down) is
+    /// deleted first.
+    pub fn new_veth(&mut self, name: &str, master: u32, peer: &str, pid: u32) -> io::Result<()> {
+        match self.request(|seq| new_veth(seq, name, master, peer, pid)) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                self.request(|seq| del_link(seq, name))?;
+                self.request(|seq| new_veth(seq, name, master, peer, pid))
+            }
+            r => r,
+        }
     }
 
     pub fn set_up(&mut self, index: u32, mtu: Option<u32>) -> io::Result<()> {
@@ -488,6 +599,37 @@ mod tests {
         let body = &host[HEADER..];
         assert_eq!((body[1], body[6]), (32, RT_SCOPE_LINK));
         assert_eq!(attrs(body, 12)[0], (RTA_DST, &[10u8, 0, 0, 1][..]));
+    }
+
+    /// `ip link add kv2 master 3 up type veth peer name eth0 netns 42`.
+    #[test]
+    fn veth_message_layout() {
+        let m = new_veth(5, "kv2", 3, "eth0", 42);
+        assert_eq!(u16_at(&m, 4), Some(RTM_NEWLINK));
+        assert_eq!(
+            u16_at(&m, 6),
+            Some(NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+        );
+        let body = &m[HEADER..];
+        assert_eq!(u32_at(body, 8), Some(libc::IFF_UP as u32));
+        let a = attrs(body, 16);
+        assert_eq!(a[0], (IFLA_IFNAME, &b"kv2\0"[..]));
+        assert_eq!(a[1], (IFLA_MASTER, &3u32.to_ne_bytes()[..]));
+        assert_eq!(a[2].0, IFLA_LINKINFO);
+        let info = attrs(a[2].1, 0);
+        assert_eq!(info[0], (IFLA_INFO_KIND, &b"veth"[..]));
+        let data = attrs(info[1].1, 0);
+        assert_eq!(data[0].0, VETH_INFO_PEER);
+        // The peer: its own ifinfomsg, then its name and namespace.
+        let peer = attrs(data[0].1, 16);
+        assert_eq!(peer[0], (IFLA_IFNAME, &b"eth0\0"[..]));
+        assert_eq!(peer[1], (IFLA_NET_NS_PID, &42u32.to_ne_bytes()[..]));
+        // A link with a kind is virtual: DHCP leaves it alone.
+        let mut listed = ifinfo(4, 0, 0);
+        listed[2..4].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
+        attr(&mut listed, IFLA_IFNAME, b"kiln0\0");
+        attr(&mut listed, IFLA_LINKINFO, a[2].1);
+        assert!(!parse_link(&listed).unwrap().ethernet);
     }
 
     #[test]

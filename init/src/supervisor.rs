@@ -663,8 +663,8 @@ impl Supervisor {
                     let _ = u.failed(format!("{d} ended without becoming ready"));
                 }
             } else if waiting.is_empty() {
-                let on_host = unit.spec.net == Net::Host;
-                if on_host && !self.network_ready(Instant::now()) {
+                let networked = unit.spec.net != Net::None;
+                if networked && !self.network_ready(Instant::now()) {
                     if let Some(u) = self.units.get_mut(&name) {
                         if !u.said_waiting {
                             u.said_waiting = true;
@@ -792,11 +792,11 @@ impl Supervisor {
             if kind != UnitKind::Onshutdown && self.stop.is_some() {
                 return;
             }
-            let on_host = self
+            let networked = self
                 .units
                 .get(&name)
-                .is_some_and(|u| u.spec.net == Net::Host);
-            while on_host && self.stop.is_none() && !self.network_ready(Instant::now()) {
+                .is_some_and(|u| u.spec.net != Net::None);
+            while networked && self.stop.is_none() && !self.network_ready(Instant::now()) {
                 self.pump(None);
             }
             self.start(&name);
