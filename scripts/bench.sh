@@ -6,6 +6,9 @@
 #   scripts/bench.sh formats    only the encoders: squashfs, FAT32, cpio, GPT
 #   scripts/bench.sh boot       /init to the first container line: kiln-init
 #                               against a busybox /init doing the same
+#   scripts/bench.sh net        forwarded throughput: a download from a
+#                               container on the bridge (published port)
+#                               against one on the host network
 #   scripts/bench.sh pipeline   only the whole build:
 #     - hello.toml, warm cache and lock, against the shell pipeline a user
 #       would script from the same unpacked inputs (mksquashfs, objcopy UKI,
@@ -91,6 +94,66 @@ if [ "$what" = all ] || [ "$what" = boot ]; then
   row "hello.toml, one vCPU, -icount (instructions)" "$kiln_i" "$bb_i" "$(ratio "$kiln_i" "$bb_i")"
   echo "kiln: $(tr "\n" " " <"$b/kiln.times")busybox: $(tr "\n" " " <"$b/bb.times")" >&2
   rm -rf "$b"
+fi
+# Networking: forwarded throughput. The same 32 MiB download from a
+# container on the bridge through its published port (DNAT, bridge, veth)
+# and from one on the host network, both through one QEMU user NIC in
+# one guest; best of three each, alternating.
+if [ "$what" = all ] || [ "$what" = net ]; then
+  cargo build --release -p kiln >/dev/null 2>&1 || cargo build --release -p kiln
+  n="$(mktemp -d /var/tmp/kiln-net.XXXXXX)"
+  serve() { # PORT: a service's command, writing the file then serving it
+    echo "command = [\"/bin/busybox\", \"sh\", \"-c\", \"busybox dd if=/dev/zero of=/w/big bs=1M count=32 2>/dev/null && exec busybox httpd -f -p $1 -h /w\"]"
+  }
+  bb='image = { debian = ["busybox-static"], scripts = false }'
+  cat >"$n/netbench.toml" <<EOF
+name = "netbench"
+version = "1"
+[kernel]
+debian = "linux-image-cloud-amd64"
+[[service]]
+name = "onhost"
+$bb
+tmpfs = ["/w:size=40M"]
+ready = { tcp = 8080 }
+$(serve 8080)
+[[service]]
+name = "onbridge"
+$bb
+net = "bridge"
+ports = ["8081:80"]
+tmpfs = ["/w:size=40M"]
+ready = { tcp = 80 }
+$(serve 80)
+EOF
+  "$PWD/target/release/kiln" build -q "$n/netbench.toml" -o "$n/out"
+  port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+  hp=$(port)
+  bp=$(port)
+  "$PWD/target/release/kiln" run "$n/out/netbench.raw" --timeout 600 \
+    --publish "$hp:8080" --publish "$bp:8081" >"$n/console" 2>&1 &
+  run=$!
+  for _ in $(seq 600); do
+    grep -q 'onhost: ready' "$n/console" && grep -q 'onbridge: ready' "$n/console" && break
+    sleep 0.5
+  done
+  get() { curl -sf -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$1/big"; }
+  for _ in 1 2 3; do
+    get "$hp" >>"$n/host.times"
+    get "$bp" >>"$n/bridge.times"
+  done
+  kill -TERM "$run"
+  wait "$run" || true
+  host_s=$(sort -n "$n/host.times" | head -1)
+  bridge_s=$(sort -n "$n/bridge.times" | head -1)
+  mbs() { awk "BEGIN { printf \"%.1f\", 32 / $1 }"; }
+  echo
+  echo "## Forwarded throughput (32 MiB over QEMU user networking, TCG)"
+  echo
+  row "case" "bridge s" "host s" "ratio"
+  row "download, bridge (published port) vs host network" "$bridge_s" "$host_s" "$(ratio "$bridge_s" "$host_s")"
+  echo "MB/s: bridge $(mbs "$bridge_s"), host $(mbs "$host_s")" >&2
+  rm -rf "$n"
 fi
 [ "$what" = all ] || [ "$what" = pipeline ] || exit 0
 

@@ -994,7 +994,14 @@ fn host_network_and_published_port() {
              command = [\"/bin/busybox\", \"sh\", \"-c\", \"cd /config && busybox cat provider hostname ssh/authorized_keys app/greeting && busybox stat -c %a app/greeting && busybox touch x 2>&1\"]\n\
              [[service]]\nname = \"web\"\n{bb}\nready = {{ tcp = 8080 }}\ncommand = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
              [[file]]\ncontainer = \"web\"\npath = \"/www/index.html\"\ncontents = \"served from the guest\\n\"\n\
-             [[service]]\nname = \"fetch\"\n{bb}\nrestart = \"never\"\ncommand = [\"/bin/busybox\", \"wget\", \"-q\", \"-O\", \"-\", \"http://10.0.2.100/\"]\n\
+             [[service]]\nname = \"fetch\"\n{bb}\nrestart = \"never\"\ndepends_on = [\"bweb\", \"dns\"]\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"for u in 10.0.2.100/ 127.0.0.1:8081/ 10.0.2.15:8081/; do busybox wget -q -O - http://$u; done; busybox nslookup kiln.test 127.0.0.1 | busybox grep 'Address: 192'\"]\n\
+             [[service]]\nname = \"bweb\"\n{bb}\nnet = \"bridge\"\nports = [\"8081:80\"]\nready = {{ tcp = 80 }}\ncommand = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]\n\
+             [[file]]\ncontainer = \"bweb\"\npath = \"/www/index.html\"\ncontents = \"served from the bridge\\n\"\n\
+             [[service]]\nname = \"dns\"\nimage = {{ debian = [\"dnsmasq-base\"], scripts = false }}\nnet = \"bridge\"\nports = [\"53:53/udp\"]\nready = {{ tcp = 53 }}\n\
+             command = [\"/usr/sbin/dnsmasq\", \"-k\", \"--no-resolv\", \"--no-hosts\", \"--address=/kiln.test/192.0.2.7\", \"--user=\", \"--pid-file=\", \"--log-facility=-\", \"--interface=eth0\"]\n\
+             [[service]]\nname = \"bname\"\n{bb}\nnet = \"bridge\"\nrestart = \"never\"\ndepends_on = [\"bweb\", \"dns\"]\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"busybox ip -4 -o addr show dev eth0 | busybox awk '{{print $4}}'; busybox ip route | busybox grep default; for u in bweb/ 10.0.2.15:8081/ 10.0.2.100/; do busybox wget -q -O - http://$u; done; for s in dns 10.0.2.15; do busybox nslookup kiln.test $s | busybox grep 'Address: 192'; done\"]\n\
              [[service]]\nname = \"show\"\n{bb}\nrestart = \"never\"\n\
              command = [\"/bin/busybox\", \"sh\", \"-c\", \"for i in eth0 eth1; do echo $i $(busybox ip -4 -o addr show dev $i | busybox awk '{{print $4}}'); done; busybox ip route | busybox grep default; busybox cat /etc/resolv.conf /etc/hosts; for i in $(busybox seq 50); do busybox ip -6 addr show dev eth0 | busybox grep -q dynamic && break; busybox sleep 0.2; done; echo v6 $(busybox ip -6 -o addr show dev eth0 | busybox grep dynamic | busybox awk '{{print $4}}')\"]\n\
              [host]\nhostname = \"edge\"\n\
@@ -1010,6 +1017,11 @@ fn host_network_and_published_port() {
         .map(|a| a.port())
         .unwrap();
     let publish = format!("{port}:8080");
+    let bridge_tcp = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let publish_bridge = format!("{bridge_tcp}:8081");
     // What the guest reaches at 10.0.2.100:80: a server here, IMDSv2's
     // metadata paths and a page at /.
     let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1023,6 +1035,8 @@ fn host_network_and_published_port() {
     let mut show_done = false;
     let mut fetched = false;
     let mut meta = false;
+    let mut named = false;
+    let mut bridge_page = None;
     let console = k::boot_until_with(
         &kiln(),
         &out.join("network.raw"),
@@ -1034,17 +1048,23 @@ fn host_network_and_published_port() {
             "restricted",
             "--publish",
             &publish,
+            "--publish",
+            &publish_bridge,
             "--forward",
             &forward,
         ],
         |l| {
-            if l.contains("web: ready") {
+            if l.contains("] web: ready") {
                 page = Some(http_get(port));
+            }
+            if l.contains("] bweb: ready") {
+                bridge_page = Some(http_get(bridge_tcp));
             }
             show_done |= l.contains("show: exited");
             fetched |= l.contains("fetch: exited");
             meta |= l.contains("meta: exited");
-            page.is_some() && show_done && fetched && meta
+            named |= l.contains("bname: exited");
+            page.is_some() && bridge_page.is_some() && show_done && fetched && meta && named
         },
     )
     .replace('\r', "");
@@ -1054,9 +1074,50 @@ fn host_network_and_published_port() {
         "{page}\n{console}"
     );
     assert!(console.contains("network up in"), "{console}");
+    // The host network reaches the outside (guestfwd) and the bridge's
+    // published ports through 127.0.0.1 and its own address: TCP, and UDP
+    // (a DNS query to dnsmasq). Slirp under restrict=on drops every UDP
+    // datagram from the guest but DHCP's, so UDP is asked from inside.
     assert_eq!(
         container_lines(&console, "fetch"),
-        ["from the host!"],
+        [
+            "from the host!",
+            "served from the bridge",
+            "served from the bridge",
+            "Address: 192.0.2.7"
+        ],
+        "{console}"
+    );
+    // Published from the bridge, reached from this machine.
+    let bridge_page = bridge_page.unwrap();
+    assert!(
+        bridge_page.starts_with("HTTP/1.") && bridge_page.contains("served from the bridge"),
+        "{bridge_page}\n{console}"
+    );
+    // On the bridge: its address in recipe order, the route through the
+    // host's end, a neighbour by name, the published port through the
+    // host's address (hairpin), the outside by masquerade, and UDP to a
+    // neighbour by name and to the published UDP port (hairpin).
+    let bname = container_lines(&console, "bname");
+    assert_eq!(bname.len(), 7, "{console}");
+    assert_eq!(bname[0], "172.31.0.4/24", "{console}");
+    assert!(
+        bname[1].starts_with("default via 172.31.0.1 dev eth0"),
+        "{console}"
+    );
+    assert_eq!(
+        bname[2..],
+        [
+            "served from the bridge",
+            "served from the bridge",
+            "from the host!",
+            "Address: 192.0.2.7",
+            "Address: 192.0.2.7"
+        ],
+        "{console}"
+    );
+    assert!(
+        console.contains("bridge kiln0 up at 172.31.0.1/24: 3 containers, 2 published ports"),
         "{console}"
     );
     let show = container_lines(&console, "show");
