@@ -137,7 +137,7 @@ EOF
     grep -q 'onhost: ready' "$n/console" && grep -q 'onbridge: ready' "$n/console" && break
     sleep 0.5
   done
-  get() { curl -sf -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$1/big"; }
+  get() { curl -sf -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$1/big" | awk '{ printf "%.3f\n", $1 }'; }
   for _ in 1 2 3; do
     get "$hp" >>"$n/host.times"
     get "$bp" >>"$n/bridge.times"

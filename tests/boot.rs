@@ -549,6 +549,128 @@ fn restart_policies_and_the_run_result() {
     assert_eq!(status["stopping"], serde_json::json!(false));
 }
 
+/// With a terminal on stdin, `kiln run` attaches the guest's console: it
+/// says so, Ctrl-A X stops the guest at once (exit 130, no QEMU left),
+/// and the terminal's modes are as they were. The same boot reads an
+/// OpenStack config drive on a FAT volume (`--disk`).
+#[test]
+fn interactive_console_quits_on_ctrl_a_x() {
+    use std::io::{BufRead, Write};
+    use std::os::unix::process::CommandExt;
+    let dir = k::scratch("console");
+    let recipe = dir.join("console.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"console\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
+         [[service]]\nname = \"sleeper\"\nimage = { debian = [\"busybox-static\"], scripts = false }\n\
+         binds = [\"/run/config:/config:ro\"]\n\
+         command = [\"/bin/busybox\", \"sh\", \"-c\", \"cd /config && busybox cat provider hostname ssh/authorized_keys app/motd; echo waiting; exec busybox sleep 600\"]\n[disk]\nsize = \"256M\"\n",
+    )
+    .unwrap();
+    // A config-2 drive as FAT, made by the standard tools.
+    let drive = dir.join("config-2.img");
+    let _ = std::fs::remove_file(&drive);
+    let made = k::run(
+        Command::new("mkfs.vfat")
+            .args(["-C", "-n", "config-2"])
+            .arg(&drive)
+            .arg("2048"),
+    );
+    assert!(made.ok, "mkfs.vfat: {}", made.stderr);
+    for d in ["openstack", "openstack/latest"] {
+        k::run(
+            Command::new("mmd")
+                .arg("-i")
+                .arg(&drive)
+                .arg(format!("::/{d}")),
+        );
+    }
+    for (name, text) in [
+        (
+            "meta_data.json",
+            r#"{"hostname": "fat-host.example", "public_keys": {"k": "ssh-ed25519 AAAAfat fat@kiln"}}"#,
+        ),
+        (
+            "user_data",
+            r#"{"app": {"motd": {"content": "from a FAT drive\n"}}}"#,
+        ),
+    ] {
+        let src = dir.join(name);
+        std::fs::write(&src, text).unwrap();
+        let c = k::run(
+            Command::new("mcopy")
+                .arg("-i")
+                .arg(&drive)
+                .arg(&src)
+                .arg(format!("::/openstack/latest/{name}")),
+        );
+        assert!(c.ok, "mcopy: {}", c.stderr);
+    }
+    let out = dir.join("out");
+    k::build(&kiln(), &recipe, &out);
+    let image = out.join("console.raw");
+    // `script` gives kiln a terminal; the shell around it shows the
+    // terminal's modes before and after.
+    let inner = format!(
+        "stty -g; '{}' run '{}' --disk '{}' --timeout 300; echo exit=$?; stty -g",
+        kiln().display(),
+        image.display(),
+        drive.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("script (util-linux)");
+    let mut keys = child.stdin.take().unwrap();
+    let mut text = String::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        let line = line.replace('\r', "");
+        if line == "sleeper| waiting" {
+            keys.write_all(b"\x01x").unwrap();
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let _ = child.wait();
+    assert!(
+        text.contains("kiln: console attached (Ctrl-A X quits)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln: quit (Ctrl-A X): guest stopped"),
+        "{text}"
+    );
+    assert!(text.contains("exit=130"), "{text}");
+    assert_eq!(
+        container_lines(&text, "sleeper"),
+        [
+            "nocloud",
+            "fat-host",
+            "ssh-ed25519 AAAAfat fat@kiln",
+            "from a FAT drive",
+            "waiting"
+        ],
+        "{text}"
+    );
+    let modes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.len() > 20 && l.bytes().all(|b| b == b':' || b.is_ascii_hexdigit()))
+        .collect();
+    assert_eq!(modes.len(), 2, "{text}");
+    assert_eq!(modes[0], modes[1], "terminal modes not restored:\n{text}");
+    let ps = k::run(Command::new("pgrep").arg("-f").arg(image.to_str().unwrap()));
+    assert!(
+        ps.stdout.trim().is_empty(),
+        "QEMU still runs: {}",
+        ps.stdout
+    );
+}
+
 /// SIGTERM to `kiln run` shuts the guest down through its power button:
 /// services stop in reverse order, each with its stop signal and, past
 /// its `stop_timeout`, SIGKILL; then the onshutdown containers run; QEMU
@@ -589,6 +711,7 @@ fn graceful_shutdown_on_sigterm() {
         .arg("run")
         .arg(&image)
         .args(["--timeout", "300"])
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

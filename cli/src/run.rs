@@ -252,6 +252,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let _ = std::fs::remove_file(&qmp.0);
     // Registered before QEMU starts, so no signal is missed.
     let signals = watch_signals()?;
+    // Keys go to the guest's serial console when a person is typing.
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
 
     let mut cmd = Command::new(&a.qemu);
     cmd.args([
@@ -281,7 +283,11 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         &format!("if=virtio,format={format},snapshot=on"),
         &a.image,
     ))
-    .stdin(Stdio::null())
+    .stdin(if interactive {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
     .stdout(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| {
         format!(
@@ -291,6 +297,17 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     })?;
     let console = child.stdout.take().context("QEMU's console")?;
     let watcher = std::thread::spawn(move || forward_console(console, std::io::stdout()));
+    let (quit_tx, quit) = std::sync::mpsc::channel();
+    // Restores the terminal however this function returns.
+    let _terminal = match child.stdin.take() {
+        Some(keys) => {
+            let t = RawTerminal::enter().context("setting the terminal up for the console")?;
+            eprintln!("kiln: console attached (Ctrl-A X quits)");
+            std::thread::spawn(move || forward_keys(keys, quit_tx));
+            Some(t)
+        }
+        None => None,
+    };
 
     let deadline = a.timeout.map(|s| Instant::now() + Duration::from_secs(s));
     // Set by SIGINT/SIGTERM: the exit status, and when to stop waiting.
@@ -310,6 +327,13 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                     let _ = child.kill();
                 }
             }
+        }
+        if quit.try_recv().is_ok() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = watcher.join();
+            eprintln!("kiln: quit (Ctrl-A X): guest stopped");
+            return Ok(ExitCode::from(130));
         }
         if let Some(status) = child.try_wait()? {
             let result = watcher.join().unwrap_or(None);
@@ -454,6 +478,86 @@ fn forward_console(mut from: impl Read, mut out: impl Write) -> Option<RunResult
     }
 }
 
+/// The terminal's modes as they were, put back when dropped.
+struct RawTerminal(rustix::termios::Termios);
+
+impl RawTerminal {
+    /// Sets stdin's terminal as QEMU's `-serial stdio` does: keys reach
+    /// the guest as typed (Ctrl-C too), output keeps its line endings.
+    fn enter() -> std::io::Result<RawTerminal> {
+        use rustix::termios::{tcgetattr, tcsetattr, OptionalActions, OutputModes};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin)?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        raw.output_modes |= OutputModes::OPOST;
+        tcsetattr(&stdin, OptionalActions::Now, &raw)?;
+        Ok(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use rustix::termios::{tcsetattr, OptionalActions};
+        let _ = tcsetattr(std::io::stdin(), OptionalActions::Now, &self.0);
+    }
+}
+
+/// Keys typed at the console, read QEMU's way: Ctrl-A X quits, Ctrl-A
+/// Ctrl-A types one Ctrl-A, Ctrl-A and another key is dropped, the rest
+/// goes to the guest.
+#[derive(Default)]
+struct Keys {
+    /// The last key was Ctrl-A.
+    escape: bool,
+}
+
+const CTRL_A: u8 = 0x01;
+
+impl Keys {
+    /// Appends what `input` sends to the guest to `out`; true on Ctrl-A X
+    /// (what follows it is not read).
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> bool {
+        for &b in input {
+            if std::mem::take(&mut self.escape) {
+                match b {
+                    b'x' | b'X' => return true,
+                    CTRL_A => out.push(CTRL_A),
+                    _ => {}
+                }
+            } else if b == CTRL_A {
+                self.escape = true;
+            } else {
+                out.push(b);
+            }
+        }
+        false
+    }
+}
+
+/// Copies keys from stdin to QEMU's serial input until Ctrl-A X, which
+/// it reports on `quit`, or the end of either side.
+fn forward_keys(mut to: std::process::ChildStdin, quit: std::sync::mpsc::Sender<()>) {
+    let mut keys = Keys::default();
+    let mut buf = [0u8; 256];
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut out = Vec::new();
+        let stop = keys.feed(&buf[..n], &mut out);
+        if !out.is_empty() && to.write_all(&out).and_then(|()| to.flush()).is_err() {
+            return;
+        }
+        if stop {
+            let _ = quit.send(());
+            return;
+        }
+    }
+}
+
 /// `-drive` value; QEMU needs commas in file names doubled.
 fn drive_arg(opts: &str, file: &Path) -> String {
     format!(
@@ -465,6 +569,23 @@ fn drive_arg(opts: &str, file: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_keys_as_qemu_reads_them() {
+        let mut k = Keys::default();
+        let mut out = Vec::new();
+        assert!(!k.feed(b"ls\r\x03", &mut out));
+        assert_eq!(out, b"ls\r\x03");
+        out.clear();
+        // Ctrl-A Ctrl-A is one Ctrl-A; Ctrl-A and another key: nothing.
+        assert!(!k.feed(&[CTRL_A, CTRL_A, b'a', CTRL_A, b'c', b'b'], &mut out));
+        assert_eq!(out, [CTRL_A, b'a', b'b']);
+        out.clear();
+        // Split across reads, and what follows the quit is not sent.
+        assert!(!k.feed(b"q\x01", &mut out));
+        assert!(k.feed(b"Xzz", &mut out));
+        assert_eq!(out, b"q");
+    }
 
     #[test]
     fn forwards_run_a_relay_per_connection() {

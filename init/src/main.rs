@@ -13,6 +13,7 @@ mod caps;
 mod console;
 mod container;
 mod dhcp;
+mod fat;
 mod glob;
 mod iso9660;
 mod metadata;

@@ -249,9 +249,43 @@ fn nocloud_meta(text: &str) -> (Option<String>, Vec<String>) {
     (hostname, keys)
 }
 
-/// A config drive: a block device whose ISO 9660 label is `cidata`
-/// (NoCloud: `meta-data`, `user-data`) or `config-2` (OpenStack:
-/// `openstack/latest/meta_data.json`, `.../user_data`).
+/// A config drive's filesystem: ISO 9660 or FAT.
+enum Drive {
+    Iso(crate::iso9660::Iso<std::fs::File>),
+    Fat(crate::fat::Fat<std::fs::File>),
+}
+
+impl Drive {
+    /// The filesystem on block device `dev`, if it is one of those.
+    fn open(dev: &str) -> Option<Drive> {
+        let open = || std::fs::File::open(format!("/dev/{dev}")).ok();
+        if let Ok(Some(iso)) = crate::iso9660::Iso::open(open()?) {
+            return Some(Drive::Iso(iso));
+        }
+        match crate::fat::Fat::open(open()?) {
+            Ok(Some(fat)) => Some(Drive::Fat(fat)),
+            _ => None,
+        }
+    }
+
+    fn label(&self) -> &str {
+        match self {
+            Drive::Iso(i) => &i.label,
+            Drive::Fat(f) => &f.label,
+        }
+    }
+
+    fn file(&mut self, path: &str) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            Drive::Iso(i) => i.file(path),
+            Drive::Fat(f) => f.file(path),
+        }
+    }
+}
+
+/// A config drive: a block device whose ISO 9660 or FAT label is
+/// `cidata` (NoCloud: `meta-data`, `user-data`) or `config-2`
+/// (OpenStack: `openstack/latest/meta_data.json`, `.../user_data`).
 pub fn config_drive(log: &dyn Fn(&str)) -> Option<Found> {
     let mut devs: Vec<String> = std::fs::read_dir("/sys/class/block")
         .ok()?
@@ -260,14 +294,11 @@ pub fn config_drive(log: &dyn Fn(&str)) -> Option<Found> {
         .collect();
     devs.sort();
     for dev in devs {
-        let Ok(f) = std::fs::File::open(format!("/dev/{dev}")) else {
+        let Some(mut iso) = Drive::open(&dev) else {
             continue;
         };
-        let Ok(Some(mut iso)) = crate::iso9660::Iso::open(f) else {
-            continue;
-        };
-        let label = iso.label.to_ascii_lowercase();
-        let read = |iso: &mut crate::iso9660::Iso<std::fs::File>, p: &str| {
+        let label = iso.label().to_ascii_lowercase();
+        let read = |iso: &mut Drive, p: &str| {
             iso.file(p).unwrap_or_else(|e| {
                 log(&format!("metadata: /dev/{dev}: {p}: {e}"));
                 None
@@ -513,6 +544,92 @@ mod tests {
             http("GET", "https://x/", &[]),
             Err(FetchError::Url(_))
         ));
+    }
+
+    /// Serves an IMDSv2 emulation: a token, then `routes` (path, raw
+    /// answer, delay); 404 for the rest.
+    fn imds(routes: Vec<(&'static str, Vec<u8>, Duration)>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+                if path == "/latest/api/token" {
+                    let _ = c.write_all(&ok(b"tok"));
+                    continue;
+                }
+                match routes.iter().find(|r| r.0 == path) {
+                    Some((_, answer, delay)) => {
+                        std::thread::sleep(*delay);
+                        let _ = c.write_all(answer);
+                    }
+                    None => {
+                        let _ = c.write_all(b"HTTP/1.0 404 No\r\n\r\n");
+                    }
+                }
+            }
+        });
+        url
+    }
+
+    /// Hostile metadata, served: each piece is bounded or refused, the
+    /// provider gives up as a whole on a bound, and nothing is written
+    /// outside the directory.
+    #[test]
+    fn hostile_metadata_is_bounded_and_refused() {
+        let quick = Duration::ZERO;
+        // Invalid UTF-8 for a hostname: dropped; a userdata tree climbing
+        // out with "..": kept as userdata, its files refused.
+        let url = imds(vec![
+            (
+                "/latest/meta-data/local-hostname",
+                ok(&[0xff, 0xfe, b'x']),
+                quick,
+            ),
+            (
+                "/latest/user-data",
+                ok(br#"{"..": {"escape": {"content": "x"}}}"#),
+                quick,
+            ),
+            (
+                "/latest/meta-data/public-keys/0/openssh-key",
+                ok(b"ssh-ed25519 AAAA k"),
+                quick,
+            ),
+        ]);
+        let found = aws(&url).unwrap();
+        assert_eq!(found.hostname, None);
+        assert_eq!(found.ssh_keys, ["ssh-ed25519 AAAA k"]);
+        let dir = std::env::temp_dir().join(format!("kiln-hostile-{}", std::process::id()));
+        let inner = dir.join("config");
+        let said = std::cell::RefCell::new(Vec::new());
+        write(inner.to_str().unwrap(), Some(&found), &|m| {
+            said.borrow_mut().push(m.to_string())
+        })
+        .unwrap();
+        assert!(said.borrow()[0].contains("refused"), "{:?}", said.borrow());
+        assert!(!dir.join("escape").exists() && !inner.join("escape").exists());
+        assert!(!inner.join("hostname").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+        // A body over 1 MiB, or an answer later than 2 s: the provider
+        // fails as a whole, within its bound.
+        let url = imds(vec![(
+            "/latest/user-data",
+            ok(&vec![b'a'; MAX_BODY + 1]),
+            quick,
+        )]);
+        assert!(matches!(aws(&url), Err(FetchError::TooBig { .. })));
+        let url = imds(vec![(
+            "/latest/meta-data/local-hostname",
+            ok(b"late"),
+            Duration::from_secs(3),
+        )]);
+        let t = Instant::now();
+        assert!(matches!(aws(&url), Err(FetchError::Slow { .. })));
+        assert!(t.elapsed() < Duration::from_millis(2900));
     }
 
     #[test]

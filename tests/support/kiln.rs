@@ -135,6 +135,8 @@ pub fn boot_until_with(
         .args(args)
         .arg("--timeout")
         .arg(timeout_secs.to_string())
+        // Not a terminal: the console stays non-interactive.
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         // Its own group: stopping it stops QEMU too.
