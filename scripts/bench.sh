@@ -127,9 +127,8 @@ ready = { tcp = 80 }
 $(serve 80)
 EOF
   "$PWD/target/release/kiln" build -q "$n/netbench.toml" -o "$n/out"
-  port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-  hp=$(port)
-  bp=$(port)
+  hp=$(shuf -i 20000-40000 -n 1)
+  bp=$((hp + 1))
   "$PWD/target/release/kiln" run "$n/out/netbench.raw" --timeout 600 \
     --publish "$hp:8080" --publish "$bp:8081" >"$n/console" 2>&1 &
   run=$!

@@ -11,8 +11,8 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   debian-archive-keyring ca-certificates gcc \
   qemu-system-x86 ovmf \
   docker-registry busybox-static \
-  gdisk dosfstools mtools squashfs-tools cpio binutils util-linux iproute2 uidmap \
-  xorriso \
+  gdisk dosfstools mtools squashfs-tools cpio binutils util-linux bsdutils iproute2 uidmap \
+  xorriso curl \
   >/dev/null
 if ! command -v cargo >/dev/null; then
   echo "install Rust first: https://rustup.rs (or apt-get install cargo)" >&2
