@@ -998,6 +998,7 @@ fn hardening_defaults() {
         ) + &format!(
             "[[service]]\nname = \"remapped\"\n{image}\nuserns = true\nrlimits = {{ nofile = 100000 }}\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}; echo nofile $(ulimit -n)\"]\n\
              [[service]]\nname = \"remapped2\"\n{image}\nuserns = true\nnet = \"none\"\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}\"]\n\
+             [[service]]\nname = \"remapped3\"\n{image}\nuserns = true\nnet = \"bridge\"\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{remapped}; busybox ip -4 -o addr show dev eth0 | busybox awk '{{print $4}}'\"]\n\
              [[service]]\nname = \"cfg\"\n{image}\nbinds = [\"/run/config:/config:ro\"]\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"cd /config && busybox cat provider hostname ssh/authorized_keys userdata; busybox sleep 3; echo v6 $(busybox ip -6 addr show dev eth0 | busybox wc -l) $(busybox cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6)\"]\n\
              [network]\nipv6 = false\n"
         ),
@@ -1075,6 +1076,8 @@ fn hardening_defaults() {
     for (name, first, extra) in [
         ("remapped", 100_000, "\nnofile 100000"),
         ("remapped2", 165_536, ""),
+        // On the bridge: its eth0 configured from inside its namespace.
+        ("remapped3", 231_072, "\n172.31.0.2/24"),
     ] {
         let map = format!("{:>10} {first:>10} {:>10}", 0, 65536);
         let got = lines(name);

@@ -51,7 +51,8 @@ pub enum KernelError {
 }
 
 /// Modules for the virtual and cloud hardware an appliance boots on:
-/// QEMU/KVM virtio, NVMe (EC2 Nitro, GCP), ENA, AHCI, Xen, Hyper-V.
+/// QEMU/KVM virtio, NVMe (EC2 Nitro, GCP), ENA, gVNIC, AHCI, Xen,
+/// Hyper-V, VMware's and common physical NICs.
 pub const HARDWARE_MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
@@ -74,6 +75,15 @@ pub const HARDWARE_MODULES: &[&str] = &[
     "hv_vmbus",
     "hv_storvsc",
     "hv_netvsc",
+    // More NICs: Google's gVNIC, VMware's, AWS's older SR-IOV function,
+    // and Intel's physical ones (absent from cloud kernels). Azure's
+    // Mellanox functions are left out (1 MB): hv_netvsc works alone.
+    "gve",
+    "vmxnet3",
+    "ixgbevf",
+    "e1000",
+    "e1000e",
+    "igb",
     // The ACPI power button, which the init reads through evdev.
     "button",
     "evdev",

@@ -108,16 +108,17 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Option<Deferred>,
     }))
 }
 
-/// Loads the deferred modules in a child process, alongside the services.
-fn load_later(d: Deferred) {
-    if !d.more {
+/// Loads the deferred modules in a child process, alongside the services
+/// (once; the init keeps its loader for modules it loads on demand).
+fn load_later(d: &mut Deferred) {
+    if !std::mem::take(&mut d.more) {
         return;
     }
     // SAFETY: the init is single-threaded, so the child may run Rust code.
     match unsafe { libc::fork() } {
         0 => {
             let Deferred {
-                mut loader,
+                loader,
                 index,
                 initramfs,
                 ..
@@ -132,7 +133,7 @@ fn load_later(d: Deferred) {
             let before = loader.report.loaded.len();
             loader.report.failed.clear();
             let prefix = format!("/proc/self/fd/{}", initramfs.as_raw_fd());
-            loader.load(&RealSys, &index, &prefix, &|| false);
+            loader.load(&RealSys, index, &prefix, &|| false);
             log_report("modules loaded later", &loader.report, before);
             // SAFETY: leaving the child without the parent's cleanup.
             unsafe { libc::_exit(0) }
@@ -226,11 +227,6 @@ fn run() -> Result<std::convert::Infallible, String> {
         sys::rss_kib().map_or("?".to_string(), |k| k.to_string())
     ));
 
-    // The bridge before any container can be plugged into it.
-    if let Some(plan) = bridge::Plan::of(&cfg) {
-        set_up_bridge(&sys, &plan, deferred.as_mut());
-    }
-
     // Ctrl-Alt-Del becomes SIGINT to this process: a clean shutdown.
     // SAFETY: reboot(2) with a command constant only.
     unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
@@ -239,7 +235,7 @@ fn run() -> Result<std::convert::Infallible, String> {
     // so there the rest loads once they have started.
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     if cpus > 1 {
-        if let Some(d) = deferred.take() {
+        if let Some(d) = deferred.as_mut() {
             load_later(d);
         }
     }
@@ -253,6 +249,11 @@ fn run() -> Result<std::convert::Infallible, String> {
     ) {
         Ok(net) => sup.set_network(net, std::time::Duration::from_millis(cfg.network.wait_ms)),
         Err(e) => log(&format!("warning: no network: {}", console::chain(&e))),
+    }
+    // The bridge before any container can be plugged into it; DHCP's
+    // first exchange is under way meanwhile.
+    if let Some(plan) = bridge::Plan::of(&cfg) {
+        set_up_bridge(&sys, &plan, deferred.as_mut());
     }
     let units = cfg
         .onboot
@@ -270,7 +271,7 @@ fn run() -> Result<std::convert::Infallible, String> {
         sup.start_services();
     }
     sup.settle();
-    if let Some(d) = deferred {
+    if let Some(d) = deferred.as_mut() {
         load_later(d);
     }
     sup.wait_all();
