@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   debian-archive-keyring ca-certificates gcc \
-  qemu-system-x86 ovmf \
+  qemu-system-x86 qemu-utils ovmf \
   docker-registry busybox-static \
   gdisk dosfstools mtools squashfs-tools cpio binutils util-linux bsdutils iproute2 uidmap \
   xorriso curl \

@@ -13,3 +13,5 @@ pub mod gpt;
 pub mod squashfs;
 pub mod tree;
 pub mod uki;
+#[cfg(feature = "vdisk")]
+pub mod vdisk;
