@@ -14,7 +14,7 @@ use crate::progress::{Event, Progress, Stage, StageTimer, Task};
 use crate::recipe::{Format, Recipe, RecipeError};
 use kiln_formats::gpt::{Guid, ESP_TYPE};
 use kiln_formats::tree::{Meta, Node, Tree, TreeError};
-use kiln_formats::{cpio, disk, fat, squashfs, uki};
+use kiln_formats::{cpio, disk, fat, squashfs, uki, vdisk};
 use kiln_init::config::{self as initcfg, BootConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -377,29 +377,60 @@ fn write_outputs(
 ) -> Result<Built, BuildError> {
     let mut pending = Vec::new();
     let mut images = Vec::new();
-    for format in &recipe.output.formats.value {
-        let path = out_dir.join(format!("{}.{}", recipe.name(), format.extension()));
-        let mut p = Pending::create(&path)?;
-        match format {
-            Format::Raw => {
-                disk::write_raw(
-                    &fs.layout,
-                    vec![
-                        Box::new(fat::FatImage::reader(&fs.esp)),
-                        Box::new(root_reader(fs)?),
-                    ],
-                    p.file(),
-                )
-                .map_err(|e| {
-                    BuildError::Output(OutputError::Write {
-                        path: path.clone(),
-                        source: std::io::Error::other(e),
-                    })
-                })?;
-            }
+    let formats = &recipe.output.formats.value;
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| {
+            BuildError::Output(OutputError::Write {
+                path: path.clone(),
+                source,
+            })
         }
+    };
+    // The raw disk first: every other format encodes it. Written where
+    // it is wanted, else to a temp file that goes when this returns.
+    let raw_path = out_dir.join(Format::Raw.file_name(recipe.name()));
+    let mut raw = Pending::create(&raw_path)?;
+    disk::write_raw(
+        &fs.layout,
+        vec![
+            Box::new(fat::FatImage::reader(&fs.esp)),
+            Box::new(root_reader(fs)?),
+        ],
+        raw.file(),
+    )
+    .map_err(|e| write_err(&raw_path)(std::io::Error::other(e)))?;
+    let source = raw.file().try_clone().map_err(write_err(&raw_path))?;
+    let size = fs.layout.size;
+    let id = vdisk::Identity {
+        id: fs.layout.disk_guid.0,
+        time: plan.source_date_epoch,
+    };
+    for format in formats {
+        let path = out_dir.join(format.file_name(recipe.name()));
+        if *format == Format::Raw {
+            images.push(path);
+            continue;
+        }
+        let mut p = Pending::create(&path)?;
+        let out = p.file();
+        match format {
+            Format::Raw => Ok(()),
+            Format::Qcow2 => vdisk::write_qcow2(&source, size, out),
+            Format::Vhd => vdisk::write_vhd_fixed(&source, size, out, &id),
+            Format::VhdDynamic => vdisk::write_vhd_dynamic(&source, size, out, &id),
+            Format::Vmdk => {
+                let file = format.file_name(recipe.name());
+                vdisk::write_vmdk_stream(&source, size, out, &id, &file)
+            }
+            Format::Gce => vdisk::write_gce_tar_gz(&source, size, out, &id),
+        }
+        .map_err(write_err(&path))?;
         images.push(path);
         pending.push(p);
+    }
+    if formats.contains(&Format::Raw) {
+        pending.push(raw);
     }
     let plan_path = out_dir.join(format!("{}.plan.json", recipe.name()));
     let mut p = Pending::create(&plan_path)?;

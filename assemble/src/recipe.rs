@@ -328,22 +328,49 @@ pub struct DiskSpec {
 pub enum Format {
     /// A raw disk image (`NAME.raw`).
     Raw,
+    /// qcow2 version 3, sparse (`NAME.qcow2`).
+    Qcow2,
+    /// A fixed VHD, as Azure takes it (`NAME.vhd`).
+    Vhd,
+    /// A dynamic VHD (`NAME-dynamic.vhd`).
+    VhdDynamic,
+    /// A streamOptimized VMDK, as VMware and AWS VM Import take it
+    /// (`NAME.vmdk`).
+    Vmdk,
+    /// `disk.raw` in a sparse, gzip'd tar, as Google Compute Engine
+    /// imports it (`NAME.tar.gz`).
+    Gce,
 }
 
 impl Format {
     /// Every format with its recipe name.
-    pub const ALL: &[(&str, Format)] = &[("raw", Format::Raw)];
+    pub const ALL: &[(&str, Format)] = &[
+        ("raw", Format::Raw),
+        ("qcow2", Format::Qcow2),
+        ("vhd", Format::Vhd),
+        ("vhd-dynamic", Format::VhdDynamic),
+        ("vmdk", Format::Vmdk),
+        ("gce", Format::Gce),
+    ];
 
     /// The format's name in recipes.
     pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-        }
+        Format::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("raw", |(n, _)| n)
     }
 
-    /// File name suffix in the output directory.
-    pub fn extension(self) -> &'static str {
-        self.name()
+    /// The file this format is written to, for an image named `name`.
+    pub fn file_name(self, name: &str) -> String {
+        match self {
+            Format::Raw => format!("{name}.raw"),
+            Format::Qcow2 => format!("{name}.qcow2"),
+            Format::Vhd => format!("{name}.vhd"),
+            Format::VhdDynamic => format!("{name}-dynamic.vhd"),
+            Format::Vmdk => format!("{name}.vmdk"),
+            Format::Gce => format!("{name}.tar.gz"),
+        }
     }
 
     /// The format named `s`, if any.
@@ -412,6 +439,25 @@ impl Recipe {
             loc: loc.clone(),
             message: message.into(),
         })
+    }
+
+    /// Replaces `[output] formats` (from the command line), with the
+    /// recipe's checks: a fixed VHD needs a size in whole MiB.
+    pub fn set_formats(&mut self, formats: Vec<Format>) -> Result<(), Box<RecipeError>> {
+        if formats.contains(&Format::Vhd) && !self.disk.size.value.is_multiple_of(1 << 20) {
+            return Err(self.error(
+                &self.disk.size.loc,
+                "a fixed VHD needs a size in whole MiB (Azure's rule)",
+            ));
+        }
+        let mut unique = Vec::new();
+        for f in formats {
+            if !unique.contains(&f) {
+                unique.push(f);
+            }
+        }
+        self.output.formats.value = unique;
+        Ok(())
     }
 
     /// Onboot containers, in order.
@@ -1725,6 +1771,12 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                     return Err(l.at(&f, format!("format {name:?} is listed twice")));
                 }
                 out.push(format);
+            }
+            if out.contains(&Format::Vhd) && !size.value.is_multiple_of(1 << 20) {
+                return Err(l.error_at(
+                    size.loc.clone(),
+                    "a fixed VHD needs a size in whole MiB (Azure's rule)",
+                ));
             }
             At {
                 value: out,

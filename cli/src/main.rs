@@ -11,7 +11,7 @@ use kiln_assemble::cache::Cache;
 use kiln_assemble::image::{self, BuildError, BuildOptions};
 use kiln_assemble::oci::RegistryOptions;
 use kiln_assemble::plan::{self, LockMode, Plan, PlanError, ResolveOptions};
-use kiln_assemble::recipe::{self, LoadError, Recipe, RecipeError, RootCompression};
+use kiln_assemble::recipe::{self, Format, LoadError, Recipe, RecipeError, RootCompression};
 use kiln_assemble::{output, progress::Stage, progress::StageTimer};
 use progress::{Mode, Reporter};
 use std::path::{Path, PathBuf};
@@ -119,6 +119,10 @@ struct BuildArgs {
     /// Root filesystem compression, e.g. `zstd:3` (overrides the recipe).
     #[arg(long, value_name = "zstd[:LEVEL]", value_parser = parse_compression)]
     root_compression: Option<RootCompression>,
+    /// Output formats, comma-separated (replaces the recipe's list): raw,
+    /// qcow2, vhd, vhd-dynamic, vmdk, gce.
+    #[arg(long = "format", value_name = "FORMAT,...", value_delimiter = ',', value_parser = parse_format)]
+    formats: Vec<Format>,
     #[command(flatten)]
     out: OutputMode,
 }
@@ -135,6 +139,13 @@ struct LockArgs {
     names: Vec<String>,
     #[command(flatten)]
     out: OutputMode,
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    Format::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Format::ALL.iter().map(|(n, _)| *n).collect();
+        format!("expected one of {}", names.join(", "))
+    })
 }
 
 fn parse_compression(s: &str) -> Result<RootCompression, String> {
@@ -336,6 +347,9 @@ fn build(args: BuildArgs) -> Result<ExitCode> {
     let mut p = prepare(&args.input)?;
     if let Some(c) = args.root_compression {
         p.recipe.output.root_compression.value = c;
+    }
+    if !args.formats.is_empty() {
+        p.recipe.set_formats(args.formats)?;
     }
     output::prepare_dir(&args.output)?;
     let reporter = Reporter::new(mode(&args.out));

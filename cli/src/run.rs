@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Disk image to boot (raw; `.qcow2` is booted as qcow2).
+    /// Disk image to boot: raw, qcow2, VHD, VMDK or a GCE tarball, told
+    /// by its content.
     image: PathBuf,
     /// Use KVM instead of TCG software emulation.
     #[arg(long)]
@@ -211,6 +212,108 @@ fn nic_args(nets: &[NetMode], publish: &[String], forward: &[String]) -> Result<
     Ok(out)
 }
 
+/// A disk image to boot, its format told by its content: what QEMU reads
+/// it with, and where (a GCE tarball's disk, unpacked to a temp file).
+struct Disk {
+    driver: &'static str,
+    path: PathBuf,
+    _unpacked: Option<TempFile>,
+}
+
+impl Disk {
+    fn detect(image: &Path) -> Result<Disk> {
+        use std::os::unix::fs::FileExt;
+        let f =
+            std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+        let len = f.metadata()?.len();
+        let mut head = [0u8; 512];
+        let mut tail = [0u8; 512];
+        let _ = f.read_at(&mut head, 0)?;
+        if len >= 512 {
+            f.read_exact_at(&mut tail, len - 512)?;
+        }
+        let plain = |driver| Disk {
+            driver,
+            path: image.to_path_buf(),
+            _unpacked: None,
+        };
+        if head.starts_with(b"QFI\xfb") {
+            return Ok(plain("qcow2"));
+        }
+        if head.starts_with(b"KDMV") {
+            return Ok(plain("vmdk"));
+        }
+        // A dynamic VHD starts with its footer, a fixed one ends with it.
+        if head.starts_with(b"conectix") || tail.starts_with(b"conectix") {
+            return Ok(plain("vpc"));
+        }
+        if head.starts_with(&[0x1f, 0x8b]) {
+            return unpack_gce(image);
+        }
+        // Refuse what OVMF would only boot into its shell after a timeout.
+        let mut f = f;
+        kiln_formats::gpt::read_table(&mut f).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a bootable disk image (no GPT: {e})",
+                image.display()
+            )
+        })?;
+        Ok(plain("raw"))
+    }
+}
+
+/// Unpacks `disk.raw` from a GCE image tarball into a sparse temp file.
+fn unpack_gce(image: &Path) -> Result<Disk> {
+    let f = std::fs::File::open(image)?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    let temp = TempFile(std::env::temp_dir().join(format!("kiln-gce-{}.raw", std::process::id())));
+    for entry in archive
+        .entries()
+        .with_context(|| format!("{}: not a tar.gz", image.display()))?
+    {
+        let mut entry = entry.with_context(|| format!("reading {}", image.display()))?;
+        if entry.path()?.as_os_str() != "disk.raw" {
+            continue;
+        }
+        let mut out = std::fs::File::create(&temp.0)
+            .with_context(|| format!("creating {}", temp.0.display()))?;
+        // Holes stay holes: zero blocks are skipped, not written.
+        let mut buf = vec![0u8; 64 << 10];
+        let mut at = 0u64;
+        loop {
+            let n = read_full(&mut entry, &mut buf)
+                .with_context(|| format!("reading disk.raw from {}", image.display()))?;
+            if n == 0 {
+                break;
+            }
+            if buf[..n].iter().any(|&b| b != 0) {
+                std::os::unix::fs::FileExt::write_all_at(&out, &buf[..n], at)?;
+            }
+            at += n as u64;
+        }
+        out.set_len(at)?;
+        out.flush()?;
+        return Ok(Disk {
+            driver: "raw",
+            path: temp.0.clone(),
+            _unpacked: Some(temp),
+        });
+    }
+    bail!("{}: no disk.raw in this tarball", image.display())
+}
+
+/// Reads until `buf` is full or the input ends.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
 /// Removes the private OVMF vars copy however `run` ends.
 struct TempFile(PathBuf);
 impl Drop for TempFile {
@@ -223,18 +326,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     if !a.image.is_file() {
         bail!("{}: not found (or not a file)", a.image.display());
     }
-    let is_qcow2 = a.image.extension().is_some_and(|e| e == "qcow2");
-    if !is_qcow2 {
-        // Refuse what OVMF would only boot into its shell after a timeout.
-        let mut f = std::fs::File::open(&a.image)
-            .with_context(|| format!("opening {}", a.image.display()))?;
-        kiln_formats::gpt::read_table(&mut f).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a bootable disk image (no GPT: {e})",
-                a.image.display()
-            )
-        })?;
-    }
+    let disk = Disk::detect(&a.image)?;
     for (what, p) in [("OVMF code", &a.ovmf_code), ("OVMF vars", &a.ovmf_vars)] {
         if !p.is_file() {
             bail!(
@@ -247,7 +339,6 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         TempFile(std::env::temp_dir().join(format!("kiln-ovmf-vars-{}.fd", std::process::id())));
     std::fs::copy(&a.ovmf_vars, &vars.0)
         .with_context(|| format!("copying {} to {}", a.ovmf_vars.display(), vars.0.display()))?;
-    let format = if is_qcow2 { "qcow2" } else { "raw" };
     let qmp = TempFile(std::env::temp_dir().join(format!("kiln-qmp-{}.sock", std::process::id())));
     let _ = std::fs::remove_file(&qmp.0);
     // Registered before QEMU starts, so no signal is missed.
@@ -280,8 +371,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     .arg("-drive")
     // The image is immutable: boot a throw-away overlay of it.
     .arg(drive_arg(
-        &format!("if=virtio,format={format},snapshot=on"),
-        &a.image,
+        &format!("if=virtio,format={},snapshot=on", disk.driver),
+        &disk.path,
     ))
     .stdin(if interactive {
         Stdio::piped()

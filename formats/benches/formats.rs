@@ -571,6 +571,159 @@ fn disk_rows(esp: &[u8], root_img: &Path, work: &Path, runs: u64, rows: &mut Vec
     Ok(())
 }
 
+/// The virtual disk formats from the raw disk of [`disk_rows`], each
+/// against `qemu-img convert` (GCE's tarball against GNU tar's sparse
+/// `tar -Sczf`). Both sides run as child processes under `/usr/bin/time`
+/// for their peak RSS: ours is this bench run again as one writer
+/// (`KILN_BENCH_WRITE`).
+fn vdisk_rows(work: &Path, runs: u64, rows: &mut Vec<Row>) -> Res<()> {
+    let raw = work.join("ours.raw");
+    let (Some(time), Some(qemu_img), Some(tar)) = (tool("time"), tool("qemu-img"), tool("tar"))
+    else {
+        rows.push(Row {
+            case: "virtual disks".into(),
+            ours: None,
+            tool: None,
+            note: "time, qemu-img or tar not installed".into(),
+        });
+        return Ok(());
+    };
+    let me = std::env::current_exe()?;
+    let rss = work.join("rss");
+    // Runs `cmd` under time(1); its peak RSS in KiB.
+    let timed = |cmd: &mut Command| -> Res<u64> {
+        let mut t = Command::new(&time);
+        t.arg("-f")
+            .arg("%M")
+            .arg("-o")
+            .arg(&rss)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                t.env(k, v);
+            }
+        }
+        run(&mut t)?;
+        Ok(fs::read_to_string(&rss)?.trim().parse()?)
+    };
+    for (name, file, tool_args) in [
+        ("qcow2", "d.qcow2", vec!["convert", "-O", "qcow2"]),
+        (
+            "vhd",
+            "d.vhd",
+            vec![
+                "convert",
+                "-O",
+                "vpc",
+                "-o",
+                "subformat=fixed,force_size=on",
+            ],
+        ),
+        (
+            "vhd-dynamic",
+            "d-dyn.vhd",
+            vec![
+                "convert",
+                "-O",
+                "vpc",
+                "-o",
+                "subformat=dynamic,force_size=on",
+            ],
+        ),
+        (
+            "vmdk",
+            "d.vmdk",
+            vec!["convert", "-O", "vmdk", "-o", "subformat=streamOptimized"],
+        ),
+        ("gce", "d.tar.gz", vec![]),
+    ] {
+        let out = work.join(file);
+        let mut ours_rss = 0;
+        let ours = measure(runs, &out, || {
+            ours_rss = timed(
+                Command::new(&me)
+                    .env("KILN_BENCH_WRITE", name)
+                    .arg(&raw)
+                    .arg(&out),
+            )?;
+            allocated(&out)
+        })?;
+        let tout = work.join(format!("tool-{file}"));
+        let mut tool_rss = 0;
+        let theirs = if name == "gce" {
+            // GNU tar wants the file named disk.raw.
+            let dir = work.join("gce");
+            fs::create_dir_all(&dir)?;
+            let _ = fs::remove_file(dir.join("disk.raw"));
+            fs::hard_link(&raw, dir.join("disk.raw"))?;
+            measure(runs, &tout, || {
+                tool_rss = timed(
+                    Command::new(&tar)
+                        .arg("-C")
+                        .arg(&dir)
+                        .args(["--format=oldgnu", "-Sczf"])
+                        .arg(&tout)
+                        .arg("disk.raw"),
+                )?;
+                allocated(&tout)
+            })?
+        } else {
+            measure(runs, &tout, || {
+                tool_rss = timed(
+                    Command::new(&qemu_img)
+                        .args(&tool_args)
+                        .arg(&raw)
+                        .arg(&tout),
+                )?;
+                allocated(&tout)
+            })?
+        };
+        rows.push(Row {
+            case: format!("{name} from a 1 GiB raw disk"),
+            ours: Some(ours),
+            tool: Some(theirs),
+            note: format!(
+                "vs {}; bytes: allocated; peak RSS MiB: ours {}, tool {}",
+                if name == "gce" {
+                    "tar --format=oldgnu -Sczf".to_string()
+                } else {
+                    format!("qemu-img {}", tool_args.join(" "))
+                },
+                ours_rss / 1024,
+                tool_rss / 1024
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// As a child of [`vdisk_rows`]: `KILN_BENCH_WRITE=FORMAT bench RAW OUT`
+/// writes one container, so time(1) measures that writer alone.
+fn child_write(format: &str) -> Res<()> {
+    use kiln_formats::vdisk;
+    let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+    let [raw, out] = &args[..] else {
+        return Err("usage: KILN_BENCH_WRITE=FORMAT bench RAW OUT".into());
+    };
+    let raw = File::open(raw)?;
+    let size = raw.metadata()?.len();
+    let mut out = File::create(out)?;
+    let id = vdisk::Identity {
+        id: [1; 16],
+        time: 0,
+    };
+    match format {
+        "qcow2" => vdisk::write_qcow2(&raw, size, &mut out)?,
+        "vhd" => vdisk::write_vhd_fixed(&raw, size, &mut out, &id)?,
+        "vhd-dynamic" => vdisk::write_vhd_dynamic(&raw, size, &mut out, &id)?,
+        "vmdk" => vdisk::write_vmdk_stream(&raw, size, &mut out, &id, "d.vmdk")?,
+        "gce" => vdisk::write_gce_tar_gz(&raw, size, &mut out, &id)?,
+        _ => return Err(format!("unknown format {format}").into()),
+    }
+    Ok(())
+}
+
 /// Partitions `disk` exactly as `placement` does.
 fn sgdisk_run(sgdisk: &Path, layout: &Layout, placement: &disk::Placement, disk: &Path) -> Res<()> {
     let mut cmd = Command::new(sgdisk);
@@ -673,6 +826,7 @@ fn bench() -> Res<()> {
     let esp = fat_rows(&work.0, runs, &mut rows)?;
     cpio_rows(&tree, &src, &work.0, runs, &mut rows)?;
     disk_rows(&esp, &root_img, &work.0, runs, &mut rows)?;
+    vdisk_rows(&work.0, runs, &mut rows)?;
     println!();
     print_table(&rows);
     println!(
@@ -683,6 +837,15 @@ fn bench() -> Res<()> {
 }
 
 fn main() -> ExitCode {
+    if let Some(format) = std::env::var_os("KILN_BENCH_WRITE") {
+        return match child_write(&format.to_string_lossy()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match bench() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
