@@ -2454,6 +2454,40 @@ size = "512M"
     }
 
     #[test]
+    fn output_formats() {
+        let base =
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\n";
+        let parse_with = |extra: &str| parse(Path::new("r.toml"), &format!("{base}{extra}"));
+        let mut r = parse_with(
+            "[output]\nformats = [\"raw\", \"qcow2\", \"vhd\", \"vhd-dynamic\", \"vmdk\", \"gce\"]\n",
+        )
+        .unwrap();
+        let files: Vec<String> = r
+            .output
+            .formats
+            .value
+            .iter()
+            .map(|f| f.file_name("x"))
+            .collect();
+        assert_eq!(
+            files,
+            ["x.raw", "x.qcow2", "x.vhd", "x-dynamic.vhd", "x.vmdk", "x.tar.gz"]
+        );
+        r.set_formats(vec![Format::Vmdk, Format::Vmdk]).unwrap();
+        assert_eq!(r.output.formats.value, [Format::Vmdk]);
+        // A fixed VHD's size must be whole MiB, from the recipe or the
+        // command line; the error points at the size.
+        let e = *parse_with("[disk]\nsize = \"300000K\"\n[output]\nformats = [\"vhd\"]\n").unwrap_err();
+        assert_eq!(e.loc.field, "disk.size", "{e}");
+        assert!(e.message.contains("whole MiB"), "{e}");
+        let mut r = parse_with("[disk]\nsize = \"300000K\"\n").unwrap();
+        let e = r.set_formats(vec![Format::Vhd]).unwrap_err();
+        assert_eq!(e.loc.field, "disk.size", "{e}");
+        let e = *parse_with("[output]\nformats = [\"iso9660\"]\n").unwrap_err();
+        assert!(e.message.contains("qcow2, vhd, vhd-dynamic, vmdk, gce"), "{e}");
+    }
+
+    #[test]
     fn bridge_addresses_and_ports() {
         use std::net::Ipv4Addr;
         let svc = |name: &str, extra: &str| {
