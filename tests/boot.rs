@@ -131,20 +131,25 @@ fn hello_builds_validates_and_boots() {
 }
 
 /// Every format hello.toml is built in, with the file each lands in.
-const EVERY_FORMAT: &str = "raw,qcow2,vhd,vhd-dynamic,vmdk,gce";
-const FORMAT_FILES: [&str; 6] = [
+const EVERY_FORMAT: &str = "raw,qcow2,vhd,vhd-dynamic,vmdk,gce,kernel+initrd,uki";
+const FORMAT_FILES: [&str; 10] = [
     "hello.raw",
     "hello.qcow2",
     "hello.vhd",
     "hello-dynamic.vhd",
     "hello.vmdk",
     "hello.tar.gz",
+    "hello-kernel",
+    "hello.efi",
+    "hello-initrd.img",
+    "hello-cmdline",
 ];
 
 /// Each format is what the standard tools accept and holds the raw disk
 /// exactly (qemu-img check/info/compare, tar), and boots: QEMU's own
 /// drivers read qcow2, both VHDs and the VMDK; GCE's tarball is unpacked
-/// by kiln run.
+/// by kiln run; the kernel boots directly with its initrd, which holds the
+/// root, and the UKI alone from an ESP kiln run makes for it.
 #[test]
 fn every_format_checks_and_boots() {
     let out = k::scratch("formats");
@@ -205,7 +210,19 @@ fn every_format_checks_and_boots() {
         list.stdout
     );
     assert!(list.stdout.contains("268435456"), "{}", list.stdout);
-    for file in &FORMAT_FILES[1..] {
+    let sections = k::run(Command::new("objdump").arg("-h").arg(out.join("hello.efi")));
+    for s in [".osrel", ".cmdline", ".uname", ".initrd", ".linux"] {
+        assert!(
+            sections.stdout.contains(s),
+            "UKI lacks {s}:\n{}",
+            sections.stdout
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("hello-cmdline")).unwrap(),
+        "console=ttyS0 loglevel=4\n"
+    );
+    for file in &FORMAT_FILES[1..8] {
         let r = k::boot(&kiln(), &out.join(file), 300);
         assert!(
             r.code == Some(0)
@@ -216,12 +233,11 @@ fn every_format_checks_and_boots() {
         );
     }
     assert!(
-        !std::env::temp_dir()
-            .read_dir()
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("kiln-gce-")),
-        "kiln run left its unpacked GCE disk behind"
+        !std::env::temp_dir().read_dir().unwrap().flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("kiln-gce-") || name.starts_with("kiln-uki-")
+        }),
+        "kiln run left a temp disk behind"
     );
 }
 

@@ -46,8 +46,8 @@ fn recipe_errors_name_file_line_and_field() {
         ),
         (
             "bad-net.toml",
-            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"a\"\n\n[[service]]\nname = \"s\"\nimage = \"r/i:1\"\nnet = \"bridge\"\n".into(),
-            ":9:7: service[0].net: expected \"host\" or \"none\"",
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"a\"\n\n[[service]]\nname = \"s\"\nimage = \"r/i:1\"\nnet = \"nat\"\n".into(),
+            ":9:7: service[0].net: expected \"host\", \"none\" or \"bridge\"",
         ),
         (
             "wrong-type.toml",

@@ -13,7 +13,7 @@ use crate::plan::Plan;
 use crate::progress::{Event, Progress, Stage, StageTimer, Task};
 use crate::recipe::{Format, Recipe, RecipeError};
 use kiln_formats::gpt::{Guid, ESP_TYPE};
-use kiln_formats::tree::{Meta, Node, Tree, TreeError};
+use kiln_formats::tree::{Backing, FileData, Meta, Node, Tree, TreeError};
 use kiln_formats::{cpio, disk, fat, squashfs, uki, vdisk};
 use kiln_init::config::{self as initcfg, BootConfig};
 use std::io::Write;
@@ -156,6 +156,90 @@ pub struct Filesystems {
     pub esp: fat::FatImage,
     /// The disk layout placing both.
     pub layout: disk::Layout,
+    /// The kernel (bzImage), for the kernel+initrd form.
+    pub kernel_image: std::sync::Arc<Vec<u8>>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// The initramfs holding the root too, when a diskless form is wanted.
+    pub diskless: Option<Tree>,
+    /// The UKI with that initramfs, when the `uki` form is wanted.
+    pub uki_alone: Option<Vec<u8>>,
+}
+
+/// The initramfs: the init, its boot config (`root` says where the root
+/// is), the modules (`extra` loaded at every boot, `on_demand` shipped),
+/// and the root filesystem itself when given.
+fn initramfs_tree(
+    kernel: &Kernel,
+    init: &[u8],
+    root: initcfg::RootSource,
+    extra: &[&str],
+    on_demand: &[&str],
+    root_file: Option<FileData>,
+) -> Result<Tree, BuildError> {
+    let (modules, index) = kernel.initramfs_modules(extra, on_demand)?;
+    let boot = BootConfig {
+        root,
+        root_fstype: "squashfs".into(),
+        kernel_release: kernel.release.clone(),
+        modules: index,
+    };
+    let mut initrd_tree = Tree::new();
+    for dir in initcfg::INITRAMFS_DIRS {
+        initrd_tree
+            .mkdir_p(Path::new(dir), &Meta::root(0o755))
+            .map_err(tree_err("initramfs"))?;
+    }
+    // The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
+    initrd_tree
+        .insert(
+            Path::new("/dev/console"),
+            Node::device(kiln_formats::tree::DeviceKind::Char, 0o600, 5, 1),
+        )
+        .map_err(tree_err("initramfs"))?;
+    let boot_json = serde_json::to_vec_pretty(&boot).unwrap_or_else(|e| {
+        // Strings, numbers and maps only: serialising cannot fail.
+        unreachable!("boot config serialises: {e}")
+    });
+    let mut initrd_files = vec![
+        (
+            "/init".to_string(),
+            Node::File {
+                meta: Meta::root(0o755),
+                data: init.to_vec().into(),
+            },
+        ),
+        (
+            initcfg::BOOT_CONFIG_PATH.to_string(),
+            Node::file(0o644, boot_json),
+        ),
+    ];
+    if let Some(data) = root_file {
+        initrd_files.push((
+            initcfg::INITRAMFS_ROOT.to_string(),
+            Node::File {
+                meta: Meta::root(0o444),
+                data,
+            },
+        ));
+    }
+    for (path, node) in initrd_files
+        .into_iter()
+        .chain(modules.into_iter().map(|(p, data)| {
+            (
+                p,
+                Node::File {
+                    meta: Meta::root(0o644),
+                    data,
+                },
+            )
+        }))
+    {
+        initrd_tree
+            .insert(Path::new(&path), node)
+            .map_err(tree_err("initramfs"))?;
+    }
+    Ok(initrd_tree)
 }
 
 fn encode_err(
@@ -228,62 +312,40 @@ pub fn encode(
     } else {
         &[]
     };
-    let (modules, index) = kernel.initramfs_modules(&[], on_demand)?;
-    let boot = BootConfig {
-        root_partuuid: root_guid.to_string(),
-        root_fstype: "squashfs".into(),
-        kernel_release: kernel.release.clone(),
-        modules: index,
-    };
-    let mut initrd_tree = Tree::new();
-    for dir in initcfg::INITRAMFS_DIRS {
-        initrd_tree
-            .mkdir_p(Path::new(dir), &Meta::root(0o755))
-            .map_err(tree_err("initramfs"))?;
-    }
-    // The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
-    initrd_tree
-        .insert(
-            Path::new("/dev/console"),
-            Node::device(kiln_formats::tree::DeviceKind::Char, 0o600, 5, 1),
-        )
-        .map_err(tree_err("initramfs"))?;
-    let boot_json = serde_json::to_vec_pretty(&boot).unwrap_or_else(|e| {
-        // Strings, numbers and maps only: serialising cannot fail.
-        unreachable!("boot config serialises: {e}")
-    });
-    let initrd_files = [
-        (
-            "/init".to_string(),
-            Node::File {
-                meta: Meta::root(0o755),
-                data: init.to_vec().into(),
-            },
-        ),
-        (
-            initcfg::BOOT_CONFIG_PATH.to_string(),
-            Node::file(0o644, boot_json),
-        ),
-    ];
-    for (path, node) in initrd_files
-        .into_iter()
-        .chain(modules.into_iter().map(|(p, data)| {
-            (
-                p,
-                Node::File {
-                    meta: Meta::root(0o644),
-                    data,
-                },
-            )
-        }))
-    {
-        initrd_tree
-            .insert(Path::new(&path), node)
-            .map_err(tree_err("initramfs"))?;
-    }
+    let root_guid_text = root_guid.to_string();
+    let disk_initrd = initramfs_tree(
+        kernel,
+        init,
+        initcfg::RootSource::Partition(root_guid_text),
+        &[],
+        on_demand,
+        None,
+    )?;
     let mut initrd = Vec::new();
-    cpio::write_newc(&initrd_tree, &mut initrd)
+    cpio::write_newc(&disk_initrd, &mut initrd)
         .map_err(|e| encode_err("initramfs")(Box::new(e)))?;
+    // The forms without a disk carry the root in their initramfs.
+    let formats = &recipe.output.formats.value;
+    let diskless = if formats.iter().any(|f| f.diskless()) {
+        let file = root
+            .file()
+            .try_clone()
+            .map_err(|source| OutputError::Write {
+                path: root_path.clone(),
+                source,
+            })?;
+        let backing = Backing::new(file, root_path.display().to_string());
+        Some(initramfs_tree(
+            kernel,
+            init,
+            initcfg::RootSource::Initramfs(initcfg::INITRAMFS_ROOT.into()),
+            &initcfg::INITRAMFS_ROOT_MODULES,
+            on_demand,
+            Some(FileData::extent(&backing, 0, root_len)),
+        )?)
+    } else {
+        None
+    };
 
     // Unified kernel image.
     step("unified kernel image");
@@ -294,17 +356,29 @@ pub fn encode(
         recipe.name(),
     );
     let cmdline = &recipe.kernel.cmdline.value;
-    let efi = uki::build_uki(
-        stub,
-        &[
-            (".osrel", osrel.as_bytes()),
-            (".cmdline", cmdline.as_bytes()),
-            (".uname", kernel.release.as_bytes()),
-            (".initrd", &initrd),
-            (".linux", &kernel.image),
-        ],
-    )
-    .map_err(|e| encode_err("UKI")(Box::new(e)))?;
+    let uki_with = |initrd: &[u8]| {
+        uki::build_uki(
+            stub,
+            &[
+                (".osrel", osrel.as_bytes()),
+                (".cmdline", cmdline.as_bytes()),
+                (".uname", kernel.release.as_bytes()),
+                (".initrd", initrd),
+                (".linux", &kernel.image),
+            ],
+        )
+        .map_err(|e| encode_err("UKI")(Box::new(e)))
+    };
+    let efi = uki_with(&initrd)?;
+    // The UKI alone holds its initramfs in memory: the root's size.
+    let uki_alone = match (&diskless, formats.contains(&Format::Uki)) {
+        (Some(tree), true) => {
+            let mut bytes = Vec::new();
+            cpio::write_newc(tree, &mut bytes).map_err(|e| encode_err("initramfs")(Box::new(e)))?;
+            Some(uki_with(&bytes)?)
+        }
+        _ => None,
+    };
 
     // EFI system partition.
     step("EFI system partition");
@@ -364,6 +438,10 @@ pub fn encode(
         root_len,
         esp,
         layout,
+        kernel_image: kernel.image.clone(),
+        cmdline: cmdline.clone(),
+        diskless,
+        uki_alone,
     })
 }
 
@@ -387,20 +465,24 @@ fn write_outputs(
             })
         }
     };
-    // The raw disk first: every other format encodes it. Written where
-    // it is wanted, else to a temp file that goes when this returns.
-    let raw_path = out_dir.join(Format::Raw.file_name(recipe.name()));
-    let mut raw = Pending::create(&raw_path)?;
-    disk::write_raw(
-        &fs.layout,
-        vec![
-            Box::new(fat::FatImage::reader(&fs.esp)),
-            Box::new(root_reader(fs)?),
-        ],
-        raw.file(),
-    )
-    .map_err(|e| write_err(&raw_path)(std::io::Error::other(e)))?;
-    let source = raw.file().try_clone().map_err(write_err(&raw_path))?;
+    // The raw disk first: every other disk format encodes it. Written
+    // where it is wanted, else to a temp file that goes when this returns.
+    let mut raw = None;
+    if formats.iter().any(|f| !f.diskless()) {
+        let raw_path = out_dir.join(Format::Raw.file_name(recipe.name()));
+        let mut p = Pending::create(&raw_path)?;
+        disk::write_raw(
+            &fs.layout,
+            vec![
+                Box::new(fat::FatImage::reader(&fs.esp)),
+                Box::new(root_reader(fs)?),
+            ],
+            p.file(),
+        )
+        .map_err(|e| write_err(&raw_path)(std::io::Error::other(e)))?;
+        let source = p.file().try_clone().map_err(write_err(&raw_path))?;
+        raw = Some((p, source));
+    }
     let size = fs.layout.size;
     let id = vdisk::Identity {
         id: fs.layout.disk_guid.0,
@@ -408,6 +490,42 @@ fn write_outputs(
     };
     for format in formats {
         let path = out_dir.join(format.file_name(recipe.name()));
+        if format.diskless() {
+            let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+            match format {
+                Format::Uki => {
+                    let efi = fs.uki_alone.clone().unwrap_or_default();
+                    files.push((path.clone(), efi));
+                }
+                _ => {
+                    files.push((path.clone(), fs.kernel_image.to_vec()));
+                    let cmdline = format!("{}\n", fs.cmdline);
+                    let name = recipe.name();
+                    files.push((
+                        out_dir.join(format!("{name}-cmdline")),
+                        cmdline.into_bytes(),
+                    ));
+                    // Streamed: the root goes from its temp file to here.
+                    let initrd = out_dir.join(format!("{name}-initrd.img"));
+                    let mut p = Pending::create(&initrd)?;
+                    let tree = fs.diskless.as_ref().ok_or_else(|| {
+                        write_err(&initrd)(std::io::Error::other("no diskless initramfs"))
+                    })?;
+                    cpio::write_newc(tree, std::io::BufWriter::new(p.file()))
+                        .map_err(|e| write_err(&initrd)(std::io::Error::other(e)))?;
+                    images.push(initrd);
+                    pending.push(p);
+                }
+            }
+            for (path, bytes) in files {
+                let mut p = Pending::create(&path)?;
+                p.file().write_all(&bytes).map_err(write_err(&path))?;
+                images.push(path);
+                pending.push(p);
+            }
+            continue;
+        }
+        let Some((_, source)) = &raw else { continue };
         if *format == Format::Raw {
             images.push(path);
             continue;
@@ -415,22 +533,24 @@ fn write_outputs(
         let mut p = Pending::create(&path)?;
         let out = p.file();
         match format {
-            Format::Raw => Ok(()),
-            Format::Qcow2 => vdisk::write_qcow2(&source, size, out),
-            Format::Vhd => vdisk::write_vhd_fixed(&source, size, out, &id),
-            Format::VhdDynamic => vdisk::write_vhd_dynamic(&source, size, out, &id),
+            Format::Raw | Format::KernelInitrd | Format::Uki => Ok(()),
+            Format::Qcow2 => vdisk::write_qcow2(source, size, out),
+            Format::Vhd => vdisk::write_vhd_fixed(source, size, out, &id),
+            Format::VhdDynamic => vdisk::write_vhd_dynamic(source, size, out, &id),
             Format::Vmdk => {
                 let file = format.file_name(recipe.name());
-                vdisk::write_vmdk_stream(&source, size, out, &id, &file)
+                vdisk::write_vmdk_stream(source, size, out, &id, &file)
             }
-            Format::Gce => vdisk::write_gce_tar_gz(&source, size, out, &id),
+            Format::Gce => vdisk::write_gce_tar_gz(source, size, out, &id),
         }
         .map_err(write_err(&path))?;
         images.push(path);
         pending.push(p);
     }
     if formats.contains(&Format::Raw) {
-        pending.push(raw);
+        if let Some((p, _)) = raw {
+            pending.push(p);
+        }
     }
     let plan_path = out_dir.join(format!("{}.plan.json", recipe.name()));
     let mut p = Pending::create(&plan_path)?;

@@ -340,6 +340,13 @@ pub enum Format {
     /// `disk.raw` in a sparse, gzip'd tar, as Google Compute Engine
     /// imports it (`NAME.tar.gz`).
     Gce,
+    /// The kernel, an initramfs holding the root, and the command line,
+    /// for PXE/iPXE and direct boot (`NAME-kernel`, `NAME-initrd.img`,
+    /// `NAME-cmdline`).
+    KernelInitrd,
+    /// The unified kernel image alone, its initramfs holding the root,
+    /// for UEFI HTTP boot or another boot manager (`NAME.efi`).
+    Uki,
 }
 
 impl Format {
@@ -351,6 +358,8 @@ impl Format {
         ("vhd-dynamic", Format::VhdDynamic),
         ("vmdk", Format::Vmdk),
         ("gce", Format::Gce),
+        ("kernel+initrd", Format::KernelInitrd),
+        ("uki", Format::Uki),
     ];
 
     /// The format's name in recipes.
@@ -370,7 +379,14 @@ impl Format {
             Format::VhdDynamic => format!("{name}-dynamic.vhd"),
             Format::Vmdk => format!("{name}.vmdk"),
             Format::Gce => format!("{name}.tar.gz"),
+            Format::KernelInitrd => format!("{name}-kernel"),
+            Format::Uki => format!("{name}.efi"),
         }
+    }
+
+    /// Whether it boots without a disk (its root is in its initramfs).
+    pub fn diskless(self) -> bool {
+        matches!(self, Format::KernelInitrd | Format::Uki)
     }
 
     /// The format named `s`, if any.
@@ -2471,20 +2487,31 @@ size = "512M"
             .collect();
         assert_eq!(
             files,
-            ["x.raw", "x.qcow2", "x.vhd", "x-dynamic.vhd", "x.vmdk", "x.tar.gz"]
+            [
+                "x.raw",
+                "x.qcow2",
+                "x.vhd",
+                "x-dynamic.vhd",
+                "x.vmdk",
+                "x.tar.gz"
+            ]
         );
         r.set_formats(vec![Format::Vmdk, Format::Vmdk]).unwrap();
         assert_eq!(r.output.formats.value, [Format::Vmdk]);
         // A fixed VHD's size must be whole MiB, from the recipe or the
         // command line; the error points at the size.
-        let e = *parse_with("[disk]\nsize = \"300000K\"\n[output]\nformats = [\"vhd\"]\n").unwrap_err();
+        let e =
+            *parse_with("[disk]\nsize = \"300000K\"\n[output]\nformats = [\"vhd\"]\n").unwrap_err();
         assert_eq!(e.loc.field, "disk.size", "{e}");
         assert!(e.message.contains("whole MiB"), "{e}");
         let mut r = parse_with("[disk]\nsize = \"300000K\"\n").unwrap();
         let e = r.set_formats(vec![Format::Vhd]).unwrap_err();
         assert_eq!(e.loc.field, "disk.size", "{e}");
         let e = *parse_with("[output]\nformats = [\"iso9660\"]\n").unwrap_err();
-        assert!(e.message.contains("qcow2, vhd, vhd-dynamic, vmdk, gce"), "{e}");
+        assert!(
+            e.message.contains("qcow2, vhd, vhd-dynamic, vmdk, gce"),
+            "{e}"
+        );
     }
 
     #[test]

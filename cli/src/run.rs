@@ -212,21 +212,47 @@ fn nic_args(nets: &[NetMode], publish: &[String], forward: &[String]) -> Result<
     Ok(out)
 }
 
-/// A disk image to boot, its format told by its content: what QEMU reads
-/// it with, and where (a GCE tarball's disk, unpacked to a temp file).
+/// An image to boot, its form told by its content: a disk (what QEMU
+/// reads it with, and where: a GCE tarball's disk or a UKI's generated
+/// ESP is a temp file), or a kernel to boot directly.
 struct Disk {
     driver: &'static str,
     path: PathBuf,
+    /// Kernel, initrd and command line, for direct boot (no drive).
+    direct: Option<(PathBuf, PathBuf, String)>,
     _unpacked: Option<TempFile>,
 }
 
 impl Disk {
+    /// QEMU's arguments for it.
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        match &self.direct {
+            Some((kernel, initrd, cmdline)) => vec![
+                "-kernel".into(),
+                kernel.into(),
+                "-initrd".into(),
+                initrd.into(),
+                "-append".into(),
+                cmdline.into(),
+            ],
+            None => vec![
+                "-drive".into(),
+                // The image is immutable: boot a throw-away overlay of it.
+                drive_arg(
+                    &format!("if=virtio,format={},snapshot=on", self.driver),
+                    &self.path,
+                )
+                .into(),
+            ],
+        }
+    }
+
     fn detect(image: &Path) -> Result<Disk> {
         use std::os::unix::fs::FileExt;
         let f =
             std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
         let len = f.metadata()?.len();
-        let mut head = [0u8; 512];
+        let mut head = [0u8; 1024];
         let mut tail = [0u8; 512];
         let _ = f.read_at(&mut head, 0)?;
         if len >= 512 {
@@ -235,6 +261,7 @@ impl Disk {
         let plain = |driver| Disk {
             driver,
             path: image.to_path_buf(),
+            direct: None,
             _unpacked: None,
         };
         if head.starts_with(b"QFI\xfb") {
@@ -249,6 +276,14 @@ impl Disk {
         }
         if head.starts_with(&[0x1f, 0x8b]) {
             return unpack_gce(image);
+        }
+        // A bzImage (its setup header at 0x202), or another PE: a UKI.
+        if head.starts_with(b"MZ") {
+            return if &head[0x202..0x206] == b"HdrS" {
+                direct_boot(image)
+            } else {
+                esp_for_uki(image)
+            };
         }
         // Refuse what OVMF would only boot into its shell after a timeout.
         let mut f = f;
@@ -296,10 +331,82 @@ fn unpack_gce(image: &Path) -> Result<Disk> {
         return Ok(Disk {
             driver: "raw",
             path: temp.0.clone(),
+            direct: None,
             _unpacked: Some(temp),
         });
     }
     bail!("{}: no disk.raw in this tarball", image.display())
+}
+
+/// `NAME-kernel` with `NAME-initrd.img` and `NAME-cmdline` beside it.
+fn direct_boot(kernel: &Path) -> Result<Disk> {
+    let name = kernel.to_string_lossy();
+    let Some(stem) = name.strip_suffix("-kernel") else {
+        bail!(
+            "{}: a kernel to boot directly is named NAME-kernel, with NAME-initrd.img and NAME-cmdline beside it",
+            kernel.display()
+        );
+    };
+    let initrd = PathBuf::from(format!("{stem}-initrd.img"));
+    let cmdline_path = PathBuf::from(format!("{stem}-cmdline"));
+    if !initrd.is_file() {
+        bail!("{}: not found (the kernel's initrd)", initrd.display());
+    }
+    let cmdline = std::fs::read_to_string(&cmdline_path).with_context(|| {
+        format!(
+            "reading {} (the kernel's command line)",
+            cmdline_path.display()
+        )
+    })?;
+    Ok(Disk {
+        driver: "raw",
+        path: kernel.to_path_buf(),
+        direct: Some((kernel.to_path_buf(), initrd, cmdline.trim().to_string())),
+        _unpacked: None,
+    })
+}
+
+/// A temp disk whose ESP holds the UKI as the removable-media boot
+/// loader, so OVMF starts it.
+fn esp_for_uki(uki: &Path) -> Result<Disk> {
+    use kiln_formats::{disk, fat, gpt, tree};
+    let data = std::fs::File::open(uki).with_context(|| format!("opening {}", uki.display()))?;
+    let len = data.metadata()?.len();
+    let backing = tree::Backing::new(data, uki.display().to_string());
+    let mut t = tree::Tree::new();
+    t.insert(
+        Path::new("/EFI/BOOT/BOOTX64.EFI"),
+        tree::Node::File {
+            meta: tree::Meta::root(0o644),
+            data: tree::FileData::extent(&backing, 0, len),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let size = ((len + len / 4 + (8 << 20)).max(64 << 20)).div_ceil(1 << 20) << 20;
+    let esp = fat::plan_fat32(&t, size, 0x6b69_6c6e, "KILN-ESP")
+        .map_err(|e| anyhow::anyhow!("ESP for {}: {e}", uki.display()))?;
+    let layout = disk::Layout {
+        disk_guid: gpt::Guid::derive("kiln run uki disk", &len.to_le_bytes()),
+        size: esp.size() + (2 << 20),
+        partitions: vec![disk::PartitionSpec {
+            name: "esp".into(),
+            type_guid: gpt::ESP_TYPE,
+            guid: gpt::Guid::derive("kiln run uki esp", &len.to_le_bytes()),
+            size: esp.size(),
+            attributes: 0,
+        }],
+    };
+    let temp = TempFile(std::env::temp_dir().join(format!("kiln-uki-{}.raw", std::process::id())));
+    let out =
+        std::fs::File::create(&temp.0).with_context(|| format!("creating {}", temp.0.display()))?;
+    disk::write_raw(&layout, vec![Box::new(fat::FatImage::reader(&esp))], out)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", temp.0.display()))?;
+    Ok(Disk {
+        driver: "raw",
+        path: temp.0.clone(),
+        direct: None,
+        _unpacked: Some(temp),
+    })
 }
 
 /// Reads until `buf` is full or the input ends.
@@ -368,12 +475,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     .arg(drive_arg("if=pflash,format=raw,readonly=on", &a.ovmf_code))
     .arg("-drive")
     .arg(drive_arg("if=pflash,format=raw", &vars.0))
-    .arg("-drive")
-    // The image is immutable: boot a throw-away overlay of it.
-    .arg(drive_arg(
-        &format!("if=virtio,format={},snapshot=on", disk.driver),
-        &disk.path,
-    ))
+    .args(disk.args())
     .stdin(if interactive {
         Stdio::piped()
     } else {

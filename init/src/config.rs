@@ -59,8 +59,8 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootConfig {
-    /// GPT unique partition GUID of the root partition (lowercase, hyphenated).
-    pub root_partuuid: String,
+    /// Where the root filesystem is.
+    pub root: RootSource,
     /// Filesystem type passed to mount(2), e.g. "squashfs" or "erofs".
     pub root_fstype: String,
     /// Kernel release the modules belong to (`uname -r`).
@@ -68,6 +68,23 @@ pub struct BootConfig {
     /// Modules shipped in the initramfs.
     pub modules: ModuleIndex,
 }
+
+/// Where the init finds the root filesystem: one choice per image form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RootSource {
+    /// A GPT partition, by its unique partition GUID (lowercase,
+    /// hyphenated): disk images.
+    Partition(String),
+    /// A file in the initramfs, attached read-only through a loop device:
+    /// the kernel+initrd and UKI forms, which need no disk.
+    Initramfs(String),
+}
+
+/// Where the kernel+initrd and UKI forms carry the root filesystem.
+pub const INITRAMFS_ROOT: &str = "/kiln/root.img";
+/// Modules a root in the initramfs needs, loaded first.
+pub const INITRAMFS_ROOT_MODULES: [&str; 1] = ["loop"];
 
 /// What the init needs to load modules without modules.dep/modules.alias.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

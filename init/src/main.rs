@@ -28,7 +28,8 @@ mod sys;
 
 use console::log;
 use kiln_init::config::{
-    BootConfig, HostConfig, RunResult, WhenDone, BOOT_CONFIG_PATH, HOST_CONFIG_PATH, RESULT_PREFIX,
+    BootConfig, HostConfig, RootSource, RunResult, WhenDone, BOOT_CONFIG_PATH, HOST_CONFIG_PATH,
+    RESULT_PREFIX,
 };
 use std::os::fd::AsRawFd;
 use supervisor::UnitKind;
@@ -87,11 +88,27 @@ fn log_report(what: &str, report: &modules::LoadReport, from: usize) {
 /// root discovery, switch_root.
 fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Option<Deferred>, String> {
     let mut loader = modules::Loader::default();
-    let root_there = || boot::root_present(sys, &boot.root_partuuid);
-    let early = loader.load(sys, &boot.modules, "", &root_there);
-    log_report("modules for the root", &loader.report, 0);
-    let dev = boot::wait_for_partition(sys, &boot.root_partuuid, ROOT_WAIT_MS)
-        .map_err(|e| console::chain(&e))?;
+    let (early, dev) = match &boot.root {
+        RootSource::Partition(guid) => {
+            let root_there = || boot::root_present(sys, guid);
+            let early = loader.load(sys, &boot.modules, "", &root_there);
+            log_report("modules for the root", &loader.report, 0);
+            let dev = boot::wait_for_partition(sys, guid, ROOT_WAIT_MS)
+                .map_err(|e| console::chain(&e))?;
+            (early, dev)
+        }
+        // Its modules (loop, the filesystem's) are among the first; the
+        // rest load now too, as nothing else marks the root's arrival
+        // (the power button's among them).
+        RootSource::Initramfs(file) => {
+            let early = loader.load(sys, &boot.modules, "", &|| false);
+            log_report("modules for the root", &loader.report, 0);
+            let dev = sys
+                .attach_loop(file)
+                .map_err(|e| format!("attaching {file} to a loop device: {e}"))?;
+            (early, dev)
+        }
+    };
     boot::mount_fs(sys, &dev, SYSROOT, &boot.root_fstype, libc::MS_RDONLY, None)
         .map_err(|e| console::chain(&e))?;
     log(&format!("root {dev} ({}) mounted", boot.root_fstype));

@@ -49,6 +49,76 @@ pub trait Sys {
     /// The read-only, nosuid, nodev and noexec flags (`MS_*`) of the
     /// mount `path` is on.
     fn mount_flags(&self, path: &str) -> io::Result<libc::c_ulong>;
+    /// Attaches `file` read-only to a free loop device: its path,
+    /// `/dev/loopN`.
+    fn attach_loop(&self, file: &str) -> io::Result<String>;
+}
+
+/// `struct loop_info64` of linux/loop.h.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// `struct loop_config` of linux/loop.h.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+// The request's type is the C library's (`int` on musl).
+const LOOP_CTL_GET_FREE: libc::Ioctl = 0x4C82;
+const LOOP_CONFIGURE: libc::Ioctl = 0x4C0A;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+
+fn attach_loop_real(file: &str) -> io::Result<String> {
+    let ctl = std::fs::File::open("/dev/loop-control")?;
+    // SAFETY: an ioctl with no argument on the loop control device.
+    let n = check(unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
+    let dev = format!("/dev/loop{n}");
+    let loop_dev = std::fs::OpenOptions::new().read(true).open(&dev)?;
+    let backing = std::fs::File::open(file)?;
+    let config = LoopConfig {
+        fd: u32::try_from(backing.as_raw_fd())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
+        block_size: 0,
+        info: LoopInfo64 {
+            device: 0,
+            inode: 0,
+            rdevice: 0,
+            offset: 0,
+            sizelimit: 0,
+            number: 0,
+            encrypt_type: 0,
+            encrypt_key_size: 0,
+            // Not AUTOCLEAR: that detaches it when this fd closes, before
+            // the mount opens it; the root stays attached for good anyway.
+            flags: LO_FLAGS_READ_ONLY,
+            file_name: [0; 64],
+            crypt_name: [0; 64],
+            encrypt_key: [0; 32],
+            init: [0; 2],
+        },
+        reserved: [0; 8],
+    };
+    // SAFETY: a valid loop_config the kernel only reads; both fds are open.
+    check(unsafe { libc::ioctl(loop_dev.as_raw_fd(), LOOP_CONFIGURE, &config) })?;
+    Ok(dev)
 }
 
 /// The type of a filesystem entry, as far as setup cares.
@@ -76,6 +146,10 @@ pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 impl Sys for RealSys {
+    fn attach_loop(&self, file: &str) -> io::Result<String> {
+        attach_loop_real(file)
+    }
+
     fn mount_flags(&self, path: &str) -> io::Result<libc::c_ulong> {
         let p = cstr(path)?;
         // SAFETY: a valid C string and a zeroed statvfs to fill.
@@ -477,6 +551,7 @@ pub mod fake {
         Chroot(String),
         PivotRoot(String, String),
         Umount(String, libc::c_int),
+        AttachLoop(String),
     }
 
     const FLAG_NAMES: [(libc::c_ulong, &str); 10] = [
@@ -536,6 +611,7 @@ pub mod fake {
                 Op::Symlink(t, l) => write!(f, "symlink {l} -> {t}"),
                 Op::Sethostname(n) => write!(f, "sethostname {n}"),
                 Op::LoopbackUp => write!(f, "ip link set lo up"),
+                Op::AttachLoop(p) => write!(f, "losetup -r --find {p}"),
                 Op::Chdir(p) => write!(f, "chdir {p}"),
                 Op::Chroot(p) => write!(f, "chroot {p}"),
                 Op::PivotRoot(n, o) => write!(f, "pivot_root {n} {o}"),
@@ -597,6 +673,11 @@ pub mod fake {
     impl Sys for FakeSys {
         fn mount_flags(&self, _path: &str) -> io::Result<libc::c_ulong> {
             Ok(0)
+        }
+
+        fn attach_loop(&self, file: &str) -> io::Result<String> {
+            self.record(file, Op::AttachLoop(file.to_string()))?;
+            Ok("/dev/loop0".to_string())
         }
 
         fn mount(
