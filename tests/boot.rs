@@ -131,8 +131,8 @@ fn hello_builds_validates_and_boots() {
 }
 
 /// Every format hello.toml is built in, with the file each lands in.
-const EVERY_FORMAT: &str = "raw,qcow2,vhd,vhd-dynamic,vmdk,gce,kernel+initrd,uki";
-const FORMAT_FILES: [&str; 10] = [
+const EVERY_FORMAT: &str = "raw,qcow2,vhd,vhd-dynamic,vmdk,gce,kernel+initrd,uki,iso";
+const FORMAT_FILES: [&str; 11] = [
     "hello.raw",
     "hello.qcow2",
     "hello.vhd",
@@ -141,6 +141,7 @@ const FORMAT_FILES: [&str; 10] = [
     "hello.tar.gz",
     "hello-kernel",
     "hello.efi",
+    "hello.iso",
     "hello-initrd.img",
     "hello-cmdline",
 ];
@@ -149,7 +150,9 @@ const FORMAT_FILES: [&str; 10] = [
 /// exactly (qemu-img check/info/compare, tar), and boots: QEMU's own
 /// drivers read qcow2, both VHDs and the VMDK; GCE's tarball is unpacked
 /// by kiln run; the kernel boots directly with its initrd, which holds the
-/// root, and the UKI alone from an ESP kiln run makes for it.
+/// root, and the UKI alone from an ESP kiln run makes for it; the ISO
+/// from a CD-ROM (El Torito) and as a disk (its GPT), its root found by
+/// volume id either way.
 #[test]
 fn every_format_checks_and_boots() {
     let out = k::scratch("formats");
@@ -222,12 +225,33 @@ fn every_format_checks_and_boots() {
         std::fs::read_to_string(out.join("hello-cmdline")).unwrap(),
         "console=ttyS0 loglevel=4\n"
     );
-    for file in &FORMAT_FILES[1..8] {
-        let r = k::boot(&kiln(), &out.join(file), 300);
+    let iso = out.join("hello.iso");
+    let report = k::run(
+        Command::new("xorriso")
+            .arg("-indev")
+            .arg(&iso)
+            .args(["-report_el_torito", "plain"]),
+    );
+    assert!(
+        report
+            .stdout
+            .contains("El Torito boot img :   1  UEFI  y   none"),
+        "{}{}",
+        report.stdout,
+        report.stderr
+    );
+    let sg = k::run(Command::new("sgdisk").arg("-v").arg(&iso));
+    assert!(sg.stdout.contains("No problems found"), "{}", sg.stdout);
+    let boots = FORMAT_FILES[1..9]
+        .iter()
+        .map(|f| (*f, &[][..]))
+        .chain([("hello.iso", &["--as-disk"][..])]);
+    for (file, args) in boots {
+        let r = k::boot_with(&kiln(), &out.join(file), 300, args);
         assert!(
             r.code == Some(0)
                 && container_lines(&r.stdout, "greet") == ["hello from an onboot container"],
-            "{file} did not boot:\n{}\n{}",
+            "{file} {args:?} did not boot:\n{}\n{}",
             r.stdout,
             r.stderr
         );

@@ -14,7 +14,7 @@ use crate::progress::{Event, Progress, Stage, StageTimer, Task};
 use crate::recipe::{Format, Recipe, RecipeError};
 use kiln_formats::gpt::{Guid, ESP_TYPE};
 use kiln_formats::tree::{Backing, FileData, Meta, Node, Tree, TreeError};
-use kiln_formats::{cpio, disk, fat, squashfs, uki, vdisk};
+use kiln_formats::{cpio, disk, fat, iso, squashfs, uki, vdisk};
 use kiln_init::config::{self as initcfg, BootConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -164,6 +164,9 @@ pub struct Filesystems {
     pub diskless: Option<Tree>,
     /// The UKI with that initramfs, when the `uki` form is wanted.
     pub uki_alone: Option<Vec<u8>>,
+    /// For the `iso` form: its volume id and its ESP (holding a UKI that
+    /// finds the root in the ISO by that id).
+    pub iso: Option<(String, fat::FatImage)>,
 }
 
 /// The initramfs: the init, its boot config (`root` says where the root
@@ -370,6 +373,43 @@ pub fn encode(
         .map_err(|e| encode_err("UKI")(Box::new(e)))
     };
     let efi = uki_with(&initrd)?;
+    // The ISO's own UKI: the root is a file of the volume it names.
+    let iso = if formats.contains(&Format::Iso) {
+        let volume_id = format!(
+            "KILN_{}",
+            root_guid.to_string().replace('-', "")[..16].to_uppercase()
+        );
+        let tree = initramfs_tree(
+            kernel,
+            init,
+            initcfg::RootSource::Iso {
+                volume_id: volume_id.clone(),
+                path: initcfg::ISO_ROOT.into(),
+            },
+            &initcfg::INITRAMFS_ROOT_MODULES,
+            on_demand,
+            None,
+        )?;
+        let mut bytes = Vec::new();
+        cpio::write_newc(&tree, &mut bytes).map_err(|e| encode_err("initramfs")(Box::new(e)))?;
+        let uki = uki_with(&bytes)?;
+        let mut esp_tree = Tree::new();
+        esp_tree
+            .insert(Path::new(TARGET.efi_boot_path), Node::file(0o644, uki))
+            .map_err(tree_err("ISO ESP"))?;
+        let size = esp_size(esp_tree.data_size());
+        let vol = Guid::derive(ESP_NAMESPACE, volume_id.as_bytes()).0;
+        let esp = fat::plan_fat32(
+            &esp_tree,
+            size,
+            u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]),
+            "KILN-ESP",
+        )
+        .map_err(|e| encode_err("ISO ESP")(Box::new(e)))?;
+        Some((volume_id, esp))
+    } else {
+        None
+    };
     // The UKI alone holds its initramfs in memory: the root's size.
     let uki_alone = match (&diskless, formats.contains(&Format::Uki)) {
         (Some(tree), true) => {
@@ -442,6 +482,7 @@ pub fn encode(
         cmdline: cmdline.clone(),
         diskless,
         uki_alone,
+        iso,
     })
 }
 
@@ -468,7 +509,7 @@ fn write_outputs(
     // The raw disk first: every other disk format encodes it. Written
     // where it is wanted, else to a temp file that goes when this returns.
     let mut raw = None;
-    if formats.iter().any(|f| !f.diskless()) {
+    if formats.iter().any(|f| f.is_disk()) {
         let raw_path = out_dir.join(Format::Raw.file_name(recipe.name()));
         let mut p = Pending::create(&raw_path)?;
         disk::write_raw(
@@ -490,6 +531,27 @@ fn write_outputs(
     };
     for format in formats {
         let path = out_dir.join(format.file_name(recipe.name()));
+        if let (Format::Iso, Some((volume_id, esp))) = (format, &fs.iso) {
+            let mut p = Pending::create(&path)?;
+            let spec = iso::IsoSpec {
+                volume_id: volume_id.clone(),
+                time: plan.source_date_epoch,
+                disk_guid: Guid::derive(DISK_NAMESPACE, volume_id.as_bytes()),
+                esp_guid: Guid::derive(ESP_NAMESPACE, volume_id.as_bytes()),
+                esp: Box::new(fat::FatImage::reader(esp)),
+                esp_len: esp.size(),
+                files: vec![iso::IsoFile {
+                    path: initcfg::ISO_ROOT.into(),
+                    len: fs.root_len,
+                    data: Box::new(root_reader(fs)?),
+                }],
+            };
+            iso::write_iso(spec, &mut std::io::BufWriter::new(p.file()))
+                .map_err(|e| write_err(&path)(std::io::Error::other(e)))?;
+            images.push(path);
+            pending.push(p);
+            continue;
+        }
         if format.diskless() {
             let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
             match format {
@@ -533,8 +595,8 @@ fn write_outputs(
         let mut p = Pending::create(&path)?;
         let out = p.file();
         match format {
-            Format::Raw | Format::KernelInitrd | Format::Uki => Ok(()),
-            Format::Qcow2 => vdisk::write_qcow2(source, size, out),
+            Format::Raw | Format::KernelInitrd | Format::Uki | Format::Iso => Ok(()),
+            Format::Qcow2 => vdisk::write_qcow2(source, size, out, recipe.output.qcow2_compress),
             Format::Vhd => vdisk::write_vhd_fixed(source, size, out, &id),
             Format::VhdDynamic => vdisk::write_vhd_dynamic(source, size, out, &id),
             Format::Vmdk => {

@@ -70,6 +70,9 @@ pub const HARDWARE_MODULES: &[&str] = &[
     "ahci",
     "libahci",
     "sd_mod",
+    // CD-ROMs, for the ISO form.
+    "sr_mod",
+    "cdrom",
     "xen_blkfront",
     "xen_netfront",
     "hv_vmbus",

@@ -347,6 +347,9 @@ pub enum Format {
     /// The unified kernel image alone, its initramfs holding the root,
     /// for UEFI HTTP boot or another boot manager (`NAME.efi`).
     Uki,
+    /// A hybrid ISO (`NAME.iso`): El Torito with a UEFI entry for CDs, a
+    /// GPT on the same bytes for USB sticks.
+    Iso,
 }
 
 impl Format {
@@ -360,6 +363,7 @@ impl Format {
         ("gce", Format::Gce),
         ("kernel+initrd", Format::KernelInitrd),
         ("uki", Format::Uki),
+        ("iso", Format::Iso),
     ];
 
     /// The format's name in recipes.
@@ -381,12 +385,18 @@ impl Format {
             Format::Gce => format!("{name}.tar.gz"),
             Format::KernelInitrd => format!("{name}-kernel"),
             Format::Uki => format!("{name}.efi"),
+            Format::Iso => format!("{name}.iso"),
         }
     }
 
     /// Whether it boots without a disk (its root is in its initramfs).
     pub fn diskless(self) -> bool {
         matches!(self, Format::KernelInitrd | Format::Uki)
+    }
+
+    /// Whether it is an encoding of the GPT disk image.
+    pub fn is_disk(self) -> bool {
+        !self.diskless() && self != Format::Iso
     }
 
     /// The format named `s`, if any.
@@ -435,6 +445,8 @@ pub struct OutputSpec {
     pub formats: At<Vec<Format>>,
     /// Compressor of the root filesystem.
     pub root_compression: At<RootCompression>,
+    /// qcow2 clusters stored deflated where that is smaller.
+    pub qcow2_compress: bool,
 }
 
 impl Recipe {
@@ -884,6 +896,7 @@ mod raw {
     pub struct Output {
         pub formats: Option<Spanned<Vec<String>>>,
         pub root_compression: Option<Spanned<String>>,
+        pub qcow2_compress: Option<bool>,
     }
 }
 
@@ -1833,6 +1846,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         output: OutputSpec {
             formats,
             root_compression,
+            qcow2_compress: r.output.qcow2_compress.unwrap_or(false),
         },
         network,
     })
@@ -2495,6 +2509,13 @@ size = "512M"
                 "x.vmdk",
                 "x.tar.gz"
             ]
+        );
+        assert!(!r.output.qcow2_compress);
+        assert!(
+            parse_with("[output]\nqcow2_compress = true\n")
+                .unwrap()
+                .output
+                .qcow2_compress
         );
         r.set_formats(vec![Format::Vmdk, Format::Vmdk]).unwrap();
         assert_eq!(r.output.formats.value, [Format::Vmdk]);

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Disk image to boot: raw, qcow2, VHD, VMDK or a GCE tarball, told
-    /// by its content.
+    /// Image to boot: a raw, qcow2, VHD or VMDK disk, a GCE tarball, an
+    /// ISO, a kernel (NAME-kernel) or a UKI, told by its content.
     image: PathBuf,
     /// Use KVM instead of TCG software emulation.
     #[arg(long)]
@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// data disk is written in place. Repeatable.
     #[arg(long)]
     disk: Vec<PathBuf>,
+    /// Attach an ISO image as a disk (as if written to a USB stick), not
+    /// as a CD-ROM.
+    #[arg(long)]
+    as_disk: bool,
 }
 
 /// What systemd-stub appends to the kernel command line from SMBIOS
@@ -220,6 +224,8 @@ struct Disk {
     path: PathBuf,
     /// Kernel, initrd and command line, for direct boot (no drive).
     direct: Option<(PathBuf, PathBuf, String)>,
+    /// An ISO attached as a CD-ROM.
+    cdrom: bool,
     _unpacked: Option<TempFile>,
 }
 
@@ -235,6 +241,10 @@ impl Disk {
                 "-append".into(),
                 cmdline.into(),
             ],
+            None if self.cdrom => vec![
+                "-drive".into(),
+                drive_arg("media=cdrom,format=raw,readonly=on", &self.path).into(),
+            ],
             None => vec![
                 "-drive".into(),
                 // The image is immutable: boot a throw-away overlay of it.
@@ -247,7 +257,7 @@ impl Disk {
         }
     }
 
-    fn detect(image: &Path) -> Result<Disk> {
+    fn detect(image: &Path, as_disk: bool) -> Result<Disk> {
         use std::os::unix::fs::FileExt;
         let f =
             std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
@@ -262,8 +272,17 @@ impl Disk {
             driver,
             path: image.to_path_buf(),
             direct: None,
+            cdrom: false,
             _unpacked: None,
         };
+        let mut vd = [0u8; 6];
+        let _ = f.read_at(&mut vd, 0x8000)?;
+        if &vd[1..6] == b"CD001" {
+            return Ok(Disk {
+                cdrom: !as_disk,
+                ..plain("raw")
+            });
+        }
         if head.starts_with(b"QFI\xfb") {
             return Ok(plain("qcow2"));
         }
@@ -332,6 +351,7 @@ fn unpack_gce(image: &Path) -> Result<Disk> {
             driver: "raw",
             path: temp.0.clone(),
             direct: None,
+            cdrom: false,
             _unpacked: Some(temp),
         });
     }
@@ -362,6 +382,7 @@ fn direct_boot(kernel: &Path) -> Result<Disk> {
         driver: "raw",
         path: kernel.to_path_buf(),
         direct: Some((kernel.to_path_buf(), initrd, cmdline.trim().to_string())),
+        cdrom: false,
         _unpacked: None,
     })
 }
@@ -405,6 +426,7 @@ fn esp_for_uki(uki: &Path) -> Result<Disk> {
         driver: "raw",
         path: temp.0.clone(),
         direct: None,
+        cdrom: false,
         _unpacked: Some(temp),
     })
 }
@@ -433,7 +455,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     if !a.image.is_file() {
         bail!("{}: not found (or not a file)", a.image.display());
     }
-    let disk = Disk::detect(&a.image)?;
+    let disk = Disk::detect(&a.image, a.as_disk)?;
     for (what, p) in [("OVMF code", &a.ovmf_code), ("OVMF vars", &a.ovmf_vars)] {
         if !p.is_file() {
             bail!(

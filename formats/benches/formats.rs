@@ -610,6 +610,11 @@ fn vdisk_rows(work: &Path, runs: u64, rows: &mut Vec<Row>) -> Res<()> {
     for (name, file, tool_args) in [
         ("qcow2", "d.qcow2", vec!["convert", "-O", "qcow2"]),
         (
+            "qcow2-compressed",
+            "dc.qcow2",
+            vec!["convert", "-c", "-O", "qcow2"],
+        ),
+        (
             "vhd",
             "d.vhd",
             vec![
@@ -714,7 +719,8 @@ fn child_write(format: &str) -> Res<()> {
         time: 0,
     };
     match format {
-        "qcow2" => vdisk::write_qcow2(&raw, size, &mut out)?,
+        "qcow2" => vdisk::write_qcow2(&raw, size, &mut out, false)?,
+        "qcow2-compressed" => vdisk::write_qcow2(&raw, size, &mut out, true)?,
         "vhd" => vdisk::write_vhd_fixed(&raw, size, &mut out, &id)?,
         "vhd-dynamic" => vdisk::write_vhd_dynamic(&raw, size, &mut out, &id)?,
         "vmdk" => vdisk::write_vmdk_stream(&raw, size, &mut out, &id, "d.vmdk")?,

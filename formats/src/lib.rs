@@ -9,6 +9,8 @@ pub mod cpio;
 pub mod disk;
 pub mod fat;
 pub mod gpt;
+#[cfg(feature = "vdisk")]
+pub mod iso;
 #[cfg(feature = "squashfs")]
 pub mod squashfs;
 pub mod tree;

@@ -106,9 +106,30 @@ const QCOW2_CLUSTER: u64 = 1 << QCOW2_CLUSTER_BITS;
 /// Refcount and L1/L2 entry flag: the cluster is used exactly once.
 const QCOW2_COPIED: u64 = 1 << 63;
 
+/// Bit 62 of an L2 entry: a compressed cluster.
+const QCOW2_COMPRESSED: u64 = 1 << 62;
+/// Where a compressed cluster's sector count starts in its L2 entry:
+/// 62 - (cluster_bits - 8).
+const QCOW2_CSIZE_SHIFT: u32 = 62 - (QCOW2_CLUSTER_BITS - 8);
+
+/// A cluster compressed as qcow2 stores it (raw deflate, a window QEMU's
+/// 4 KiB inflate can read); `None` when that saves less than a sector.
+fn qcow2_compress(data: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    use flate2::{Compress, Compression, FlushCompress, Status};
+    let mut c = Compress::new_with_window_bits(Compression::new(6), false, 12);
+    let mut out = Vec::with_capacity(data.len());
+    match c.compress_vec(data, &mut out, FlushCompress::Finish) {
+        Ok(Status::StreamEnd) if out.len() + 512 < data.len() => Ok(Some(out)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
 /// Writes `raw` (its first `size` bytes) as qcow2 version 3 with 64 KiB
-/// clusters and 16-bit refcounts; all-zero clusters are not stored.
-pub fn write_qcow2(raw: &File, size: u64, out: &mut File) -> io::Result<()> {
+/// clusters and 16-bit refcounts; all-zero clusters are not stored, and
+/// with `compress` the others are stored deflated where that is smaller
+/// (packed back to back, as `qemu-img convert -c` does).
+pub fn write_qcow2(raw: &File, size: u64, out: &mut File, compress: bool) -> io::Result<()> {
     let c = QCOW2_CLUSTER;
     let l2_entries = c / 8;
     let guest_clusters = size.div_ceil(c);
@@ -150,20 +171,49 @@ pub fn write_qcow2(raw: &File, size: u64, out: &mut File) -> io::Result<()> {
     let rc_table_at = l1_at + l1_clusters;
     let rc_blocks_at = rc_table_at + rc_table;
     let l2_at = rc_blocks_at + rc_blocks;
-    let mut next = l2_at + l2_count;
+    let first_data = l2_at + l2_count;
+    // Where the next data goes, in bytes (compressed data packs tightly).
+    let mut at = first_data * c;
+    // References to host clusters past the metadata, by index from it.
+    let mut refs: Vec<u16> = Vec::new();
+    let count = |from: u64, to: u64, refs: &mut Vec<u16>| {
+        for cl in from / c..to.div_ceil(c) {
+            let i = usize::try_from(cl - first_data).unwrap_or(usize::MAX);
+            if refs.len() <= i {
+                refs.resize(i + 1, 0);
+            }
+            refs[i] = refs[i].saturating_add(1);
+        }
+    };
 
     let mut l2 = vec![0u64; usize::try_from(l2_count * l2_entries).map_err(|_| too_large())?];
     nonzero_blocks(raw, size, c, &mut |b, data| {
         let table = l2_of[usize::try_from(b / l2_entries).map_err(|_| too_large())?]
             .ok_or_else(|| io::Error::other("data outside the extents"))?;
-        let at = next * c;
-        out.write_all_at(data, at)?;
-        l2[usize::try_from(table * l2_entries + b % l2_entries).map_err(|_| too_large())?] =
-            at | QCOW2_COPIED;
-        next += 1;
+        let slot = usize::try_from(table * l2_entries + b % l2_entries).map_err(|_| too_large())?;
+        let packed = if compress {
+            qcow2_compress(data)?
+        } else {
+            None
+        };
+        if let Some(z) = packed {
+            let extra = (at + z.len() as u64 - 1) / 512 - at / 512;
+            out.write_all_at(&z, at)?;
+            l2[slot] = QCOW2_COMPRESSED | (extra << QCOW2_CSIZE_SHIFT) | at;
+            // What QEMU counts: through the end of the last sector used.
+            count(at, (at / 512 + extra + 1) * 512, &mut refs);
+            at += z.len() as u64;
+        } else {
+            // A whole cluster of its own: aligned, referenced once.
+            at = at.div_ceil(c) * c;
+            out.write_all_at(data, at)?;
+            l2[slot] = at | QCOW2_COPIED;
+            count(at, at + c, &mut refs);
+            at += c;
+        }
         Ok(())
     })?;
-    let used = next;
+    let used = first_data + refs.len() as u64;
 
     // Header.
     let mut h = vec![0u8; usize::try_from(c).unwrap_or(0)];
@@ -199,8 +249,12 @@ pub fn write_qcow2(raw: &File, size: u64, out: &mut File) -> io::Result<()> {
     let rct: Vec<u64> = (0..rc_blocks).map(|i| (rc_blocks_at + i) * c).collect();
     out.write_all_at(&table_bytes(&rct, rc_table), rc_table_at * c)?;
     let mut rcb = vec![0u8; usize::try_from(rc_blocks * c).map_err(|_| too_large())?];
-    for i in 0..usize::try_from(used).map_err(|_| too_large())? {
+    let meta = usize::try_from(first_data).map_err(|_| too_large())?;
+    for i in 0..meta {
         be16(&mut rcb, i * 2, 1);
+    }
+    for (i, r) in refs.iter().enumerate() {
+        be16(&mut rcb, (meta + i) * 2, *r);
     }
     out.write_all_at(&rcb, rc_blocks_at * c)?;
     for t in 0..l2_count {
@@ -208,6 +262,7 @@ pub fn write_qcow2(raw: &File, size: u64, out: &mut File) -> io::Result<()> {
         let entries = &l2[from..from + usize::try_from(l2_entries).unwrap_or(0)];
         out.write_all_at(&table_bytes(entries, 1), (l2_at + t) * c)?;
     }
+    // Whole clusters; compressed data may end inside the last one.
     out.set_len(used * c)?;
     out.flush()
 }
@@ -654,6 +709,7 @@ mod tests {
         let raw_s = raw_path.to_str().unwrap();
         for (fmt, file, driver) in [
             ("qcow2", "d.qcow2", "qcow2"),
+            ("qcow2-compressed", "dc.qcow2", "qcow2"),
             ("vhd", "d.vhd", "vpc"),
             ("vhd-dynamic", "d-dynamic.vhd", "vpc"),
             ("vmdk", "d.vmdk", "vmdk"),
@@ -661,7 +717,8 @@ mod tests {
             let path = dir.join(file);
             let mut out = File::create(&path).unwrap();
             match fmt {
-                "qcow2" => write_qcow2(&raw, size, &mut out).unwrap(),
+                "qcow2" => write_qcow2(&raw, size, &mut out, false).unwrap(),
+                "qcow2-compressed" => write_qcow2(&raw, size, &mut out, true).unwrap(),
                 "vhd" => write_vhd_fixed(&raw, size, &mut out, &ID).unwrap(),
                 "vhd-dynamic" => write_vhd_dynamic(&raw, size, &mut out, &ID).unwrap(),
                 _ => write_vmdk_stream(&raw, size, &mut out, &ID, file).unwrap(),
@@ -683,6 +740,10 @@ mod tests {
             // Holes stay holes: far less than the disk is stored.
             if fmt != "vhd" {
                 assert!(std::fs::metadata(&path).unwrap().len() < 16 * MIB, "{fmt}");
+            }
+            if fmt == "qcow2-compressed" {
+                let plain = std::fs::metadata(dir.join("d.qcow2")).unwrap().len();
+                assert!(std::fs::metadata(&path).unwrap().len() < plain / 2, "{fmt}");
             }
         }
         let _ = std::fs::remove_dir_all(&dir);

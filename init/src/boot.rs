@@ -147,6 +147,55 @@ fn read_gpt(sys: &dyn Sys, disk: &str) -> Result<gpt::Table, GptError> {
     })
 }
 
+/// A block device read through the [`Sys`] seam, for the ISO reader.
+struct SysReader<'a> {
+    sys: &'a dyn Sys,
+    dev: String,
+    pos: u64,
+}
+
+impl io::Read for SysReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let data = self.sys.read_at(&self.dev, self.pos, buf.len())?;
+        buf[..data.len()].copy_from_slice(&data);
+        self.pos += data.len() as u64;
+        Ok(data.len())
+    }
+}
+
+impl io::Seek for SysReader<'_> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        match to {
+            io::SeekFrom::Start(p) => self.pos = p,
+            _ => return Err(io::ErrorKind::Unsupported.into()),
+        }
+        Ok(self.pos)
+    }
+}
+
+/// The device holding ISO 9660 volume `volume_id`, and where `path` is on
+/// it: (device, byte offset, length).
+pub fn find_iso_file(sys: &dyn Sys, volume_id: &str, path: &str) -> Option<(String, u64, u64)> {
+    for disk in whole_disks(sys) {
+        let dev = format!("/dev/{disk}");
+        let r = SysReader {
+            sys,
+            dev: dev.clone(),
+            pos: 0,
+        };
+        let Ok(Some(mut iso)) = crate::iso9660::Iso::open(r) else {
+            continue;
+        };
+        if iso.label != volume_id {
+            continue;
+        }
+        if let Ok(Some((offset, len))) = iso.extent(path) {
+            return Some((dev, offset, len));
+        }
+    }
+    None
+}
+
 /// Looks once through every disk's GPT for the partition with `guid`.
 /// Whether the partition with unique GUID `guid` is there now.
 pub fn root_present(sys: &dyn Sys, guid: &str) -> bool {

@@ -79,10 +79,22 @@ pub enum RootSource {
     /// A file in the initramfs, attached read-only through a loop device:
     /// the kernel+initrd and UKI forms, which need no disk.
     Initramfs(String),
+    /// A file of the ISO 9660 volume with this id, on whichever device
+    /// holds it (a CD-ROM, or the ISO written to a disk), attached through
+    /// a loop device at its extent: the `iso` form.
+    Iso {
+        /// The volume id.
+        volume_id: String,
+        /// The file's path in the volume (`kiln/root.img`).
+        path: String,
+    },
 }
 
 /// Where the kernel+initrd and UKI forms carry the root filesystem.
 pub const INITRAMFS_ROOT: &str = "/kiln/root.img";
+/// Where the `iso` form carries it, in its ISO 9660 tree (upper case as
+/// written; the init compares names without case).
+pub const ISO_ROOT: &str = "KILN/ROOT.IMG";
 /// Modules a root in the initramfs needs, loaded first.
 pub const INITRAMFS_ROOT_MODULES: [&str; 1] = ["loop"];
 

@@ -118,6 +118,29 @@ impl<R: Read + Seek> Iso<R> {
         Ok(out)
     }
 
+    /// Where the file at `path` is: (byte offset, length), if there is
+    /// one. Names compare without case.
+    pub fn extent(&mut self, path: &str) -> io::Result<Option<(u64, u64)>> {
+        let mut dir = self.root;
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let entries = self.list(dir)?;
+            let Some(&(_, extent, len, is_dir)) =
+                entries.iter().find(|e| e.0.eq_ignore_ascii_case(part))
+            else {
+                return Ok(None);
+            };
+            if i + 1 == parts.len() {
+                return Ok((!is_dir).then(|| (u64::from(extent) * SECTOR, u64::from(len))));
+            }
+            if !is_dir {
+                return Ok(None);
+            }
+            dir = (extent, len);
+        }
+        Ok(None)
+    }
+
     /// The file at `path` (`a/b/c`), if there is one.
     pub fn file(&mut self, path: &str) -> io::Result<Option<Vec<u8>>> {
         let mut dir = self.root;

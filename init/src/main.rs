@@ -104,8 +104,31 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Option<Deferred>,
             let early = loader.load(sys, &boot.modules, "", &|| false);
             log_report("modules for the root", &loader.report, 0);
             let dev = sys
-                .attach_loop(file)
+                .attach_loop(file, 0, 0)
                 .map_err(|e| format!("attaching {file} to a loop device: {e}"))?;
+            (early, dev)
+        }
+        RootSource::Iso { volume_id, path } => {
+            let root_there = || boot::find_iso_file(sys, volume_id, path).is_some();
+            let early = loader.load(sys, &boot.modules, "", &root_there);
+            log_report("modules for the root", &loader.report, 0);
+            let mut waited = 0;
+            let (disk, offset, len) = loop {
+                if let Some(found) = boot::find_iso_file(sys, volume_id, path) {
+                    break found;
+                }
+                if waited >= ROOT_WAIT_MS {
+                    return Err(format!(
+                        "no device holds ISO volume {volume_id} with {path}"
+                    ));
+                }
+                sys.sleep_ms(50);
+                waited += 50;
+            };
+            let dev = sys
+                .attach_loop(&disk, offset, len)
+                .map_err(|e| format!("attaching {path} of {disk} to a loop device: {e}"))?;
+            log(&format!("root {path} found on {disk} ({volume_id})"));
             (early, dev)
         }
     };

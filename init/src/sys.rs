@@ -49,9 +49,9 @@ pub trait Sys {
     /// The read-only, nosuid, nodev and noexec flags (`MS_*`) of the
     /// mount `path` is on.
     fn mount_flags(&self, path: &str) -> io::Result<libc::c_ulong>;
-    /// Attaches `file` read-only to a free loop device: its path,
-    /// `/dev/loopN`.
-    fn attach_loop(&self, file: &str) -> io::Result<String>;
+    /// Attaches `size` bytes of `file` from `offset` (0: to its end)
+    /// read-only to a free loop device: its path, `/dev/loopN`.
+    fn attach_loop(&self, file: &str, offset: u64, size: u64) -> io::Result<String>;
 }
 
 /// `struct loop_info64` of linux/loop.h.
@@ -86,7 +86,7 @@ const LOOP_CTL_GET_FREE: libc::Ioctl = 0x4C82;
 const LOOP_CONFIGURE: libc::Ioctl = 0x4C0A;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 
-fn attach_loop_real(file: &str) -> io::Result<String> {
+fn attach_loop_real(file: &str, offset: u64, size: u64) -> io::Result<String> {
     let ctl = std::fs::File::open("/dev/loop-control")?;
     // SAFETY: an ioctl with no argument on the loop control device.
     let n = check(unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
@@ -101,8 +101,8 @@ fn attach_loop_real(file: &str) -> io::Result<String> {
             device: 0,
             inode: 0,
             rdevice: 0,
-            offset: 0,
-            sizelimit: 0,
+            offset,
+            sizelimit: size,
             number: 0,
             encrypt_type: 0,
             encrypt_key_size: 0,
@@ -146,8 +146,8 @@ pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 impl Sys for RealSys {
-    fn attach_loop(&self, file: &str) -> io::Result<String> {
-        attach_loop_real(file)
+    fn attach_loop(&self, file: &str, offset: u64, size: u64) -> io::Result<String> {
+        attach_loop_real(file, offset, size)
     }
 
     fn mount_flags(&self, path: &str) -> io::Result<libc::c_ulong> {
@@ -675,8 +675,8 @@ pub mod fake {
             Ok(0)
         }
 
-        fn attach_loop(&self, file: &str) -> io::Result<String> {
-            self.record(file, Op::AttachLoop(file.to_string()))?;
+        fn attach_loop(&self, file: &str, offset: u64, size: u64) -> io::Result<String> {
+            self.record(file, Op::AttachLoop(format!("{file}@{offset}+{size}")))?;
             Ok("/dev/loop0".to_string())
         }
 
