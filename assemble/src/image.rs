@@ -162,8 +162,9 @@ pub struct Filesystems {
     pub cmdline: String,
     /// The initramfs holding the root too, when a diskless form is wanted.
     pub diskless: Option<Tree>,
-    /// The UKI with that initramfs, when the `uki` form is wanted.
-    pub uki_alone: Option<Vec<u8>>,
+    /// What a UKI is made of besides its initramfs and kernel: the stub,
+    /// `.osrel` and `.uname`.
+    pub uki_parts: (Vec<u8>, String, String),
     /// For the `iso` form: its volume id and its ESP (holding a UKI that
     /// finds the root in the ISO by that id).
     pub iso: Option<(String, fat::FatImage)>,
@@ -410,15 +411,6 @@ pub fn encode(
     } else {
         None
     };
-    // The UKI alone holds its initramfs in memory: the root's size.
-    let uki_alone = match (&diskless, formats.contains(&Format::Uki)) {
-        (Some(tree), true) => {
-            let mut bytes = Vec::new();
-            cpio::write_newc(tree, &mut bytes).map_err(|e| encode_err("initramfs")(Box::new(e)))?;
-            Some(uki_with(&bytes)?)
-        }
-        _ => None,
-    };
 
     // EFI system partition.
     step("EFI system partition");
@@ -481,8 +473,8 @@ pub fn encode(
         kernel_image: kernel.image.clone(),
         cmdline: cmdline.clone(),
         diskless,
-        uki_alone,
         iso,
+        uki_parts: (stub.to_vec(), osrel, kernel.release.clone()),
     })
 }
 
@@ -554,10 +546,56 @@ fn write_outputs(
         }
         if format.diskless() {
             let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+            let tree = fs
+                .diskless
+                .as_ref()
+                .ok_or_else(|| write_err(&path)(std::io::Error::other("no diskless initramfs")))?;
             match format {
                 Format::Uki => {
-                    let efi = fs.uki_alone.clone().unwrap_or_default();
-                    files.push((path.clone(), efi));
+                    // Streamed: the initramfs (the root inside) goes to a
+                    // temp file, then from there into the UKI.
+                    let tmp = out_dir.join(format!("{}.uki-initrd", recipe.name()));
+                    let mut t = Pending::create(&tmp)?;
+                    cpio::write_newc(tree, std::io::BufWriter::new(t.file()))
+                        .map_err(|e| write_err(&tmp)(std::io::Error::other(e)))?;
+                    let initrd = t.file().try_clone().map_err(write_err(&tmp))?;
+                    let len = initrd.metadata().map_err(write_err(&tmp))?.len();
+                    let (stub, osrel, uname) = &fs.uki_parts;
+                    let sections = vec![
+                        uki::UkiSection {
+                            name: ".osrel",
+                            len: osrel.len() as u64,
+                            data: Box::new(osrel.as_bytes()),
+                        },
+                        uki::UkiSection {
+                            name: ".cmdline",
+                            len: fs.cmdline.len() as u64,
+                            data: Box::new(fs.cmdline.as_bytes()),
+                        },
+                        uki::UkiSection {
+                            name: ".uname",
+                            len: uname.len() as u64,
+                            data: Box::new(uname.as_bytes()),
+                        },
+                        uki::UkiSection {
+                            name: ".initrd",
+                            len,
+                            data: Box::new(std::io::BufReader::new(std::io::Read::take(
+                                ReadAtStart(initrd, 0),
+                                len,
+                            ))),
+                        },
+                        uki::UkiSection {
+                            name: ".linux",
+                            len: fs.kernel_image.len() as u64,
+                            data: Box::new(&fs.kernel_image[..]),
+                        },
+                    ];
+                    let mut p = Pending::create(&path)?;
+                    uki::write_uki(stub, sections, &mut std::io::BufWriter::new(p.file()))
+                        .map_err(|e| write_err(&path)(std::io::Error::other(e)))?;
+                    images.push(path.clone());
+                    pending.push(p);
                 }
                 _ => {
                     files.push((path.clone(), fs.kernel_image.to_vec()));
@@ -570,9 +608,6 @@ fn write_outputs(
                     // Streamed: the root goes from its temp file to here.
                     let initrd = out_dir.join(format!("{name}-initrd.img"));
                     let mut p = Pending::create(&initrd)?;
-                    let tree = fs.diskless.as_ref().ok_or_else(|| {
-                        write_err(&initrd)(std::io::Error::other("no diskless initramfs"))
-                    })?;
                     cpio::write_newc(tree, std::io::BufWriter::new(p.file()))
                         .map_err(|e| write_err(&initrd)(std::io::Error::other(e)))?;
                     images.push(initrd);
@@ -642,6 +677,17 @@ fn write_outputs(
         root_size: fs.root_len,
         esp_size: fs.esp.size(),
     })
+}
+
+/// Reads a file from an offset with `pread`, whatever its fd's position.
+struct ReadAtStart(std::fs::File, u64);
+
+impl std::io::Read for ReadAtStart {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(&self.0, buf, self.1)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
 }
 
 /// A reader of the root filesystem from its start.

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 
 /// Errors from building a UKI. None of them panics on a malformed stub.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum UkiError {
     /// The stub ends inside the named structure.
     #[error("stub is truncated: {0}")]
@@ -51,6 +51,12 @@ pub enum UkiError {
     /// The image would exceed the 4 GiB size PE allows.
     #[error("image would exceed the 4 GiB PE limit")]
     TooLarge,
+    /// A section's contents could not be read in full.
+    #[error("reading section {0}")]
+    Section(String, #[source] std::io::Error),
+    /// Writing the image failed.
+    #[error("writing the UKI")]
+    Io(#[source] std::io::Error),
 }
 
 const MACHINE_AMD64: u16 = 0x8664;
@@ -201,26 +207,6 @@ fn parse(b: &[u8]) -> Result<Pe, UkiError> {
     })
 }
 
-/// The PE image checksum: a 16-bit ones'-complement-style sum of the file
-/// (with the checksum field itself read as zero) plus the file length.
-// `sum` is folded to 16 bits; the PE checksum adds the file length
-// modulo 2^32 by definition.
-#[allow(clippy::cast_possible_truncation)]
-fn pe_checksum(b: &[u8], checksum_at: usize) -> u32 {
-    let mut sum: u64 = 0;
-    for (i, chunk) in b.chunks(2).enumerate() {
-        let off = i * 2;
-        if off == checksum_at || off == checksum_at + 2 {
-            continue;
-        }
-        let w = u16::from_le_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]) as u64;
-        sum += w;
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    (sum as u32).wrapping_add(b.len() as u32)
-}
-
 /// Appends `sections` (name, bytes) to the systemd-stub PE image `stub` and
 /// returns the whole UKI.
 ///
@@ -229,26 +215,100 @@ fn pe_checksum(b: &[u8], checksum_at: usize) -> u32 {
 /// certificate table in the stub is dropped: appending sections invalidates
 /// any signature, so the result must be signed afterwards if needed.
 pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, UkiError> {
+    let streams: Vec<UkiSection<'_>> = sections
+        .iter()
+        .map(|(name, data)| UkiSection {
+            name,
+            len: data.len() as u64,
+            data: Box::new(*data),
+        })
+        .collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    write_uki(stub, streams, &mut out)?;
+    Ok(out.into_inner())
+}
+
+/// A section to add: its name, length and contents (exactly `len` bytes).
+pub struct UkiSection<'a> {
+    /// `.linux`, `.initrd`, ...
+    pub name: &'a str,
+    /// Bytes.
+    pub len: u64,
+    /// The contents, read once.
+    pub data: Box<dyn std::io::Read + 'a>,
+}
+
+/// The PE image checksum, fed the file in order (the checksum field as
+/// zeros): a 16-bit ones'-complement-style sum plus the file length.
+#[derive(Default)]
+struct Checksum {
+    sum: u64,
+    odd: Option<u8>,
+    len: u64,
+}
+
+impl Checksum {
+    fn feed(&mut self, mut b: &[u8]) {
+        self.len += b.len() as u64;
+        if let (Some(lo), Some((&hi, rest))) = (self.odd, b.split_first()) {
+            self.add(u16::from_le_bytes([lo, hi]));
+            self.odd = None;
+            b = rest;
+        }
+        let mut words = b.chunks_exact(2);
+        for w in &mut words {
+            self.add(u16::from_le_bytes([w[0], w[1]]));
+        }
+        if let [last] = words.remainder() {
+            self.odd = Some(*last);
+        }
+    }
+
+    fn add(&mut self, w: u16) {
+        self.sum += u64::from(w);
+        self.sum = (self.sum & 0xffff) + (self.sum >> 16);
+    }
+
+    // `sum` is folded to 16 bits; the PE checksum adds the file length
+    // modulo 2^32 by definition.
+    #[allow(clippy::cast_possible_truncation)]
+    fn finish(mut self) -> u32 {
+        if let Some(lo) = self.odd.take() {
+            self.add(u16::from(lo));
+        }
+        let sum = (self.sum & 0xffff) + (self.sum >> 16);
+        (sum as u32).wrapping_add(self.len as u32)
+    }
+}
+
+/// [`build_uki`] streaming: each section is read once, in order, into
+/// `out` (a new, empty file or buffer), and memory holds the stub alone.
+pub fn write_uki<W: std::io::Write + std::io::Seek>(
+    stub: &[u8],
+    sections: Vec<UkiSection<'_>>,
+    out: &mut W,
+) -> Result<(), UkiError> {
     let pe = parse(stub)?;
 
     let mut names = HashSet::new();
     for s in &pe.sections {
         names.insert(s.name);
     }
-    let mut ordered: Vec<([u8; 8], &str, &[u8])> = Vec::with_capacity(sections.len());
-    for (name, data) in sections {
+    let mut ordered: Vec<([u8; 8], UkiSection<'_>)> = Vec::with_capacity(sections.len());
+    for sec in sections {
+        let name = sec.name;
         if name.is_empty() || name.len() > 8 {
-            return Err(UkiError::BadSectionName((*name).to_owned()));
+            return Err(UkiError::BadSectionName(name.to_owned()));
         }
         let mut n = [0u8; 8];
         n[..name.len()].copy_from_slice(name.as_bytes());
         if !names.insert(n) {
-            return Err(UkiError::DuplicateSection((*name).to_owned()));
+            return Err(UkiError::DuplicateSection(name.to_owned()));
         }
-        ordered.push((n, name, data));
+        ordered.push((n, sec));
     }
     // Stable: everything else keeps its order, `.linux` moves to the end.
-    ordered.sort_by_key(|(_, name, _)| *name == ".linux");
+    ordered.sort_by_key(|(_, sec)| sec.name == ".linux");
 
     // Drop a trailing signature (its offset is a file offset, not an RVA).
     let mut image = stub.to_vec();
@@ -315,8 +375,8 @@ pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, Uki
     let mut added_init = 0u64;
     let mut out_len = next_raw;
     let mut placed = Vec::with_capacity(ordered.len());
-    for (name, _, data) in &ordered {
-        let len = data.len() as u64;
+    for (name, sec) in &ordered {
+        let len = sec.len;
         let raw_size = align_up(len, fa);
         let raw_ptr = if len == 0 { 0 } else { next_raw };
         let mut h = [0u8; SECTION_HEADER_LEN];
@@ -332,7 +392,7 @@ pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, Uki
             IMAGE_SCN_CNT_INITIALIZED_DATA | IMAGE_SCN_MEM_READ,
         );
         headers.extend_from_slice(&h);
-        placed.push((raw_ptr, *data));
+        placed.push(raw_ptr);
         added_init += raw_size;
         next_raw += raw_size;
         out_len = out_len.max(next_raw);
@@ -342,14 +402,7 @@ pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, Uki
     let new_size_of_image = fit(next_va)?;
     let out_len = fit(out_len)?;
 
-    image.resize(out_len as usize, 0);
     image[table_end..needed_end].copy_from_slice(&headers);
-    for (ptr, data) in placed {
-        if !data.is_empty() {
-            let ptr = usize::try_from(ptr).map_err(|_| UkiError::TooLarge)?;
-            image[ptr..ptr + data.len()].copy_from_slice(data);
-        }
-    }
 
     let nsec = u16::try_from(pe.sections.len() + ordered.len()).map_err(|_| UkiError::TooLarge)?;
     wr16(&mut image, pe.coff + 2, nsec);
@@ -371,9 +424,52 @@ pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, Uki
     }
     let ck_at = pe.opt + OPT_CHECKSUM;
     wr32(&mut image, ck_at, 0);
-    let ck = pe_checksum(&image, ck_at);
-    wr32(&mut image, ck_at, ck);
-    Ok(image)
+
+    // The stub's bytes, then each section at its place, zero-padded.
+    let io = UkiError::Io;
+    let mut ck = Checksum::default();
+    let put = |out: &mut W, b: &[u8], ck: &mut Checksum| -> Result<(), UkiError> {
+        ck.feed(b);
+        out.write_all(b).map_err(io)
+    };
+    put(out, &image, &mut ck)?;
+    let mut at = image.len() as u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let zeros = |n: u64, out: &mut W, ck: &mut Checksum| -> Result<(), UkiError> {
+        let z = [0u8; 4096];
+        let mut left = n;
+        while left > 0 {
+            let k = usize::try_from(left).map_or(z.len(), |l| l.min(z.len()));
+            ck.feed(&z[..k]);
+            out.write_all(&z[..k]).map_err(UkiError::Io)?;
+            left -= k as u64;
+        }
+        Ok(())
+    };
+    for ((_, mut sec), ptr) in ordered.into_iter().zip(placed) {
+        if sec.len == 0 {
+            continue;
+        }
+        zeros(ptr - at, out, &mut ck)?;
+        at = ptr;
+        let mut left = sec.len;
+        while left > 0 {
+            let k = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+            sec.data
+                .read_exact(&mut buf[..k])
+                .map_err(|e| UkiError::Section(sec.name.to_owned(), e))?;
+            put(out, &buf[..k], &mut ck)?;
+            left -= k as u64;
+        }
+        at += sec.len;
+    }
+    zeros(u64::from(out_len) - at, out, &mut ck)?;
+    let sum = ck.finish();
+    out.seek(std::io::SeekFrom::Start(ck_at as u64))
+        .map_err(io)?;
+    out.write_all(&sum.to_le_bytes()).map_err(io)?;
+    out.seek(std::io::SeekFrom::End(0)).map_err(io)?;
+    Ok(())
 }
 
 /// Test helpers shared with other modules' boot tests.
@@ -588,21 +684,53 @@ mod tests {
         ));
     }
 
+    /// The checksum the streamed writer stores is the whole file's, as a
+    /// plain sum over the finished bytes computes it (odd-length sections
+    /// included).
+    #[test]
+    fn stored_checksum_is_the_files() {
+        let stub = tiny_pe(MACHINE_AMD64, PE32PLUS_MAGIC, 0x400);
+        let uki = build_uki(
+            &stub,
+            &[
+                (".osrel", b"ID=x\n"),
+                (".initrd", &[7u8; 1001]),
+                (".linux", b"abc"),
+            ],
+        )
+        .unwrap();
+        let pe = parse(&uki).unwrap();
+        let at = pe.opt + OPT_CHECKSUM;
+        let stored = rd32(&uki, at, "").unwrap();
+        let mut sum = 0u64;
+        for (i, w) in uki.chunks(2).enumerate() {
+            if i * 2 == at || i * 2 == at + 2 {
+                continue;
+            }
+            sum += u64::from(u16::from_le_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(u64::from(stored), sum + uki.len() as u64);
+    }
+
     #[test]
     fn malformed_stubs_are_errors() {
-        assert_eq!(build_uki(&[], &[]), Err(UkiError::Truncated("DOS header")));
+        assert!(matches!(
+            build_uki(&[], &[]),
+            Err(UkiError::Truncated("DOS header"))
+        ));
         assert!(matches!(
             build_uki(&[0u8; 0x100], &[]),
             Err(UkiError::NotPe(_))
         ));
-        assert_eq!(
+        assert!(matches!(
             build_uki(&tiny_pe(0x14c, PE32PLUS_MAGIC, 0x400), &[]),
             Err(UkiError::NotX86_64(0x14c))
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             build_uki(&tiny_pe(MACHINE_AMD64, 0x10b, 0x400), &[]),
             Err(UkiError::NotPe32Plus(0x10b))
-        );
+        ));
         let good = tiny_pe(MACHINE_AMD64, PE32PLUS_MAGIC, 0x400);
         assert!(matches!(
             build_uki(&good, &[("toolongname", b"")]),
@@ -635,7 +763,15 @@ mod tests {
         let pe = parse(&stub).unwrap();
         let stored = rd32(&stub, pe.opt + OPT_CHECKSUM, "").unwrap();
         if stored != 0 {
-            assert_eq!(pe_checksum(&stub, pe.opt + OPT_CHECKSUM), stored);
+            let at = pe.opt + OPT_CHECKSUM;
+            let mut zeroed = stub.clone();
+            zeroed[at..at + 4].fill(0);
+            // Fed in pieces of odd length, as sections may come.
+            let mut c = Checksum::default();
+            for piece in zeroed.chunks(4097) {
+                c.feed(piece);
+            }
+            assert_eq!(c.finish(), stored);
         }
     }
 
