@@ -1153,7 +1153,9 @@ impl Supervisor {
             };
             let name = unit.name().to_string();
             let now = Instant::now();
-            // Written before it ended, so all there.
+            // Written before it ended, so all there: its last lines come
+            // before the line saying it exited.
+            drain_streams(unit);
             unit.finish_report(now);
             if let Some(reason) = unit.setup_failure.take() {
                 if let Err(e) = unit.failed_setup(reason, now) {
@@ -1248,6 +1250,25 @@ impl Units {
 }
 
 /// Reads what is available from stream `s`; false at end of stream.
+/// Reads what is already in `unit`'s output pipes, without waiting (other
+/// processes of the container may still hold them open).
+fn drain_streams(unit: &mut Unit) {
+    for s in 0..unit.streams.len() {
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: unit.streams[s].fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no waiting.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if ready <= 0 || pfd.revents & libc::POLLIN == 0 || !read_stream(unit, s) {
+                break;
+            }
+        }
+    }
+}
+
 fn read_stream(unit: &mut Unit, s: usize) -> bool {
     let mut buf = [0u8; 4096];
     match sys::read(unit.streams[s].fd.as_fd(), &mut buf) {
