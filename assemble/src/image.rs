@@ -562,21 +562,9 @@ fn write_outputs(
                     let len = initrd.metadata().map_err(write_err(&tmp))?.len();
                     let (stub, osrel, uname) = &fs.uki_parts;
                     let sections = vec![
-                        uki::UkiSection {
-                            name: ".osrel",
-                            len: osrel.len() as u64,
-                            data: Box::new(osrel.as_bytes()),
-                        },
-                        uki::UkiSection {
-                            name: ".cmdline",
-                            len: fs.cmdline.len() as u64,
-                            data: Box::new(fs.cmdline.as_bytes()),
-                        },
-                        uki::UkiSection {
-                            name: ".uname",
-                            len: uname.len() as u64,
-                            data: Box::new(uname.as_bytes()),
-                        },
+                        uki::UkiSection::bytes(".osrel", osrel.as_bytes()),
+                        uki::UkiSection::bytes(".cmdline", fs.cmdline.as_bytes()),
+                        uki::UkiSection::bytes(".uname", uname.as_bytes()),
                         uki::UkiSection {
                             name: ".initrd",
                             len,
@@ -585,11 +573,7 @@ fn write_outputs(
                                 len,
                             ))),
                         },
-                        uki::UkiSection {
-                            name: ".linux",
-                            len: fs.kernel_image.len() as u64,
-                            data: Box::new(&fs.kernel_image[..]),
-                        },
+                        uki::UkiSection::bytes(".linux", &fs.kernel_image[..]),
                     ];
                     let mut p = Pending::create(&path)?;
                     uki::write_uki(stub, sections, &mut std::io::BufWriter::new(p.file()))

@@ -596,22 +596,11 @@ fn short_entry(name: &[u8; 11], attr: u8, cluster: u32, size: u32, stamp: (u16, 
 }
 
 /// DOS (date, time) for Unix seconds, clamped to 1980..=2107 (UTC).
-// `days` < i64::MAX (u64::MAX / 86400); the year is clamped to 1980..=2107
-// before packing, and month, day, hours, minutes, seconds are small.
+// The year is clamped to 1980..=2107 before packing, and month, day,
+// hours, minutes, seconds are small.
 #[allow(clippy::cast_possible_truncation)]
 fn dos_time(secs: u64) -> (u16, u16) {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Days to civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
+    let (y, m, d, h, mi, s) = crate::civil(secs);
     if y < 1980 {
         return ((1 << 5) | 1, 0);
     }
@@ -619,8 +608,7 @@ fn dos_time(secs: u64) -> (u16, u16) {
         return ((127 << 9) | (12 << 5) | 31, (23 << 11) | (59 << 5) | 29);
     }
     let date = (((y - 1980) as u16) << 9) | ((m as u16) << 5) | d as u16;
-    let time =
-        (((rem / 3600) as u16) << 11) | ((((rem / 60) % 60) as u16) << 5) | ((rem % 60) / 2) as u16;
+    let time = ((h as u16) << 11) | ((mi as u16) << 5) | (s / 2) as u16;
     (date, time)
 }
 

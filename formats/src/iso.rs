@@ -6,6 +6,7 @@
 //! catalog, then the ESP and the files streamed from readers, then the
 //! backup GPT.
 
+use crate::civil;
 use crate::gpt::{self, Guid, PartitionEntry, ESP_TYPE};
 use std::io::{self, Read, Write};
 
@@ -78,32 +79,6 @@ fn both32(b: &mut [u8], at: usize, v: u32) {
 
 fn u32_of(v: u64) -> Result<u32, IsoError> {
     u32::try_from(v).map_err(|_| IsoError::Length("image larger than ISO 9660 allows".into()))
-}
-
-/// Civil date and time (UTC) of `secs` since 1970.
-fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = i64::try_from(secs / 86400).unwrap_or(0);
-    let rem = secs % 86400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let small = |v: i64| u32::try_from(v).unwrap_or(0);
-    let part = |v: u64| u32::try_from(v).unwrap_or(0);
-    (
-        y,
-        small(m),
-        small(d),
-        part(rem / 3600),
-        part(rem / 60 % 60),
-        part(rem % 60),
-    )
 }
 
 /// The 7-byte date of a directory record.

@@ -217,11 +217,7 @@ fn parse(b: &[u8]) -> Result<Pe, UkiError> {
 pub fn build_uki(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, UkiError> {
     let streams: Vec<UkiSection<'_>> = sections
         .iter()
-        .map(|(name, data)| UkiSection {
-            name,
-            len: data.len() as u64,
-            data: Box::new(*data),
-        })
+        .map(|(name, data)| UkiSection::bytes(name, data))
         .collect();
     let mut out = std::io::Cursor::new(Vec::new());
     write_uki(stub, streams, &mut out)?;
@@ -236,6 +232,17 @@ pub struct UkiSection<'a> {
     pub len: u64,
     /// The contents, read once.
     pub data: Box<dyn std::io::Read + 'a>,
+}
+
+impl<'a> UkiSection<'a> {
+    /// A section from bytes in memory.
+    pub fn bytes(name: &'a str, data: &'a [u8]) -> UkiSection<'a> {
+        UkiSection {
+            name,
+            len: data.len() as u64,
+            data: Box::new(data),
+        }
+    }
 }
 
 /// The PE image checksum, fed the file in order (the checksum field as

@@ -749,6 +749,21 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// GNU tar unpacks `tgz`'s disk.raw (sparse) to `raw`'s bytes.
+    fn assert_untars_to(tgz: &std::path::Path, raw: &std::path::Path) {
+        let x = tgz.with_extension("x");
+        std::fs::create_dir_all(&x).unwrap();
+        let st = Command::new("tar")
+            .arg("-xSzf")
+            .arg(tgz)
+            .arg("-C")
+            .arg(&x)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(std::fs::read(x.join("disk.raw")).unwrap() == std::fs::read(raw).unwrap());
+    }
+
     #[test]
     fn gce_tar_restores_the_raw_image() {
         let dir = scratch("gce");
@@ -763,17 +778,7 @@ mod tests {
             text.contains(&size.to_string()) && text.trim_end().ends_with("disk.raw"),
             "{text}"
         );
-        let x = dir.join("x");
-        std::fs::create_dir_all(&x).unwrap();
-        let st = Command::new("tar")
-            .arg("-xSzf")
-            .arg(&tgz)
-            .arg("-C")
-            .arg(&x)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        assert!(std::fs::read(x.join("disk.raw")).unwrap() == std::fs::read(&raw_path).unwrap());
+        assert_untars_to(&tgz, &raw_path);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -790,17 +795,7 @@ mod tests {
         let raw = File::open(&path).unwrap();
         let tgz = dir.join("d.tar.gz");
         write_gce_tar_gz(&raw, size, &mut File::create(&tgz).unwrap(), &ID).unwrap();
-        let x = dir.join("x");
-        std::fs::create_dir_all(&x).unwrap();
-        let st = Command::new("tar")
-            .arg("-xSzf")
-            .arg(&tgz)
-            .arg("-C")
-            .arg(&x)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        assert!(std::fs::read(x.join("disk.raw")).unwrap() == std::fs::read(&path).unwrap());
+        assert_untars_to(&tgz, &path);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
