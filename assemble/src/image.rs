@@ -489,15 +489,6 @@ fn write_outputs(
     let mut pending = Vec::new();
     let mut images = Vec::new();
     let formats = &recipe.output.formats.value;
-    let write_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source: std::io::Error| {
-            BuildError::Output(OutputError::Write {
-                path: path.clone(),
-                source,
-            })
-        }
-    };
     // The raw disk first: every other disk format encodes it. Written
     // where it is wanted, else to a temp file that goes when this returns.
     let mut raw = None;
@@ -516,122 +507,31 @@ fn write_outputs(
         let source = p.file().try_clone().map_err(write_err(&raw_path))?;
         raw = Some((p, source));
     }
-    let size = fs.layout.size;
-    let id = vdisk::Identity {
-        id: fs.layout.disk_guid.0,
-        time: plan.source_date_epoch,
-    };
     for format in formats {
         let path = out_dir.join(format.file_name(recipe.name()));
-        if let (Format::Iso, Some((volume_id, esp))) = (format, &fs.iso) {
-            let mut p = Pending::create(&path)?;
-            let spec = iso::IsoSpec {
-                volume_id: volume_id.clone(),
-                time: plan.source_date_epoch,
-                disk_guid: Guid::derive(DISK_NAMESPACE, volume_id.as_bytes()),
-                esp_guid: Guid::derive(ESP_NAMESPACE, volume_id.as_bytes()),
-                esp: Box::new(fat::FatImage::reader(esp)),
-                esp_len: esp.size(),
-                files: vec![iso::IsoFile {
-                    path: initcfg::ISO_ROOT.into(),
-                    len: fs.root_len,
-                    data: Box::new(root_reader(fs)?),
-                }],
-            };
-            iso::write_iso(spec, &mut std::io::BufWriter::new(p.file()))
-                .map_err(|e| write_err(&path)(std::io::Error::other(e)))?;
-            images.push(path);
-            pending.push(p);
-            continue;
-        }
-        if format.diskless() {
-            let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
-            let tree = fs
-                .diskless
-                .as_ref()
-                .ok_or_else(|| write_err(&path)(std::io::Error::other("no diskless initramfs")))?;
-            match format {
-                Format::Uki => {
-                    // Streamed: the initramfs (the root inside) goes to a
-                    // temp file, then from there into the UKI.
-                    let tmp = out_dir.join(format!("{}.uki-initrd", recipe.name()));
-                    let mut t = Pending::create(&tmp)?;
-                    cpio::write_newc(tree, std::io::BufWriter::new(t.file()))
-                        .map_err(|e| write_err(&tmp)(std::io::Error::other(e)))?;
-                    let initrd = t.file().try_clone().map_err(write_err(&tmp))?;
-                    let len = initrd.metadata().map_err(write_err(&tmp))?.len();
-                    let (stub, osrel, uname) = &fs.uki_parts;
-                    let sections = vec![
-                        uki::UkiSection::bytes(".osrel", osrel.as_bytes()),
-                        uki::UkiSection::bytes(".cmdline", fs.cmdline.as_bytes()),
-                        uki::UkiSection::bytes(".uname", uname.as_bytes()),
-                        uki::UkiSection {
-                            name: ".initrd",
-                            len,
-                            data: Box::new(std::io::BufReader::new(std::io::Read::take(
-                                ReadAtStart(initrd, 0),
-                                len,
-                            ))),
-                        },
-                        uki::UkiSection::bytes(".linux", &fs.kernel_image[..]),
-                    ];
-                    let mut p = Pending::create(&path)?;
-                    uki::write_uki(stub, sections, &mut std::io::BufWriter::new(p.file()))
-                        .map_err(|e| write_err(&path)(std::io::Error::other(e)))?;
-                    images.push(path.clone());
-                    pending.push(p);
-                }
-                _ => {
-                    files.push((path.clone(), fs.kernel_image.to_vec()));
-                    let cmdline = format!("{}\n", fs.cmdline);
-                    let name = recipe.name();
-                    files.push((
-                        out_dir.join(format!("{name}-cmdline")),
-                        cmdline.into_bytes(),
-                    ));
-                    // Streamed: the root goes from its temp file to here.
-                    let initrd = out_dir.join(format!("{name}-initrd.img"));
-                    let mut p = Pending::create(&initrd)?;
-                    cpio::write_newc(tree, std::io::BufWriter::new(p.file()))
-                        .map_err(|e| write_err(&initrd)(std::io::Error::other(e)))?;
-                    images.push(initrd);
-                    pending.push(p);
-                }
-            }
-            for (path, bytes) in files {
-                let mut p = Pending::create(&path)?;
-                p.file().write_all(&bytes).map_err(write_err(&path))?;
+        let written = match format {
+            Format::Raw => {
                 images.push(path);
-                pending.push(p);
+                continue;
             }
-            continue;
-        }
-        let Some((_, source)) = &raw else { continue };
-        if *format == Format::Raw {
+            Format::Iso => vec![(path.clone(), iso_output(fs, plan, &path)?)],
+            Format::Uki => vec![(path.clone(), uki_output(recipe, fs, out_dir, &path)?)],
+            Format::KernelInitrd => kernel_initrd_outputs(recipe, fs, out_dir, &path)?,
+            _ => {
+                let Some((_, source)) = &raw else { continue };
+                vec![(
+                    path.clone(),
+                    disk_output(recipe, plan, fs, *format, source, &path)?,
+                )]
+            }
+        };
+        for (path, p) in written {
             images.push(path);
-            continue;
-        }
-        let mut p = Pending::create(&path)?;
-        let out = p.file();
-        match format {
-            Format::Raw | Format::KernelInitrd | Format::Uki | Format::Iso => Ok(()),
-            Format::Qcow2 => vdisk::write_qcow2(source, size, out, recipe.output.qcow2_compress),
-            Format::Vhd => vdisk::write_vhd_fixed(source, size, out, &id),
-            Format::VhdDynamic => vdisk::write_vhd_dynamic(source, size, out, &id),
-            Format::Vmdk => {
-                let file = format.file_name(recipe.name());
-                vdisk::write_vmdk_stream(source, size, out, &id, &file)
-            }
-            Format::Gce => vdisk::write_gce_tar_gz(source, size, out, &id),
-        }
-        .map_err(write_err(&path))?;
-        images.push(path);
-        pending.push(p);
-    }
-    if formats.contains(&Format::Raw) {
-        if let Some((p, _)) = raw {
             pending.push(p);
         }
+    }
+    if let (true, Some((p, _))) = (formats.contains(&Format::Raw), raw) {
+        pending.push(p);
     }
     let plan_path = out_dir.join(format!("{}.plan.json", recipe.name()));
     let mut p = Pending::create(&plan_path)?;
@@ -661,6 +561,143 @@ fn write_outputs(
         root_size: fs.root_len,
         esp_size: fs.esp.size(),
     })
+}
+
+/// An error writing output `path`.
+fn write_err(path: &Path) -> impl Fn(std::io::Error) -> BuildError {
+    let path = path.to_path_buf();
+    move |source| {
+        BuildError::Output(OutputError::Write {
+            path: path.clone(),
+            source,
+        })
+    }
+}
+
+/// A disk format encoding the raw disk `source`.
+fn disk_output(
+    recipe: &Recipe,
+    plan: &Plan,
+    fs: &Filesystems,
+    format: Format,
+    source: &std::fs::File,
+    path: &Path,
+) -> Result<Pending, BuildError> {
+    let size = fs.layout.size;
+    let id = vdisk::Identity {
+        id: fs.layout.disk_guid.0,
+        time: plan.source_date_epoch,
+    };
+    let mut p = Pending::create(path)?;
+    let out = p.file();
+    match format {
+        Format::Qcow2 => vdisk::write_qcow2(source, size, out, recipe.output.qcow2_compress),
+        Format::Vhd => vdisk::write_vhd_fixed(source, size, out, &id),
+        Format::VhdDynamic => vdisk::write_vhd_dynamic(source, size, out, &id),
+        Format::Vmdk => {
+            vdisk::write_vmdk_stream(source, size, out, &id, &format.file_name(recipe.name()))
+        }
+        Format::Gce => vdisk::write_gce_tar_gz(source, size, out, &id),
+        Format::Raw | Format::KernelInitrd | Format::Uki | Format::Iso => Ok(()),
+    }
+    .map_err(write_err(path))?;
+    Ok(p)
+}
+
+/// The hybrid ISO: its ESP and the root file.
+fn iso_output(fs: &Filesystems, plan: &Plan, path: &Path) -> Result<Pending, BuildError> {
+    let Some((volume_id, esp)) = &fs.iso else {
+        return Err(write_err(path)(std::io::Error::other(
+            "no ISO ESP was made",
+        )));
+    };
+    let mut p = Pending::create(path)?;
+    let spec = iso::IsoSpec {
+        volume_id: volume_id.clone(),
+        time: plan.source_date_epoch,
+        disk_guid: Guid::derive(DISK_NAMESPACE, volume_id.as_bytes()),
+        esp_guid: Guid::derive(ESP_NAMESPACE, volume_id.as_bytes()),
+        esp: Box::new(fat::FatImage::reader(esp)),
+        esp_len: esp.size(),
+        files: vec![iso::IsoFile {
+            path: initcfg::ISO_ROOT.into(),
+            len: fs.root_len,
+            data: Box::new(root_reader(fs)?),
+        }],
+    };
+    iso::write_iso(spec, &mut std::io::BufWriter::new(p.file()))
+        .map_err(|e| write_err(path)(std::io::Error::other(e)))?;
+    Ok(p)
+}
+
+/// The initramfs holding the root (the diskless forms').
+fn diskless_tree<'a>(fs: &'a Filesystems, path: &Path) -> Result<&'a Tree, BuildError> {
+    fs.diskless
+        .as_ref()
+        .ok_or_else(|| write_err(path)(std::io::Error::other("no diskless initramfs was made")))
+}
+
+/// The UKI alone, streamed: the initramfs (the root inside) goes to a
+/// temp file, then from there into the UKI.
+fn uki_output(
+    recipe: &Recipe,
+    fs: &Filesystems,
+    out_dir: &Path,
+    path: &Path,
+) -> Result<Pending, BuildError> {
+    let tree = diskless_tree(fs, path)?;
+    let tmp = out_dir.join(format!("{}.uki-initrd", recipe.name()));
+    let mut t = Pending::create(&tmp)?;
+    cpio::write_newc(tree, std::io::BufWriter::new(t.file()))
+        .map_err(|e| write_err(&tmp)(std::io::Error::other(e)))?;
+    let initrd = t.file().try_clone().map_err(write_err(&tmp))?;
+    let len = initrd.metadata().map_err(write_err(&tmp))?.len();
+    let (stub, osrel, uname) = &fs.uki_parts;
+    let sections = vec![
+        uki::UkiSection::bytes(".osrel", osrel.as_bytes()),
+        uki::UkiSection::bytes(".cmdline", fs.cmdline.as_bytes()),
+        uki::UkiSection::bytes(".uname", uname.as_bytes()),
+        uki::UkiSection {
+            name: ".initrd",
+            len,
+            data: Box::new(std::io::BufReader::new(ReadAtStart(initrd, 0))),
+        },
+        uki::UkiSection::bytes(".linux", &fs.kernel_image[..]),
+    ];
+    let mut p = Pending::create(path)?;
+    uki::write_uki(stub, sections, &mut std::io::BufWriter::new(p.file()))
+        .map_err(|e| write_err(path)(std::io::Error::other(e)))?;
+    Ok(p)
+}
+
+/// NAME-kernel, NAME-initrd.img (the root streamed in from its temp
+/// file) and NAME-cmdline.
+fn kernel_initrd_outputs(
+    recipe: &Recipe,
+    fs: &Filesystems,
+    out_dir: &Path,
+    path: &Path,
+) -> Result<Vec<(PathBuf, Pending)>, BuildError> {
+    let tree = diskless_tree(fs, path)?;
+    let name = recipe.name();
+    let mut out = Vec::new();
+    for (file, bytes) in [
+        (path.to_path_buf(), &fs.kernel_image[..]),
+        (
+            out_dir.join(format!("{name}-cmdline")),
+            format!("{}\n", fs.cmdline).as_bytes(),
+        ),
+    ] {
+        let mut p = Pending::create(&file)?;
+        p.file().write_all(bytes).map_err(write_err(&file))?;
+        out.push((file, p));
+    }
+    let initrd = out_dir.join(format!("{name}-initrd.img"));
+    let mut p = Pending::create(&initrd)?;
+    cpio::write_newc(tree, std::io::BufWriter::new(p.file()))
+        .map_err(|e| write_err(&initrd)(std::io::Error::other(e)))?;
+    out.push((initrd, p));
+    Ok(out)
 }
 
 /// Reads a file from an offset with `pread`, whatever its fd's position.
