@@ -18,7 +18,8 @@
 #       128 KiB, as kiln) on the unpacked tree; unpacking the .debs (kiln's
 #       share of its first build against dpkg-deb -x) and the whole first
 #       build as their own rows; a rebuild with nothing changed; adding one
-#       small package; root_compression zstd:3; peak RSS at two tree sizes.
+#       small package; root_compression zstd:3; peak RSS at two tree sizes;
+#       the 112-package image in every output format.
 #
 # KILN_BENCH_MB and KILN_BENCH_RUNS tune the encoder bench (see
 # formats/benches/formats.rs). Needs the packages of scripts/install-deps.sh
