@@ -79,6 +79,17 @@ fn nonzero_blocks(
     Ok(())
 }
 
+/// Writes `data` at `at`, leaving its all-zero 64 KiB pieces unwritten:
+/// holes in a new file, so it stays sparse.
+fn write_sparse(out: &File, data: &[u8], at: u64) -> io::Result<()> {
+    for (i, piece) in data.chunks(64 << 10).enumerate() {
+        if piece.iter().any(|&b| b != 0) {
+            out.write_all_at(piece, at + (i as u64) * (64 << 10))?;
+        }
+    }
+    Ok(())
+}
+
 fn be16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
@@ -348,8 +359,8 @@ pub fn write_vhd_fixed(raw: &File, size: u64, out: &mut File, id: &Identity) -> 
             "a fixed VHD's size must be a whole number of MiB",
         ));
     }
-    nonzero_blocks(raw, size, 1 << 20, &mut |b, data| {
-        out.write_all_at(data, b << 20)
+    nonzero_blocks(raw, size, 64 << 10, &mut |b, data| {
+        out.write_all_at(data, b << 16)
     })?;
     out.write_all_at(&vhd_footer(size, VHD_FIXED, u64::MAX, id), size)?;
     out.set_len(size + 512)?;
@@ -376,7 +387,7 @@ pub fn write_vhd_dynamic(raw: &File, size: u64, out: &mut File, id: &Identity) -
             sector,
         );
         out.write_all_at(&bitmap, next)?;
-        out.write_all_at(data, next + 512)?;
+        write_sparse(out, data, next + 512)?;
         next += 512 + VHD_BLOCK;
         Ok(())
     })?;
