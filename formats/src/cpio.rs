@@ -8,7 +8,7 @@
 //! by the `TRAILER!!!` entry.
 
 use std::ffi::OsStr;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -69,7 +69,7 @@ pub fn write_newc<W: Write>(tree: &Tree, mut out: W) -> Result<(), CpioError> {
             rdev_major: 0,
             rdev_minor: 0,
         },
-        &[],
+        &mut &[][..],
     )?;
 
     for (path, node) in tree.walk() {
@@ -79,15 +79,18 @@ pub fn write_newc<W: Write>(tree: &Tree, mut out: W) -> Result<(), CpioError> {
         let rel = path.strip_prefix("/").unwrap_or(&path);
         let meta = node.meta();
         let perm = meta.mode & 0o7777;
-        // One file's bytes at a time (read from disk for extents).
-        let file_bytes;
-        let (mode, nlink, data, rdev): (u32, u32, &[u8], (u32, u32)) = match node {
-            Node::Dir(d) => (S_IFDIR | perm, dir_nlink(d), &[], (0, 0)),
-            Node::File { data, .. } => {
-                file_bytes = data.bytes()?;
-                (S_IFREG | perm, 1, &file_bytes[..], (0, 0))
+        // File bodies stream from where they are (extents are read as
+        // they are copied): an initramfs holding a whole root stays out of
+        // memory.
+        let mut reader;
+        let mut bytes: &[u8] = &[];
+        let (mode, nlink, len, rdev): (u32, u32, u64, (u32, u32)) = match node {
+            Node::Dir(d) => (S_IFDIR | perm, dir_nlink(d), 0, (0, 0)),
+            Node::File { data, .. } => (S_IFREG | perm, 1, data.len(), (0, 0)),
+            Node::Symlink { target, .. } => {
+                bytes = target.as_bytes();
+                (S_IFLNK | perm, 1, bytes.len() as u64, (0, 0))
             }
-            Node::Symlink { target, .. } => (S_IFLNK | perm, 1, target.as_bytes(), (0, 0)),
             Node::Device {
                 kind, major, minor, ..
             } => {
@@ -95,13 +98,19 @@ pub fn write_newc<W: Write>(tree: &Tree, mut out: W) -> Result<(), CpioError> {
                     DeviceKind::Char => S_IFCHR,
                     DeviceKind::Block => S_IFBLK,
                 };
-                (ty | perm, 1, &[], (*major, *minor))
+                (ty | perm, 1, 0, (*major, *minor))
             }
-            Node::Fifo { .. } => (S_IFIFO | perm, 1, &[], (0, 0)),
-            Node::Socket { .. } => (S_IFSOCK | perm, 1, &[], (0, 0)),
+            Node::Fifo { .. } => (S_IFIFO | perm, 1, 0, (0, 0)),
+            Node::Socket { .. } => (S_IFSOCK | perm, 1, 0, (0, 0)),
         };
-        let size = u32::try_from(data.len())
-            .map_err(|_| CpioError::TooLarge(path.clone(), data.len() as u64))?;
+        let size = u32::try_from(len).map_err(|_| CpioError::TooLarge(path.clone(), len))?;
+        let data: &mut dyn Read = match node {
+            Node::File { data, .. } => {
+                reader = data.reader();
+                &mut reader
+            }
+            _ => &mut bytes,
+        };
         write_entry(
             &mut out,
             rel,
@@ -131,7 +140,7 @@ pub fn write_newc<W: Write>(tree: &Tree, mut out: W) -> Result<(), CpioError> {
             rdev_major: 0,
             rdev_minor: 0,
         },
-        &[],
+        &mut &[][..],
     )?;
     out.flush()?;
     Ok(())
@@ -155,7 +164,7 @@ fn write_entry<W: Write>(
     out: &mut W,
     name: &Path,
     h: &Header<'_>,
-    data: &[u8],
+    data: &mut dyn Read,
 ) -> Result<(), CpioError> {
     let name_bytes = OsStr::as_bytes(name.as_os_str());
     if name_bytes.contains(&0) {
@@ -187,8 +196,11 @@ fn write_entry<W: Write>(
     out.write_all(&[0])?;
     // Header (110 bytes) plus name is padded to a multiple of 4.
     out.write_all(&[0; 3][..pad4(header.len() + name_bytes.len() + 1)])?;
-    out.write_all(data)?;
-    out.write_all(&[0; 3][..pad4(data.len())])?;
+    let copied = std::io::copy(&mut data.take(u64::from(h.size)), out)?;
+    if copied != u64::from(h.size) {
+        return Err(CpioError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    out.write_all(&[0; 3][..pad4(h.size as usize)])?;
     Ok(())
 }
 
