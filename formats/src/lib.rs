@@ -17,6 +17,7 @@ pub mod tree;
 pub mod uki;
 #[cfg(feature = "vdisk")]
 pub mod vdisk;
+pub mod verity;
 
 /// Civil date and time (UTC) of `secs` since 1970: (year, month, day,
 /// hour, minute, second), by Howard Hinnant's days-to-civil.
