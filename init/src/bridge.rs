@@ -83,7 +83,7 @@ impl Plan {
                 .map_err(|e| io::Error::new(e.kind(), format!("setting {knob}: {e}")))?;
         }
         let subnet = Cidr {
-            addr: Ipv4Addr::from(u32::from(self.host.addr) - 1),
+            addr: self.host.network(),
             prefix: self.host.prefix,
         };
         nftables::apply(BRIDGE, subnet, &self.forwards)
@@ -123,12 +123,7 @@ pub fn configure_inside(address: (Ipv4Addr, u8)) -> io::Result<()> {
     let cidr = Cidr { addr, prefix };
     nl.add_address(eth0.index, cidr, None)?;
     nl.set_up(eth0.index, None)?;
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    };
-    let gateway = Ipv4Addr::from((u32::from(addr) & mask) + 1);
+    let gateway = Ipv4Addr::from(u32::from(cidr.network()) + 1);
     nl.add_default_route(eth0.index, cidr, gateway, netlink::RTPROT_STATIC)
 }
 

@@ -76,12 +76,17 @@ pub struct Cidr {
 
 impl Cidr {
     /// The netmask's bits.
-    fn mask(self) -> u32 {
+    pub fn mask(self) -> u32 {
         if self.prefix == 0 {
             0
         } else {
             u32::MAX << (32 - u32::from(self.prefix.min(32)))
         }
+    }
+
+    /// The subnet's own address (host bits zero).
+    pub fn network(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
     }
 
     /// Whether `ip` is in this address's subnet.
@@ -392,7 +397,7 @@ impl Socket {
                     return Err(e);
                 }
                 first_err.get_or_insert(e);
-                // A failed batch is answered for the failing message only.
+                // The batch is refused whole: later answers add nothing.
                 break;
             }
         }

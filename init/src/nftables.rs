@@ -200,11 +200,7 @@ fn ifname(name: &str) -> [u8; 16] {
 
 /// `ip saddr CIDR`.
 fn source_in(net: Cidr) -> Vec<Expr> {
-    let mask = if net.prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(net.prefix.min(32)))
-    };
+    let mask = net.mask();
     vec![
         payload(1, 12, 4),
         and(&mask.to_be_bytes()),
