@@ -48,7 +48,10 @@ if [ "$what" = all ] || [ "$what" = boot ]; then
   for s in linux initrd cmdline; do objcopy -O binary --only-section=".$s" "$b/uki.efi" "$b/$s"; done
   mkdir "$b/bb"
   (cd "$b/bb" && cpio -idm --quiet <../initrd && rm -rf init kiln && mkdir -p bin && cp /bin/busybox bin/)
-  mods=$(cd "$b/bb" && for m in squashfs evdev button virtio_blk; do find lib/modules -name "$m.ko*"; done | tr '\n' ' ')
+  # kiln-init's root modules, in its order; busybox has no dmsetup, so it
+  # mounts the partition without dm-verity (kiln's table setup and hash
+  # checks are extra work on its side).
+  mods=$(cd "$b/bb" && for m in squashfs evdev dm-mod dm-bufio reed_solomon dm-verity button virtio_blk; do find lib/modules -name "$m.ko*"; done | tr '\n' ' ')
   {
     echo '#!/bin/busybox sh'
     echo '/bin/busybox mount -t proc proc /proc'

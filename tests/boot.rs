@@ -70,6 +70,44 @@ fn hello_builds_validates_and_boots() {
         assert!(ls.stdout.contains(p), "root lacks {p}:\n{}", ls.stdout);
     }
 
+    // dm-verity: the tree after the squashfs matches the root hash the
+    // UKI's command line pins, as veritysetup reads it; one flipped byte
+    // and it does not.
+    let cmdline = out.join("cmdline");
+    let c = k::run(
+        Command::new("objcopy")
+            .args(["-O", "binary", "--only-section=.cmdline"])
+            .arg(&uki)
+            .arg(&cmdline),
+    );
+    assert!(c.ok, "objcopy: {}", c.stderr);
+    let cmdline = std::fs::read_to_string(&cmdline).unwrap();
+    let root_hash = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("roothash="))
+        .unwrap_or_else(|| panic!("no roothash= in {cmdline:?}"))
+        .to_string();
+    let mut bytes = std::fs::read(&root).unwrap();
+    let squashfs_len = u64::from_le_bytes(bytes[40..48].try_into().unwrap());
+    let hash_offset = squashfs_len.div_ceil(4096) * 4096;
+    let verify = |file: &std::path::Path| {
+        k::run(
+            Command::new("veritysetup")
+                .arg("verify")
+                .arg(file)
+                .arg(file)
+                .arg(&root_hash)
+                .arg(format!("--hash-offset={hash_offset}")),
+        )
+    };
+    let v = verify(&root);
+    assert!(v.ok, "veritysetup verify: {}{}", v.stdout, v.stderr);
+    let bad = out.join("root-flipped.img");
+    bytes[usize::try_from(squashfs_len / 2).unwrap()] ^= 1;
+    std::fs::write(&bad, &bytes).unwrap();
+    assert!(!verify(&bad).ok, "veritysetup accepted a flipped byte");
+    drop(bytes);
+
     // dpkg's database lists what was installed, as dpkg-query reads it.
     let db = out.join("dpkg-db");
     let _ = std::fs::remove_dir_all(&db);

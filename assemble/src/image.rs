@@ -14,7 +14,7 @@ use crate::progress::{Event, Progress, Stage, StageTimer, Task};
 use crate::recipe::{Format, Recipe, RecipeError};
 use kiln_formats::gpt::{Guid, ESP_TYPE};
 use kiln_formats::tree::{Backing, FileData, Meta, Node, Tree, TreeError};
-use kiln_formats::{cpio, disk, fat, iso, squashfs, uki, vdisk};
+use kiln_formats::{cpio, disk, fat, iso, squashfs, uki, vdisk, verity};
 use kiln_init::config::{self as initcfg, BootConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -100,6 +100,7 @@ pub struct Built {
 const ROOT_NAMESPACE: &str = "kiln root partition";
 const ESP_NAMESPACE: &str = "kiln esp partition";
 const DISK_NAMESPACE: &str = "kiln disk";
+const VERITY_NAMESPACE: &str = "kiln verity";
 
 /// Runs the stages after the plan: fetch, trees, encode, write. `out_dir`
 /// must have passed [`output::prepare_dir`].
@@ -149,8 +150,11 @@ pub struct Filesystems {
     /// The encoded root filesystem, in a temp file beside the outputs
     /// (removed when this is dropped): it can be as large as the image.
     pub root: Pending,
-    /// Its size in bytes.
+    /// The squashfs's size in bytes.
     pub root_len: u64,
+    /// What a root partition (or the ISO's root file) holds: the squashfs
+    /// then, if verified, its dm-verity tree; bytes.
+    pub root_image_len: u64,
     /// The EFI system partition (FAT32), planned: read it with
     /// [`fat::FatImage::reader`].
     pub esp: fat::FatImage,
@@ -171,22 +175,28 @@ pub struct Filesystems {
 }
 
 /// The initramfs: the init, its boot config (`root` says where the root
-/// is), the modules (`extra` loaded at every boot, `on_demand` shipped),
+/// is, `verity` how it is verified), the modules (`extra` loaded at every boot, `on_demand` shipped),
 /// and the root filesystem itself when given.
 fn initramfs_tree(
     kernel: &Kernel,
     init: &[u8],
     root: initcfg::RootSource,
+    verity: Option<&initcfg::RootVerity>,
     extra: &[&str],
     on_demand: &[&str],
     root_file: Option<FileData>,
 ) -> Result<Tree, BuildError> {
-    let (modules, index) = kernel.initramfs_modules(extra, on_demand)?;
+    let mut extra = extra.to_vec();
+    if verity.is_some() {
+        extra.extend(initcfg::VERITY_MODULES);
+    }
+    let (modules, index) = kernel.initramfs_modules(&extra, on_demand)?;
     let boot = BootConfig {
         root,
         root_fstype: "squashfs".into(),
         kernel_release: kernel.release.clone(),
         modules: index,
+        verity: verity.cloned(),
     };
     let mut initrd_tree = Tree::new();
     for dir in initcfg::INITRAMFS_DIRS {
@@ -304,6 +314,21 @@ pub fn encode(
             source,
         })?;
     let root_guid = Guid::derive(ROOT_NAMESPACE, &root_digest.0);
+    let formats = &recipe.output.formats.value;
+    let device_root = formats.iter().any(|f| f.is_disk() || *f == Format::Iso);
+    let (verity, root_image_len) = if recipe.disk.verity && device_root {
+        step("dm-verity hash tree");
+        let (v, len) =
+            append_hash_tree(&mut root, root_len, &root_digest, recipe.disk.verity_error).map_err(
+                |source| OutputError::Write {
+                    path: root_path.clone(),
+                    source,
+                },
+            )?;
+        (Some(v), len)
+    } else {
+        (None, root_len)
+    };
 
     // Initramfs: the init, its boot config and the kernel modules.
     step("initramfs");
@@ -321,6 +346,7 @@ pub fn encode(
         kernel,
         init,
         initcfg::RootSource::Partition(root_guid_text),
+        verity.as_ref().map(|(v, _)| v),
         &[],
         on_demand,
         None,
@@ -329,7 +355,6 @@ pub fn encode(
     cpio::write_newc(&disk_initrd, &mut initrd)
         .map_err(|e| encode_err("initramfs")(Box::new(e)))?;
     // The forms without a disk carry the root in their initramfs.
-    let formats = &recipe.output.formats.value;
     let diskless = if formats.iter().any(|f| f.diskless()) {
         let file = root
             .file()
@@ -343,6 +368,7 @@ pub fn encode(
             kernel,
             init,
             initcfg::RootSource::Initramfs(initcfg::INITRAMFS_ROOT.into()),
+            None,
             &initcfg::INITRAMFS_ROOT_MODULES,
             on_demand,
             Some(FileData::extent(&backing, 0, root_len)),
@@ -360,12 +386,17 @@ pub fn encode(
         recipe.name(),
     );
     let cmdline = &recipe.kernel.cmdline.value;
+    // A verified root's UKIs pin its hash.
+    let device_cmdline = match &verity {
+        Some((_, root_hash)) => format!("{cmdline} {}={root_hash}", initcfg::ROOT_HASH_KEY),
+        None => cmdline.clone(),
+    };
     let uki_with = |initrd: &[u8]| {
         uki::build_uki(
             stub,
             &[
                 (".osrel", osrel.as_bytes()),
-                (".cmdline", cmdline.as_bytes()),
+                (".cmdline", device_cmdline.as_bytes()),
                 (".uname", kernel.release.as_bytes()),
                 (".initrd", initrd),
                 (".linux", &kernel.image),
@@ -387,6 +418,7 @@ pub fn encode(
                 volume_id: volume_id.clone(),
                 path: initcfg::ISO_ROOT.into(),
             },
+            verity.as_ref().map(|(v, _)| v),
             &initcfg::INITRAMFS_ROOT_MODULES,
             on_demand,
             None,
@@ -448,7 +480,7 @@ pub fn encode(
                 name: "root-a".into(),
                 type_guid: TARGET.root_type,
                 guid: root_guid,
-                size: round_up(root_len, 1 << 20),
+                size: round_up(root_image_len, 1 << 20),
                 attributes: 0,
             },
         ],
@@ -459,7 +491,7 @@ pub fn encode(
                 &recipe.disk.size.loc,
                 format!(
                     "{e}: the root filesystem is {} MiB and the ESP {} MiB; raise disk.size",
-                    root_len.div_ceil(1 << 20),
+                    root_image_len.div_ceil(1 << 20),
                     esp.size() >> 20
                 ),
             )
@@ -468,6 +500,7 @@ pub fn encode(
     Ok(Filesystems {
         root,
         root_len,
+        root_image_len,
         esp,
         layout,
         kernel_image: kernel.image.clone(),
@@ -621,7 +654,7 @@ fn iso_output(fs: &Filesystems, plan: &Plan, path: &Path) -> Result<Pending, Bui
         esp_len: esp.size(),
         files: vec![iso::IsoFile {
             path: initcfg::ISO_ROOT.into(),
-            len: fs.root_len,
+            len: fs.root_image_len,
             data: Box::new(root_reader(fs)?),
         }],
     };
@@ -719,6 +752,43 @@ fn root_reader(fs: &Filesystems) -> Result<std::fs::File, BuildError> {
             source,
         })
     })
+}
+
+/// Pads the root squashfs (`len` bytes) to whole 4 KiB blocks and
+/// appends its dm-verity tree, salted from the root's digest: what the
+/// init needs to verify it, its root hash (hex) and the new length.
+fn append_hash_tree(
+    root: &mut Pending,
+    len: u64,
+    digest: &Digest,
+    on_error: initcfg::VerityError,
+) -> std::io::Result<((initcfg::RootVerity, String), u64)> {
+    use sha2::Digest as _;
+    use std::io::Seek;
+    let data_len = round_up(len, verity::BLOCK).max(2 * verity::BLOCK);
+    let salt: [u8; 32] = sha2::Sha256::new()
+        .chain_update(b"kiln verity salt\0")
+        .chain_update(digest.0)
+        .finalize()
+        .into();
+    let uuid = Guid::derive(VERITY_NAMESPACE, &digest.0).0;
+    let file = root.file();
+    file.set_len(data_len)?;
+    let mut data = std::io::BufReader::new(ReadAtStart(file.try_clone()?, 0));
+    file.seek(std::io::SeekFrom::Start(data_len))?;
+    let mut out = std::io::BufWriter::new(file);
+    let tree = verity::write_hash_tree(&mut data, data_len, &salt, uuid, &mut out)?;
+    out.flush()?;
+    let verity = initcfg::RootVerity {
+        data_blocks: tree.data_blocks,
+        salt: hex(&salt),
+        on_error,
+    };
+    Ok(((verity, hex(&tree.root)), data_len + tree.len))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The sha256 of a whole file, read from its start.

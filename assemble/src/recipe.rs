@@ -7,8 +7,8 @@
 //! image, a disk too small) still points into the recipe file.
 
 use kiln_init::config::{
-    Class, Net, Port, Probe, Protocol, Resources, Restart, WhenDone, DEFAULT_HEALTHY_AFTER_MS,
-    DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, STOP_SIGNALS,
+    Class, Net, Port, Probe, Protocol, Resources, Restart, VerityError, WhenDone,
+    DEFAULT_HEALTHY_AFTER_MS, DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, STOP_SIGNALS,
 };
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -321,6 +321,10 @@ pub struct HostSpec {
 pub struct DiskSpec {
     /// Bytes.
     pub size: At<u64>,
+    /// Whether the root is verified by dm-verity (`verity`, default on).
+    pub verity: bool,
+    /// What a corrupt root block does (`verity_error`).
+    pub verity_error: kiln_init::config::VerityError,
 }
 
 /// Output container formats.
@@ -889,6 +893,8 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Disk {
         pub size: Option<Spanned<String>>,
+        pub verity: Option<bool>,
+        pub verity_error: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -1776,6 +1782,20 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         },
     };
 
+    let verity_error = match &r.disk.verity_error {
+        None => VerityError::default(),
+        Some(v) => match v.get_ref().as_str() {
+            "eio" => VerityError::Eio,
+            "restart" => VerityError::Restart,
+            other => {
+                return Err(l.at(
+                    v,
+                    format!("{other:?} is not a verity_error (expected \"eio\" or \"restart\")"),
+                ))
+            }
+        },
+    };
+
     let formats = match r.output.formats {
         Some(f) => {
             if f.get_ref().is_empty() {
@@ -1842,7 +1862,11 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             healthy_after_ms,
             hostname_pinned,
         },
-        disk: DiskSpec { size },
+        disk: DiskSpec {
+            size,
+            verity: r.disk.verity.unwrap_or(true),
+            verity_error,
+        },
         output: OutputSpec {
             formats,
             root_compression,
@@ -2510,6 +2534,14 @@ size = "512M"
                 "x.tar.gz"
             ]
         );
+        assert!(r.disk.verity);
+        assert_eq!(r.disk.verity_error, VerityError::Eio);
+        let v = parse_with("[disk]\nverity = false\nverity_error = \"restart\"\n").unwrap();
+        assert!(!v.disk.verity);
+        assert_eq!(v.disk.verity_error, VerityError::Restart);
+        let e = parse_with("[disk]\nverity_error = \"panic\"\n").unwrap_err();
+        assert_eq!(e.loc.field, "disk.verity_error", "{e}");
+        assert!(e.to_string().contains("\"eio\" or \"restart\""), "{e}");
         assert!(!r.output.qcow2_compress);
         assert!(
             parse_with("[output]\nqcow2_compress = true\n")

@@ -2,9 +2,13 @@
 //! finding the root partition by GPT GUID, switch_root, then the real
 //! root's tmpfs mounts, cgroups, hostname and runtime files.
 
-use crate::sys::Sys;
+use crate::dm::OnCorruption;
+use crate::sys::{Sys, VerityRoot};
 use kiln_formats::gpt::{self, GptError, Guid};
-use kiln_init::config::{is_runtime_file, FileEntry, HostConfig, RUNTIME_FILES_DIR};
+use kiln_init::config::{
+    cmdline_root_hash, is_runtime_file, FileEntry, HostConfig, RootVerity, VerityError,
+    ROOT_HASH_KEY, RUNTIME_FILES_DIR,
+};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use thiserror::Error;
@@ -23,6 +27,14 @@ pub enum BootError {
     RootNotFound { guid: Guid, seen: String },
     #[error("switch root")]
     SwitchRoot(#[source] io::Error),
+    #[error("the kernel command line pins no root hash ({key}=, 64 hex digits): the verified root cannot be checked")]
+    NoRootHash { key: &'static str },
+    #[error("setting up dm-verity on {dev}")]
+    Verity {
+        dev: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
@@ -263,6 +275,37 @@ pub fn wait_for_partition(sys: &dyn Sys, guid: &str, timeout_ms: u64) -> Result<
     }
 }
 
+/// The device to mount the root from: `dev` itself, or for a verified
+/// root its dm-verity mapping, checked against the command line's root
+/// hash on every read.
+pub fn verify_root(
+    sys: &dyn Sys,
+    verity: Option<&RootVerity>,
+    dev: &str,
+) -> Result<String, BootError> {
+    let Some(v) = verity else {
+        return Ok(dev.to_string());
+    };
+    let cmdline = sys.read_file("/proc/cmdline").unwrap_or_default();
+    let root_hash = cmdline_root_hash(&String::from_utf8_lossy(&cmdline))
+        .ok_or(BootError::NoRootHash { key: ROOT_HASH_KEY })?;
+    let on_corruption = match v.on_error {
+        VerityError::Eio => OnCorruption::Eio,
+        VerityError::Restart => OnCorruption::Restart,
+    };
+    let root = VerityRoot {
+        data_blocks: v.data_blocks,
+        root_hash,
+        salt: v.salt.clone(),
+        on_corruption,
+    };
+    sys.open_verity("kiln-root", dev, &root)
+        .map_err(|source| BootError::Verity {
+            dev: dev.to_string(),
+            source,
+        })
+}
+
 /// Moves /proc, /sys and /dev into `new_root`, makes it `/`, chroots.
 pub fn switch_root(sys: &dyn Sys, new_root: &str) -> Result<(), BootError> {
     for m in ["/proc", "/sys", "/dev"] {
@@ -377,6 +420,37 @@ pub fn apply_host(sys: &dyn Sys, cfg: &HostConfig) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::sys::fake::FakeSys;
+
+    #[test]
+    fn a_verified_root_maps_through_dm_verity() {
+        let sys = FakeSys::default();
+        let v = RootVerity {
+            data_blocks: 10,
+            salt: "5a5a".into(),
+            on_error: VerityError::Restart,
+        };
+        assert_eq!(verify_root(&sys, None, "/dev/vda2").unwrap(), "/dev/vda2");
+        // No root hash on the command line: refused, nothing mapped.
+        sys.add("/proc/cmdline", b"console=ttyS0\n");
+        let e = verify_root(&sys, Some(&v), "/dev/vda2").unwrap_err();
+        assert!(e.to_string().contains("roothash="), "{e}");
+        assert!(sys.log().is_empty());
+        let hash = "0f".repeat(32);
+        sys.add(
+            "/proc/cmdline",
+            format!("console=ttyS0 roothash={hash}\n").as_bytes(),
+        );
+        assert_eq!(
+            verify_root(&sys, Some(&v), "/dev/vda2").unwrap(),
+            "/dev/dm-0"
+        );
+        assert_eq!(
+            sys.log(),
+            [format!(
+                "veritysetup open /dev/vda2 kiln-root 10 {hash} 5a5a Restart"
+            )]
+        );
+    }
     use kiln_formats::gpt::{PartitionEntry, LINUX_ROOT_X86_64_TYPE, SECTOR};
 
     const GUID_TEXT: &str = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";

@@ -67,7 +67,55 @@ pub struct BootConfig {
     pub kernel_release: String,
     /// Modules shipped in the initramfs.
     pub modules: ModuleIndex,
+    /// The dm-verity tree after the root's data, if the root is verified;
+    /// its root hash is the kernel command line's [`ROOT_HASH_KEY`].
+    pub verity: Option<RootVerity>,
 }
+
+/// Where a verified root's hash tree is and what corruption does. The
+/// root's device holds the data (`data_blocks` 4 KiB blocks), then the
+/// tree's superblock, then the tree, top level first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootVerity {
+    /// Data blocks covered (4 KiB each).
+    pub data_blocks: u64,
+    /// The salt, hex.
+    pub salt: String,
+    /// What reading a corrupt block does.
+    pub on_error: VerityError,
+}
+
+/// What reading a block that fails verification does (`[disk]
+/// verity_error`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerityError {
+    /// The read fails with EIO: the service sees an I/O error.
+    #[default]
+    Eio,
+    /// The machine restarts (with A/B, counting against the slot's tries).
+    Restart,
+}
+
+/// The kernel command line key pinning a verified root's hash, as
+/// systemd names it: the UKI's `.cmdline` carries it, so one UKI pins
+/// its whole root.
+pub const ROOT_HASH_KEY: &str = "roothash";
+
+/// The root hash a kernel command line pins: 64 hex digits, lowercased.
+pub fn cmdline_root_hash(cmdline: &str) -> Option<String> {
+    let key = format!("{ROOT_HASH_KEY}=");
+    let value = cmdline
+        .split_ascii_whitespace()
+        .rev()
+        .find_map(|w| w.strip_prefix(&key))?;
+    (value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| value.to_ascii_lowercase())
+}
+
+/// Modules a verified root needs (with what they depend on).
+pub const VERITY_MODULES: [&str; 1] = ["dm_verity"];
 
 /// Where the init finds the root filesystem: one choice per image form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -692,6 +740,23 @@ pub const DEFAULT_CAPABILITIES: [&str; 14] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_hash_from_the_command_line() {
+        let h = "AB".repeat(32);
+        let line = format!("console=ttyS0 roothash={h} quiet\n");
+        assert_eq!(cmdline_root_hash(&line), Some("ab".repeat(32)));
+        // The last one wins, as the kernel's own parameters do.
+        let two = format!("roothash={} roothash={h}", "cd".repeat(32));
+        assert_eq!(cmdline_root_hash(&two), Some("ab".repeat(32)));
+        assert_eq!(cmdline_root_hash("console=ttyS0"), None);
+        assert_eq!(cmdline_root_hash("roothash=abc"), None);
+        assert_eq!(
+            cmdline_root_hash(&format!("roothash={}", "zz".repeat(32))),
+            None
+        );
+        assert_eq!(cmdline_root_hash(&format!("xroothash={h}")), None);
+    }
 
     #[test]
     fn resources_as_cgroup_knobs() {

@@ -13,6 +13,7 @@ mod caps;
 mod console;
 mod container;
 mod dhcp;
+mod dm;
 mod fat;
 mod glob;
 mod iso9660;
@@ -132,8 +133,22 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Option<Deferred>,
             (early, dev)
         }
     };
-    boot::mount_fs(sys, &dev, SYSROOT, &boot.root_fstype, libc::MS_RDONLY, None)
-        .map_err(|e| console::chain(&e))?;
+    let dev = match boot::verify_root(sys, boot.verity.as_ref(), &dev) {
+        Ok(verified) if verified != dev => {
+            log(&format!("root {dev} verified through {verified}"));
+            verified
+        }
+        Ok(_) => dev,
+        Err(e) => return Err(console::chain(&e)),
+    };
+    boot::mount_fs(sys, &dev, SYSROOT, &boot.root_fstype, libc::MS_RDONLY, None).map_err(|e| {
+        let hint = if boot.verity.is_some() {
+            " (a verified root that does not match its root hash fails to read)"
+        } else {
+            ""
+        };
+        format!("{}{hint}", console::chain(&e))
+    })?;
     log(&format!("root {dev} ({}) mounted", boot.root_fstype));
     // The rest of the modules stay reachable through this descriptor.
     let initramfs = std::fs::File::open("/")

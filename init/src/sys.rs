@@ -52,6 +52,19 @@ pub trait Sys {
     /// Attaches `size` bytes of `file` from `offset` (0: to its end)
     /// read-only to a free loop device: its path, `/dev/loopN`.
     fn attach_loop(&self, file: &str, offset: u64, size: u64) -> io::Result<String>;
+    /// Maps block device `dev` (data, then hash tree) through dm-verity
+    /// as `name`: the verified device's path.
+    fn open_verity(&self, name: &str, dev: &str, v: &VerityRoot) -> io::Result<String>;
+}
+
+/// A verified root: where its tree starts, its hashes, and what
+/// corruption does (the rest of a [`crate::dm::Verity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerityRoot {
+    pub data_blocks: u64,
+    pub root_hash: String,
+    pub salt: String,
+    pub on_corruption: crate::dm::OnCorruption,
 }
 
 /// `struct loop_info64` of linux/loop.h.
@@ -148,6 +161,21 @@ pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 impl Sys for RealSys {
     fn attach_loop(&self, file: &str, offset: u64, size: u64) -> io::Result<String> {
         attach_loop_real(file, offset, size)
+    }
+
+    fn open_verity(&self, name: &str, dev: &str, v: &VerityRoot) -> io::Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(dev)?.rdev();
+        let verity = crate::dm::Verity {
+            dev: (libc::major(rdev), libc::minor(rdev)),
+            data_blocks: v.data_blocks,
+            // The tree's superblock takes the block after the data.
+            hash_start_block: v.data_blocks + 1,
+            root_hash: v.root_hash.clone(),
+            salt: v.salt.clone(),
+            on_corruption: v.on_corruption,
+        };
+        crate::dm::create_verity(name, &verity)
     }
 
     fn mount_flags(&self, path: &str) -> io::Result<libc::c_ulong> {
@@ -552,6 +580,7 @@ pub mod fake {
         PivotRoot(String, String),
         Umount(String, libc::c_int),
         AttachLoop(String),
+        Verity(String),
     }
 
     const FLAG_NAMES: [(libc::c_ulong, &str); 10] = [
@@ -612,6 +641,7 @@ pub mod fake {
                 Op::Sethostname(n) => write!(f, "sethostname {n}"),
                 Op::LoopbackUp => write!(f, "ip link set lo up"),
                 Op::AttachLoop(p) => write!(f, "losetup -r --find {p}"),
+                Op::Verity(p) => write!(f, "veritysetup open {p}"),
                 Op::Chdir(p) => write!(f, "chdir {p}"),
                 Op::Chroot(p) => write!(f, "chroot {p}"),
                 Op::PivotRoot(n, o) => write!(f, "pivot_root {n} {o}"),
@@ -678,6 +708,15 @@ pub mod fake {
         fn attach_loop(&self, file: &str, offset: u64, size: u64) -> io::Result<String> {
             self.record(file, Op::AttachLoop(format!("{file}@{offset}+{size}")))?;
             Ok("/dev/loop0".to_string())
+        }
+
+        fn open_verity(&self, name: &str, dev: &str, v: &VerityRoot) -> io::Result<String> {
+            let what = format!(
+                "{dev} {name} {} {} {} {:?}",
+                v.data_blocks, v.root_hash, v.salt, v.on_corruption
+            );
+            self.record(dev, Op::Verity(what))?;
+            Ok("/dev/dm-0".to_string())
         }
 
         fn mount(
