@@ -4,7 +4,9 @@
 //! The init is built by a nested cargo into its own target directory (no
 //! lock shared with the outer build) for x86_64-unknown-linux-musl, or for
 //! glibc with `+crt-static` when the musl target is not installed.
-//! `KILN_INIT_BIN=/path/to/kiln-init` skips the nested build.
+//! `KILN_INIT_BIN=/path/to/kiln-init` skips the nested build. kiln-boot,
+//! the A/B slot chooser, is built the same way for x86_64-unknown-uefi
+//! (`KILN_BOOT_BIN` skips it).
 
 use std::env;
 use std::fs;
@@ -13,58 +15,87 @@ use std::process::Command;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
+const UEFI: &str = "x86_64-unknown-uefi";
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=KILN_INIT_BIN");
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let dest = out.join("kiln-init");
-
-    if let Some(bin) = env::var_os("KILN_INIT_BIN") {
-        let bin = PathBuf::from(bin);
-        println!("cargo:rerun-if-changed={}", bin.display());
-        copy(&bin, &dest);
-        finish(&dest);
-        return;
-    }
-
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let workspace = manifest.parent().expect("cli/ is inside the workspace");
-    // init links kiln-formats (its GPT reader).
-    for p in [
-        "init/src",
-        "init/Cargo.toml",
-        "formats/src",
-        "formats/Cargo.toml",
-        "Cargo.lock",
-    ] {
-        println!("cargo:rerun-if-changed={}", workspace.join(p).display());
-    }
-
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    // Stripped here: the profile's `strip` does not reach this nested
-    // build's binary (230 KB of symbols in every image otherwise).
-    let (target, rustflags) = if target_installed(&rustc, MUSL) {
-        (MUSL, "-C strip=symbols")
-    } else {
-        println!("cargo:warning=musl target not installed; building kiln-init with glibc +crt-static (`rustup target add {MUSL}` for a smaller init)");
-        (GNU, "-C target-feature=+crt-static -C strip=symbols")
+
+    // The init links kiln-formats (its GPT reader) and kiln-boot (the A/B
+    // contract); the chooser is kiln-boot's binary.
+    let init = embed("KILN_INIT_BIN", &out.join("kiln-init"), || {
+        watch(workspace, &["init", "formats", "boot"]);
+        // Stripped here: the profile's `strip` does not reach this nested
+        // build's binary (230 KB of symbols in every image otherwise).
+        let (target, rustflags) = if target_installed(&rustc, MUSL) {
+            (MUSL, "-C strip=symbols")
+        } else {
+            println!("cargo:warning=musl target not installed; building kiln-init with glibc +crt-static (`rustup target add {MUSL}` for a smaller init)");
+            (GNU, "-C target-feature=+crt-static -C strip=symbols")
+        };
+        nested_build(workspace, &out, "kiln-init", target, rustflags).join("kiln-init")
+    });
+    println!("cargo:rustc-env=KILN_INIT_PATH={}", init.display());
+    let chooser = embed("KILN_BOOT_BIN", &out.join("kiln-boot.efi"), || {
+        watch(workspace, &["boot"]);
+        if !target_installed(&rustc, UEFI) {
+            panic!("kiln-boot, the A/B slot chooser, is a UEFI application: `rustup target add {UEFI}` (or set KILN_BOOT_BIN to a built kiln-boot.efi)");
+        }
+        nested_build(workspace, &out, "kiln-boot", UEFI, "").join("kiln-boot.efi")
+    });
+    println!("cargo:rustc-env=KILN_BOOT_PATH={}", chooser.display());
+}
+
+/// `dest`, copied from the file `var` names if set, else from `build()`.
+fn embed(var: &str, dest: &Path, build: impl FnOnce() -> PathBuf) -> PathBuf {
+    println!("cargo:rerun-if-env-changed={var}");
+    let from = match env::var_os(var) {
+        Some(bin) => {
+            let bin = PathBuf::from(bin);
+            println!("cargo:rerun-if-changed={}", bin.display());
+            bin
+        }
+        None => build(),
     };
-    let target_dir = out.join("init-target");
+    copy(&from, dest);
+    dest.to_path_buf()
+}
+
+fn watch(workspace: &Path, crates: &[&str]) {
+    for c in crates {
+        for p in ["src", "Cargo.toml"] {
+            println!(
+                "cargo:rerun-if-changed={}",
+                workspace.join(c).join(p).display()
+            );
+        }
+    }
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("Cargo.lock").display()
+    );
+}
+
+/// Builds `package`'s binary for `target` with a nested cargo in its own
+/// target directory: the directory the binary lands in.
+fn nested_build(
+    workspace: &Path,
+    out: &Path,
+    package: &str,
+    target: &str,
+    rustflags: &str,
+) -> PathBuf {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target_dir = out.join(format!("{package}-target"));
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kiln-init",
-            "--bin",
-            "kiln-init",
-        ])
+        .args(["build", "--release", "-p", package, "--bin", package])
         .args(["--target", target])
         .arg("--target-dir")
         .arg(&target_dir);
-    // The outer build's settings are for the host binary, not for the init.
+    // The outer build's settings are for the host binary, not for these.
     for var in [
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET",
@@ -79,13 +110,11 @@ fn main() {
     cmd.env("RUSTFLAGS", rustflags);
     let status = cmd
         .status()
-        .unwrap_or_else(|e| panic!("running {cargo:?} to build kiln-init: {e}"));
+        .unwrap_or_else(|e| panic!("running {cargo:?} to build {package}: {e}"));
     if !status.success() {
-        panic!("building kiln-init for {target} failed ({status})");
+        panic!("building {package} for {target} failed ({status})");
     }
-    let built = target_dir.join(target).join("release").join("kiln-init");
-    copy(&built, &dest);
-    finish(&dest);
+    target_dir.join(target).join("release")
 }
 
 fn target_installed(rustc: &std::ffi::OsStr, target: &str) -> bool {
@@ -109,8 +138,4 @@ fn has_std(dir: &Path) -> bool {
 
 fn copy(from: &Path, to: &Path) {
     fs::copy(from, to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
-}
-
-fn finish(dest: &Path) {
-    println!("cargo:rustc-env=KILN_INIT_PATH={}", dest.display());
 }

@@ -32,6 +32,16 @@ if [ "$what" = all ] || [ "$what" = formats ]; then
   cargo bench -p kiln-formats --bench formats
 fi
 ratio() { awk "BEGIN { printf \"%.2f\", $1 / $2 }"; }
+# IMG N OUT: the UKI A/B slot N of IMG holds, where the slot header (the
+# partition's last 4 KiB) says: offset at byte 24, length at 32.
+slot_uki() {
+  local s e hdr off len
+  read -r s e < <(sgdisk -i"$2" "$1" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
+  hdr=$(((e + 1) * 512 - 4096))
+  off=$(od -An -t u8 -j $((hdr + 24)) -N 8 "$1" | tr -d ' ')
+  len=$(od -An -t u8 -j $((hdr + 32)) -N 8 "$1" | tr -d ' ')
+  dd if="$1" of="$3" bs=1M iflag=skip_bytes,count_bytes skip=$((s * 512 + off)) count="$len" status=none
+}
 row() { printf "| %-46s | %8s | %8s | %6s |\n" "$1" "$2" "$3" "$4"; }
 
 # Boot: /init to the first container output line of hello.toml under TCG,
@@ -42,9 +52,7 @@ if [ "$what" = all ] || [ "$what" = boot ]; then
   cargo build --release -p kiln >/dev/null 2>&1 || cargo build --release -p kiln
   b="$(mktemp -d /var/tmp/kiln-boot.XXXXXX)"
   "$PWD/target/release/kiln" build -q recipes/hello.toml -o "$b/out"
-  read -r first last < <(sgdisk -i1 "$b/out/hello.raw" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
-  dd if="$b/out/hello.raw" of="$b/esp.img" bs=512 skip="$first" count=$((last - first + 1)) status=none
-  mcopy -i "$b/esp.img" ::/EFI/BOOT/BOOTX64.EFI "$b/uki.efi"
+  slot_uki "$b/out/hello.raw" 2 "$b/uki.efi"
   for s in linux initrd cmdline; do objcopy -O binary --only-section=".$s" "$b/uki.efi" "$b/$s"; done
   mkdir "$b/bb"
   (cd "$b/bb" && cpio -idm --quiet <../initrd && rm -rf init kiln && mkdir -p bin && cp /bin/busybox bin/)
@@ -202,12 +210,13 @@ kiln_hello=$(best3 "$kiln" build -q --locked "$work/hello/hello.toml" -o "$work/
 in="$work/hello/inputs"
 mkdir -p "$in"
 img="$work/hello/out/hello.raw"
-read -r esp_start esp_end < <(sgdisk -i1 "$img" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
 read -r root_start root_end < <(sgdisk -i2 "$img" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
 dd if="$img" of="$in/root.sqfs" bs=512 skip="$root_start" count=$((root_end - root_start + 1)) status=none
-dd if="$img" of="$in/esp.img" bs=512 skip="$esp_start" count=$((esp_end - esp_start + 1)) status=none
 unsquashfs -q -d "$in/root" "$in/root.sqfs" >/dev/null
-mcopy -i "$in/esp.img" ::/EFI/BOOT/BOOTX64.EFI "$in/kiln.efi"
+slot_uki "$img" 2 "$in/kiln.efi"
+read -r esp_start esp_end < <(sgdisk -i1 "$img" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print f, l}')
+dd if="$img" of="$in/esp.img" bs=512 skip="$esp_start" count=$((esp_end - esp_start + 1)) status=none
+mcopy -i "$in/esp.img" ::/EFI/BOOT/BOOTX64.EFI "$in/chooser.efi"
 for s in linux initrd osrel cmdline uname; do
   objcopy -O binary --only-section=".$s" "$in/kiln.efi" "$in/$s"
 done
@@ -217,11 +226,15 @@ stub="$in/stubpkg/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
 
 cat >"$work/tools.sh" <<'EOF'
 #!/bin/bash
-# What a user would script: squashfs, UKI (objcopy), ESP, GPT disk.
+# What a user would script for the same disk: squashfs and its dm-verity
+# tree, UKI (objcopy), ESP, the A/B GPT disk with the UKI in slot A.
 set -euo pipefail
 in="$1" out="$2" stub="$3"
 rm -rf "$out"; mkdir -p "$out"
 mksquashfs "$in/root" "$out/root.sqfs" -comp zstd -Xcompression-level 15 -b 128K -noappend -quiet -no-progress >/dev/null
+pad=$(( ($(stat -c %s "$out/root.sqfs") + 4095) / 4096 * 4096 ))
+truncate -s "$pad" "$out/root.sqfs"
+veritysetup format "$out/root.sqfs" "$out/root.sqfs" --hash-offset="$pad" --data-blocks=$((pad / 4096)) >/dev/null
 # UKI: sections after the stub's last one, 4 KiB aligned.
 end=0
 while read -r idx _ size vma _; do
@@ -237,12 +250,15 @@ objcopy "${args[@]}" "$stub" "$out/uki.efi"
 truncate -s 64M "$out/esp.img"
 mkfs.vfat -F 32 -n KILN-ESP "$out/esp.img" >/dev/null
 mmd -i "$out/esp.img" ::/EFI ::/EFI/BOOT
-mcopy -i "$out/esp.img" "$out/uki.efi" ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$out/esp.img" "$in/chooser.efi" ::/EFI/BOOT/BOOTX64.EFI
 truncate -s 256M "$out/disk.raw"
-root_mib=$(( ($(stat -c %s "$out/root.sqfs") + 1048575) / 1048576 ))
-sgdisk -n 1:2048:+64M -t 1:ef00 -n "2:0:+${root_mib}M" -t 2:8304 "$out/disk.raw" >/dev/null
+root=$(stat -c %s "$out/root.sqfs")
+uki_at=$(( (root + 4095) / 4096 * 4096 ))
+slot_mib=$(( (2 * (uki_at + $(stat -c %s "$out/uki.efi") + 4096) + 1048575) / 1048576 ))
+sgdisk -n 1:2048:+64M -t 1:ef00 -n "2:0:+${slot_mib}M" -n "3:0:+${slot_mib}M" -n 4:0:0 "$out/disk.raw" >/dev/null
 dd if="$out/esp.img" of="$out/disk.raw" bs=1M seek=1 conv=notrunc,sparse status=none
 dd if="$out/root.sqfs" of="$out/disk.raw" bs=1M seek=65 conv=notrunc,sparse status=none
+dd if="$out/uki.efi" of="$out/disk.raw" bs=1M oflag=seek_bytes seek=$(( (65 << 20) + uki_at )) conv=notrunc,sparse status=none
 EOF
 chmod +x "$work/tools.sh"
 tools_hello=$(best3 "$work/tools.sh" "$in" "$work/hello/tools" "$stub")
@@ -326,16 +342,18 @@ read -r kiln_z3 _ < <(measure "$kiln" build -q --locked "$big/big3.toml" -o "$bi
 read -r mksq3_s _ < <(measure mksquashfs "$big/tree" "$big/tools3.sqfs" -comp zstd -Xcompression-level 3 -b 128K -noappend -quiet -no-progress)
 row "$npkg pkgs, zstd:3: first build vs mksquashfs -Xcompression-level 3" "$kiln_z3" "$mksq3_s" "$(ratio "$kiln_z3" "$mksq3_s")"
 
-root_size() { # IMAGE: bytes of partition 2
-  sgdisk -i2 "$1" | awk '/First sector/ {f=$3} /Last sector/ {l=$3} END {print (l - f + 1) * 512}'
+root_size() { # IMAGE: bytes of the root squashfs at slot A's start (its superblock's bytes_used)
+  local s
+  s=$(sgdisk -i2 "$1" | awk '/First sector/ {print $3}')
+  od -An -t u8 -j $((s * 512 + 40)) -N 8 "$1" | tr -d ' '
 }
 echo
 echo "## Sizes and memory"
 echo
 printf "| %-46s | %10s |\n" "case" "value"
 printf "| %-46s | %10s |\n" "---" "---"
-printf "| %-46s | %10s |\n" "root partition, zstd:15 (MiB)" "$(( $(root_size "$big/out/big.raw") >> 20 ))"
-printf "| %-46s | %10s |\n" "root partition, zstd:3 (MiB)" "$(( $(root_size "$big/out3/big3.raw") >> 20 ))"
+printf "| %-46s | %10s |\n" "root squashfs, zstd:15 (MiB)" "$(( $(root_size "$big/out/big.raw") >> 20 ))"
+printf "| %-46s | %10s |\n" "root squashfs, zstd:3 (MiB)" "$(( $(root_size "$big/out3/big3.raw") >> 20 ))"
 printf "| %-46s | %10s |\n" "mksquashfs zstd 15 (MiB)" "$(( $(stat -c %s "$big/tools.sqfs") >> 20 ))"
 write_recipe small '"python3"' zstd:15
 "$kiln" build -q "$big/small.toml" -o "$big/outs" --cache "$cache"

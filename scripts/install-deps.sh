@@ -19,8 +19,13 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 # The init is a static musl binary; without this target it falls back to glibc +crt-static.
+# kiln-boot, the A/B slot chooser, is a UEFI application: its target is required.
 if command -v rustup >/dev/null; then
   rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true
+  rustup target add x86_64-unknown-uefi >/dev/null
+else
+  echo "kiln builds its UEFI slot chooser with rustup's x86_64-unknown-uefi target: install Rust with rustup (https://rustup.rs)" >&2
+  exit 1
 fi
 # The reproducibility test builds as nobody, whose maintainer-script sandbox
 # maps these subordinate ids (as rootless podman would).

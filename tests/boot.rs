@@ -26,26 +26,38 @@ fn hello_builds_validates_and_boots() {
         assert!(!name.starts_with('.'), "leftover {name}");
     }
 
-    // GPT: valid, ESP then root, GUIDs as the plan says.
+    // GPT: valid, ESP, the two slots, data (A/B, the default layout).
     let parts = k::partitions(&image);
-    assert_eq!(parts.len(), 2, "{parts:?}");
-    assert_eq!(parts[0].4, "esp");
-    assert_eq!(parts[1].4, "root-a");
+    let names: Vec<&str> = parts.iter().map(|p| p.4.as_str()).collect();
+    assert_eq!(names, ["esp", "slot-a", "slot-b", "data"], "{parts:?}");
 
-    // ESP: a FAT filesystem fsck accepts, holding the UKI.
+    // ESP: a FAT filesystem fsck accepts, booting kiln-boot (the chooser,
+    // a UEFI application with no kernel in it).
     let esp = out.join("esp.img");
     k::extract_partition(&image, &parts[0], &esp);
     let fsck = k::run(Command::new("fsck.fat").arg("-n").arg(&esp));
     assert!(fsck.ok, "fsck.fat -n:\n{}{}", fsck.stdout, fsck.stderr);
-    let uki = out.join("BOOTX64.EFI");
+    let chooser = out.join("BOOTX64.EFI");
     let m = k::run(
         Command::new("mcopy")
             .arg("-i")
             .arg(&esp)
             .arg("::/EFI/BOOT/BOOTX64.EFI")
-            .arg(&uki),
+            .arg(&chooser),
     );
     assert!(m.ok, "mcopy: {}", m.stderr);
+    let what = k::run(Command::new("objdump").arg("-f").arg(&chooser));
+    assert!(what.stdout.contains("pei-x86-64"), "{}", what.stdout);
+    let sections = k::run(Command::new("objdump").arg("-h").arg(&chooser));
+    assert!(!sections.stdout.contains(".linux"), "{}", sections.stdout);
+
+    // Slot A: the UKI after the root, as its header says.
+    let uki = out.join("slot-a.efi");
+    let header = k::extract_slot_uki(&image, &parts[1], &uki);
+    assert_eq!(
+        (header.name.as_str(), header.version.as_str()),
+        ("hello", "0.1.0")
+    );
     let sections = k::run(Command::new("objdump").arg("-h").arg(&uki));
     for s in [".osrel", ".cmdline", ".uname", ".initrd", ".linux"] {
         assert!(
@@ -161,6 +173,15 @@ fn hello_builds_validates_and_boots() {
     assert!(
         svc.iter()
             .any(|l| l.replace(['\t', ' '], "") == "CapEff:00000000a80425fb"),
+        "{console}"
+    );
+    // The chooser booted slot A, the only one with an image.
+    assert!(
+        console.contains("kiln-boot: slot a (hello 0.1.0, good)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("booted slot a; slots: a (hello 0.1.0): good; b (empty): no image"),
         "{console}"
     );
     let onboot_at = console.find("greet| hello").unwrap();

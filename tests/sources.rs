@@ -327,10 +327,10 @@ size = "256M"
     .collect();
     assert_eq!(pins, want_pins);
 
-    // GPT valid; root partition is a squashfs unsquashfs lists.
+    // GPT valid; slot A starts with a squashfs unsquashfs lists.
     let parts = k::partitions(&image);
-    assert_eq!(parts.len(), 2, "{parts:?}");
-    assert_eq!(parts[1].4, "root-a");
+    assert_eq!(parts.len(), 4, "{parts:?}");
+    assert_eq!(parts[1].4, "slot-a");
     let root = out.join("root.img");
     k::extract_partition(&image, &parts[1], &root);
     let ls = k::run(Command::new("unsquashfs").arg("-lln").arg(&root));

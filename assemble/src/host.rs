@@ -68,6 +68,7 @@ pub fn assemble(
         hostname: recipe.host.hostname.clone(),
         when_done: recipe.host.when_done,
         healthy_after_ms: recipe.host.healthy_after_ms,
+        healthy_within_ms: recipe.update.healthy_within_ms,
         files: Vec::new(),
         onboot: Vec::new(),
         services: Vec::new(),

@@ -11,7 +11,7 @@ use crate::oci::RegistryOptions;
 use crate::output::{self, OutputError, Pending};
 use crate::plan::Plan;
 use crate::progress::{Event, Progress, Stage, StageTimer, Task};
-use crate::recipe::{Format, Recipe, RecipeError};
+use crate::recipe::{Format, Recipe, RecipeError, UpdateMode};
 use kiln_formats::gpt::{Guid, ESP_TYPE};
 use kiln_formats::tree::{Backing, FileData, Meta, Node, Tree, TreeError};
 use kiln_formats::{cpio, disk, fat, iso, squashfs, uki, vdisk, verity};
@@ -76,6 +76,8 @@ pub struct BuildOptions {
     pub registry: RegistryOptions,
     /// The static kiln-init binary placed in the initramfs as /init.
     pub init: Arc<Vec<u8>>,
+    /// kiln-boot, the UEFI slot chooser an A/B disk's ESP boots.
+    pub chooser: &'static [u8],
     /// Receives stage and download progress.
     pub progress: Arc<dyn Progress>,
     /// Runs maintainer scripts (`None`: images that need them fail).
@@ -155,6 +157,8 @@ pub struct Filesystems {
     /// What a root partition (or the ISO's root file) holds: the squashfs
     /// then, if verified, its dm-verity tree; bytes.
     pub root_image_len: u64,
+    /// On an A/B disk, what slot A holds besides the root.
+    pub slot: Option<SlotImage>,
     /// The EFI system partition (FAT32), planned: read it with
     /// [`fat::FatImage::reader`].
     pub esp: fat::FatImage,
@@ -173,6 +177,40 @@ pub struct Filesystems {
     /// finds the root in the ISO by that id).
     pub iso: Option<(String, fat::FatImage)>,
 }
+
+/// Slot A's contents besides the root (and its tree) at its start.
+pub struct SlotImage {
+    /// The partition's size.
+    pub size: u64,
+    /// The UKI.
+    pub uki: Vec<u8>,
+    /// Where the UKI starts in the slot.
+    pub uki_offset: u64,
+    /// The slot header, in the last 4 KiB.
+    pub header: Vec<u8>,
+}
+
+/// Slot A from its start: the root, the UKI, the header, zeros between.
+fn slot_reader<'a>(
+    fs: &'a Filesystems,
+    slot: &'a SlotImage,
+) -> Result<impl std::io::Read + 'a, BuildError> {
+    use std::io::Read;
+    let root = root_reader(fs)?.take(fs.root_image_len);
+    let zeros = |n: u64| std::io::repeat(0).take(n);
+    let header_at = slot.size - slot.header.len() as u64;
+    let uki_end = slot.uki_offset + slot.uki.len() as u64;
+    Ok(root
+        .chain(zeros(slot.uki_offset - fs.root_image_len))
+        .chain(&slot.uki[..])
+        .chain(zeros(header_at - uki_end))
+        .chain(&slot.header[..]))
+}
+
+/// Sectors of the backup GPT at a disk's end, in bytes.
+const BACKUP_GPT: u64 = 33 * 512;
+/// The smallest data partition.
+const MIN_DATA: u64 = 16 << 20;
 
 /// The initramfs: the init, its boot config (`root` says where the root
 /// is, `verity` how it is verified), the modules (`extra` loaded at every boot, `on_demand` shipped),
@@ -341,11 +379,18 @@ pub fn encode(
     } else {
         &[]
     };
-    let root_guid_text = root_guid.to_string();
+    let ab = recipe.disk.update == UpdateMode::Ab;
+    let disk_root = if ab {
+        initcfg::RootSource::Slot {
+            build_id: hex(&root_digest.0),
+        }
+    } else {
+        initcfg::RootSource::Partition(root_guid.to_string())
+    };
     let disk_initrd = initramfs_tree(
         kernel,
         init,
-        initcfg::RootSource::Partition(root_guid_text),
+        disk_root,
         verity.as_ref().map(|(v, _)| v),
         &[],
         on_demand,
@@ -387,10 +432,16 @@ pub fn encode(
     );
     let cmdline = &recipe.kernel.cmdline.value;
     // A verified root's UKIs pin its hash.
-    let device_cmdline = match &verity {
-        Some((_, root_hash)) => format!("{cmdline} {}={root_hash}", initcfg::ROOT_HASH_KEY),
+    let mut device_cmdline = match &verity {
+        Some((_, root_hash)) => {
+            format!("{cmdline} {}={}", initcfg::ROOT_HASH_KEY, hex(root_hash))
+        }
         None => cmdline.clone(),
     };
+    // A panicking slot must restart to lose a try, not hang.
+    if ab && !cmdline.split_whitespace().any(|w| w.starts_with("panic=")) {
+        device_cmdline.push_str(" panic=5");
+    }
     let uki_with = |initrd: &[u8]| {
         uki::build_uki(
             stub,
@@ -444,11 +495,55 @@ pub fn encode(
         None
     };
 
+    // A/B: the UKI goes into slot A, after the root; the ESP boots the
+    // chooser.
+    let (esp_file, slot) = if ab {
+        let uki_offset = round_up(root_image_len, verity::BLOCK);
+        let needed = uki_offset + efi.len() as u64 + kiln_boot::slot::HEADER_LEN as u64;
+        let size = match &recipe.disk.slot_size {
+            Some(s) if s.value < needed => {
+                return Err(recipe
+                    .error(
+                        &s.loc,
+                        format!(
+                            "the root, its hash tree and the UKI need {} MiB; slot_size is {} MiB",
+                            needed.div_ceil(1 << 20),
+                            s.value >> 20
+                        ),
+                    )
+                    .into())
+            }
+            Some(s) => s.value,
+            // Room for a later build twice this one's size.
+            None => round_up(2 * needed, 1 << 20),
+        };
+        let header = kiln_boot::SlotHeader {
+            root_len: root_image_len,
+            uki_offset,
+            uki_len: efi.len() as u64,
+            uki_sha256: sha2_256(&efi),
+            build_id: root_digest.0,
+            root_hash: verity.as_ref().map_or([0; 32], |(_, h)| *h),
+            name: recipe.name().to_string(),
+            version: recipe.version.value.clone(),
+            tries: recipe.update.tries,
+        };
+        let slot = SlotImage {
+            size,
+            uki: efi,
+            header: header.encode(),
+            uki_offset,
+        };
+        (opts.chooser.to_vec(), Some(slot))
+    } else {
+        (efi, None)
+    };
+
     // EFI system partition.
     step("EFI system partition");
     let mut esp_tree = Tree::new();
     esp_tree
-        .insert(Path::new(TARGET.efi_boot_path), Node::file(0o644, efi))
+        .insert(Path::new(TARGET.efi_boot_path), Node::file(0o644, esp_file))
         .map_err(tree_err("ESP"))?;
     let esp_size = esp_size(esp_tree.data_size());
     let vol = Guid::derive(ESP_NAMESPACE, &root_guid.0).0;
@@ -465,17 +560,17 @@ pub fn encode(
     // Disk.
     let mut ids = esp_guid.0.to_vec();
     ids.extend_from_slice(&root_guid.0);
-    let layout = disk::Layout {
-        disk_guid: Guid::derive(DISK_NAMESPACE, &ids),
-        size: recipe.disk.size.value,
-        partitions: vec![
-            disk::PartitionSpec {
-                name: "esp".into(),
-                type_guid: ESP_TYPE,
-                guid: esp_guid,
-                size: esp.size(),
-                attributes: 0,
-            },
+    let esp_part = disk::PartitionSpec {
+        name: "esp".into(),
+        type_guid: ESP_TYPE,
+        guid: esp_guid,
+        size: esp.size(),
+        attributes: 0,
+    };
+    let disk_size = recipe.disk.size.value;
+    let partitions = match &slot {
+        None => vec![
+            esp_part,
             disk::PartitionSpec {
                 name: "root-a".into(),
                 type_guid: TARGET.root_type,
@@ -484,6 +579,56 @@ pub fn encode(
                 attributes: 0,
             },
         ],
+        Some(slot) => {
+            // The data partition takes the rest, in whole MiB.
+            let used = disk::ALIGN + esp.size() + 2 * slot.size;
+            let room = disk_size.saturating_sub(used + BACKUP_GPT) / disk::ALIGN * disk::ALIGN;
+            if room < MIN_DATA {
+                return Err(recipe
+                    .error(
+                        &recipe.disk.size.loc,
+                        format!(
+                            "an A/B disk needs {} MiB: the ESP {} MiB, two slots of {} MiB (the root, its hash tree and the UKI, twice over: see slot_size) and {} MiB of data; raise disk.size or lower disk.slot_size",
+                            (used + MIN_DATA + BACKUP_GPT).div_ceil(1 << 20),
+                            esp.size() >> 20,
+                            slot.size >> 20,
+                            MIN_DATA >> 20,
+                        ),
+                    )
+                    .into());
+            }
+            let good = kiln_boot::SlotState {
+                priority: 1,
+                tries: 0,
+                successful: true,
+            };
+            let part = |name: &str, type_guid: [u8; 16], size, attributes| disk::PartitionSpec {
+                name: name.into(),
+                type_guid: Guid(type_guid),
+                guid: Guid::derive(
+                    ROOT_NAMESPACE,
+                    &[&root_digest.0[..], name.as_bytes()].concat(),
+                ),
+                size,
+                attributes,
+            };
+            vec![
+                esp_part,
+                part(
+                    "slot-a",
+                    kiln_boot::SLOT_TYPE,
+                    slot.size,
+                    good.to_attributes(0),
+                ),
+                part("slot-b", kiln_boot::SLOT_TYPE, slot.size, 0),
+                part("data", kiln_boot::DATA_TYPE, room, 0),
+            ]
+        }
+    };
+    let layout = disk::Layout {
+        disk_guid: Guid::derive(DISK_NAMESPACE, &ids),
+        size: disk_size,
+        partitions,
     };
     if let Err(e) = disk::place(&layout) {
         return Err(recipe
@@ -501,6 +646,7 @@ pub fn encode(
         root,
         root_len,
         root_image_len,
+        slot,
         esp,
         layout,
         kernel_image: kernel.image.clone(),
@@ -530,10 +676,19 @@ fn write_outputs(
         let mut p = Pending::create(&raw_path)?;
         disk::write_raw(
             &fs.layout,
-            vec![
-                Box::new(fat::FatImage::reader(&fs.esp)),
-                Box::new(root_reader(fs)?),
-            ],
+            match &fs.slot {
+                None => vec![
+                    Box::new(fat::FatImage::reader(&fs.esp)),
+                    Box::new(root_reader(fs)?),
+                ],
+                // Slot B and the data partition start empty.
+                Some(slot) => vec![
+                    Box::new(fat::FatImage::reader(&fs.esp)),
+                    Box::new(slot_reader(fs, slot)?),
+                    Box::new(std::io::empty()),
+                    Box::new(std::io::empty()),
+                ],
+            },
             p.file(),
         )
         .map_err(|e| write_err(&raw_path)(std::io::Error::other(e)))?;
@@ -756,13 +911,13 @@ fn root_reader(fs: &Filesystems) -> Result<std::fs::File, BuildError> {
 
 /// Pads the root squashfs (`len` bytes) to whole 4 KiB blocks and
 /// appends its dm-verity tree, salted from the root's digest: what the
-/// init needs to verify it, its root hash (hex) and the new length.
+/// init needs to verify it, its root hash and the new length.
 fn append_hash_tree(
     root: &mut Pending,
     len: u64,
     digest: &Digest,
     on_error: initcfg::VerityError,
-) -> std::io::Result<((initcfg::RootVerity, String), u64)> {
+) -> std::io::Result<((initcfg::RootVerity, [u8; 32]), u64)> {
     use sha2::Digest as _;
     use std::io::Seek;
     let data_len = round_up(len, verity::BLOCK).max(2 * verity::BLOCK);
@@ -784,7 +939,12 @@ fn append_hash_tree(
         salt: hex(&salt),
         on_error,
     };
-    Ok(((verity, hex(&tree.root)), data_len + tree.len))
+    Ok(((verity, tree.root), data_len + tree.len))
+}
+
+fn sha2_256(b: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(b).into()
 }
 
 fn hex(b: &[u8]) -> String {

@@ -99,6 +99,8 @@ pub struct Recipe {
     pub output: OutputSpec,
     /// The host's network (`[network]`).
     pub network: kiln_init::config::Network,
+    /// A/B update settings (`[update]`).
+    pub update: UpdateSpec,
 }
 
 /// The recipe's `[kernel]` table.
@@ -325,7 +327,36 @@ pub struct DiskSpec {
     pub verity: bool,
     /// What a corrupt root block does (`verity_error`).
     pub verity_error: kiln_init::config::VerityError,
+    /// The layout: A/B slots and a data partition, or one root.
+    pub update: UpdateMode,
+    /// Each slot's size (`slot_size`); `None`: twice what the build needs.
+    pub slot_size: Option<At<u64>>,
 }
+
+/// `[disk] update`: how a disk image is laid out for updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateMode {
+    /// ESP (kiln-boot), slot A, slot B, data (the default).
+    Ab,
+    /// ESP (the UKI) and one root partition.
+    None,
+}
+
+/// The recipe's `[update]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateSpec {
+    /// Boots a new slot gets to be judged healthy before the other boots
+    /// again.
+    pub tries: u8,
+    /// How long a new slot's boot may take to become healthy before it
+    /// is judged failed (milliseconds).
+    pub healthy_within_ms: u64,
+}
+
+/// `[update] tries` unless given.
+pub const DEFAULT_TRIES: u8 = 3;
+/// `[update] healthy_within` unless given: 5 minutes.
+pub const DEFAULT_HEALTHY_WITHIN_MS: u64 = 300_000;
 
 /// Output container formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -734,6 +765,15 @@ mod raw {
         pub output: Output,
         #[serde(default)]
         pub network: Network,
+        #[serde(default)]
+        pub update: Update,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Update {
+        pub tries: Option<Spanned<i64>>,
+        pub healthy_within: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -895,6 +935,8 @@ mod raw {
         pub size: Option<Spanned<String>>,
         pub verity: Option<bool>,
         pub verity_error: Option<Spanned<String>>,
+        pub update: Option<Spanned<String>>,
+        pub slot_size: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -1796,6 +1838,54 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         },
     };
 
+    let update_mode = match &r.disk.update {
+        None => UpdateMode::Ab,
+        Some(u) => match u.get_ref().as_str() {
+            "ab" => UpdateMode::Ab,
+            "none" => UpdateMode::None,
+            other => {
+                return Err(l.at(
+                    u,
+                    format!("{other:?} is not an update layout (expected \"ab\" or \"none\")"),
+                ))
+            }
+        },
+    };
+    let slot_size = match &r.disk.slot_size {
+        None => None,
+        Some(s) => {
+            let n = parse_size(s.get_ref())
+                .filter(|n| n.is_multiple_of(1 << 20) && *n > 0)
+                .ok_or_else(|| {
+                    l.at(s, "expected a size in whole MiB such as \"512M\" or \"2G\"")
+                })?;
+            if update_mode == UpdateMode::None {
+                return Err(l.at(s, "slot_size needs update = \"ab\""));
+            }
+            Some(At {
+                value: n,
+                loc: l.loc(s.span()),
+            })
+        }
+    };
+    let tries = match &r.update.tries {
+        None => DEFAULT_TRIES,
+        Some(t) => u8::try_from(*t.get_ref())
+            .ok()
+            .filter(|n| (1..=15).contains(n))
+            .ok_or_else(|| l.at(t, "tries must be 1 to 15 (the GPT bits hold 4)"))?,
+    };
+    let healthy_within_ms = match &r.update.healthy_within {
+        None => DEFAULT_HEALTHY_WITHIN_MS,
+        Some(h) => parse_duration(h.get_ref())
+            .filter(|&ms| ms > 0)
+            .ok_or_else(|| l.at(h, "expected a duration such as \"90s\" or \"5m\""))?,
+    };
+    let update = UpdateSpec {
+        tries,
+        healthy_within_ms,
+    };
+
     let formats = match r.output.formats {
         Some(f) => {
             if f.get_ref().is_empty() {
@@ -1866,6 +1956,8 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             size,
             verity: r.disk.verity.unwrap_or(true),
             verity_error,
+            update: update_mode,
+            slot_size,
         },
         output: OutputSpec {
             formats,
@@ -1873,6 +1965,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             qcow2_compress: r.output.qcow2_compress.unwrap_or(false),
         },
         network,
+        update,
     })
 }
 

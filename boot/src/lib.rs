@@ -17,8 +17,11 @@
 
 extern crate alloc;
 
+#[cfg(feature = "std")]
+pub mod disk;
 pub mod gpt;
 pub mod slot;
+pub mod version;
 
 pub use slot::{choose, Choice, Slot, SlotHeader, SlotState};
 

@@ -240,6 +240,9 @@ pub struct SlotHeader {
     pub name: alloc::string::String,
     /// See `name`.
     pub version: alloc::string::String,
+    /// Boots this build gets to prove itself once written as an update
+    /// (the recipe's `[update] tries`).
+    pub tries: u8,
 }
 
 /// Size of the header.
@@ -253,6 +256,7 @@ impl SlotHeader {
         let mut b = alloc::vec![0u8; HEADER_LEN];
         b[..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&crate::LAYOUT_VERSION.to_le_bytes());
+        b[12] = self.tries;
         b[16..24].copy_from_slice(&self.root_len.to_le_bytes());
         b[24..32].copy_from_slice(&self.uki_offset.to_le_bytes());
         b[32..40].copy_from_slice(&self.uki_len.to_le_bytes());
@@ -300,6 +304,7 @@ impl SlotHeader {
             root_hash: hash_at(104)?,
             name: text_at(136)?,
             version: text_at(136 + TEXT)?,
+            tries: b[12],
         };
         // The UKI lies after the root.
         (h.uki_offset.is_multiple_of(4096) && h.uki_offset >= h.root_len && h.uki_len > 0)
@@ -395,6 +400,7 @@ mod tests {
             root_hash: [3; 32],
             name: "hello".into(),
             version: "1.2.3".into(),
+            tries: 3,
         };
         let b = h.encode();
         assert_eq!(b.len(), HEADER_LEN);

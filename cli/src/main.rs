@@ -7,6 +7,7 @@ mod run;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use kiln_assemble::ab;
 use kiln_assemble::cache::Cache;
 use kiln_assemble::image::{self, BuildError, BuildOptions};
 use kiln_assemble::oci::RegistryOptions;
@@ -21,6 +22,8 @@ use std::time::Instant;
 
 /// The static kiln-init, built and embedded by build.rs.
 static INIT: &[u8] = include_bytes!(env!("KILN_INIT_PATH"));
+/// kiln-boot, the UEFI slot chooser of A/B disks (see cli/build.rs).
+static CHOOSER: &[u8] = include_bytes!(env!("KILN_BOOT_PATH"));
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +66,34 @@ enum Command {
     /// 130/143 after SIGINT/SIGTERM, which press the guest's power button
     /// and stop QEMU if the guest is not off within 30 s.
     Run(run::RunArgs),
+    /// Apply a newer build of the same recipe to an A/B disk image while
+    /// it is off: the inactive slot is written, read back and armed, so
+    /// the next boot tries it and falls back if it does not come up
+    /// healthy.
+    #[command(after_help = "Example:
+  kiln update --image out-v2/app.raw vm-disk.raw")]
+    Update {
+        /// The newer build (a raw disk `kiln build` wrote).
+        #[arg(long)]
+        image: PathBuf,
+        /// The raw disk to update.
+        disk: PathBuf,
+        #[command(flatten)]
+        out: OutputMode,
+    },
+    /// Make an A/B disk image boot its other slot next (while it is off).
+    Rollback {
+        /// The raw disk.
+        disk: PathBuf,
+        #[command(flatten)]
+        out: OutputMode,
+    },
+    /// Show an A/B disk image's slots: what each holds, its boot state,
+    /// and which boots next.
+    Slots {
+        /// The raw disk.
+        disk: PathBuf,
+    },
     /// Copies stdin to a TCP connection to ADDR:PORT and the connection to
     /// stdout: what `kiln run --forward` has QEMU start per guest
     /// connection.
@@ -73,7 +104,7 @@ enum Command {
     },
 }
 
-#[derive(Args)]
+#[derive(Args, Default)]
 struct OutputMode {
     /// No progress output.
     #[arg(long, short)]
@@ -308,7 +339,65 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Lock(args) => lock(args),
         Command::Run(args) => run::run(&args),
         Command::Relay { to } => run::relay(to),
+        Command::Update { image, disk, out } => {
+            let applied = ab::update(&disk, &image)?;
+            report_slots(
+                &disk,
+                &out,
+                &format!(
+                    "{}: slot {} now holds {} (was running {}), armed for {} boot(s)",
+                    disk.display(),
+                    applied.slot.letter(),
+                    applied.version,
+                    applied.previous,
+                    applied.tries
+                ),
+            )
+        }
+        Command::Rollback { disk, out } => {
+            let slot = ab::rollback(&disk)?;
+            report_slots(
+                &disk,
+                &out,
+                &format!("{}: slot {} boots next", disk.display(), slot.letter()),
+            )
+        }
+        Command::Slots { disk } => report_slots(&disk, &OutputMode::default(), ""),
     }
+}
+
+/// Prints `what` and the disk's slots as `out` asks.
+fn report_slots(disk: &std::path::Path, out: &OutputMode, what: &str) -> Result<ExitCode> {
+    let d = ab::Disk::open(disk, false)?;
+    if out.json {
+        let next = d.active().ok().map(|s| s.slot.letter().to_string());
+        let slots: Vec<serde_json::Value> = d
+            .slots
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "slot": s.slot.letter().to_string(),
+                    "name": s.header.as_ref().map(|h| h.name.clone()),
+                    "version": s.header.as_ref().map(|h| h.version.clone()),
+                    "priority": s.state.priority,
+                    "tries": s.state.tries,
+                    "successful": s.state.successful,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"event": "slots", "disk": disk, "next": next, "slots": slots})
+        );
+    } else if !out.quiet {
+        if !what.is_empty() {
+            println!("{what}");
+        }
+        for line in ab::describe(&d) {
+            println!("  {line}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn mode(out: &OutputMode) -> Mode {
@@ -367,6 +456,7 @@ fn build(args: BuildArgs) -> Result<ExitCode> {
             cache: p.cache.clone(),
             registry: p.registry.clone(),
             init: Arc::new(INIT.to_vec()),
+            chooser: CHOOSER,
             progress: reporter.clone(),
             sandbox: std::env::current_exe()
                 .ok()

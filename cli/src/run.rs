@@ -64,6 +64,13 @@ pub struct RunArgs {
     /// as a CD-ROM.
     #[arg(long)]
     as_disk: bool,
+    /// Write to the image as a VM writes to its disk: what an A/B slot's
+    /// boots leave (tries used, marked good), updates, the data
+    /// partition. Without it the image is left as built (a throw-away
+    /// overlay takes the writes; within one run, across the guest's
+    /// reboots, they persist).
+    #[arg(long)]
+    persist: bool,
 }
 
 /// What systemd-stub appends to the kernel command line from SMBIOS
@@ -230,8 +237,8 @@ struct Disk {
 }
 
 impl Disk {
-    /// QEMU's arguments for it.
-    fn args(&self) -> Vec<std::ffi::OsString> {
+    /// QEMU's arguments for it; `persist`: writes reach the file.
+    fn args(&self, persist: bool) -> Vec<std::ffi::OsString> {
         match &self.direct {
             Some((kernel, initrd, cmdline)) => vec![
                 "-kernel".into(),
@@ -247,9 +254,18 @@ impl Disk {
             ],
             None => vec![
                 "-drive".into(),
-                // The image is immutable: boot a throw-away overlay of it.
+                // Unless asked, the image stays as built: boot a
+                // throw-away overlay of it.
                 drive_arg(
-                    &format!("if=virtio,format={},snapshot=on", self.driver),
+                    &format!(
+                        "if=virtio,format={},snapshot={}",
+                        self.driver,
+                        if persist && self._unpacked.is_none() {
+                            "off"
+                        } else {
+                            "on"
+                        }
+                    ),
                     &self.path,
                 )
                 .into(),
@@ -483,8 +499,9 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         if a.kvm { "kvm" } else { "tcg" },
     ])
     .args(["-m", &a.memory.to_string(), "-smp", &a.cpus.to_string()])
+    // A guest's reboot restarts the machine, as a VM's would: A/B updates
+    // and rollbacks take one.
     .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
-    .arg("-no-reboot")
     .args(nic_args(&a.nets, &a.publish, &a.forward)?)
     .args(metadata_args(&a.nets, a.allow_host_metadata))
     .args(disk_args(&a.disk)?)
@@ -497,7 +514,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     .arg(drive_arg("if=pflash,format=raw,readonly=on", &a.ovmf_code))
     .arg("-drive")
     .arg(drive_arg("if=pflash,format=raw", &vars.0))
-    .args(disk.args())
+    .args(disk.args(a.persist))
     .stdin(if interactive {
         Stdio::piped()
     } else {

@@ -208,6 +208,68 @@ pub fn find_iso_file(sys: &dyn Sys, volume_id: &str, path: &str) -> Option<(Stri
     None
 }
 
+/// The A/B slot holding build `build_id`, found by its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundSlot {
+    /// The whole disk, `/dev/vda`.
+    pub disk: String,
+    /// Its partition number.
+    pub number: u32,
+    /// The partition's node, `/dev/vda2`.
+    pub node: String,
+    /// Which slot it is.
+    pub slot: kiln_boot::Slot,
+    /// What it holds.
+    pub header: kiln_boot::SlotHeader,
+}
+
+/// Looks once through every disk's GPT for the slot partition whose
+/// header names `build_id`.
+pub fn find_slot(sys: &dyn Sys, build_id: &[u8; 32]) -> Option<FoundSlot> {
+    for disk in whole_disks(sys) {
+        let Ok(table) = read_gpt(sys, &disk) else {
+            continue;
+        };
+        let dev = format!("/dev/{disk}");
+        for p in &table.partitions {
+            if p.entry.type_guid.0 != kiln_boot::SLOT_TYPE {
+                continue;
+            }
+            let Some(slot) = kiln_boot::Slot::from_partition_name(&p.entry.name) else {
+                continue;
+            };
+            let end = (p.entry.last_lba + 1) * table.sector_size;
+            let len = kiln_boot::slot::HEADER_LEN;
+            let Some(at) = end.checked_sub(len as u64) else {
+                continue;
+            };
+            let Ok(raw) = sys.read_at(&dev, at, len) else {
+                continue;
+            };
+            let Some(header) = kiln_boot::SlotHeader::decode(&raw) else {
+                continue;
+            };
+            if &header.build_id != build_id {
+                continue;
+            }
+            let number = p.index;
+            if let Some(name) = partition_name(sys, &disk, number) {
+                let node = format!("/dev/{name}");
+                if sys.exists(&node) {
+                    return Some(FoundSlot {
+                        disk: dev,
+                        number,
+                        node,
+                        slot,
+                        header,
+                    });
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Looks once through every disk's GPT for the partition with `guid`.
 /// Whether the partition with unique GUID `guid` is there now.
 pub fn root_present(sys: &dyn Sys, guid: &str) -> bool {
@@ -651,6 +713,7 @@ mod tests {
             hostname: "box".into(),
             when_done: kiln_init::config::WhenDone::Stay,
             healthy_after_ms: 0,
+            healthy_within_ms: 0,
             files: vec![],
             onboot: vec![],
             services: vec![],

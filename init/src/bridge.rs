@@ -153,6 +153,7 @@ mod tests {
             hostname: "h".into(),
             when_done: WhenDone::Stay,
             healthy_after_ms: 0,
+            healthy_within_ms: 0,
             files: vec![],
             onboot: vec![],
             services: vec![host.clone()],

@@ -122,8 +122,14 @@ pub const VERITY_MODULES: [&str; 1] = ["dm_verity"];
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RootSource {
     /// A GPT partition, by its unique partition GUID (lowercase,
-    /// hyphenated): disk images.
+    /// hyphenated): disk images laid out with `update = "none"`.
     Partition(String),
+    /// The A/B slot holding this build (its slot header's build id, the
+    /// root squashfs's sha256 in hex): A/B disk images.
+    Slot {
+        /// Hex sha256 of the root squashfs.
+        build_id: String,
+    },
     /// A file in the initramfs, attached read-only through a loop device:
     /// the kernel+initrd and UKI forms, which need no disk.
     Initramfs(String),
@@ -179,6 +185,9 @@ pub struct HostConfig {
     /// Milliseconds essential containers must have been ready before the
     /// run counts as healthy ([`HEALTH_FILE`]).
     pub healthy_after_ms: u64,
+    /// On an A/B disk, how long a slot on trial may take to become
+    /// healthy before its boot is judged failed (milliseconds).
+    pub healthy_within_ms: u64,
     /// Recipe `[[file]]`s on a tmpfs (see [`is_runtime_file`]), which the
     /// init copies into place from [`RUNTIME_FILES_DIR`]; the others are
     /// baked into the read-only root and need nothing at run time.

@@ -86,10 +86,31 @@ fn log_report(what: &str, report: &modules::LoadReport, from: usize) {
 }
 
 /// The initramfs stage: the modules the root needs (the rest wait),
-/// root discovery, switch_root.
-fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Option<Deferred>, String> {
+/// root discovery (an A/B slot, a partition, a file), switch_root.
+fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Stage, String> {
     let mut loader = modules::Loader::default();
+    let mut booted = None;
     let (early, dev) = match &boot.root {
+        RootSource::Slot { build_id } => {
+            let id = parse_build_id(build_id)?;
+            let root_there = || boot::find_slot(sys, &id).is_some();
+            let early = loader.load(sys, &boot.modules, "", &root_there);
+            log_report("modules for the root", &loader.report, 0);
+            let mut waited = 0;
+            let found = loop {
+                if let Some(found) = boot::find_slot(sys, &id) {
+                    break found;
+                }
+                if waited >= ROOT_WAIT_MS {
+                    return Err(format!("no disk holds an A/B slot with build {build_id}"));
+                }
+                sys.sleep_ms(50);
+                waited += 50;
+            };
+            let dev = found.node.clone();
+            booted = Some(found);
+            (early, dev)
+        }
         RootSource::Partition(guid) => {
             let root_there = || boot::root_present(sys, guid);
             let early = loader.load(sys, &boot.modules, "", &root_there);
@@ -133,34 +154,132 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Option<Deferred>,
             (early, dev)
         }
     };
-    let dev = match boot::verify_root(sys, boot.verity.as_ref(), &dev) {
-        Ok(verified) if verified != dev => {
-            log(&format!("root {dev} verified through {verified}"));
-            verified
-        }
-        Ok(_) => dev,
-        Err(e) => return Err(console::chain(&e)),
+    let mounted = boot::verify_root(sys, boot.verity.as_ref(), &dev)
+        .map_err(|e| console::chain(&e))
+        .and_then(|verified| {
+            if verified != dev {
+                log(&format!("root {dev} verified through {verified}"));
+            }
+            boot::mount_fs(
+                sys,
+                &verified,
+                SYSROOT,
+                &boot.root_fstype,
+                libc::MS_RDONLY,
+                None,
+            )
+            .map(|()| verified)
+            .map_err(|e| {
+                let hint = if boot.verity.is_some() {
+                    " (a verified root that does not match its root hash fails to read)"
+                } else {
+                    ""
+                };
+                format!("{}{hint}", console::chain(&e))
+            })
+        });
+    let dev = match (mounted, &booted) {
+        (Ok(dev), _) => dev,
+        (Err(e), Some(found)) => abandon_slot(found, &e),
+        (Err(e), None) => return Err(e),
     };
-    boot::mount_fs(sys, &dev, SYSROOT, &boot.root_fstype, libc::MS_RDONLY, None).map_err(|e| {
-        let hint = if boot.verity.is_some() {
-            " (a verified root that does not match its root hash fails to read)"
-        } else {
-            ""
-        };
-        format!("{}{hint}", console::chain(&e))
-    })?;
     log(&format!("root {dev} ({}) mounted", boot.root_fstype));
     // The rest of the modules stay reachable through this descriptor.
     let initramfs = std::fs::File::open("/")
         .ok()
         .map(std::os::fd::OwnedFd::from);
     boot::switch_root(sys, SYSROOT).map_err(|e| console::chain(&e))?;
-    Ok(initramfs.map(|initramfs| Deferred {
+    let deferred = initramfs.map(|initramfs| Deferred {
         more: early,
         loader,
         index: boot.modules.clone(),
         initramfs,
-    }))
+    });
+    Ok(Stage { deferred, booted })
+}
+
+/// Logs the A/B slots; the trial to judge if the slot booted is not yet
+/// marked good.
+fn slot_trial(found: &boot::FoundSlot, cfg: &HostConfig) -> Option<supervisor::Trial> {
+    let letter = found.slot.letter();
+    let read = kiln_boot::disk::FileDisk::open(&found.disk, false)
+        .and_then(|mut d| kiln_boot::disk::read(&mut d));
+    let infos = match read {
+        Ok((_, infos)) => infos,
+        Err(e) => {
+            log(&format!("slots: cannot read {}: {e}", found.disk));
+            return None;
+        }
+    };
+    let line: Vec<String> = infos
+        .iter()
+        .map(|s| kiln_boot::disk::describe(s, s.number == found.number))
+        .collect();
+    log(&format!("booted slot {letter}; slots: {}", line.join("; ")));
+    let me = infos.iter().find(|s| s.number == found.number)?;
+    (!me.state.successful).then(|| supervisor::Trial {
+        disk: found.disk.clone(),
+        number: found.number,
+        letter,
+        deadline: std::time::Instant::now()
+            + std::time::Duration::from_millis(cfg.healthy_within_ms),
+        verdict: None,
+    })
+}
+
+/// A slot whose root cannot be mounted (corrupt, or not matching its
+/// root hash) is marked failed and the machine restarts into the other
+/// slot; with no other image to boot, the error is fatal as anywhere.
+fn abandon_slot(found: &boot::FoundSlot, why: &str) -> ! {
+    let letter = found.slot.letter();
+    log(&format!("slot {letter}: {why}"));
+    let marked = kiln_boot::disk::FileDisk::open(&found.disk, true).and_then(|mut d| {
+        let (_, slots) = kiln_boot::disk::read(&mut d)?;
+        let me = slots.iter().find(|s| s.number == found.number);
+        let other = slots.iter().find(|s| s.slot != found.slot);
+        let failed = kiln_boot::SlotState {
+            tries: 0,
+            successful: false,
+            ..me.map(|s| s.state).unwrap_or_default()
+        };
+        kiln_boot::disk::set_state(&mut d, found.number, failed)?;
+        Ok(other.is_some_and(|o| o.header.is_some() && o.state.bootable()))
+    });
+    match marked {
+        Ok(true) => {
+            log(&format!(
+                "slot {letter} marked failed: restarting into the other slot"
+            ));
+            supervisor::poweroff(true)
+        }
+        Ok(false) => log(&format!(
+            "slot {letter} marked failed; no other slot can boot"
+        )),
+        Err(e) => log(&format!("slot {letter}: cannot mark it failed: {e}")),
+    }
+    log(&format!("FATAL: {why}"));
+    log("powering off in 5 seconds");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    supervisor::poweroff(false)
+}
+
+/// What the initramfs stage leaves for the rest: modules to load, and on
+/// an A/B disk the slot booted.
+struct Stage {
+    deferred: Option<Deferred>,
+    booted: Option<boot::FoundSlot>,
+}
+
+fn parse_build_id(hex: &str) -> Result<[u8; 32], String> {
+    let bad = || format!("boot config: build id {hex:?} is not 64 hex digits");
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut id = [0u8; 32];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(id)
 }
 
 /// Loads the deferred modules in a child process, alongside the services
@@ -237,9 +356,12 @@ fn run() -> Result<std::convert::Infallible, String> {
         log(&format!("warning: {}", console::chain(&e)));
     }
     let mut deferred = None;
+    let mut booted = None;
     if sys.exists(BOOT_CONFIG_PATH) {
         let boot: BootConfig = read_json(&sys, BOOT_CONFIG_PATH)?;
-        deferred = initramfs_stage(&sys, &boot)?;
+        let stage = initramfs_stage(&sys, &boot)?;
+        deferred = stage.deferred;
+        booted = stage.booted;
     } else {
         log("no boot config: assuming the real root is already mounted");
     }
@@ -296,6 +418,9 @@ fn run() -> Result<std::convert::Infallible, String> {
     }
     let healthy_after = std::time::Duration::from_millis(cfg.healthy_after_ms);
     let mut sup = supervisor::Supervisor::new("/var/log", healthy_after);
+    if let Some(trial) = booted.as_ref().and_then(|b| slot_trial(b, &cfg)) {
+        sup.set_trial(trial);
+    }
     match network::Network::start(
         &cfg.network,
         &cfg.hostname,
@@ -344,6 +469,8 @@ fn run() -> Result<std::convert::Infallible, String> {
     };
     let json = serde_json::to_string(&result).unwrap_or_default();
     console::write_console(format!("{RESULT_PREFIX}{json}\n").as_bytes());
-    let reboot = cfg.when_done == WhenDone::Reboot && sup.stop_requested().is_none();
+    // A slot that failed its trial restarts: the chooser counts its tries.
+    let reboot =
+        (cfg.when_done == WhenDone::Reboot && sup.stop_requested().is_none()) || sup.trial_failed();
     supervisor::poweroff(reboot);
 }

@@ -446,11 +446,28 @@ pub struct Supervisor {
     healthy_after: Duration,
     healthy_since: Option<Instant>,
     healthy_recorded: bool,
+    /// The A/B boot being judged, if the slot booted is on trial.
+    trial: Option<Trial>,
     /// The host's network, until when containers on it wait for it, and
     /// whether starting them anyway was said.
     net: Option<Network>,
     net_wait_until: Option<Instant>,
     said_net_late: bool,
+}
+
+/// A boot of an A/B slot not yet marked successful: good once healthy
+/// (then marked so in the GPT), failed when an essential container fails
+/// or it is not healthy by `deadline` (then the machine restarts, and the
+/// chooser's count decides what boots next).
+pub struct Trial {
+    /// The disk and partition number of the slot.
+    pub disk: String,
+    pub number: u32,
+    /// `a` or `b`, for the log.
+    pub letter: char,
+    pub deadline: Instant,
+    /// `Some(true)` good, `Some(false)` failed.
+    pub verdict: Option<bool>,
 }
 
 /// How often a probe runs until it passes.
@@ -557,6 +574,7 @@ impl Supervisor {
             services_started: false,
             healthy_after,
             healthy_since: None,
+            trial: None,
             healthy_recorded: false,
             net: None,
             net_wait_until: None,
@@ -718,6 +736,60 @@ impl Supervisor {
         }
     }
 
+    /// Judges the slot on trial, once: good when the run is healthy,
+    /// failed when an essential container fails or the deadline passes.
+    fn judge(&mut self, now: Instant) {
+        let Some(t) = self.trial.as_ref().filter(|t| t.verdict.is_none()) else {
+            return;
+        };
+        let failed = self.failed_essential();
+        let why = if self.healthy_recorded {
+            None
+        } else if !failed.is_empty() {
+            Some(format!(
+                "essential containers failed: {}",
+                failed.join(", ")
+            ))
+        } else if now >= t.deadline {
+            Some("not healthy in time (update.healthy_within)".to_string())
+        } else {
+            return;
+        };
+        let (disk, number, letter) = (t.disk.clone(), t.number, t.letter);
+        let good = why.is_none();
+        if let Some(t) = self.trial.as_mut() {
+            t.verdict = Some(good);
+        }
+        match why {
+            None => match kiln_boot::disk::mark_good(&disk, number) {
+                Ok(()) => console::log(&format!("slot {letter}: healthy, marked good")),
+                Err(e) => console::log(&format!(
+                    "slot {letter}: healthy, but marking it good failed: {e}"
+                )),
+            },
+            Some(why) => {
+                console::log(&format!("slot {letter} failed its trial: {why}"));
+                self.request_stop(&format!("slot {letter} failed its trial"));
+            }
+        }
+    }
+
+    /// Judges `trial` as the run goes.
+    pub fn set_trial(&mut self, trial: Trial) {
+        self.trial = Some(trial);
+    }
+
+    /// Whether the slot on trial was judged failed: the machine restarts.
+    pub fn trial_failed(&self) -> bool {
+        self.trial
+            .as_ref()
+            .is_some_and(|t| t.verdict == Some(false))
+    }
+
+    fn trial_pending(&self) -> bool {
+        self.trial.as_ref().is_some_and(|t| t.verdict.is_none())
+    }
+
     /// When the next probe or the health record is due.
     fn next_wake(&self) -> Option<Instant> {
         let probes = self
@@ -730,7 +802,12 @@ impl Supervisor {
             .healthy_since
             .filter(|_| !self.healthy_recorded)
             .map(|t| t + self.healthy_after);
-        probes.chain(health).min()
+        let trial = self
+            .trial
+            .as_ref()
+            .filter(|t| t.verdict.is_none())
+            .map(|t| t.deadline);
+        probes.chain(health).chain(trial).min()
     }
 
     /// Rewrites the status file if anything in it changed.
@@ -893,7 +970,8 @@ impl Supervisor {
         // network are ready).
         let waits =
             |u: &Unit| u.busy() || (u.kind == UnitKind::Service && u.state == State::Pending);
-        while self.stop.is_none() && self.units.0.iter().any(waits) {
+        // A slot on trial is judged before the host may power off.
+        while self.stop.is_none() && (self.units.0.iter().any(waits) || self.trial_pending()) {
             self.pump(None);
         }
     }
@@ -1110,6 +1188,7 @@ impl Supervisor {
         self.probe(now);
         self.start_ready_services();
         self.check_health(now);
+        self.judge(now);
         self.publish();
     }
 

@@ -174,6 +174,29 @@ pub fn extract_partition(image: &Path, part: &(u32, u64, u64, String, String), t
     std::fs::write(to, buf).expect("writing partition copy");
 }
 
+/// The UKI slot `part` of an A/B disk holds (where its header says),
+/// copied to `to`; and the header.
+pub fn extract_slot_uki(
+    image: &Path,
+    part: &(u32, u64, u64, String, String),
+    to: &Path,
+) -> kiln_boot::SlotHeader {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(image).expect("opening image");
+    let end = (part.2 + 1) * 512;
+    let mut raw = vec![0u8; kiln_boot::slot::HEADER_LEN];
+    f.seek(SeekFrom::Start(end - raw.len() as u64))
+        .expect("seeking");
+    f.read_exact(&mut raw).expect("reading the slot header");
+    let h = kiln_boot::SlotHeader::decode(&raw).expect("a valid slot header");
+    f.seek(SeekFrom::Start(part.1 * 512 + h.uki_offset))
+        .expect("seeking");
+    let mut uki = vec![0u8; usize::try_from(h.uki_len).expect("fits")];
+    f.read_exact(&mut uki).expect("reading the UKI");
+    std::fs::write(to, uki).expect("writing the UKI");
+    h
+}
+
 /// Partitions of a GPT disk as `sgdisk -i` reports them: (number, first
 /// sector, last sector, unique GUID, name), checked with `sgdisk -v` first.
 pub fn partitions(image: &Path) -> Vec<(u32, u64, u64, String, String)> {
