@@ -1552,3 +1552,195 @@ fn http_get(port: u16) -> String {
     };
     attempt().unwrap_or_else(|e| format!("error: {e}"))
 }
+
+/// A/B updates offline, on one disk through its life, each boot with
+/// `kiln run --persist`: v2 applied with `kiln update` boots from slot B on
+/// trial and is marked good; `kiln rollback` brings v1 back (and again
+/// makes v2 next); a flipped byte in v2's root (slot B) makes that slot
+/// refuse at boot (dm-verity), be marked failed, and v1 boot instead; v3,
+/// whose essential container fails, gets its one try and the machine is
+/// back on v1 in the same run. Refused: an update not newer than what
+/// runs, a build of another recipe, an encoded disk.
+#[test]
+fn ab_updates_roll_back_and_refuse_bad_slots() {
+    let out = k::scratch("ab");
+    let bb = "image = { debian = [\"busybox-static\"], scripts = false }";
+    let recipe = |name: &str, version: &str, command: &str| {
+        format!(
+            "name = \"{name}\"\nversion = \"{version}\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
+             [[onboot]]\nname = \"app\"\n{bb}\nrestart = \"never\"\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{command}\"]\n\
+             [host]\nwhen_done = \"poweroff\"\nhealthy_after = \"2s\"\n[disk]\nsize = \"256M\"\n[update]\ntries = 1\n"
+        )
+    };
+    let build = |tag: &str, text: String| {
+        let dir = out.join(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ab.toml");
+        std::fs::write(&path, text).unwrap();
+        k::build(&kiln(), &path, &dir);
+        dir.join(format!(
+            "{}.raw",
+            if tag == "other" { "other" } else { "ab" }
+        ))
+    };
+    let v1 = build("v1", recipe("ab", "1.0.0", "echo app version 1"));
+    let v2 = build("v2", recipe("ab", "2.0.0", "echo app version 2"));
+    let v3 = build("v3", recipe("ab", "3.0.0", "echo app version 3; exit 1"));
+    let other = build("other", recipe("other", "9.0.0", "echo other"));
+    let disk = out.join("disk.raw");
+    std::fs::copy(&v1, &disk).unwrap();
+    let kiln_cmd = |args: &[&std::ffi::OsStr]| k::run(Command::new(kiln()).args(args));
+    let update = |image: &std::path::Path| {
+        kiln_cmd(&[
+            "update".as_ref(),
+            "--image".as_ref(),
+            image.as_os_str(),
+            disk.as_os_str(),
+        ])
+    };
+    let next = || {
+        let r = kiln_cmd(&["slots".as_ref(), disk.as_os_str()]);
+        assert!(r.ok, "kiln slots: {}", r.stderr);
+        r.stdout
+    };
+    let boot = |what: &str| {
+        let r = k::boot_with(&kiln(), &disk, 400, &["--persist", "--net", "none"]);
+        let _ = std::fs::write(out.join(format!("{what}.console.log")), &r.stdout);
+        r
+    };
+
+    // v2 in slot B, on trial, then good.
+    let u = update(&v2);
+    assert!(u.ok, "kiln update: {}{}", u.stdout, u.stderr);
+    assert!(
+        u.stdout
+            .contains("slot b now holds 2.0.0 (was running 1.0.0), armed for 1 boot(s)"),
+        "{}",
+        u.stdout
+    );
+    let r = boot("v2");
+    assert_eq!(r.code, Some(0), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("kiln-boot: slot b (ab 2.0.0, 0 tries left after this one)"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        k::container_lines(&r.stdout, "app").contains(&"app version 2"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("slot b: healthy, marked good"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        next().contains("b (ab 2.0.0): good  <- boots next"),
+        "{}",
+        next()
+    );
+
+    // Refusals leave the disk as it was.
+    for (image, why) in [
+        (&v2, "version 2.0.0 is not newer than 2.0.0"),
+        (&v1, "version 1.0.0 is not newer than 2.0.0"),
+        (
+            &other,
+            "the update is a build of \"other\", the disk runs \"ab\"",
+        ),
+    ] {
+        let r = update(image);
+        assert!(!r.ok && r.stderr.contains(why), "{}", r.stderr);
+    }
+    let qcow = out.join("disk.qcow2");
+    std::fs::write(&qcow, b"QFI\xfb\0\0\0\x03").unwrap();
+    let r = kiln_cmd(&["rollback".as_ref(), qcow.as_os_str()]);
+    assert!(
+        !r.ok && r.stderr.contains("qemu-img convert -O raw"),
+        "{}",
+        r.stderr
+    );
+
+    // Rollback to v1, which boots; and back again.
+    let r = kiln_cmd(&["rollback".as_ref(), disk.as_os_str()]);
+    assert!(
+        r.ok && r.stdout.contains("slot a boots next"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    let r = boot("rollback");
+    assert_eq!(r.code, Some(0), "{}", r.stdout);
+    assert!(
+        k::container_lines(&r.stdout, "app").contains(&"app version 1"),
+        "{}",
+        r.stdout
+    );
+    let r = kiln_cmd(&["rollback".as_ref(), disk.as_os_str()]);
+    assert!(
+        r.ok && r.stdout.contains("slot b boots next"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+
+    // A flipped byte in slot B's root: dm-verity refuses it at boot, the
+    // slot is marked failed and v1 boots in the same run.
+    let parts = k::partitions(&disk);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        let at = parts[2].1 * 512 + 2000;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+    }
+    let r = boot("corrupt");
+    assert_eq!(r.code, Some(0), "{}", r.stdout);
+    assert!(r.stdout.contains("device-mapper: verity"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("slot b marked failed: restarting into the other slot"),
+        "{}",
+        r.stdout
+    );
+    let lines = k::container_lines(&r.stdout, "app");
+    assert_eq!(lines, ["app version 1"], "{}", r.stdout);
+    assert!(next().contains("b (ab 2.0.0): failed"), "{}", next());
+
+    // v3 fails its one try; the same run ends on v1.
+    let u = update(&v3);
+    assert!(
+        u.ok && u
+            .stdout
+            .contains("slot b now holds 3.0.0 (was running 1.0.0)"),
+        "{}{}",
+        u.stdout,
+        u.stderr
+    );
+    let r = boot("v3");
+    assert_eq!(r.code, Some(0), "{}", r.stdout);
+    let c = &r.stdout;
+    let failed_at = c
+        .find("slot b failed its trial: essential containers failed: app")
+        .unwrap_or_else(|| panic!("{c}"));
+    let v1_at = c
+        .rfind("app| app version 1")
+        .unwrap_or_else(|| panic!("{c}"));
+    assert!(c.contains("app| app version 3") && failed_at < v1_at, "{c}");
+    assert!(
+        c[failed_at..].contains("kiln-boot: slot a (ab 1.0.0, good)"),
+        "{c}"
+    );
+    let s = next();
+    assert!(
+        s.contains("a (ab 1.0.0): good  <- boots next") && s.contains("b (ab 3.0.0): failed"),
+        "{s}"
+    );
+}
