@@ -1560,7 +1560,10 @@ fn http_get(port: u16) -> String {
 /// refuse at boot (dm-verity), be marked failed, and v1 boot instead; v3,
 /// whose essential container fails, gets its one try and the machine is
 /// back on v1 in the same run. Refused: an update not newer than what
-/// runs, a build of another recipe, an encoded disk.
+/// runs, a build of another recipe, an encoded disk. The disk is grown
+/// before its first boot: the data partition and its ext4 follow, and a
+/// volume on it counts boots across every update and rollback; e2fsck
+/// finds it clean after an update and at the end.
 #[test]
 fn ab_updates_roll_back_and_refuse_bad_slots() {
     let out = k::scratch("ab");
@@ -1568,7 +1571,8 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     let recipe = |name: &str, version: &str, command: &str| {
         format!(
             "name = \"{name}\"\nversion = \"{version}\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
-             [[onboot]]\nname = \"app\"\n{bb}\nrestart = \"never\"\ncommand = [\"/bin/busybox\", \"sh\", \"-c\", \"{command}\"]\n\
+             [[onboot]]\nname = \"app\"\n{bb}\nrestart = \"never\"\nvolumes = [\"state:/state\"]\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"c=$(busybox cat /state/count 2>/dev/null || echo 0); echo boots before $c; echo $((c+1)) > /state/count; {command}\"]\n\
              [host]\nwhen_done = \"poweroff\"\nhealthy_after = \"2s\"\n[disk]\nsize = \"256M\"\n[update]\ntries = 1\n"
         )
     };
@@ -1589,6 +1593,26 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     let other = build("other", recipe("other", "9.0.0", "echo other"));
     let disk = out.join("disk.raw");
     std::fs::copy(&v1, &disk).unwrap();
+    let grow = k::run(
+        Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "raw"])
+            .arg(&disk)
+            .arg("+64M"),
+    );
+    assert!(grow.ok, "qemu-img resize: {}", grow.stderr);
+    let data_fsck = |when: &str| {
+        let parts = k::partitions(&disk);
+        assert_eq!(parts[3].4, "data");
+        let img = out.join("data.img");
+        k::extract_partition(&disk, &parts[3], &img);
+        let r = k::run(Command::new("e2fsck").arg("-fn").arg(&img));
+        assert!(
+            r.ok,
+            "e2fsck -fn on the data partition {when}:\n{}{}",
+            r.stdout, r.stderr
+        );
+        let _ = std::fs::remove_file(&img);
+    };
     let kiln_cmd = |args: &[&std::ffi::OsStr]| k::run(Command::new(kiln()).args(args));
     let update = |image: &std::path::Path| {
         kiln_cmd(&[
@@ -1636,6 +1660,16 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
         "{}",
         r.stdout
     );
+    // The disk was 64 MiB larger than the image: the data partition took
+    // it, and its ext4 was grown online to fill it.
+    assert!(
+        r.stdout.contains("partition grown from") && r.stdout.contains("ext4 grown from 32 to"),
+        "{}",
+        r.stdout
+    );
+    let lines = k::container_lines(&r.stdout, "app");
+    assert_eq!(lines, ["boots before 0", "app version 2"], "{}", r.stdout);
+    data_fsck("after an update");
     assert!(
         next().contains("b (ab 2.0.0): good  <- boots next"),
         "{}",
@@ -1673,11 +1707,8 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     );
     let r = boot("rollback");
     assert_eq!(r.code, Some(0), "{}", r.stdout);
-    assert!(
-        k::container_lines(&r.stdout, "app").contains(&"app version 1"),
-        "{}",
-        r.stdout
-    );
+    let lines = k::container_lines(&r.stdout, "app");
+    assert_eq!(lines, ["boots before 1", "app version 1"], "{}", r.stdout);
     let r = kiln_cmd(&["rollback".as_ref(), disk.as_os_str()]);
     assert!(
         r.ok && r.stdout.contains("slot b boots next"),
@@ -1711,7 +1742,7 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
         r.stdout
     );
     let lines = k::container_lines(&r.stdout, "app");
-    assert_eq!(lines, ["app version 1"], "{}", r.stdout);
+    assert_eq!(lines, ["boots before 2", "app version 1"], "{}", r.stdout);
     assert!(next().contains("b (ab 2.0.0): failed"), "{}", next());
 
     // v3 fails its one try; the same run ends on v1.
@@ -1738,9 +1769,21 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
         c[failed_at..].contains("kiln-boot: slot a (ab 1.0.0, good)"),
         "{c}"
     );
+    let lines = k::container_lines(c, "app");
+    assert_eq!(
+        lines,
+        [
+            "boots before 3",
+            "app version 3",
+            "boots before 4",
+            "app version 1"
+        ],
+        "{c}"
+    );
     let s = next();
     assert!(
         s.contains("a (ab 1.0.0): good  <- boots next") && s.contains("b (ab 3.0.0): failed"),
         "{s}"
     );
+    data_fsck("at the end");
 }

@@ -122,7 +122,7 @@ pub fn assemble(
 
     for dir in HOST_MOUNTPOINTS
         .iter()
-        .chain(&[initcfg::CONTAINERS_DIR, "/kiln"])
+        .chain(&[initcfg::CONTAINERS_DIR, "/kiln", initcfg::DATA_DIR])
     {
         host.mkdir_p(Path::new(dir), &Meta::root(0o755))
             .map_err(tree_err(format!("host directory {dir}")))?;
@@ -576,6 +576,7 @@ fn container_config(
     }
 
     Ok(Container {
+        volumes: spec.volumes.clone(),
         rootfs: format!("{}/{name}/rootfs", initcfg::CONTAINERS_DIR),
         name,
         args,

@@ -103,6 +103,7 @@ const ROOT_NAMESPACE: &str = "kiln root partition";
 const ESP_NAMESPACE: &str = "kiln esp partition";
 const DISK_NAMESPACE: &str = "kiln disk";
 const VERITY_NAMESPACE: &str = "kiln verity";
+const DATA_NAMESPACE: &str = "kiln data";
 
 /// Runs the stages after the plan: fetch, trees, encode, write. `out_dir`
 /// must have passed [`output::prepare_dir`].
@@ -159,6 +160,8 @@ pub struct Filesystems {
     pub root_image_len: u64,
     /// On an A/B disk, what slot A holds besides the root.
     pub slot: Option<SlotImage>,
+    /// On an A/B disk, the data partition's empty ext4.
+    pub data_fs: Option<kiln_formats::ext4::Ext4Options>,
     /// The EFI system partition (FAT32), planned: read it with
     /// [`fat::FatImage::reader`].
     pub esp: fat::FatImage,
@@ -210,7 +213,9 @@ fn slot_reader<'a>(
 /// Sectors of the backup GPT at a disk's end, in bytes.
 const BACKUP_GPT: u64 = 33 * 512;
 /// The smallest data partition.
-const MIN_DATA: u64 = 16 << 20;
+const MIN_DATA: u64 = 32 << 20;
+/// The data partition's ext4 as built (the init grows it to the partition).
+const DATA_FS_BLOCKS: u32 = 8192;
 
 /// The initramfs: the init, its boot config (`root` says where the root
 /// is, `verity` how it is verified), the modules (`extra` loaded at every boot, `on_demand` shipped),
@@ -642,11 +647,28 @@ pub fn encode(
             )
             .into());
     }
+    let data_fs = slot.as_ref().map(|_| {
+        let id = |what: &str| {
+            Guid::derive(
+                DATA_NAMESPACE,
+                &[&root_digest.0[..], what.as_bytes()].concat(),
+            )
+            .0
+        };
+        kiln_formats::ext4::Ext4Options {
+            blocks: DATA_FS_BLOCKS,
+            uuid: id("uuid"),
+            hash_seed: id("hash seed"),
+            time: u32::try_from(plan.source_date_epoch).unwrap_or(u32::MAX),
+            label: "kiln-data".into(),
+        }
+    });
     Ok(Filesystems {
         root,
         root_len,
         root_image_len,
         slot,
+        data_fs,
         esp,
         layout,
         kernel_image: kernel.image.clone(),
@@ -681,13 +703,23 @@ fn write_outputs(
                     Box::new(fat::FatImage::reader(&fs.esp)),
                     Box::new(root_reader(fs)?),
                 ],
-                // Slot B and the data partition start empty.
-                Some(slot) => vec![
-                    Box::new(fat::FatImage::reader(&fs.esp)),
-                    Box::new(slot_reader(fs, slot)?),
-                    Box::new(std::io::empty()),
-                    Box::new(std::io::empty()),
-                ],
+                // Slot B starts empty, the data partition with a small
+                // ext4 the init grows.
+                Some(slot) => {
+                    let data: Box<dyn std::io::Read> = match &fs.data_fs {
+                        Some(o) => Box::new(
+                            kiln_formats::ext4::empty_ext4(o)
+                                .map_err(|e| encode_err("data ext4")(Box::new(e)))?,
+                        ),
+                        None => Box::new(std::io::empty()),
+                    };
+                    vec![
+                        Box::new(fat::FatImage::reader(&fs.esp)),
+                        Box::new(slot_reader(fs, slot)?),
+                        Box::new(std::io::empty()),
+                        data,
+                    ]
+                }
             },
             p.file(),
         )

@@ -222,6 +222,9 @@ pub struct ContainerSpec {
     pub ports: Vec<Port>,
     /// Host paths bind-mounted into the container.
     pub binds: Vec<At<BindSpec>>,
+    /// Named volumes (`volumes`): name and path in the container; each is
+    /// also a writable bind from the data partition among `binds`.
+    pub volumes: Vec<(String, String)>,
     /// Writable, size-limited tmpfs mounts.
     pub tmpfs: Vec<At<TmpfsSpec>>,
     /// When it is started again after it exits.
@@ -822,6 +825,8 @@ mod raw {
         pub net: Option<Spanned<String>>,
         #[serde(default)]
         pub binds: Vec<Spanned<String>>,
+        #[serde(default)]
+        pub volumes: Vec<Spanned<String>>,
         #[serde(default)]
         pub tmpfs: Vec<Spanned<String>>,
         pub restart: Option<Spanned<String>>,
@@ -1427,6 +1432,36 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
                 })
             })
             .collect::<Res<Vec<_>>>()?;
+        let mut binds = binds;
+        let mut volumes = Vec::new();
+        for v in c.volumes {
+            let bad = || {
+                l.at(
+                    &v,
+                    "expected NAME:/path (NAME of lowercase letters, digits and '-')",
+                )
+            };
+            let (vname, target) = v.get_ref().split_once(':').ok_or_else(bad)?;
+            if !is_name(vname) || !is_clean_absolute(target) || target.contains(':') {
+                return Err(bad());
+            }
+            let target = target.to_string();
+            if binds.iter().any(|b| b.value.target == target) {
+                return Err(l.at(&v, format!("{target} is also a bind target")));
+            }
+            if volumes.iter().any(|(n, _)| n == vname) {
+                return Err(l.at(&v, format!("volume {vname} is listed twice")));
+            }
+            volumes.push((vname.to_string(), target.clone()));
+            binds.push(At {
+                value: BindSpec {
+                    source: format!("{}/{vname}", kiln_init::config::VOLUMES_DIR),
+                    target,
+                    readonly: false,
+                },
+                loc: l.loc(v.span()),
+            });
+        }
         let mut tmpfs: Vec<At<TmpfsSpec>> = Vec::new();
         for t in c.tmpfs {
             let spec = parse_tmpfs(t.get_ref()).map_err(|m| l.at(&t, m))?;
@@ -1658,6 +1693,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             address: None,
             ports,
             binds,
+            volumes,
             tmpfs,
         });
     }

@@ -258,6 +258,37 @@ impl Table {
         Ok(())
     }
 
+    /// For a disk grown since the table was written (a cloud disk larger
+    /// than its image): moves the backup copy to the device's end and
+    /// extends partition `number` to the last usable sector, its end
+    /// aligned down to `align` sectors. Its new last sector, if it grew
+    /// (in memory; see [`write`]).
+    ///
+    /// [`write`]: Table::write
+    pub fn grow_to_end(&mut self, number: u32, disk_last_lba: u64, align: u64) -> Option<u64> {
+        let entries_sectors = (self.primary.entries_len() / SECTOR) as u64;
+        let last_usable = disk_last_lba.checked_sub(entries_sectors + 1)?;
+        let i = number.checked_sub(1)? as usize;
+        if i >= self.primary.count as usize {
+            return None;
+        }
+        let at = i * self.primary.entry_size as usize;
+        let entry = &self.entries[at..at + self.primary.entry_size as usize];
+        let last = u64_at(entry, 40);
+        let align = align.max(1);
+        let new_last = ((last_usable + 1) / align * align).checked_sub(1)?;
+        // Only ever outwards, past where the backup copy was.
+        if new_last <= last || disk_last_lba <= u64_at(&self.primary.sector, 32) {
+            return None;
+        }
+        let p = &mut self.primary.sector;
+        p[32..40].copy_from_slice(&disk_last_lba.to_le_bytes());
+        p[48..56].copy_from_slice(&last_usable.to_le_bytes());
+        self.backup = self.primary.mirrored(disk_last_lba);
+        self.entries[at + 40..at + 48].copy_from_slice(&new_last.to_le_bytes());
+        Some(new_last)
+    }
+
     /// Writes both copies: the primary's entries and header, then the
     /// backup's. Cut short anywhere, one copy stays whole (old or new),
     /// and a reader takes the other.
@@ -414,6 +445,21 @@ mod tests {
         t.write(&mut dev).unwrap();
         let text = std::string::String::from_utf8_lossy(&verify(&dev.0).stdout).into_owned();
         assert!(text.contains("No problems found"), "{text}");
+        // The disk grown by 1 MiB: the backup moves to the new end, the
+        // last partition grows to it (MiB aligned), sgdisk agrees.
+        let old_len = dev.0.len();
+        dev.0.resize(old_len + (1 << 20), 0);
+        let mut t = Table::read(&mut dev).unwrap();
+        let last = dev.last_lba();
+        assert_eq!(t.grow_to_end(2, last, 2048), Some(8191));
+        assert_eq!(t.grow_to_end(2, last, 2048), None);
+        t.write(&mut dev).unwrap();
+        let text = std::string::String::from_utf8_lossy(&verify(&dev.0).stdout).into_owned();
+        assert!(text.contains("No problems found"), "{text}");
+        assert_eq!(
+            Table::read(&mut dev).unwrap().partitions()[1].last_lba,
+            8191
+        );
         // Both gone: no table.
         let mut blank = Mem(vec![0u8; 1 << 20]);
         assert!(matches!(Table::read(&mut blank), Err(Error::NoTable)));

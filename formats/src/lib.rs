@@ -7,6 +7,7 @@
 
 pub mod cpio;
 pub mod disk;
+pub mod ext4;
 pub mod fat;
 pub mod gpt;
 #[cfg(feature = "vdisk")]

@@ -128,7 +128,7 @@ fn whole_disks(sys: &dyn Sys) -> Vec<String> {
 }
 
 /// The block device name of partition `number` of `disk`, from sysfs.
-fn partition_name(sys: &dyn Sys, disk: &str, number: u32) -> Option<String> {
+pub fn partition_name(sys: &dyn Sys, disk: &str, number: u32) -> Option<String> {
     let base = format!("/sys/class/block/{disk}");
     sys.list_dir(&base).ok()?.into_iter().find(|entry| {
         sys.read_file(&format!("{base}/{entry}/partition"))

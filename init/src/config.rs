@@ -25,6 +25,11 @@ pub const INITRAMFS_DIRS: [&str; 6] = ["/dev", "/proc", "/sys", SYSROOT, "/run",
 /// Directories the init mounts over in the host root (kernel filesystems,
 /// tmpfs, the log directory).
 pub const HOST_MOUNTPOINTS: [&str; 6] = ["/proc", "/sys", "/dev", "/run", "/tmp", "/var/log"];
+/// Where the data partition of an A/B disk is mounted (a tmpfs without
+/// one): state kept across updates, container volumes below it.
+pub const DATA_DIR: &str = "/var/lib/kiln";
+/// Named volumes (`volumes = ["NAME:/path"]`): `DATA_DIR/volumes/NAME`.
+pub const VOLUMES_DIR: &str = "/var/lib/kiln/volumes";
 /// Directories the init mounts over in every container root.
 pub const CONTAINER_MOUNTPOINTS: [&str; 5] = ["/proc", "/sys", "/dev", "/tmp", "/run"];
 /// Host paths that exist only at run time (tmpfs or kernel filesystems): a
@@ -352,6 +357,11 @@ pub struct Container {
     pub ports: Vec<Port>,
     /// Host paths bind-mounted into the container.
     pub binds: Vec<Bind>,
+    /// Named volumes the init makes below [`VOLUMES_DIR`] before the
+    /// container starts (the binds mount them): name, path in the
+    /// container.
+    #[serde(default)]
+    pub volumes: Vec<(String, String)>,
     /// Writable tmpfs mounts, before the binds.
     pub tmpfs: Vec<Tmpfs>,
     /// Capability names (e.g. "CAP_CHOWN") the container keeps.

@@ -7,7 +7,7 @@ use crate::caps::{self, CapPlan};
 use crate::msg::{ChildMsg, DecodeError, Failure};
 use crate::seccomp;
 use crate::sys::{self, check, cstr, Kind, RealSys, Sys};
-use kiln_init::config::{Container, Net};
+use kiln_init::config::{Container, Net, VOLUMES_DIR};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -113,6 +113,7 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
         return Err(ContainerError::NoDeviceFilter);
     }
     let plan = caps::plan(caps::mask(&c.capabilities)?, c.uid, caps::last_cap());
+    prepare_volumes(c).map_err(|e| ContainerError::Io("making its volumes", e))?;
     let cgroup = make_cgroup(c)?;
     let root = format!("{CONTAINER_ROOTS_DIR}/{}", c.name);
     RealSys
@@ -195,6 +196,64 @@ pub fn spawn(c: &Container) -> Result<Spawned, ContainerError> {
         stderr: err_r,
         report: rep_r,
     })
+}
+
+/// Makes the container's named volumes that do not exist yet below
+/// [`VOLUMES_DIR`]: a new one starts as a copy of the image's directory at
+/// its path (owners and modes kept, as Docker fills a new named volume),
+/// else empty and owned by the container's user. Made under a temporary
+/// name and renamed: a volume half made is never used.
+fn prepare_volumes(c: &Container) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, target) in &c.volumes {
+        let dir = format!("{VOLUMES_DIR}/{name}");
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            continue;
+        }
+        std::fs::create_dir_all(VOLUMES_DIR)?;
+        let tmp = format!("{VOLUMES_DIR}/.{name}.new");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let image_dir = format!("{}{target}", c.rootfs);
+        match std::fs::symlink_metadata(&image_dir) {
+            Ok(m) if m.is_dir() => {
+                copy_tree(std::path::Path::new(&image_dir), std::path::Path::new(&tmp))?
+            }
+            _ => {
+                std::fs::create_dir(&tmp)?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+                std::os::unix::fs::lchown(&tmp, Some(c.uid), Some(c.gid))?;
+            }
+        }
+        std::fs::rename(&tmp, &dir)?;
+    }
+    Ok(())
+}
+
+/// Copies a directory tree: directories, files and symlinks, with their
+/// owners and modes (other kinds are skipped).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::symlink_metadata(from)?;
+    let ft = m.file_type();
+    if ft.is_dir() {
+        std::fs::create_dir(to)?;
+        let mut entries: Vec<_> = std::fs::read_dir(from)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(std::fs::DirEntry::file_name);
+        for e in entries {
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+    } else if ft.is_file() {
+        std::fs::copy(from, to)?;
+    } else if ft.is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
+    } else {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(to, Some(m.uid()), Some(m.gid()))?;
+    if !ft.is_symlink() {
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    Ok(())
 }
 
 /// What the init sets on a container it just cloned, before letting it
@@ -900,6 +959,31 @@ pub(crate) mod tests {
         assert_eq!(resolve("sh", &[], &exists).as_deref(), Some("/bin/sh"));
     }
 
+    #[test]
+    fn copy_tree_keeps_modes_and_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kiln-vol-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let src = dir.join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/f"), b"data").unwrap();
+        std::fs::set_permissions(src.join("sub/f"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        std::os::unix::fs::symlink("sub/f", src.join("link")).unwrap();
+        copy_tree(&src, &dir.join("dst")).unwrap();
+        assert_eq!(std::fs::read(dir.join("dst/sub/f")).unwrap(), b"data");
+        let mode = std::fs::metadata(dir.join("dst/sub/f"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o640);
+        assert_eq!(
+            std::fs::read_link(dir.join("dst/link")).unwrap(),
+            std::path::Path::new("sub/f")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A container `web` running nginx with two binds, for tests.
     pub(crate) fn container() -> Container {
         Container {
@@ -914,6 +998,7 @@ pub(crate) mod tests {
             net: Net::Host,
             address: None,
             ports: Vec::new(),
+            volumes: vec![],
             binds: vec![
                 Bind {
                     source: "/var/lib/web".into(),

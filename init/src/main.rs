@@ -12,6 +12,7 @@ mod button;
 mod caps;
 mod console;
 mod container;
+mod data;
 mod dhcp;
 mod dm;
 mod fat;
@@ -36,7 +37,7 @@ use std::os::fd::AsRawFd;
 use supervisor::UnitKind;
 use sys::{RealSys, Sys};
 
-use kiln_init::config::SYSROOT;
+use kiln_init::config::{self, SYSROOT};
 /// How long to wait for the root partition to show up.
 const ROOT_WAIT_MS: u64 = 10_000;
 
@@ -378,6 +379,27 @@ fn run() -> Result<std::convert::Infallible, String> {
     }
     for e in boot::mount_runtime(&sys) {
         log(&format!("warning: {}", console::chain(&e)));
+    }
+    // State kept across updates: the A/B disk's data partition.
+    let data = match &booted {
+        Some(found) => {
+            let disk_name = found.disk.trim_start_matches("/dev/").to_string();
+            let node = |n| boot::partition_name(&sys, &disk_name, n).map(|p| format!("/dev/{p}"));
+            data::set_up(&found.disk, &node)
+        }
+        None => Err(std::io::Error::other("no data partition (not an A/B disk)")),
+    };
+    match data {
+        Ok(line) => log(&line),
+        Err(e) => {
+            log(&format!(
+                "data: {e}; {} is a tmpfs, not kept",
+                config::DATA_DIR
+            ));
+            if let Err(e) = data::tmpfs() {
+                log(&format!("warning: tmpfs on {}: {e}", config::DATA_DIR));
+            }
+        }
     }
     let failed = boot::setup_cgroups(&sys);
     if !failed.is_empty() {
