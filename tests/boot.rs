@@ -1669,6 +1669,7 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     );
     let lines = k::container_lines(&r.stdout, "app");
     assert_eq!(lines, ["boots before 0", "app version 2"], "{}", r.stdout);
+    assert!(r.stdout.contains("watchdog: armed, 60 s"), "{}", r.stdout);
     data_fsck("after an update");
     assert!(
         next().contains("b (ab 2.0.0): good  <- boots next"),

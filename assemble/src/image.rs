@@ -379,12 +379,15 @@ pub fn encode(
         .containers
         .iter()
         .any(|c| c.net == initcfg::Net::Bridge);
-    let on_demand: &[&str] = if bridge {
-        &initcfg::BRIDGE_MODULES
-    } else {
-        &[]
-    };
     let ab = recipe.disk.update == UpdateMode::Ab;
+    let mut on_demand: Vec<&str> = Vec::new();
+    if bridge {
+        on_demand.extend(initcfg::BRIDGE_MODULES);
+    }
+    if ab {
+        on_demand.extend(initcfg::WATCHDOG_MODULES);
+    }
+    let on_demand = &on_demand[..];
     let disk_root = if ab {
         initcfg::RootSource::Slot {
             build_id: hex(&root_digest.0),

@@ -7,11 +7,14 @@
 
 use std::io::{self, Read};
 
-const BLOCK: usize = 4096;
+/// Block size, as the on-disk fields hold it and as a buffer length.
+const BLOCK_SIZE: u32 = 4096;
+const BLOCK: usize = BLOCK_SIZE as usize;
 const BLOCKS_PER_GROUP: u32 = 32768;
 const INODES: u32 = 8192;
-const INODE_SIZE: usize = 256;
-const INODE_TABLE_BLOCKS: u32 = INODES * INODE_SIZE as u32 / BLOCK as u32;
+const INODE_BYTES: u16 = 256;
+const INODE_SIZE: usize = INODE_BYTES as usize;
+const INODE_TABLE_BLOCKS: u32 = INODES * INODE_BYTES as u32 / BLOCK_SIZE;
 /// Fixed block positions (as mke2fs places them).
 const GDT_BLOCK: u32 = 1;
 const BLOCK_BITMAP: u32 = 2;
@@ -19,13 +22,13 @@ const INODE_BITMAP: u32 = 3;
 const INODE_TABLE: u32 = 4;
 const ROOT_BLOCK: u32 = INODE_TABLE + INODE_TABLE_BLOCKS;
 const LPF_BLOCK: u32 = ROOT_BLOCK + 1;
-const LPF_BLOCKS: u32 = 4;
-const JOURNAL_BLOCK: u32 = LPF_BLOCK + LPF_BLOCKS;
-const JOURNAL_BLOCKS: u32 = 1024;
+const LPF_BLOCKS: u16 = 4;
+const JOURNAL_BLOCK: u32 = LPF_BLOCK + LPF_BLOCKS as u32;
+const JOURNAL_BLOCKS: u16 = 1024;
 /// Blocks in use: everything up to the journal's end.
-const USED_BLOCKS: u32 = JOURNAL_BLOCK + JOURNAL_BLOCKS;
+const USED_BLOCKS: u32 = JOURNAL_BLOCK + JOURNAL_BLOCKS as u32;
 /// Metadata blocks (all used ones but the directories').
-const OVERHEAD: u32 = USED_BLOCKS - 1 - LPF_BLOCKS;
+const OVERHEAD: u32 = USED_BLOCKS - 1 - LPF_BLOCKS as u32;
 
 const ROOT_INO: u32 = 2;
 const JOURNAL_INO: u32 = 8;
@@ -79,7 +82,7 @@ fn inode(mode: u16, size: u32, links: u16, time: u32, data: Option<(u32, u16)>) 
     }
     put16(&mut b, 26, links);
     if let Some((start, len)) = data {
-        put32(&mut b, 28, u32::from(len) * (BLOCK as u32 / 512));
+        put32(&mut b, 28, u32::from(len) * (BLOCK_SIZE / 512));
         put32(&mut b, 32, 0x80000); // EXT4_EXTENTS_FL
         b[40..100].copy_from_slice(&extent(start, len));
     }
@@ -112,7 +115,7 @@ fn dir_block(entries: &[(u32, &str)]) -> Vec<u8> {
 /// An empty directory block (more room for lost+found).
 fn empty_dir_block() -> Vec<u8> {
     let mut b = vec![0u8; BLOCK];
-    put16(&mut b, 4, BLOCK as u16);
+    put16(&mut b, 4, 4096);
     b
 }
 
@@ -120,7 +123,7 @@ fn empty_dir_block() -> Vec<u8> {
 /// `valid` (padding beyond the group's end) set too.
 fn bitmap(used: u32, valid: u32) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK];
-    for bit in (0..used).chain(valid..(BLOCK as u32 * 8)) {
+    for bit in (0..used).chain(valid..(BLOCK_SIZE * 8)) {
         b[(bit / 8) as usize] |= 1 << (bit % 8);
     }
     b
@@ -147,7 +150,7 @@ fn superblock(o: &Ext4Options) -> Vec<u8> {
     put32(&mut s, 64, o.time); // s_lastcheck
     put32(&mut s, 76, 1); // dynamic revision
     put32(&mut s, 84, LPF_INO); // first non-reserved inode
-    put16(&mut s, 88, INODE_SIZE as u16);
+    put16(&mut s, 88, INODE_BYTES);
     // has_journal, ext_attr, dir_index
     put32(&mut s, 92, 0x04 | 0x08 | 0x20);
     // filetype, meta_bg, extents
@@ -164,8 +167,8 @@ fn superblock(o: &Ext4Options) -> Vec<u8> {
     s[253] = 1; // s_jnl_blocks holds the journal inode's blocks
     put32(&mut s, 256, 0x0c); // user_xattr, acl
     put32(&mut s, 264, o.time); // s_mkfs_time
-    s[268..328].copy_from_slice(&extent(JOURNAL_BLOCK, JOURNAL_BLOCKS as u16));
-    put32(&mut s, 332, JOURNAL_BLOCKS * BLOCK as u32); // s_jnl_blocks[16]: size
+    s[268..328].copy_from_slice(&extent(JOURNAL_BLOCK, JOURNAL_BLOCKS));
+    put32(&mut s, 332, u32::from(JOURNAL_BLOCKS) * BLOCK_SIZE); // s_jnl_blocks[16]: size
     put16(&mut s, 348, 32); // s_min_extra_isize
     put16(&mut s, 350, 32); // s_want_extra_isize
     put32(&mut s, 352, 1); // signed directory hash
@@ -195,8 +198,8 @@ fn journal_superblock(o: &Ext4Options) -> Vec<u8> {
     for (at, v) in [
         (0, 0xc03b_3998u32),
         (4, 4), // superblock v2
-        (12, BLOCK as u32),
-        (16, JOURNAL_BLOCKS),
+        (12, BLOCK_SIZE),
+        (16, u32::from(JOURNAL_BLOCKS)),
         (20, 1), // first log block
         (24, 1), // sequence
         (64, 1), // users
@@ -234,26 +237,26 @@ fn blocks(o: &Ext4Options) -> io::Result<Vec<(u32, Vec<u8>)>> {
     set(1, bad);
     set(
         ROOT_INO,
-        inode(0o40755, BLOCK as u32, 3, t, Some((ROOT_BLOCK, 1))),
+        inode(0o40755, BLOCK_SIZE, 3, t, Some((ROOT_BLOCK, 1))),
     );
     set(
         JOURNAL_INO,
         inode(
             0o100600,
-            JOURNAL_BLOCKS * BLOCK as u32,
+            u32::from(JOURNAL_BLOCKS) * BLOCK_SIZE,
             1,
             t,
-            Some((JOURNAL_BLOCK, JOURNAL_BLOCKS as u16)),
+            Some((JOURNAL_BLOCK, JOURNAL_BLOCKS)),
         ),
     );
     set(
         LPF_INO,
         inode(
             0o40700,
-            LPF_BLOCKS * BLOCK as u32,
+            u32::from(LPF_BLOCKS) * BLOCK_SIZE,
             2,
             t,
-            Some((LPF_BLOCK, LPF_BLOCKS as u16)),
+            Some((LPF_BLOCK, LPF_BLOCKS)),
         ),
     );
     let mut out = vec![
@@ -262,9 +265,9 @@ fn blocks(o: &Ext4Options) -> io::Result<Vec<(u32, Vec<u8>)>> {
         (BLOCK_BITMAP, bitmap(USED_BLOCKS, o.blocks)),
         (INODE_BITMAP, bitmap(LPF_INO, INODES)),
     ];
-    for (i, chunk) in table.chunks(BLOCK).enumerate() {
+    for (i, chunk) in (INODE_TABLE..).zip(table.chunks(BLOCK)) {
         if chunk.iter().any(|&b| b != 0) {
-            out.push((INODE_TABLE + i as u32, chunk.to_vec()));
+            out.push((i, chunk.to_vec()));
         }
     }
     out.push((
@@ -272,7 +275,7 @@ fn blocks(o: &Ext4Options) -> io::Result<Vec<(u32, Vec<u8>)>> {
         dir_block(&[(ROOT_INO, "."), (ROOT_INO, ".."), (LPF_INO, "lost+found")]),
     ));
     out.push((LPF_BLOCK, dir_block(&[(LPF_INO, "."), (ROOT_INO, "..")])));
-    for i in 1..LPF_BLOCKS {
+    for i in 1..u32::from(LPF_BLOCKS) {
         out.push((LPF_BLOCK + i, empty_dir_block()));
     }
     out.push((JOURNAL_BLOCK, journal_superblock(o)));

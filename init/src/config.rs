@@ -119,6 +119,10 @@ pub fn cmdline_root_hash(cmdline: &str) -> Option<String> {
         .then(|| value.to_ascii_lowercase())
 }
 
+/// The software watchdog an A/B disk's init arms: a hung init restarts
+/// the machine, and a slot on trial loses a try.
+pub const WATCHDOG_MODULES: [&str; 1] = ["softdog"];
+
 /// Modules a verified root needs (with what they depend on).
 pub const VERITY_MODULES: [&str; 1] = ["dm_verity"];
 

@@ -318,6 +318,40 @@ fn load_later(d: &mut Deferred) {
     }
 }
 
+/// Loads softdog and arms it: a hung init restarts the machine (on an
+/// A/B disk, a slot on trial so loses a try).
+fn arm_watchdog(sys: &dyn Sys, deferred: Option<&mut Deferred>) -> Option<std::fs::File> {
+    let d = deferred?;
+    let prefix = format!("/proc/self/fd/{}", d.initramfs.as_raw_fd());
+    for m in kiln_init::config::WATCHDOG_MODULES {
+        d.loader.load_named(sys, &d.index, &prefix, m);
+    }
+    let dog = match std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/watchdog")
+    {
+        Ok(f) => f,
+        Err(e) => {
+            log(&format!("watchdog: /dev/watchdog: {e}"));
+            return None;
+        }
+    };
+    let mut timeout = supervisor::WATCHDOG_TIMEOUT_S;
+    // SAFETY: WDIOC_SETTIMEOUT reads and writes the one int it points to.
+    let r = unsafe { libc::ioctl(dog.as_raw_fd(), WDIOC_SETTIMEOUT, &mut timeout) };
+    if r < 0 {
+        log(&format!(
+            "watchdog: setting its timeout: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    log(&format!("watchdog: armed, {timeout} s"));
+    Some(dog)
+}
+
+/// `_IOWR('W', 6, int)`.
+const WDIOC_SETTIMEOUT: libc::Ioctl = 0xc004_5706_u32 as libc::Ioctl;
+
 /// Loads the bridge's modules and sets the bridge up; containers on it
 /// fail to start if this fails, the others are unaffected.
 fn set_up_bridge(sys: &dyn Sys, plan: &bridge::Plan, deferred: Option<&mut Deferred>) {
@@ -443,6 +477,11 @@ fn run() -> Result<std::convert::Infallible, String> {
     if let Some(trial) = booted.as_ref().and_then(|b| slot_trial(b, &cfg)) {
         sup.set_trial(trial);
     }
+    if booted.is_some() {
+        if let Some(dog) = arm_watchdog(&sys, deferred.as_mut()) {
+            sup.set_watchdog(dog);
+        }
+    }
     match network::Network::start(
         &cfg.network,
         &cfg.hostname,
@@ -486,6 +525,7 @@ fn run() -> Result<std::convert::Infallible, String> {
     }
     sup.stop_all();
     sup.run_in_order(UnitKind::Onshutdown);
+    sup.disarm_watchdog();
     let result = RunResult {
         failed_essential: sup.failed_essential(),
     };

@@ -448,6 +448,8 @@ pub struct Supervisor {
     healthy_recorded: bool,
     /// The A/B boot being judged, if the slot booted is on trial.
     trial: Option<Trial>,
+    /// The armed watchdog and when it was last fed.
+    watchdog: Option<(std::fs::File, Instant)>,
     /// The host's network, until when containers on it wait for it, and
     /// whether starting them anyway was said.
     net: Option<Network>,
@@ -469,6 +471,11 @@ pub struct Trial {
     /// `Some(true)` good, `Some(false)` failed.
     pub verdict: Option<bool>,
 }
+
+/// How often the watchdog is fed (its timeout is [`WATCHDOG_TIMEOUT_S`]).
+const WATCHDOG_FEED: Duration = Duration::from_secs(5);
+/// Seconds a hung init has before the watchdog restarts the machine.
+pub const WATCHDOG_TIMEOUT_S: libc::c_int = 60;
 
 /// How often a probe runs until it passes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -575,6 +582,7 @@ impl Supervisor {
             healthy_after,
             healthy_since: None,
             trial: None,
+            watchdog: None,
             healthy_recorded: false,
             net: None,
             net_wait_until: None,
@@ -770,6 +778,28 @@ impl Supervisor {
             Some(why) => {
                 console::log(&format!("slot {letter} failed its trial: {why}"));
                 self.request_stop(&format!("slot {letter} failed its trial"));
+            }
+        }
+    }
+
+    /// Feeds `dog` (an opened, armed `/dev/watchdog`) as the run goes.
+    pub fn set_watchdog(&mut self, dog: std::fs::File) {
+        self.watchdog = Some((dog, Instant::now()));
+    }
+
+    /// Disarms the watchdog (its magic close): the machine is going down
+    /// on purpose.
+    pub fn disarm_watchdog(&mut self) {
+        if let Some((mut dog, _)) = self.watchdog.take() {
+            let _ = std::io::Write::write_all(&mut dog, b"V");
+        }
+    }
+
+    fn feed_watchdog(&mut self, now: Instant) {
+        if let Some((dog, fed)) = &mut self.watchdog {
+            if now.duration_since(*fed) >= WATCHDOG_FEED {
+                let _ = std::io::Write::write_all(dog, b"k");
+                *fed = now;
             }
         }
     }
@@ -1189,6 +1219,7 @@ impl Supervisor {
         self.start_ready_services();
         self.check_health(now);
         self.judge(now);
+        self.feed_watchdog(now);
         self.publish();
     }
 
