@@ -1555,8 +1555,8 @@ fn http_get(port: u16) -> String {
 
 /// A/B updates offline, on one disk through its life, each boot with
 /// `kiln run --persist`: v2 applied with `kiln update` boots from slot B on
-/// trial and is marked good; `kiln rollback` brings v1 back (and again
-/// makes v2 next); a flipped byte in v2's root (slot B) makes that slot
+/// trial and is marked good; `kiln rollback` brings v1 back, and v1's
+/// container makes v2 next again through the control socket; a flipped byte in v2's root (slot B) makes that slot
 /// refuse at boot (dm-verity), be marked failed, and v1 boot instead; v3,
 /// whose essential container fails, gets its one try and the machine is
 /// back on v1 in the same run. Refused: an update not newer than what
@@ -1567,12 +1567,14 @@ fn http_get(port: u16) -> String {
 #[test]
 fn ab_updates_roll_back_and_refuse_bad_slots() {
     let out = k::scratch("ab");
-    let bb = "image = { debian = [\"busybox-static\"], scripts = false }";
+    // netcat-openbsd speaks to the control socket (busybox's nc cannot).
+    let nc = "image = { debian = [\"busybox-static\", \"netcat-openbsd\"], scripts = false }";
     let recipe = |name: &str, version: &str, command: &str| {
         format!(
             "name = \"{name}\"\nversion = \"{version}\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
-             [[onboot]]\nname = \"app\"\n{bb}\nrestart = \"never\"\nvolumes = [\"state:/state\"]\n\
-             command = [\"/bin/busybox\", \"sh\", \"-c\", \"c=$(busybox cat /state/count 2>/dev/null || echo 0); echo boots before $c; echo $((c+1)) > /state/count; {command}\"]\n\
+             [[onboot]]\nname = \"app\"\n{nc}\nrestart = \"never\"\nvolumes = [\"state:/state\"]\ncontrol = true\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"c=$(busybox cat /state/count 2>/dev/null || echo 0); echo boots before $c; echo $((c+1)) > /state/count; \
+             if [ $c = 1 ]; then echo rollback | /bin/nc.openbsd -U -N /run/kiln/state/control.sock; fi; {command}\"]\n\
              [host]\nwhen_done = \"poweroff\"\nhealthy_after = \"2s\"\n[disk]\nsize = \"256M\"\n[update]\ntries = 1\n"
         )
     };
@@ -1698,7 +1700,8 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
         r.stderr
     );
 
-    // Rollback to v1, which boots; and back again.
+    // Rollback to v1 offline, which boots; and back again from inside,
+    // through the control socket (this second boot's container asks).
     let r = kiln_cmd(&["rollback".as_ref(), disk.as_os_str()]);
     assert!(
         r.ok && r.stdout.contains("slot a boots next"),
@@ -1709,13 +1712,20 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     let r = boot("rollback");
     assert_eq!(r.code, Some(0), "{}", r.stdout);
     let lines = k::container_lines(&r.stdout, "app");
-    assert_eq!(lines, ["boots before 1", "app version 1"], "{}", r.stdout);
-    let r = kiln_cmd(&["rollback".as_ref(), disk.as_os_str()]);
+    assert_eq!(
+        lines,
+        [
+            "boots before 1",
+            r#"{"next":"b","ok":true}"#,
+            "app version 1"
+        ],
+        "{}",
+        r.stdout
+    );
     assert!(
-        r.ok && r.stdout.contains("slot b boots next"),
-        "{}{}",
-        r.stdout,
-        r.stderr
+        next().contains("b (ab 2.0.0): good  <- boots next"),
+        "{}",
+        next()
     );
 
     // A flipped byte in slot B's root: dm-verity refuses it at boot, the

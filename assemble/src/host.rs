@@ -438,7 +438,26 @@ fn container_config(
         .iter()
         .map(|d| (d.to_string(), false))
         .collect();
-    for b in &spec.binds {
+    let mut spec_binds = spec.binds.clone();
+    if let Some(c) = spec.control.as_ref().filter(|c| c.value) {
+        if recipe.disk.update != crate::recipe::UpdateMode::Ab {
+            return Err(recipe
+                .error(
+                    &c.loc,
+                    "the control socket is an A/B disk's: control needs [disk] update = \"ab\"",
+                )
+                .into());
+        }
+        spec_binds.push(crate::recipe::At {
+            value: crate::recipe::BindSpec {
+                source: initcfg::CONTROL_SOCKET.into(),
+                target: initcfg::CONTROL_SOCKET.into(),
+                readonly: false,
+            },
+            loc: c.loc.clone(),
+        });
+    }
+    for b in &spec_binds {
         let runtime = RUNTIME_PREFIXES
             .iter()
             .any(|p| b.source == *p || b.source.starts_with(&format!("{p}/")));

@@ -233,6 +233,8 @@ pub struct ContainerSpec {
     pub max_restarts: u32,
     /// Whether its failure fails the machine's run.
     pub essential: bool,
+    /// `control = true`: the init's control socket is bound into it.
+    pub control: Option<At<bool>>,
     /// Signal asking it to stop.
     pub stop_signal: String,
     /// Milliseconds it is given to stop before SIGKILL.
@@ -832,6 +834,7 @@ mod raw {
         pub restart: Option<Spanned<String>>,
         pub max_restarts: Option<Spanned<i64>>,
         pub essential: Option<bool>,
+        pub control: Option<Spanned<bool>>,
         pub stop_signal: Option<Spanned<String>>,
         pub stop_timeout: Option<Spanned<String>>,
         pub depends_on: Option<Vec<Spanned<String>>>,
@@ -1673,6 +1676,7 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             restart,
             max_restarts,
             essential: c.essential.unwrap_or(true),
+            control: c.control.map(|v| l.located(v)),
             name: l.located(c.name),
             image: At {
                 value: image,

@@ -755,7 +755,11 @@ pub fn setup_root(sys: &dyn Sys, c: &Container, root: &str) -> Result<(), Failur
         if sys.kind(&target).is_none() {
             let made = match sys.kind(&b.source) {
                 Some(Kind::Dir) | None => sys.mkdir_all(&target),
-                Some(_) => sys.write_file(&target, b""),
+                Some(_) => {
+                    let parent = target.rsplit_once('/').map_or("/", |(p, _)| p);
+                    sys.mkdir_all(parent)
+                        .and_then(|()| sys.write_file(&target, b""))
+                }
             };
             step(&format!("make mount point {}", b.target), made)?;
         }

@@ -12,6 +12,7 @@ mod button;
 mod caps;
 mod console;
 mod container;
+mod control;
 mod data;
 mod dhcp;
 mod dm;
@@ -477,9 +478,13 @@ fn run() -> Result<std::convert::Infallible, String> {
     if let Some(trial) = booted.as_ref().and_then(|b| slot_trial(b, &cfg)) {
         sup.set_trial(trial);
     }
-    if booted.is_some() {
+    if let Some(found) = &booted {
         if let Some(dog) = arm_watchdog(&sys, deferred.as_mut()) {
             sup.set_watchdog(dog);
+        }
+        match control::Control::listen(&found.disk, found.number) {
+            Ok(c) => sup.set_control(c),
+            Err(e) => log(&format!("control: {}: {e}", config::CONTROL_SOCKET)),
         }
     }
     match network::Network::start(
@@ -532,7 +537,8 @@ fn run() -> Result<std::convert::Infallible, String> {
     let json = serde_json::to_string(&result).unwrap_or_default();
     console::write_console(format!("{RESULT_PREFIX}{json}\n").as_bytes());
     // A slot that failed its trial restarts: the chooser counts its tries.
-    let reboot =
-        (cfg.when_done == WhenDone::Reboot && sup.stop_requested().is_none()) || sup.trial_failed();
+    let reboot = (cfg.when_done == WhenDone::Reboot && sup.stop_requested().is_none())
+        || sup.trial_failed()
+        || sup.reboot_asked();
     supervisor::poweroff(reboot);
 }

@@ -10,7 +10,7 @@ use kiln_init::config::{
     Container, ContainerStatus, Exit, Net, Probe, Restart, Status, HEALTH_FILE, STATE_DIR,
     STATUS_FILE,
 };
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -450,6 +450,9 @@ pub struct Supervisor {
     trial: Option<Trial>,
     /// The armed watchdog and when it was last fed.
     watchdog: Option<(std::fs::File, Instant)>,
+    /// The control socket, and whether it asked for a reboot.
+    control: Option<crate::control::Control>,
+    reboot_asked: bool,
     /// The host's network, until when containers on it wait for it, and
     /// whether starting them anyway was said.
     net: Option<Network>,
@@ -583,6 +586,8 @@ impl Supervisor {
             healthy_since: None,
             trial: None,
             watchdog: None,
+            control: None,
+            reboot_asked: false,
             healthy_recorded: false,
             net: None,
             net_wait_until: None,
@@ -780,6 +785,16 @@ impl Supervisor {
                 self.request_stop(&format!("slot {letter} failed its trial"));
             }
         }
+    }
+
+    /// Answers `control`'s requests as the run goes.
+    pub fn set_control(&mut self, control: crate::control::Control) {
+        self.control = Some(control);
+    }
+
+    /// Whether the control socket asked for a reboot.
+    pub fn reboot_asked(&self) -> bool {
+        self.reboot_asked
     }
 
     /// Feeds `dog` (an opened, armed `/dev/watchdog`) as the run goes.
@@ -1077,7 +1092,14 @@ impl Supervisor {
                 revents: 0,
             });
         }
-        let net_fds = self.net.as_ref().map_or(Vec::new(), Network::fds);
+        let control_fd = self.control.as_ref().map(|c| c.listener.as_raw_fd());
+        let net_fds: Vec<RawFd> = self
+            .net
+            .as_ref()
+            .map_or(Vec::new(), Network::fds)
+            .into_iter()
+            .chain(control_fd)
+            .collect();
         for &fd in &net_fds {
             fds.push(libc::pollfd {
                 fd,
@@ -1137,6 +1159,12 @@ impl Supervisor {
             .collect();
         if let Some(net) = &mut self.net {
             net.handle(&net_ready, Instant::now());
+        }
+        if let (Some(c), Some(fd)) = (&self.control, control_fd) {
+            if net_ready.contains(&fd) && c.serve() == crate::control::Then::Reboot {
+                self.reboot_asked = true;
+                self.request_stop("control: reboot");
+            }
         }
         let mut stop = None;
         if let Some(fd) = &self.sigfd {

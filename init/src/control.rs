@@ -1,0 +1,134 @@
+//! The control socket of an A/B disk's init ([`CONTROL_SOCKET`]): a
+//! container given `control = true` asks, one line per connection, and
+//! gets one JSON line back.
+//!
+//! - `status`: the slot booted and both slots' states;
+//! - `rollback`: the other slot boots next (as `kiln rollback` offline);
+//! - `reboot`: services stop in order and the machine restarts.
+
+use kiln_boot::disk::{self, FileDisk, SlotInfo};
+use kiln_init::config::CONTROL_SOCKET;
+use std::io::{self, BufRead, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+/// What a request asks the supervisor to do besides answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Nothing more.
+    Nothing,
+    /// Stop the services and restart the machine.
+    Reboot,
+}
+
+/// The listening socket and the disk whose slots it answers for.
+pub struct Control {
+    pub listener: UnixListener,
+    disk: String,
+    booted: u32,
+}
+
+impl Control {
+    /// Listens on [`CONTROL_SOCKET`] (root only) for the slots of `disk`;
+    /// `booted` is the partition number of the slot running.
+    pub fn listen(disk: &str, booted: u32) -> io::Result<Control> {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_file(CONTROL_SOCKET);
+        let listener = UnixListener::bind(CONTROL_SOCKET)?;
+        std::fs::set_permissions(CONTROL_SOCKET, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(Control {
+            listener,
+            disk: disk.to_string(),
+            booted,
+        })
+    }
+
+    /// Answers the connections waiting; what to do next.
+    pub fn serve(&self) -> Then {
+        let mut then = Then::Nothing;
+        while let Ok((stream, _)) = self.listener.accept() {
+            if self.answer(stream) == Then::Reboot {
+                then = Then::Reboot;
+            }
+        }
+        then
+    }
+
+    fn answer(&self, stream: UnixStream) -> Then {
+        // A client that says nothing holds the init at most this long.
+        let limit = Some(Duration::from_secs(1));
+        if stream.set_nonblocking(false).is_err()
+            || stream.set_read_timeout(limit).is_err()
+            || stream.set_write_timeout(limit).is_err()
+        {
+            return Then::Nothing;
+        }
+        let mut line = String::new();
+        let mut reader = io::BufReader::new((&stream).take(256));
+        let _ = reader.read_line(&mut line);
+        let (reply, then) = self.handle(line.trim());
+        let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+        crate::console::log(&format!("control: {}: {reply}", line.trim()));
+        then
+    }
+
+    /// The answer to one request.
+    fn handle(&self, request: &str) -> (serde_json::Value, Then) {
+        let fail = |e: String| (serde_json::json!({"ok": false, "error": e}), Then::Nothing);
+        let slots = match FileDisk::open(&self.disk, request == "rollback")
+            .and_then(|mut d| disk::read(&mut d).map(|(_, s)| (d, s)))
+        {
+            Ok(s) => s,
+            Err(e) => return fail(format!("reading the slots: {e}")),
+        };
+        let (mut dev, slots) = slots;
+        let Some(me) = slots.iter().find(|s| s.number == self.booted) else {
+            return fail("the booted slot is gone".into());
+        };
+        match request {
+            "status" => (
+                serde_json::json!({
+                    "ok": true,
+                    "booted": me.slot.letter().to_string(),
+                    "slots": slots.iter().map(|s| slot_json(s, s.number == self.booted)).collect::<Vec<_>>(),
+                }),
+                Then::Nothing,
+            ),
+            "rollback" => {
+                let Some(other) = slots.iter().find(|s| s.slot != me.slot) else {
+                    return fail("no other slot".into());
+                };
+                let Some(h) = &other.header else {
+                    return fail(format!("slot {} holds no image", other.slot.letter()));
+                };
+                let (t, m) = kiln_boot::slot::prefer(other.state, me.state, h.tries);
+                let written = disk::set_state(&mut dev, other.number, t)
+                    .and_then(|()| disk::set_state(&mut dev, me.number, m));
+                match written {
+                    Ok(()) => (
+                        serde_json::json!({"ok": true, "next": other.slot.letter().to_string()}),
+                        Then::Nothing,
+                    ),
+                    Err(e) => fail(format!("writing the slots' boot bits: {e}")),
+                }
+            }
+            "reboot" => (serde_json::json!({"ok": true}), Then::Reboot),
+            other => fail(format!(
+                "unknown request {other:?} (status, rollback or reboot)"
+            )),
+        }
+    }
+}
+
+fn slot_json(s: &SlotInfo, booted: bool) -> serde_json::Value {
+    serde_json::json!({
+        "slot": s.slot.letter().to_string(),
+        "name": s.header.as_ref().map(|h| h.name.clone()),
+        "version": s.header.as_ref().map(|h| h.version.clone()),
+        "state": disk::describe(s, booted),
+        "priority": s.state.priority,
+        "tries": s.state.tries,
+        "successful": s.state.successful,
+    })
+}
