@@ -1921,6 +1921,15 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             .filter(|&ms| ms > 0)
             .ok_or_else(|| l.at(h, "expected a duration such as \"90s\" or \"5m\""))?,
     };
+    if let (Some(h), true) = (
+        &r.update.healthy_within,
+        healthy_within_ms <= healthy_after_ms,
+    ) {
+        return Err(l.at(
+            h,
+            "must be longer than host.healthy_after: a new slot has to be healthy that long first",
+        ));
+    }
     let update = UpdateSpec {
         tries,
         healthy_within_ms,
@@ -2672,6 +2681,43 @@ size = "512M"
         let v = parse_with("[disk]\nverity = false\nverity_error = \"restart\"\n").unwrap();
         assert!(!v.disk.verity);
         assert_eq!(v.disk.verity_error, VerityError::Restart);
+        assert_eq!(
+            v.update,
+            UpdateSpec {
+                tries: 3,
+                healthy_within_ms: 300_000
+            }
+        );
+        assert_eq!(v.disk.update, UpdateMode::Ab);
+        let u = parse_with(
+            "[disk]\nupdate = \"none\"\n[update]\ntries = 1\nhealthy_within = \"90s\"\n",
+        )
+        .unwrap();
+        assert_eq!(u.disk.update, UpdateMode::None);
+        assert_eq!(
+            u.update,
+            UpdateSpec {
+                tries: 1,
+                healthy_within_ms: 90_000
+            }
+        );
+        for (text, field) in [
+            ("[update]\ntries = 0\n", "update.tries"),
+            ("[update]\ntries = 16\n", "update.tries"),
+            (
+                "[update]\nhealthy_within = \"10s\"\n",
+                "update.healthy_within",
+            ),
+            ("[disk]\nupdate = \"abc\"\n", "disk.update"),
+            ("[disk]\nslot_size = \"1000K\"\n", "disk.slot_size"),
+            (
+                "[disk]\nupdate = \"none\"\nslot_size = \"1G\"\n",
+                "disk.slot_size",
+            ),
+        ] {
+            let e = parse_with(text).unwrap_err();
+            assert_eq!(e.loc.field, field, "{text}: {e}");
+        }
         let e = parse_with("[disk]\nverity_error = \"panic\"\n").unwrap_err();
         assert_eq!(e.loc.field, "disk.verity_error", "{e}");
         assert!(e.to_string().contains("\"eio\" or \"restart\""), "{e}");
