@@ -215,11 +215,10 @@ pub fn update(disk_path: &Path, image: &Path) -> Result<Applied, AbError> {
         .map_err(&wr)?;
     disk.dev.flush().map_err(&wr)?;
     let len = new.uki_offset + new.uki_len;
-    let written = copy(
+    let written = stream(
         &mut src.dev,
         from.first_lba,
-        &mut disk.dev,
-        target.first_lba,
+        Some((&mut disk.dev, target.first_lba)),
         len,
     )
     .map_err(|e| match e {
@@ -227,7 +226,9 @@ pub fn update(disk_path: &Path, image: &Path) -> Result<Applied, AbError> {
         Side::Write(e) => wr(e),
     })?;
     disk.dev.flush().map_err(&wr)?;
-    let back = digest(&mut disk.dev, target.first_lba, len).map_err(&wr)?;
+    let back = stream(&mut disk.dev, target.first_lba, None, len).map_err(|e| match e {
+        Side::Read(e) | Side::Write(e) => wr(e),
+    })?;
     if back != written {
         return Err(AbError::Verify(target.slot.letter()));
     }
@@ -264,12 +265,12 @@ enum Side {
     Write(io::Error),
 }
 
-/// Copies `len` bytes between partitions in 1 MiB pieces: their sha256.
-fn copy(
+/// Reads `len` bytes from `lba` of `from` in 1 MiB pieces, writing each
+/// to `to` (partition start) if given: their sha256.
+fn stream(
     from: &mut FileDisk,
-    from_lba: u64,
-    to: &mut FileDisk,
-    to_lba: u64,
+    lba: u64,
+    mut to: Option<(&mut FileDisk, u64)>,
     len: u64,
 ) -> Result<[u8; 32], Side> {
     let mut h = Sha256::new();
@@ -279,25 +280,10 @@ fn copy(
         let n = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
         let n = n.next_multiple_of(SECTOR);
         let sector = done / SECTOR as u64;
-        from.read(from_lba + sector, &mut buf[..n])
-            .map_err(Side::Read)?;
-        to.write(to_lba + sector, &buf[..n]).map_err(Side::Write)?;
-        let used = usize::try_from(len - done).map_or(n, |left| left.min(n));
-        h.update(&buf[..used]);
-        done += n as u64;
-    }
-    Ok(h.finalize().into())
-}
-
-/// The sha256 of `len` bytes from `lba`.
-fn digest(dev: &mut FileDisk, lba: u64, len: u64) -> io::Result<[u8; 32]> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    while done < len {
-        let n = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let n = n.next_multiple_of(SECTOR);
-        dev.read(lba + done / SECTOR as u64, &mut buf[..n])?;
+        from.read(lba + sector, &mut buf[..n]).map_err(Side::Read)?;
+        if let Some((dev, at)) = to.as_mut() {
+            dev.write(*at + sector, &buf[..n]).map_err(Side::Write)?;
+        }
         let used = usize::try_from(len - done).map_or(n, |left| left.min(n));
         h.update(&buf[..used]);
         done += n as u64;

@@ -1864,33 +1864,25 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
         },
     };
 
-    let verity_error = match &r.disk.verity_error {
-        None => VerityError::default(),
-        Some(v) => match v.get_ref().as_str() {
-            "eio" => VerityError::Eio,
-            "restart" => VerityError::Restart,
-            other => {
-                return Err(l.at(
-                    v,
-                    format!("{other:?} is not a verity_error (expected \"eio\" or \"restart\")"),
-                ))
-            }
-        },
+    // One of a few words, or the default.
+    let choose = |v: &Option<Spanned<String>>, what: &str, words: &[&str]| match v {
+        None => Ok(0),
+        Some(v) => words.iter().position(|w| w == v.get_ref()).ok_or_else(|| {
+            let expected: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+            l.at(
+                v,
+                format!(
+                    "{:?} is not {what} (expected {})",
+                    v.get_ref(),
+                    expected.join(" or ")
+                ),
+            )
+        }),
     };
-
-    let update_mode = match &r.disk.update {
-        None => UpdateMode::Ab,
-        Some(u) => match u.get_ref().as_str() {
-            "ab" => UpdateMode::Ab,
-            "none" => UpdateMode::None,
-            other => {
-                return Err(l.at(
-                    u,
-                    format!("{other:?} is not an update layout (expected \"ab\" or \"none\")"),
-                ))
-            }
-        },
-    };
+    let verity_error = [VerityError::Eio, VerityError::Restart]
+        [choose(&r.disk.verity_error, "a verity_error", &["eio", "restart"])?];
+    let update_mode = [UpdateMode::Ab, UpdateMode::None]
+        [choose(&r.disk.update, "an update layout", &["ab", "none"])?];
     let slot_size = match &r.disk.slot_size {
         None => None,
         Some(s) => {
