@@ -184,6 +184,33 @@ fn hello_builds_validates_and_boots() {
         console.contains("booted slot a; slots: a (hello 0.1.0): good; b (empty): no image"),
         "{console}"
     );
+    // One flipped byte in the root's first block: dm-verity refuses the
+    // mount, the slot is marked failed, and with no other slot to boot
+    // the init says so and stops (no final report: kiln run exits 4).
+    {
+        use std::os::unix::fs::FileExt;
+        let bad_disk = out.join("bad.raw");
+        std::fs::copy(&image, &bad_disk).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&bad_disk)
+            .unwrap();
+        let at = parts[1].1 * 512 + 2000;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+        let r = k::boot_with(&kiln(), &bad_disk, 300, &["--net", "none"]);
+        let c = &r.stdout;
+        assert_eq!(r.code, Some(4), "{c}");
+        assert!(c.contains("device-mapper: verity"), "{c}");
+        assert!(
+            c.contains("slot a marked failed; no other slot can boot")
+                && c.contains("FATAL: mount"),
+            "{c}"
+        );
+        assert!(k::container_lines(c, "greet").is_empty(), "{c}");
+    }
     let onboot_at = console.find("greet| hello").unwrap();
     let service_at = console.find("hello| I am PID").unwrap();
     assert!(onboot_at < service_at, "onboot ran after the service");
@@ -1192,7 +1219,7 @@ fn hardening_defaults() {
     std::fs::write(
         &recipe,
         format!(
-            "name = \"hardening\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n{}{}{}[host]\nwhen_done = \"poweroff\"\n[disk]\nsize = \"256M\"\n",
+            "name = \"hardening\"\nversion = \"1\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n{}{}{}[host]\nwhen_done = \"poweroff\"\n[disk]\nsize = \"320M\"\n",
             service("confined", ""),
             service("unconfined", "seccomp = \"unconfined\"\n"),
             service("caps", "capabilities = { add = [\"NET_ADMIN\"], drop = [\"CHOWN\"] }\n"),
@@ -1556,9 +1583,10 @@ fn http_get(port: u16) -> String {
 /// A/B updates offline, on one disk through its life, each boot with
 /// `kiln run --persist`: v2 applied with `kiln update` boots from slot B on
 /// trial and is marked good; `kiln rollback` brings v1 back, and v1's
-/// container makes v2 next again through the control socket; a flipped byte in v2's root (slot B) makes that slot
-/// refuse at boot (dm-verity), be marked failed, and v1 boot instead; v3,
-/// whose essential container fails, gets its one try and the machine is
+/// container makes v2 next again through the control socket; a flipped
+/// byte in a file v2 reads (slot B) is found by dm-verity at run time
+/// (`verity_error = "restart"`), the slot marked failed and v1 boots
+/// instead; v3, whose essential container fails, gets its one try and the machine is
 /// back on v1 in the same run. Refused: an update not newer than what
 /// runs, a build of another recipe, an encoded disk. The disk is grown
 /// before its first boot: the data partition and its ext4 follow, and a
@@ -1574,8 +1602,9 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
             "name = \"{name}\"\nversion = \"{version}\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
              [[onboot]]\nname = \"app\"\n{nc}\nrestart = \"never\"\nvolumes = [\"state:/state\"]\ncontrol = true\n\
              command = [\"/bin/busybox\", \"sh\", \"-c\", \"c=$(busybox cat /state/count 2>/dev/null || echo 0); echo boots before $c; echo $((c+1)) > /state/count; \
-             if [ $c = 1 ]; then echo rollback | /bin/nc.openbsd -U -N /run/kiln/state/control.sock; fi; {command}\"]\n\
-             [host]\nwhen_done = \"poweroff\"\nhealthy_after = \"2s\"\n[disk]\nsize = \"256M\"\n[update]\ntries = 1\n"
+             if [ $c = 1 ]; then echo rollback | /bin/nc.openbsd -U -N /run/kiln/state/control.sock; fi; \
+             busybox find / -xdev -type f | busybox xargs busybox cat > /dev/null 2>&1; {command}\"]\n\
+             [host]\nwhen_done = \"poweroff\"\nhealthy_after = \"2s\"\n[disk]\nsize = \"256M\"\nverity_error = \"restart\"\n[update]\ntries = 1\n"
         )
     };
     let build = |tag: &str, text: String| {
@@ -1728,8 +1757,9 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
         next()
     );
 
-    // A flipped byte in slot B's root: dm-verity refuses it at boot, the
-    // slot is marked failed and v1 boots in the same run.
+    // A flipped byte in a file of slot B's root: the app reads every file
+    // it has, dm-verity finds it (verity_error = "restart"), the slot is
+    // marked failed and v1 boots in the same run.
     let parts = k::partitions(&disk);
     {
         use std::os::unix::fs::FileExt;
@@ -1738,22 +1768,38 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
             .write(true)
             .open(&disk)
             .unwrap();
-        let at = parts[2].1 * 512 + 2000;
+        let start = parts[2].1 * 512;
+        let mut used = [0u8; 8];
+        f.read_exact_at(&mut used, start + 40).unwrap();
+        // Three tenths in: file data (busybox, netcat and its libraries).
+        let at = start + u64::from_le_bytes(used) * 3 / 10;
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
     }
     let r = boot("corrupt");
     assert_eq!(r.code, Some(0), "{}", r.stdout);
-    assert!(r.stdout.contains("device-mapper: verity"), "{}", r.stdout);
+    let c = &r.stdout;
+    assert!(c.contains("device-mapper: verity"), "{c}");
+    let found = c
+        .find("root: dm-verity found a corrupt block")
+        .unwrap_or_else(|| panic!("{c}"));
     assert!(
-        r.stdout
-            .contains("slot b marked failed: restarting into the other slot"),
-        "{}",
-        r.stdout
+        c[found..].contains("slot b marked failed: its root is corrupt")
+            && c[found..].contains("kiln-boot: slot a (ab 1.0.0, good)"),
+        "{c}"
     );
-    let lines = k::container_lines(&r.stdout, "app");
-    assert_eq!(lines, ["boots before 2", "app version 1"], "{}", r.stdout);
+    let lines = k::container_lines(c, "app");
+    assert_eq!(
+        lines,
+        [
+            "boots before 2",
+            "app version 2",
+            "boots before 3",
+            "app version 1"
+        ],
+        "{c}"
+    );
     assert!(next().contains("b (ab 2.0.0): failed"), "{}", next());
 
     // v3 fails its one try; the same run ends on v1.
@@ -1784,9 +1830,9 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     assert_eq!(
         lines,
         [
-            "boots before 3",
-            "app version 3",
             "boots before 4",
+            "app version 3",
+            "boots before 5",
             "app version 1"
         ],
         "{c}"

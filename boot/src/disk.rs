@@ -132,6 +132,22 @@ pub fn mark_good(disk: &str, number: u32) -> io::Result<()> {
     set_state(&mut d, number, s.state.marked_good())
 }
 
+/// Marks partition `number` of `disk` failed (no tries, not successful):
+/// its root is corrupt. Whether the other slot can boot instead.
+pub fn mark_failed(disk: &str, number: u32) -> io::Result<bool> {
+    let mut d = FileDisk::open(disk, true)?;
+    let (_, slots) = read(&mut d)?;
+    let me = slots.iter().find(|s| s.number == number);
+    let other = slots.iter().find(|s| s.number != number);
+    let failed = SlotState {
+        tries: 0,
+        successful: false,
+        ..me.map(|s| s.state).unwrap_or_default()
+    };
+    set_state(&mut d, number, failed)?;
+    Ok(other.is_some_and(|o| o.header.is_some() && o.state.bootable()))
+}
+
 /// One line on a slot for the console: `a (hello 1.0.0): good`.
 /// `booted`: this boot runs it (a slot on trial whose tries are used up
 /// is then on its last try, not failed).

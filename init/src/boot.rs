@@ -2,12 +2,11 @@
 //! finding the root partition by GPT GUID, switch_root, then the real
 //! root's tmpfs mounts, cgroups, hostname and runtime files.
 
-use crate::dm::OnCorruption;
 use crate::sys::{Sys, VerityRoot};
 use kiln_formats::gpt::{self, GptError, Guid};
 use kiln_init::config::{
-    cmdline_root_hash, is_runtime_file, FileEntry, HostConfig, RootVerity, VerityError,
-    ROOT_HASH_KEY, RUNTIME_FILES_DIR,
+    cmdline_root_hash, is_runtime_file, FileEntry, HostConfig, RootVerity, ROOT_HASH_KEY,
+    RUNTIME_FILES_DIR,
 };
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -351,15 +350,10 @@ pub fn verify_root(
     let cmdline = sys.read_file("/proc/cmdline").unwrap_or_default();
     let root_hash = cmdline_root_hash(&String::from_utf8_lossy(&cmdline))
         .ok_or(BootError::NoRootHash { key: ROOT_HASH_KEY })?;
-    let on_corruption = match v.on_error {
-        VerityError::Eio => OnCorruption::Eio,
-        VerityError::Restart => OnCorruption::Restart,
-    };
     let root = VerityRoot {
         data_blocks: v.data_blocks,
         root_hash,
         salt: v.salt.clone(),
-        on_corruption,
     };
     sys.open_verity("kiln-root", dev, &root)
         .map_err(|source| BootError::Verity {
@@ -485,6 +479,7 @@ mod tests {
 
     #[test]
     fn a_verified_root_maps_through_dm_verity() {
+        use kiln_init::config::VerityError;
         let sys = FakeSys::default();
         let v = RootVerity {
             data_blocks: 10,
@@ -509,7 +504,7 @@ mod tests {
         assert_eq!(
             sys.log(),
             [format!(
-                "veritysetup open /dev/vda2 kiln-root 10 {hash} 5a5a Restart"
+                "veritysetup open /dev/vda2 kiln-root 10 {hash} 5a5a"
             )]
         );
     }

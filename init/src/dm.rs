@@ -22,6 +22,8 @@ const READONLY_FLAG: u32 = 1 << 0;
 enum Cmd {
     DevCreate = 3,
     DevRemove = 4,
+    /// The live table's status (dm-verity's: `V` valid, `C` corrupted).
+    TableStatus = 12,
     /// With no suspend flag: resume, making a loaded table live.
     DevSuspend = 6,
     TableLoad = 9,
@@ -32,15 +34,6 @@ impl Cmd {
     fn request(self) -> u32 {
         (3 << 30) | (HEADER_SIZE << 16) | (0xfd << 8) | self as u32
     }
-}
-
-/// What a corrupt block read does (`verity_error` in the recipe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnCorruption {
-    /// The read fails with EIO.
-    Eio,
-    /// The machine restarts (`restart_on_corruption`).
-    Restart,
 }
 
 /// A dm-verity target over one device holding the data, then (from
@@ -56,7 +49,6 @@ pub struct Verity {
     pub root_hash: String,
     /// Hex.
     pub salt: String,
-    pub on_corruption: OnCorruption,
 }
 
 impl Verity {
@@ -65,17 +57,15 @@ impl Verity {
         self.data_blocks * 8
     }
 
-    /// The target's parameters (format 1, sha256, 4 KiB blocks).
+    /// The target's parameters (format 1, sha256, 4 KiB blocks). A
+    /// corrupt block reads as EIO; the init watches the target's status
+    /// for what else to do (see [`corrupted`]).
     fn params(&self) -> String {
         let (ma, mi) = self.dev;
-        let mut p = format!(
+        format!(
             "1 {ma}:{mi} {ma}:{mi} 4096 4096 {} {} sha256 {} {}",
             self.data_blocks, self.hash_start_block, self.root_hash, self.salt
-        );
-        if self.on_corruption == OnCorruption::Restart {
-            p.push_str(" 1 restart_on_corruption");
-        }
-        p
+        )
     }
 }
 
@@ -165,6 +155,31 @@ pub fn create_verity(name: &str, v: &Verity) -> io::Result<String> {
     Ok(format!("/dev/dm-{minor}"))
 }
 
+/// Whether verity device `name` has met a block that failed
+/// verification (its status says `C`).
+pub fn corrupted(name: &str) -> io::Result<bool> {
+    let ctl = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")?;
+    // Room for the reply: a target spec and its short status line.
+    let mut m = message(name, 0, 0, &[0u8; 512])?;
+    call(&ctl, Cmd::TableStatus, &mut m)?;
+    Ok(status_says_corrupted(&m))
+}
+
+/// Reads dm-verity's status out of a `DM_TABLE_STATUS` reply.
+fn status_says_corrupted(reply: &[u8]) -> bool {
+    let u32_at = |at: usize| {
+        reply
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_ne_bytes) as usize
+    };
+    let (start, count) = (u32_at(16), u32_at(20));
+    count > 0 && reply.get(start + SPEC) == Some(&b'C')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +195,7 @@ mod tests {
         assert_eq!(Cmd::DevCreate.request(), 0xc138_fd03);
         assert_eq!(Cmd::TableLoad.request(), 0xc138_fd09);
         assert_eq!(Cmd::DevSuspend.request(), 0xc138_fd06);
+        assert_eq!(Cmd::TableStatus.request(), 0xc138_fd0c);
     }
 
     #[test]
@@ -206,18 +222,32 @@ mod tests {
 
     #[test]
     fn verity_params() {
-        let mut v = Verity {
+        let v = Verity {
             dev: (254, 2),
             data_blocks: 100,
             hash_start_block: 101,
             root_hash: "ab".into(),
             salt: "cd".into(),
-            on_corruption: OnCorruption::Eio,
         };
         assert_eq!(v.params(), "1 254:2 254:2 4096 4096 100 101 sha256 ab cd");
         assert_eq!(v.sectors(), 800);
-        v.on_corruption = OnCorruption::Restart;
-        assert!(v.params().ends_with(" cd 1 restart_on_corruption"));
+    }
+
+    #[test]
+    fn status_reply() {
+        // As the kernel answers: data_start past the header, one target,
+        // its spec, then the status line.
+        let reply = |status: &[u8]| {
+            let mut t = table("verity", 8, "").unwrap();
+            t.truncate(SPEC);
+            t.extend_from_slice(status);
+            t.push(0);
+            message("kiln-root", 0, 1, &t).unwrap()
+        };
+        assert!(status_says_corrupted(&reply(b"C")));
+        assert!(!status_says_corrupted(&reply(b"V")));
+        let none = message("kiln-root", 0, 0, &[]).unwrap();
+        assert!(!status_says_corrupted(&none));
     }
 
     #[test]

@@ -197,7 +197,11 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Stage, String> {
         index: boot.modules.clone(),
         initramfs,
     });
-    Ok(Stage { deferred, booted })
+    Ok(Stage {
+        deferred,
+        booted,
+        verity: boot.verity.as_ref().map(|v| v.on_error),
+    })
 }
 
 /// Logs the A/B slots; the trial to judge if the slot booted is not yet
@@ -235,18 +239,7 @@ fn slot_trial(found: &boot::FoundSlot, cfg: &HostConfig) -> Option<supervisor::T
 fn abandon_slot(found: &boot::FoundSlot, why: &str) -> ! {
     let letter = found.slot.letter();
     log(&format!("slot {letter}: {why}"));
-    let marked = kiln_boot::disk::FileDisk::open(&found.disk, true).and_then(|mut d| {
-        let (_, slots) = kiln_boot::disk::read(&mut d)?;
-        let me = slots.iter().find(|s| s.number == found.number);
-        let other = slots.iter().find(|s| s.slot != found.slot);
-        let failed = kiln_boot::SlotState {
-            tries: 0,
-            successful: false,
-            ..me.map(|s| s.state).unwrap_or_default()
-        };
-        kiln_boot::disk::set_state(&mut d, found.number, failed)?;
-        Ok(other.is_some_and(|o| o.header.is_some() && o.state.bootable()))
-    });
+    let marked = kiln_boot::disk::mark_failed(&found.disk, found.number);
     match marked {
         Ok(true) => {
             log(&format!(
@@ -270,6 +263,8 @@ fn abandon_slot(found: &boot::FoundSlot, why: &str) -> ! {
 struct Stage {
     deferred: Option<Deferred>,
     booted: Option<boot::FoundSlot>,
+    /// What a corrupt root block does, if the root is verified.
+    verity: Option<config::VerityError>,
 }
 
 fn parse_build_id(hex: &str) -> Result<[u8; 32], String> {
@@ -393,11 +388,13 @@ fn run() -> Result<std::convert::Infallible, String> {
     }
     let mut deferred = None;
     let mut booted = None;
+    let mut verity = None;
     if sys.exists(BOOT_CONFIG_PATH) {
         let boot: BootConfig = read_json(&sys, BOOT_CONFIG_PATH)?;
         let stage = initramfs_stage(&sys, &boot)?;
         deferred = stage.deferred;
         booted = stage.booted;
+        verity = stage.verity;
     } else {
         log("no boot config: assuming the real root is already mounted");
     }
@@ -478,6 +475,15 @@ fn run() -> Result<std::convert::Infallible, String> {
     if let Some(trial) = booted.as_ref().and_then(|b| slot_trial(b, &cfg)) {
         sup.set_trial(trial);
     }
+    if let Some(on_error) = verity {
+        sup.watch_verity(supervisor::VerityWatch {
+            device: "kiln-root",
+            restart: on_error == config::VerityError::Restart,
+            slot: booted
+                .as_ref()
+                .map(|b| (b.disk.clone(), b.number, b.slot.letter())),
+        });
+    }
     if let Some(found) = &booted {
         if let Some(dog) = arm_watchdog(&sys, deferred.as_mut()) {
             sup.set_watchdog(dog);
@@ -521,6 +527,7 @@ fn run() -> Result<std::convert::Infallible, String> {
         load_later(d);
     }
     sup.wait_all();
+    sup.check_verity_now();
     if sup.stop_requested().is_none() {
         log("all containers exited");
         if cfg.when_done == WhenDone::Stay {

@@ -450,6 +450,9 @@ pub struct Supervisor {
     trial: Option<Trial>,
     /// The armed watchdog and when it was last fed.
     watchdog: Option<(std::fs::File, Instant)>,
+    /// The verified root's device, watched for corruption, and when it
+    /// was last looked at.
+    verity: Option<(VerityWatch, Instant)>,
     /// The control socket, and whether it asked for a reboot.
     control: Option<crate::control::Control>,
     reboot_asked: bool,
@@ -474,6 +477,22 @@ pub struct Trial {
     /// `Some(true)` good, `Some(false)` failed.
     pub verdict: Option<bool>,
 }
+
+/// The verified root as the supervisor watches it: dm-verity makes a
+/// corrupt block's reads fail; the first one found is logged, and with
+/// `verity_error = "restart"` the machine restarts (on an A/B disk into
+/// the other slot, this one marked failed).
+pub struct VerityWatch {
+    /// The device-mapper name.
+    pub device: &'static str,
+    /// `verity_error = "restart"`.
+    pub restart: bool,
+    /// The slot booted: its disk, partition number and letter.
+    pub slot: Option<(String, u32, char)>,
+}
+
+/// How often the verified root's status is looked at.
+const VERITY_CHECK: Duration = Duration::from_secs(1);
 
 /// How often the watchdog is fed (its timeout is [`WATCHDOG_TIMEOUT_S`]).
 const WATCHDOG_FEED: Duration = Duration::from_secs(5);
@@ -588,6 +607,7 @@ impl Supervisor {
             watchdog: None,
             control: None,
             reboot_asked: false,
+            verity: None,
             healthy_recorded: false,
             net: None,
             net_wait_until: None,
@@ -785,6 +805,62 @@ impl Supervisor {
                 self.request_stop(&format!("slot {letter} failed its trial"));
             }
         }
+    }
+
+    /// Watches the verified root as the run goes.
+    pub fn watch_verity(&mut self, watch: VerityWatch) {
+        self.verity = Some((watch, Instant::now()));
+    }
+
+    /// Looks at the verified root now: a run that ended still restarts
+    /// if a corrupt block was read in it.
+    pub fn check_verity_now(&mut self) {
+        self.check_verity_at(Instant::now(), true);
+    }
+
+    fn check_verity(&mut self, now: Instant) {
+        self.check_verity_at(now, false);
+    }
+
+    fn check_verity_at(&mut self, now: Instant, force: bool) {
+        let Some((w, at)) = &mut self.verity else {
+            return;
+        };
+        if !force && now.duration_since(*at) < VERITY_CHECK {
+            return;
+        }
+        *at = now;
+        if !crate::dm::corrupted(w.device).unwrap_or(false) {
+            return;
+        }
+        let Some((w, _)) = self.verity.take() else {
+            return;
+        };
+        console::log("root: dm-verity found a corrupt block; reading it fails with EIO");
+        if !w.restart {
+            return;
+        }
+        if let Some((disk, number, letter)) = &w.slot {
+            let other = match kiln_boot::disk::mark_failed(disk, *number) {
+                Ok(other) => {
+                    console::log(&format!("slot {letter} marked failed: its root is corrupt"));
+                    other
+                }
+                Err(e) => {
+                    console::log(&format!("slot {letter}: cannot mark it failed: {e}"));
+                    false
+                }
+            };
+            // Restarting into the same corrupt root would loop.
+            if !other {
+                console::log(
+                    "no other slot can boot: staying up (reads of the corrupt block fail)",
+                );
+                return;
+            }
+        }
+        self.reboot_asked = true;
+        self.request_stop("root corrupt (verity_error = restart)");
     }
 
     /// Answers `control`'s requests as the run goes.
@@ -1247,6 +1323,7 @@ impl Supervisor {
         self.start_ready_services();
         self.check_health(now);
         self.judge(now);
+        self.check_verity(now);
         self.feed_watchdog(now);
         self.publish();
     }

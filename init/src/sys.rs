@@ -57,14 +57,13 @@ pub trait Sys {
     fn open_verity(&self, name: &str, dev: &str, v: &VerityRoot) -> io::Result<String>;
 }
 
-/// A verified root: where its tree starts, its hashes, and what
-/// corruption does (the rest of a [`crate::dm::Verity`]).
+/// A verified root: where its tree starts and its hashes (the rest of a
+/// [`crate::dm::Verity`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerityRoot {
     pub data_blocks: u64,
     pub root_hash: String,
     pub salt: String,
-    pub on_corruption: crate::dm::OnCorruption,
 }
 
 /// `struct loop_info64` of linux/loop.h.
@@ -173,7 +172,6 @@ impl Sys for RealSys {
             hash_start_block: v.data_blocks + 1,
             root_hash: v.root_hash.clone(),
             salt: v.salt.clone(),
-            on_corruption: v.on_corruption,
         };
         crate::dm::create_verity(name, &verity)
     }
@@ -711,10 +709,7 @@ pub mod fake {
         }
 
         fn open_verity(&self, name: &str, dev: &str, v: &VerityRoot) -> io::Result<String> {
-            let what = format!(
-                "{dev} {name} {} {} {} {:?}",
-                v.data_blocks, v.root_hash, v.salt, v.on_corruption
-            );
+            let what = format!("{dev} {name} {} {} {}", v.data_blocks, v.root_hash, v.salt);
             self.record(dev, Op::Verity(what))?;
             Ok("/dev/dm-0".to_string())
         }
