@@ -220,16 +220,20 @@ pub struct FoundSlot {
     pub slot: kiln_boot::Slot,
     /// What it holds.
     pub header: kiln_boot::SlotHeader,
+    /// Every slot of its disk, as the boot found them.
+    pub slots: Vec<kiln_boot::disk::SlotInfo>,
 }
 
 /// Looks once through every disk's GPT for the slot partition whose
-/// header names `build_id`.
+/// header names `build_id`; its disk's slots come along (for the log and
+/// the trial, with no second read).
 pub fn find_slot(sys: &dyn Sys, build_id: &[u8; 32]) -> Option<FoundSlot> {
     for disk in whole_disks(sys) {
         let Ok(table) = read_gpt(sys, &disk) else {
             continue;
         };
         let dev = format!("/dev/{disk}");
+        let mut slots = Vec::new();
         for p in &table.partitions {
             if p.entry.type_guid.0 != kiln_boot::SLOT_TYPE {
                 continue;
@@ -237,32 +241,44 @@ pub fn find_slot(sys: &dyn Sys, build_id: &[u8; 32]) -> Option<FoundSlot> {
             let Some(slot) = kiln_boot::Slot::from_partition_name(&p.entry.name) else {
                 continue;
             };
+            let first = p.entry.first_lba * table.sector_size;
             let end = (p.entry.last_lba + 1) * table.sector_size;
             let len = kiln_boot::slot::HEADER_LEN;
-            let Some(at) = end.checked_sub(len as u64) else {
-                continue;
-            };
-            let Ok(raw) = sys.read_at(&dev, at, len) else {
-                continue;
-            };
-            let Some(header) = kiln_boot::SlotHeader::decode(&raw) else {
-                continue;
-            };
-            if &header.build_id != build_id {
-                continue;
-            }
-            let number = p.index;
-            if let Some(name) = partition_name(sys, &disk, number) {
-                let node = format!("/dev/{name}");
-                if sys.exists(&node) {
-                    return Some(FoundSlot {
-                        disk: dev,
-                        number,
-                        node,
-                        slot,
-                        header,
-                    });
-                }
+            let header = end
+                .checked_sub(len as u64)
+                .and_then(|at| sys.read_at(&dev, at, len).ok())
+                .and_then(|raw| kiln_boot::SlotHeader::decode(&raw))
+                .filter(|h| h.fits(end - first));
+            slots.push(kiln_boot::disk::SlotInfo {
+                slot,
+                number: p.index,
+                first_lba: p.entry.first_lba,
+                len: end - first,
+                state: kiln_boot::SlotState::from_attributes(p.entry.attributes),
+                header,
+            });
+        }
+        let Some(me) = slots
+            .iter()
+            .find(|s| s.header.as_ref().is_some_and(|h| &h.build_id == build_id))
+        else {
+            continue;
+        };
+        let (number, slot) = (me.number, me.slot);
+        let Some(header) = me.header.clone() else {
+            continue;
+        };
+        if let Some(name) = partition_name(sys, &disk, number) {
+            let node = format!("/dev/{name}");
+            if sys.exists(&node) {
+                return Some(FoundSlot {
+                    disk: dev,
+                    number,
+                    node,
+                    slot,
+                    header,
+                    slots,
+                });
             }
         }
     }

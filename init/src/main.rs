@@ -208,15 +208,7 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Stage, String> {
 /// marked good.
 fn slot_trial(found: &boot::FoundSlot, cfg: &HostConfig) -> Option<supervisor::Trial> {
     let letter = found.slot.letter();
-    let read = kiln_boot::disk::FileDisk::open(&found.disk, false)
-        .and_then(|mut d| kiln_boot::disk::read(&mut d));
-    let infos = match read {
-        Ok((_, infos)) => infos,
-        Err(e) => {
-            log(&format!("slots: cannot read {}: {e}", found.disk));
-            return None;
-        }
-    };
+    let infos = &found.slots;
     let line: Vec<String> = infos
         .iter()
         .map(|s| kiln_boot::disk::describe(s, s.number == found.number))
@@ -485,9 +477,6 @@ fn run() -> Result<std::convert::Infallible, String> {
         });
     }
     if let Some(found) = &booted {
-        if let Some(dog) = arm_watchdog(&sys, deferred.as_mut()) {
-            sup.set_watchdog(dog);
-        }
         match control::Control::listen(&found.disk, found.number) {
             Ok(c) => sup.set_control(c),
             Err(e) => log(&format!("control: {}: {e}", config::CONTROL_SOCKET)),
@@ -519,6 +508,12 @@ fn run() -> Result<std::convert::Infallible, String> {
         }
     }
     sup.run_in_order(UnitKind::Onboot);
+    // Armed once the first containers ran: its module is not on their way.
+    if booted.is_some() {
+        if let Some(dog) = arm_watchdog(&sys, deferred.as_mut()) {
+            sup.set_watchdog(dog);
+        }
+    }
     if sup.stop_requested().is_none() {
         sup.start_services();
     }
