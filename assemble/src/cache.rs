@@ -155,11 +155,9 @@ impl Cache {
         let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let mut tmp = tempfile_in(&dir).map_err(io_err(&dir))?;
-        // Locked while written, so a concurrent build's sweep spares it.
         let result = tmp
             .1
-            .lock()
-            .and_then(|()| tmp.1.write_all(value.as_bytes()))
+            .write_all(value.as_bytes())
             .and_then(|()| fs::rename(&tmp.0, &path));
         crate::output::untrack_temp(&tmp.0);
         if result.is_err() {
@@ -192,8 +190,6 @@ impl Cache {
             hasher: Sha256::new(),
             len: 0,
         };
-        // Locked while written, so a concurrent build's sweep spares it.
-        writer.file.get_ref().lock().map_err(io_err(&dir))?;
         Ok(writer)
     }
 
@@ -247,8 +243,6 @@ impl Cache {
         let dir = self.dir.join("sha256");
         let mut tmp = tempfile_in(&dir).map_err(io_err(&dir))?;
         let result = (|| {
-            // Locked while written, so a concurrent build's sweep spares it.
-            tmp.1.lock()?;
             tmp.1.write_all(data)?;
             tmp.1.sync_all()?;
             fs::rename(&tmp.0, &path)
@@ -374,7 +368,7 @@ impl kiln_formats::squashfs::BlockStore for Cache {
         }
         // Best effort: a block not kept is compressed again next time.
         if let Ok((tmp, mut f)) = tempfile_in(dir) {
-            let ok = f.lock().is_ok() && f.write_all(compressed).is_ok();
+            let ok = f.write_all(compressed).is_ok();
             if !ok || fs::rename(&tmp, &path).is_err() {
                 let _ = fs::remove_file(&tmp);
             }

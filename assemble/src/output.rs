@@ -62,24 +62,44 @@ pub fn remove_all_temps() {
     }
 }
 
-/// Creates the new file `path` (read-write) and registers it for
-/// [`remove_all_temps`] in one step, so a signal arriving meanwhile cannot
-/// leave it behind.
+/// Creates the new file `path` (read-write), registers it for
+/// [`remove_all_temps`] in one step (so a signal arriving meanwhile cannot
+/// leave it behind) and locks it, which keeps other builds' [`sweep`] off it.
 pub fn create_temp(path: &Path) -> io::Result<File> {
-    let mut t = temps();
-    if t.closing {
-        return Err(io::Error::new(
-            io::ErrorKind::Interrupted,
-            "kiln is stopping",
-        ));
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = {
+            let mut t = temps();
+            if t.closing {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "kiln is stopping",
+                ));
+            }
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)?;
+            t.paths.push(path.to_path_buf());
+            file
+        };
+        // A sweep may find the file before it is locked and remove it; then
+        // the path no longer names this file and it is made again.
+        let kept = file.lock().and_then(|()| {
+            let (ours, named) = (file.metadata()?, fs::metadata(path));
+            Ok(named.is_ok_and(|n| (n.dev(), n.ino()) == (ours.dev(), ours.ino())))
+        });
+        match kept {
+            Ok(true) => return Ok(file),
+            Ok(false) => untrack_temp(path),
+            Err(e) => {
+                untrack_temp(path);
+                let _ = fs::remove_file(path);
+                return Err(e);
+            }
+        }
     }
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)?;
-    t.paths.push(path.to_path_buf());
-    Ok(file)
 }
 
 /// Forgets a temp file that was renamed or removed.
@@ -152,10 +172,6 @@ impl Pending {
         };
         let _ = fs::remove_file(&tmp);
         let file = create_temp(&tmp).map_err(err)?;
-        if let Err(e) = file.lock() {
-            let _ = fs::remove_file(&tmp);
-            return Err(err(e));
-        }
         Ok(Pending {
             tmp,
             path: path.to_path_buf(),
@@ -282,6 +298,35 @@ mod tests {
         assert!(n.iter().any(|x| x.starts_with(".live.raw.tmp-")), "{n:?}");
         assert!(n.contains(&"keep.raw".to_string()));
         drop(live);
+    }
+
+    #[test]
+    fn a_concurrent_sweep_never_takes_a_new_temp() {
+        // Another build's cache sweep ran between a temp's creation and its
+        // lock once, and the writer's rename found nothing (CI).
+        let dir = tempfile::tempdir().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    sweep(dir.path());
+                }
+            });
+            let lost = (0..2000)
+                .filter(|i| {
+                    let tmp = dir.path().join(format!(".w{TMP_MARK}{i}"));
+                    // The file stays open (locked) until renamed, as in kiln.
+                    let ok = create_temp(&tmp).and_then(|mut f| {
+                        f.write_all(b"x")?;
+                        fs::rename(&tmp, dir.path().join("done"))
+                    });
+                    untrack_temp(&tmp);
+                    ok.is_err()
+                })
+                .count();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(lost, 0, "temps swept away before their rename");
+        });
     }
 
     #[test]
