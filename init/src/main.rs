@@ -35,6 +35,7 @@ use kiln_init::config::{
     RESULT_PREFIX,
 };
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use supervisor::UnitKind;
 use sys::{RealSys, Sys};
 
@@ -56,10 +57,20 @@ fn main() {
         Err(_) => "internal error (panic)".to_string(),
     };
     log(&format!("FATAL: {msg}"));
-    log("powering off in 5 seconds");
+    let restart = RESTART_ON_FATAL.load(Ordering::Relaxed);
+    log(if restart {
+        "restarting in 5 seconds (the slots' boot tries choose what boots)"
+    } else {
+        "powering off in 5 seconds"
+    });
     std::thread::sleep(std::time::Duration::from_secs(5));
-    supervisor::poweroff(false);
+    supervisor::poweroff(restart);
 }
+
+/// Whether a fatal error restarts the machine rather than powering it off:
+/// the slot booted is on trial (its tries decide what boots next) or was
+/// marked failed with another slot to boot.
+static RESTART_ON_FATAL: AtomicBool = AtomicBool::new(false);
 
 fn read_json<T: serde::de::DeserializeOwned>(sys: &dyn Sys, path: &str) -> Result<T, String> {
     let data = sys
@@ -110,6 +121,11 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Stage, String> {
                 waited += 50;
             };
             let dev = found.node.clone();
+            let on_trial = found
+                .slots
+                .iter()
+                .any(|s| s.number == found.number && !s.state.successful);
+            RESTART_ON_FATAL.store(on_trial, Ordering::Relaxed);
             booted = Some(found);
             (early, dev)
         }
@@ -182,7 +198,7 @@ fn initramfs_stage(sys: &dyn Sys, boot: &BootConfig) -> Result<Stage, String> {
         });
     let dev = match (mounted, &booted) {
         (Ok(dev), _) => dev,
-        (Err(e), Some(found)) => abandon_slot(found, &e),
+        (Err(e), Some(found)) => return Err(abandon_slot(found, e)),
         (Err(e), None) => return Err(e),
     };
     log(&format!("root {dev} ({}) mounted", boot.root_fstype));
@@ -226,28 +242,26 @@ fn slot_trial(found: &boot::FoundSlot, cfg: &HostConfig) -> Option<supervisor::T
 }
 
 /// A slot whose root cannot be mounted (corrupt, or not matching its
-/// root hash) is marked failed and the machine restarts into the other
-/// slot; with no other image to boot, the error is fatal as anywhere.
-fn abandon_slot(found: &boot::FoundSlot, why: &str) -> ! {
+/// root hash) is marked failed, so that the fatal error restarts into the
+/// other slot; with no other image to boot, it powers off as anywhere.
+fn abandon_slot(found: &boot::FoundSlot, why: String) -> String {
     let letter = found.slot.letter();
-    log(&format!("slot {letter}: {why}"));
-    let marked = kiln_boot::disk::mark_failed(&found.disk, found.number);
-    match marked {
-        Ok(true) => {
+    match kiln_boot::disk::mark_failed(&found.disk, found.number) {
+        Ok(other) => {
             log(&format!(
-                "slot {letter} marked failed: restarting into the other slot"
+                "slot {letter} marked failed; {}",
+                if other {
+                    "the other slot boots next"
+                } else {
+                    "no other slot can boot"
+                }
             ));
-            supervisor::poweroff(true)
+            RESTART_ON_FATAL.store(other, Ordering::Relaxed);
         }
-        Ok(false) => log(&format!(
-            "slot {letter} marked failed; no other slot can boot"
-        )),
+        // On trial, the tries left still decide.
         Err(e) => log(&format!("slot {letter}: cannot mark it failed: {e}")),
     }
-    log(&format!("FATAL: {why}"));
-    log("powering off in 5 seconds");
-    std::thread::sleep(std::time::Duration::from_secs(5));
-    supervisor::poweroff(false)
+    format!("slot {letter}: {why}")
 }
 
 /// What the initramfs stage leaves for the rest: modules to load, and on
