@@ -1,0 +1,710 @@
+//! The update repository: TUF metadata (tough) whose only target is the
+//! manifest, and the chunks the manifest pins by sha256.
+//!
+//! Layout under the repository's base (a directory served over HTTP(S)):
+//! `metadata/` (`N.root.json`, `N.targets.json`, `N.snapshot.json`,
+//! `timestamp.json`: TUF with consistent snapshots), `targets/`
+//! (`SHA256.kiln-update.json`) and `chunks/SHA256`. One signing key holds
+//! all four roles: the publisher's key, which hosts pin as
+//! `[update] root_keys`.
+//!
+//! Signed metadata expires (the timestamp soonest), so a mirror cannot
+//! serve an old repository forever (a freeze); versions only grow, so it
+//! cannot serve an older one (a rollback, refused against the versions a
+//! host saw last, kept in its datastore).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kiln_boot::SlotHeader;
+use sha2::{Digest, Sha256};
+use tough::editor::signed::{PathExists, SignedRole};
+use tough::editor::RepositoryEditor;
+use tough::key_source::KeySource;
+use tough::schema::{KeyHolder, RoleKeys, RoleType, Root, Signed, Target};
+use tough::{ExpirationEnforcement, IntoVec, RepositoryLoader, TargetName, Transport};
+use url::Url;
+
+use crate::keys::{PublicKey, SigningKey};
+use crate::manifest::{Manifest, TARGET};
+use crate::UpdateError;
+
+/// How long what `publish` signs stays valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// root.json: the keys (rotating them is a new root, signed by the old).
+    pub root: Duration,
+    /// targets.json and snapshot.json: the release.
+    pub release: Duration,
+    /// timestamp.json: how stale a host accepts the repository; publish
+    /// again (`--refresh`) before it passes.
+    pub timestamp: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Lifetimes {
+        const DAY: u64 = 24 * 3600;
+        Lifetimes {
+            root: Duration::from_secs(10 * 365 * DAY),
+            release: Duration::from_secs(90 * DAY),
+            timestamp: Duration::from_secs(7 * DAY),
+        }
+    }
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The version published, and the one it replaced.
+    pub version: String,
+    /// See `version`.
+    pub previous: Option<String>,
+    /// The metadata's new version (all roles but root move together).
+    pub metadata_version: u64,
+    /// The manifest's chunks, and how many the repository lacked.
+    pub chunks: usize,
+    /// See `chunks`.
+    pub new_chunks: usize,
+    /// Bytes of the slot, and of the chunks the repository lacked.
+    pub bytes: u64,
+    /// See `bytes`.
+    pub new_bytes: u64,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, UpdateError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(UpdateError::Read)
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> UpdateError + '_ {
+    move |source| UpdateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn tuf(what: impl Into<String>) -> impl FnOnce(tough::error::Error) -> UpdateError {
+    let what = what.into();
+    move |source| UpdateError::Tuf {
+        what,
+        source: Box::new(source),
+    }
+}
+
+/// The `file://` URL of a directory (with its trailing slash).
+pub fn dir_url(dir: &Path) -> Result<Url, UpdateError> {
+    let abs = std::path::absolute(dir).map_err(io(dir))?;
+    Url::from_directory_path(&abs).map_err(|()| UpdateError::Io {
+        path: abs,
+        source: std::io::Error::other("not an absolute path"),
+    })
+}
+
+fn at(t: Timestamp, d: Duration) -> Result<Timestamp, UpdateError> {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .ok_or_else(|| UpdateError::BadManifest(format!("expiry {d:?} after {t} overflows")))
+}
+
+/// Publishes a slot (its header and the bytes it describes) to the
+/// repository directory `dir`, creating the repository if it is empty.
+/// Refuses another recipe, a version not newer than the one published, and
+/// a repository whose keys do not include `key`.
+pub fn publish(
+    dir: &Path,
+    key: &SigningKey,
+    header: &SlotHeader,
+    content: impl Read,
+    now: Timestamp,
+    life: Lifetimes,
+) -> Result<Published, UpdateError> {
+    runtime()?.block_on(publish_async(dir, key, header, content, now, life))
+}
+
+async fn publish_async(
+    dir: &Path,
+    key: &SigningKey,
+    header: &SlotHeader,
+    content: impl Read,
+    now: Timestamp,
+    life: Lifetimes,
+) -> Result<Published, UpdateError> {
+    let (metadata, targets, chunks) = (
+        dir.join("metadata"),
+        dir.join("targets"),
+        dir.join("chunks"),
+    );
+    for d in [&metadata, &targets, &chunks] {
+        std::fs::create_dir_all(d).map_err(io(d))?;
+    }
+    let staging = tempfile_dir(dir)?;
+    let keys: Vec<Box<dyn KeySource>> = vec![Box::new(key.clone())];
+    let first = metadata.join("1.root.json");
+    let (mut editor, version, previous) = if first.exists() {
+        let repo = load(
+            &std::fs::read(&first).map_err(io(&first))?,
+            dir_url(&metadata)?,
+            dir_url(&targets)?,
+            Box::new(tough::FilesystemTransport),
+            None,
+            ExpirationEnforcement::Unsafe,
+        )
+        .await?;
+        let root = &repo.root().signed;
+        if !root_keys(root).contains(key.public()) {
+            return Err(UpdateError::OtherKeys {
+                repo: dir.to_path_buf(),
+                key: key.public().to_string(),
+                theirs: root_keys(root).iter().map(ToString::to_string).collect(),
+            });
+        }
+        let (current, old) = read_manifest(&repo).await?;
+        if current.name != header.name {
+            return Err(UpdateError::OtherRecipe {
+                new: header.name.clone(),
+                published: current.name,
+            });
+        }
+        if kiln_boot::version::compare(&header.version, &current.version)
+            != Some(std::cmp::Ordering::Greater)
+        {
+            return Err(UpdateError::NotNewer {
+                new: header.version.clone(),
+                published: current.version,
+            });
+        }
+        let version = repo.targets().signed.version.get().max(old) + 1;
+        let root_path = staging.path().join("root.json");
+        let root_bytes = serde_json::to_vec(repo.root()).map_err(|source| UpdateError::Json {
+            what: "root.json".into(),
+            source,
+        })?;
+        std::fs::write(&root_path, root_bytes).map_err(io(&root_path))?;
+        let editor = RepositoryEditor::from_repo(&root_path, repo)
+            .await
+            .map_err(tuf("reading the repository for editing"))?;
+        (editor, version, Some(current.version))
+    } else {
+        let root_path = staging.path().join("1.root.json");
+        new_root(key, now, life.root, &keys, staging.path()).await?;
+        let editor = RepositoryEditor::new(&root_path)
+            .await
+            .map_err(tuf("the new root.json"))?;
+        (editor, 1, None)
+    };
+
+    let mut new_chunks = 0;
+    let mut new_bytes = 0;
+    let manifest = Manifest::build(header, content, |c, data| {
+        let path = chunks.join(&c.sha256);
+        if !path.exists() {
+            write_new(&path, data)?;
+            new_chunks += 1;
+            new_bytes += data.len() as u64;
+        }
+        Ok(())
+    })?;
+    let staged_targets = staging.path().join("targets");
+    std::fs::create_dir_all(&staged_targets).map_err(io(&staged_targets))?;
+    let manifest_path = staged_targets.join(TARGET);
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|source| UpdateError::Json {
+        what: TARGET.into(),
+        source,
+    })?;
+    std::fs::write(&manifest_path, json).map_err(io(&manifest_path))?;
+    let target = Target::from_path(&manifest_path)
+        .await
+        .map_err(|e| UpdateError::Schema {
+            what: "hashing the manifest".into(),
+            source: Box::new(e),
+        })?;
+    let v = NonZeroU64::new(version).unwrap_or(NonZeroU64::MIN);
+    editor.clear_targets().map_err(tuf("targets"))?;
+    editor.add_target(TARGET, target).map_err(tuf("targets"))?;
+    editor
+        .targets_version(v)
+        .map_err(tuf("targets"))?
+        .targets_expires(at(now, life.release)?)
+        .map_err(tuf("targets"))?
+        .snapshot_version(v)
+        .snapshot_expires(at(now, life.release)?)
+        .timestamp_version(v)
+        .timestamp_expires(at(now, life.timestamp)?);
+    let signed = editor.sign(&keys).await.map_err(tuf("signing"))?;
+    let staged_meta = staging.path().join("metadata");
+    signed
+        .write(&staged_meta)
+        .await
+        .map_err(tuf("writing metadata"))?;
+    signed
+        .copy_targets(&staged_targets, &targets, PathExists::Skip)
+        .await
+        .map_err(tuf("writing the manifest"))?;
+    // Readers follow timestamp → snapshot → targets → manifest → chunks:
+    // everything it leads to is in place before timestamp.json moves.
+    let mut names: Vec<_> = std::fs::read_dir(&staged_meta)
+        .map_err(io(&staged_meta))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    names.sort_by_key(|n| n == "timestamp.json");
+    for name in names {
+        let (from, to) = (staged_meta.join(&name), metadata.join(&name));
+        std::fs::rename(&from, &to).map_err(io(&to))?;
+    }
+    Ok(Published {
+        version: header.version.clone(),
+        previous,
+        metadata_version: version,
+        chunks: manifest.chunks.len(),
+        new_chunks,
+        bytes: header.uki_offset + header.uki_len,
+        new_bytes,
+    })
+}
+
+/// Root v1: `key` holds every role, threshold 1.
+async fn new_root(
+    key: &SigningKey,
+    now: Timestamp,
+    life: Duration,
+    keys: &[Box<dyn KeySource>],
+    out: &Path,
+) -> Result<(), UpdateError> {
+    let tuf_key = key.tuf_key()?;
+    let id = tuf_key.key_id().map_err(|e| UpdateError::Schema {
+        what: "the key's id".into(),
+        source: Box::new(e),
+    })?;
+    let role = || RoleKeys {
+        keyids: vec![id.clone()],
+        threshold: NonZeroU64::MIN,
+        _extra: HashMap::new(),
+    };
+    let root = Root {
+        spec_version: "1.0.0".into(),
+        consistent_snapshot: true,
+        version: NonZeroU64::MIN,
+        expires: at(now, life)?,
+        keys: HashMap::from([(id.clone(), tuf_key)]),
+        roles: [
+            RoleType::Root,
+            RoleType::Snapshot,
+            RoleType::Targets,
+            RoleType::Timestamp,
+        ]
+        .into_iter()
+        .map(|r| (r, role()))
+        .collect(),
+        _extra: HashMap::new(),
+    };
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let signed = SignedRole::new(root.clone(), &KeyHolder::Root(root), keys, &rng)
+        .await
+        .map_err(tuf("signing root.json"))?;
+    signed
+        .write(out, true)
+        .await
+        .map_err(tuf("writing root.json"))
+}
+
+/// The keys root.json trusts to sign root.json.
+fn root_keys(root: &Root) -> Vec<PublicKey> {
+    let Some(role) = root.roles.get(&RoleType::Root) else {
+        return Vec::new();
+    };
+    role.keyids
+        .iter()
+        .filter_map(|id| root.keys.get(id))
+        .filter_map(PublicKey::of)
+        .collect()
+}
+
+/// Loads and verifies the repository from `root` (a root.json the caller
+/// trusts), checking expiry unless `expiry` says not to (the publisher
+/// may be refreshing expired metadata).
+async fn load(
+    root: &[u8],
+    metadata: Url,
+    targets: Url,
+    transport: Box<dyn Transport>,
+    datastore: Option<&Path>,
+    expiry: ExpirationEnforcement,
+) -> Result<tough::Repository, UpdateError> {
+    let mut loader = RepositoryLoader::new(&root, metadata.clone(), targets)
+        .transport(Shared(transport))
+        .expiration_enforcement(expiry);
+    if let Some(d) = datastore {
+        loader = loader.datastore(d);
+    }
+    loader
+        .load()
+        .await
+        .map_err(tuf(format!("the update repository at {metadata}")))
+}
+
+/// A boxed transport, as tough's loader takes a sized one.
+#[derive(Debug, Clone)]
+struct Shared(Box<dyn Transport>);
+
+#[tough::async_trait]
+impl Transport for Shared {
+    async fn fetch(&self, url: Url) -> Result<tough::TransportStream, tough::TransportError> {
+        self.0.fetch(url).await
+    }
+}
+
+/// The repository's manifest and the version of the targets that named it.
+async fn read_manifest(repo: &tough::Repository) -> Result<(SlotHeader, u64), UpdateError> {
+    let name = TargetName::new(TARGET).map_err(tuf(TARGET))?;
+    let data = repo
+        .read_target(&name)
+        .await
+        .map_err(tuf(TARGET))?
+        .ok_or_else(|| UpdateError::BadManifest(format!("the repository lists no {TARGET}")))?
+        .into_vec()
+        .await
+        .map_err(tuf(TARGET))?;
+    let (_, header) = Manifest::parse(&data)?;
+    Ok((header, repo.targets().signed.version.get()))
+}
+
+/// What a host learns from the repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// The repository publishes the version running.
+    UpToDate,
+    /// The repository publishes an older version: refused.
+    Older(String),
+    /// A newer version, to apply.
+    Newer(Box<Manifest>, Box<SlotHeader>),
+}
+
+/// Where a host finds its updates.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The repository's base URL (ending in `/`).
+    pub base: Url,
+    /// How its files are fetched.
+    pub transport: Box<dyn Transport>,
+}
+
+impl Source {
+    fn join(&self, path: &str) -> Result<Url, UpdateError> {
+        self.base
+            .join(path)
+            .map_err(|e| UpdateError::BadSource(format!("{}{path}: {e}", self.base)))
+    }
+
+    async fn fetch(&self, url: Url) -> Result<Vec<u8>, UpdateError> {
+        let stream = self
+            .transport
+            .fetch(url.clone())
+            .await
+            .map_err(|e| UpdateError::Fetch {
+                url: url.to_string(),
+                why: e.to_string(),
+            })?;
+        stream.into_vec().await.map_err(|e| UpdateError::Fetch {
+            url: url.to_string(),
+            why: e.to_string(),
+        })
+    }
+}
+
+/// Checks the repository for an update to `running`, trusting only a root
+/// signed by `pinned` keys. The datastore keeps the metadata versions and
+/// the root a host saw last: an older repository is refused against them.
+pub fn check(
+    source: &Source,
+    pinned: &[PublicKey],
+    datastore: &Path,
+    running: &SlotHeader,
+) -> Result<Checked, UpdateError> {
+    runtime()?.block_on(check_async(source, pinned, datastore, running))
+}
+
+/// Where the root a host trusts is kept in its datastore.
+const TRUSTED_ROOT: &str = "kiln-trusted-root.json";
+
+async fn check_async(
+    source: &Source,
+    pinned: &[PublicKey],
+    datastore: &Path,
+    running: &SlotHeader,
+) -> Result<Checked, UpdateError> {
+    std::fs::create_dir_all(datastore).map_err(io(datastore))?;
+    let kept = datastore.join(TRUSTED_ROOT);
+    let root = match std::fs::read(&kept) {
+        Ok(r) => r,
+        Err(_) => {
+            let first = source.fetch(source.join("metadata/1.root.json")?).await?;
+            let parsed: Signed<Root> = serde_json::from_slice(&first)
+                .map_err(|e| UpdateError::UntrustedRoot(format!("metadata/1.root.json: {e}")))?;
+            let theirs = root_keys(&parsed.signed);
+            if theirs.is_empty() || !theirs.iter().all(|k| pinned.contains(k)) {
+                return Err(UpdateError::UntrustedRoot(format!(
+                    "its root keys ({}) are not all among the recipe's root_keys ({})",
+                    theirs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    pinned
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            // tough checks that its root keys signed it.
+            first
+        }
+    };
+    let repo = load(
+        &root,
+        source.join("metadata/")?,
+        source.join("targets/")?,
+        source.transport.clone(),
+        Some(datastore),
+        ExpirationEnforcement::Safe,
+    )
+    .await?;
+    let latest = serde_json::to_vec(repo.root()).map_err(|source| UpdateError::Json {
+        what: "root.json".into(),
+        source,
+    })?;
+    write_new(&kept, &latest)?;
+    let name = TargetName::new(TARGET).map_err(tuf(TARGET))?;
+    let data = repo
+        .read_target(&name)
+        .await
+        .map_err(tuf(TARGET))?
+        .ok_or_else(|| UpdateError::BadManifest(format!("the repository lists no {TARGET}")))?
+        .into_vec()
+        .await
+        .map_err(tuf(TARGET))?;
+    let (manifest, header) = Manifest::parse(&data)?;
+    if header.name != running.name {
+        return Err(UpdateError::ForeignRecipe {
+            published: header.name,
+            running: running.name.clone(),
+        });
+    }
+    Ok(
+        match kiln_boot::version::compare(&header.version, &running.version) {
+            Some(std::cmp::Ordering::Greater) => {
+                Checked::Newer(Box::new(manifest), Box::new(header))
+            }
+            Some(std::cmp::Ordering::Equal) => Checked::UpToDate,
+            _ => Checked::Older(header.version),
+        },
+    )
+}
+
+/// Fetches one chunk and checks its sha256 against the manifest's.
+pub fn fetch_chunk(source: &Source, sha256: &str) -> Result<Vec<u8>, UpdateError> {
+    runtime()?.block_on(async {
+        let url = source.join(&format!("chunks/{sha256}"))?;
+        let data = source.fetch(url.clone()).await?;
+        let actual = hex::encode(Sha256::digest(&data));
+        if actual != sha256 {
+            return Err(UpdateError::CorruptChunk {
+                url: url.to_string(),
+                actual,
+            });
+        }
+        Ok(data)
+    })
+}
+
+/// Writes `path` whole or not at all (a temp file renamed over it).
+fn write_new(path: &Path, data: &[u8]) -> Result<(), UpdateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(path)(e)
+        })
+}
+
+/// A staging directory inside `dir` (renames into `dir` stay atomic),
+/// removed when dropped.
+struct Staging(PathBuf);
+
+impl Staging {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir(dir: &Path) -> Result<Staging, UpdateError> {
+    let path = dir.join(format!(".staging-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).map_err(io(&path))?;
+    Ok(Staging(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::tests::openssl_key;
+    use crate::manifest::tests::{content, header};
+
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s += &format!(": {c}");
+            cur = c.source();
+        }
+        s
+    }
+
+    fn source(dir: &Path) -> Source {
+        Source {
+            base: dir_url(dir).unwrap(),
+            transport: Box::new(tough::FilesystemTransport),
+        }
+    }
+
+    fn publish_at(
+        dir: &Path,
+        key: &SigningKey,
+        data: &[u8],
+        version: &str,
+        now: Timestamp,
+    ) -> Result<Published, UpdateError> {
+        let h = header(data.len() as u64, version);
+        publish(dir, key, &h, data, now, Lifetimes::default())
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+
+    #[test]
+    fn published_updates_check_and_bad_ones_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let (a, a_pub) = openssl_key(t, "a", &["-algorithm", "ed25519"]);
+        let (b, b_pub) = openssl_key(t, "b", &["-algorithm", "ed25519"]);
+        let (key, other) = (SigningKey::load(&a).unwrap(), SigningKey::load(&b).unwrap());
+        let pinned = [PublicKey::load(&a_pub).unwrap()];
+        let repo = t.join("repo");
+        let now = Timestamp::now();
+        let v1 = content(1 << 20, 1);
+        let mut v2 = v1.clone();
+        v2.splice(300_000..300_000, b"one more line\n".iter().copied());
+
+        let p1 = publish_at(&repo, &key, &v1, "1.0.0", now).unwrap();
+        assert_eq!((p1.previous, p1.metadata_version), (None, 1));
+        assert_eq!((p1.new_chunks, p1.new_bytes), (p1.chunks, 1 << 20));
+        let ds = t.join("datastore");
+        let running = header(v1.len() as u64, "1.0.0");
+        let src = source(&repo);
+        assert_eq!(
+            check(&src, &pinned, &ds, &running).unwrap(),
+            Checked::UpToDate
+        );
+        let before_v2 = t.join("metadata-v1");
+        copy_dir(&repo.join("metadata"), &before_v2);
+
+        let p2 = publish_at(&repo, &key, &v2, "2.0.0", now).unwrap();
+        assert_eq!(p2.previous.as_deref(), Some("1.0.0"));
+        assert!(p2.new_bytes * 5 < p2.bytes, "{p2:?}");
+        let Checked::Newer(m, h) = check(&src, &pinned, &ds, &running).unwrap() else {
+            panic!("v2 not offered");
+        };
+        assert_eq!(h.version, "2.0.0");
+        let mut got = Vec::new();
+        for c in &m.chunks {
+            got.extend(fetch_chunk(&src, &c.sha256).unwrap());
+        }
+        assert_eq!(got, v2);
+
+        // The publisher refuses what a host would.
+        for (k, data, v, why) in [
+            (&key, &v2, "2.0.0", "not newer than 2.0.0"),
+            (&key, &v2, "1.5", "not newer"),
+            (&other, &v2, "3.0.0", "signed by other keys"),
+        ] {
+            let e = publish_at(&repo, k, data, v, now).unwrap_err();
+            assert!(chain(&e).contains(why), "{v}: {}", chain(&e));
+        }
+        let mut foreign = header(v2.len() as u64, "3.0.0");
+        foreign.name = "other".into();
+        let e = publish(&repo, &key, &foreign, &v2[..], now, Lifetimes::default()).unwrap_err();
+        assert!(matches!(e, UpdateError::OtherRecipe { .. }), "{e}");
+
+        // A host pinning another key trusts nothing here.
+        let e = check(&src, &[other.public().clone()], &t.join("ds-b"), &running).unwrap_err();
+        assert!(matches!(e, UpdateError::UntrustedRoot(_)), "{}", chain(&e));
+        let _ = b_pub;
+        // A host already past what is published refuses it.
+        let newer = header(v1.len() as u64, "2.1.0");
+        assert_eq!(
+            check(&src, &pinned, &ds, &newer).unwrap(),
+            Checked::Older("2.0.0".into())
+        );
+
+        // A mirror serving the older repository (a freeze or a rollback)
+        // is refused: the host saw newer metadata.
+        let meta = repo.join("metadata");
+        std::fs::copy(
+            before_v2.join("timestamp.json"),
+            meta.join("timestamp.json"),
+        )
+        .unwrap();
+        let e = check(&src, &pinned, &ds, &running).unwrap_err();
+        assert!(chain(&e).contains("version"), "{}", chain(&e));
+
+        // A chunk not matching its sha256 is refused.
+        let first = &m.chunks[0].sha256;
+        std::fs::write(repo.join("chunks").join(first), b"tampered").unwrap();
+        let e = fetch_chunk(&src, first).unwrap_err();
+        assert!(matches!(e, UpdateError::CorruptChunk { .. }), "{e}");
+
+        // Metadata signed long ago has expired: a host refuses it.
+        let stale = t.join("stale");
+        let long_ago = now - jiff::SignedDuration::from_hours(24 * 30);
+        publish_at(&stale, &key, &v1, "1.0.0", long_ago).unwrap();
+        let e = check(&source(&stale), &pinned, &t.join("ds-stale"), &running).unwrap_err();
+        assert!(chain(&e).contains("xpired"), "{}", chain(&e));
+
+        // A manifest changed after signing is refused.
+        let fresh = t.join("fresh");
+        publish_at(&fresh, &key, &v1, "1.0.0", now).unwrap();
+        publish_at(&fresh, &key, &v2, "2.0.0", now).unwrap();
+        for e in std::fs::read_dir(fresh.join("targets")).unwrap().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            std::fs::write(e.path(), text.replace("2.0.0", "2.0.1")).unwrap();
+        }
+        let e = check(&source(&fresh), &pinned, &t.join("ds-fresh"), &running).unwrap_err();
+        assert!(matches!(e, UpdateError::Tuf { .. }), "{}", chain(&e));
+    }
+}
