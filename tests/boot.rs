@@ -1664,6 +1664,51 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
         r
     };
 
+    // Published as signed updates, v2 (a one-line change) adds only the
+    // chunks v1 lacks; republishing v2 is refused.
+    let repo = out.join("repo");
+    let _ = std::fs::remove_dir_all(&repo);
+    let key = out.join("update.pem");
+    let made = k::run(
+        Command::new("openssl")
+            .args(["genpkey", "-algorithm", "ed25519", "-out"])
+            .arg(&key),
+    );
+    assert!(made.ok, "openssl genpkey: {}", made.stderr);
+    let publish = |image: &std::path::Path| {
+        kiln_cmd(&[
+            "publish-update".as_ref(),
+            "--json".as_ref(),
+            "--key".as_ref(),
+            key.as_os_str(),
+            "--to".as_ref(),
+            repo.as_os_str(),
+            image.as_os_str(),
+        ])
+    };
+    for (image, version) in [(&v1, "1.0.0"), (&v2, "2.0.0")] {
+        let p = publish(image);
+        assert!(p.ok, "kiln publish-update {version}: {}", p.stderr);
+        let j: serde_json::Value = serde_json::from_str(&p.stdout).unwrap();
+        assert_eq!(j["version"], version, "{j}");
+        let (new, all) = (
+            j["new_bytes"].as_u64().unwrap(),
+            j["bytes"].as_u64().unwrap(),
+        );
+        if version == "2.0.0" {
+            assert!(
+                new * 5 <= all,
+                "a one-line change adds {new} of {all} bytes"
+            );
+        }
+    }
+    let again = publish(&v2);
+    assert!(
+        !again.ok && again.stderr.contains("not newer than 2.0.0"),
+        "{}",
+        again.stderr
+    );
+
     // v2 in slot B, on trial, then good.
     let u = update(&v2);
     assert!(u.ok, "kiln update: {}{}", u.stdout, u.stderr);

@@ -7,7 +7,7 @@
 use kiln_boot::disk::{self, FileDisk, SlotInfo};
 use kiln_boot::gpt::{BlockDev, SECTOR};
 use kiln_boot::slot::{self, HEADER_LEN};
-use kiln_boot::{choose, Slot, SlotState};
+use kiln_boot::{choose, Slot, SlotHeader, SlotState};
 use sha2::{Digest, Sha256};
 use std::cmp::Ordering;
 use std::io;
@@ -243,6 +243,25 @@ pub fn update(disk_path: &Path, image: &Path) -> Result<Applied, AbError> {
         previous: running.version,
         tries: armed.tries,
     })
+}
+
+/// The slot `image` boots: its header and its bytes (root, hash tree,
+/// UKI), to publish as an update.
+pub fn slot_content(image: &Path) -> Result<(SlotHeader, impl io::Read), AbError> {
+    let disk = Disk::open(image, false)?;
+    let slot = disk.active()?;
+    let header = slot
+        .header
+        .clone()
+        .ok_or_else(|| AbError::NoImage(image.to_path_buf()))?;
+    let mut file = std::fs::File::open(image).map_err(io_err(image))?;
+    io::Seek::seek(
+        &mut file,
+        io::SeekFrom::Start(slot.first_lba * SECTOR as u64),
+    )
+    .map_err(io_err(image))?;
+    let len = header.uki_offset + header.uki_len;
+    Ok((header, io::Read::take(file, len)))
 }
 
 /// Makes the other slot boot next: the new active slot.

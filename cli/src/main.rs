@@ -81,6 +81,29 @@ enum Command {
         #[command(flatten)]
         out: OutputMode,
     },
+    /// Publish a build as a signed update: its slot is chunked by content
+    /// into a TUF repository (a directory to serve over HTTP(S)) that
+    /// hosts whose recipe pins the key (`[update] root_keys`) check.
+    /// Only chunks the repository lacks are added.
+    #[command(after_help = "Example:
+  openssl genpkey -algorithm ed25519 -out update.pem
+  openssl pkey -in update.pem -pubout -out update.pub   # root_keys = [\"update.pub\"]
+  kiln publish-update --key update.pem --to /srv/updates/app out/app.raw
+
+The timestamp it signs expires in 7 days: publish a newer build before then,
+or hosts refuse the repository as stale.")]
+    PublishUpdate {
+        /// The private key that signs (PEM: Ed25519, ECDSA P-256 or RSA).
+        #[arg(long)]
+        key: PathBuf,
+        /// The repository directory (created if new).
+        #[arg(long)]
+        to: PathBuf,
+        /// The build to publish (a raw disk `kiln build` wrote).
+        image: PathBuf,
+        #[command(flatten)]
+        out: OutputMode,
+    },
     /// Make an A/B disk image boot its other slot next (while it is off).
     Rollback {
         /// The raw disk.
@@ -353,6 +376,52 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     applied.tries
                 ),
             )
+        }
+        Command::PublishUpdate {
+            key,
+            to,
+            image,
+            out,
+        } => {
+            let signing = kiln_update::keys::SigningKey::load(&key)?;
+            let (header, content) = ab::slot_content(&image)?;
+            let p = kiln_update::repo::publish(
+                &to,
+                &signing,
+                &header,
+                content,
+                std::time::SystemTime::now(),
+                kiln_update::repo::Lifetimes::default(),
+            )
+            .with_context(|| format!("publishing {} to {}", image.display(), to.display()))?;
+            let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+            if out.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "event": "published", "repository": to, "name": header.name,
+                        "version": p.version, "previous": p.previous,
+                        "metadata_version": p.metadata_version, "expires": p.expires,
+                        "chunks": p.chunks, "new_chunks": p.new_chunks,
+                        "bytes": p.bytes, "new_bytes": p.new_bytes,
+                    })
+                );
+            } else if !out.quiet {
+                println!(
+                    "published {} {}{} to {}: {} of {} chunks new ({:.1} of {:.1} MiB); metadata version {}, valid until {}",
+                    header.name,
+                    p.version,
+                    p.previous.map(|v| format!(" (was {v})")).unwrap_or_default(),
+                    to.display(),
+                    p.new_chunks,
+                    p.chunks,
+                    mib(p.new_bytes),
+                    mib(p.bytes),
+                    p.metadata_version,
+                    p.expires
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Rollback { disk, out } => {
             let slot = ab::rollback(&disk)?;

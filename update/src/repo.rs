@@ -65,6 +65,8 @@ pub struct Published {
     pub previous: Option<String>,
     /// The metadata's new version (all roles but root move together).
     pub metadata_version: u64,
+    /// When the timestamp expires: hosts refuse the repository after.
+    pub expires: String,
     /// The manifest's chunks, and how many the repository lacked.
     pub chunks: usize,
     /// See `chunks`.
@@ -122,9 +124,11 @@ pub fn publish(
     key: &SigningKey,
     header: &SlotHeader,
     content: impl Read,
-    now: Timestamp,
+    now: std::time::SystemTime,
     life: Lifetimes,
 ) -> Result<Published, UpdateError> {
+    let now = Timestamp::try_from(now)
+        .map_err(|e| UpdateError::BadManifest(format!("the clock: {e}")))?;
     runtime()?.block_on(publish_async(dir, key, header, content, now, life))
 }
 
@@ -263,6 +267,9 @@ async fn publish_async(
         version: header.version.clone(),
         previous,
         metadata_version: version,
+        expires: at(now, life.timestamp)?
+            .strftime("%Y-%m-%d %H:%M UTC")
+            .to_string(),
         chunks: manifest.chunks.len(),
         new_chunks,
         bytes: header.uki_offset + header.uki_len,
@@ -594,7 +601,7 @@ mod tests {
         key: &SigningKey,
         data: &[u8],
         version: &str,
-        now: Timestamp,
+        now: std::time::SystemTime,
     ) -> Result<Published, UpdateError> {
         let h = header(data.len() as u64, version);
         publish(dir, key, &h, data, now, Lifetimes::default())
@@ -616,7 +623,7 @@ mod tests {
         let (key, other) = (SigningKey::load(&a).unwrap(), SigningKey::load(&b).unwrap());
         let pinned = [PublicKey::load(&a_pub).unwrap()];
         let repo = t.join("repo");
-        let now = Timestamp::now();
+        let now = std::time::SystemTime::now();
         let v1 = content(1 << 20, 1);
         let mut v2 = v1.clone();
         v2.splice(300_000..300_000, b"one more line\n".iter().copied());
@@ -691,7 +698,7 @@ mod tests {
 
         // Metadata signed long ago has expired: a host refuses it.
         let stale = t.join("stale");
-        let long_ago = now - jiff::SignedDuration::from_hours(24 * 30);
+        let long_ago = now - Duration::from_secs(30 * 24 * 3600);
         publish_at(&stale, &key, &v1, "1.0.0", long_ago).unwrap();
         let e = check(&source(&stale), &pinned, &t.join("ds-stale"), &running).unwrap_err();
         assert!(chain(&e).contains("xpired"), "{}", chain(&e));
