@@ -1709,12 +1709,29 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
         again.stderr
     );
 
-    // v2 in slot B, on trial, then good.
-    let u = update(&v2);
-    assert!(u.ok, "kiln update: {}{}", u.stdout, u.stderr);
+    // v2 in slot B from the signed repository (only the chunks v1 lacks
+    // are read from it), on trial, then good.
+    let public = out.join("update.pub");
+    let made = k::run(
+        Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&public),
+    );
+    assert!(made.ok, "openssl pkey: {}", made.stderr);
+    let u = kiln_cmd(&[
+        "update".as_ref(),
+        "--from".as_ref(),
+        repo.as_os_str(),
+        "--root-key".as_ref(),
+        public.as_os_str(),
+        disk.as_os_str(),
+    ]);
+    assert!(u.ok, "kiln update --from: {}{}", u.stdout, u.stderr);
     assert!(
         u.stdout
-            .contains("slot b now holds 2.0.0 (was running 1.0.0), armed for 1 boot(s)"),
+            .contains("slot b now holds 2.0.0 (was running 1.0.0), armed for 1 boot(s); fetched"),
         "{}",
         u.stdout
     );

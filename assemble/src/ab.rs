@@ -4,11 +4,10 @@
 //! chooser would boot now; nothing here writes to it, only the boot bits
 //! of both.
 
-use kiln_boot::disk::{self, FileDisk, SlotInfo};
+use kiln_boot::disk::{self, FileDisk, SlotInfo, SlotWriter};
 use kiln_boot::gpt::{BlockDev, SECTOR};
 use kiln_boot::slot::{self, HEADER_LEN};
 use kiln_boot::{choose, Slot, SlotHeader, SlotState};
-use sha2::{Digest, Sha256};
 use std::cmp::Ordering;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -206,37 +205,25 @@ pub fn update(disk_path: &Path, image: &Path) -> Result<Applied, AbError> {
             slot: target.slot.letter(),
         });
     }
-    // Unbootable while it is written: no priority, no header.
-    disk.set_state(target.number, SlotState::default())?;
-    let header_lba = target.first_lba + (target.len - HEADER_LEN as u64) / SECTOR as u64;
-    let wr = io_err(disk_path);
-    disk.dev
-        .write(header_lba, &[0u8; HEADER_LEN])
-        .map_err(&wr)?;
-    disk.dev.flush().map_err(&wr)?;
     let len = new.uki_offset + new.uki_len;
-    let written = stream(
-        &mut src.dev,
-        from.first_lba,
-        Some((&mut disk.dev, target.first_lba)),
-        len,
-    )
-    .map_err(|e| match e {
-        Side::Read(e) => io_err(image)(e),
-        Side::Write(e) => wr(e),
-    })?;
-    disk.dev.flush().map_err(&wr)?;
-    let back = stream(&mut disk.dev, target.first_lba, None, len).map_err(|e| match e {
-        Side::Read(e) | Side::Write(e) => wr(e),
-    })?;
-    if back != written {
-        return Err(AbError::Verify(target.slot.letter()));
+    let wr = io_err(disk_path);
+    let mut slot =
+        SlotWriter::begin(&mut disk.dev, &disk.slots, active.number, len).map_err(&wr)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from(len - done).map_or(CHUNK, |left| left.min(CHUNK));
+        let n_read = n.next_multiple_of(SECTOR);
+        src.dev
+            .read(from.first_lba + done / SECTOR as u64, &mut buf[..n_read])
+            .map_err(io_err(image))?;
+        slot.write(&buf[..n]).map_err(&wr)?;
+        done += n as u64;
     }
-    disk.dev.write(header_lba, &new.encode()).map_err(&wr)?;
-    disk.dev.flush().map_err(&wr)?;
-    let (armed, other) = slot::arm(active.state, new.tries);
-    disk.set_state(target.number, armed)?;
-    disk.set_state(active.number, other)?;
+    let armed = slot.finish(&new).map_err(|e| match e.kind() {
+        io::ErrorKind::InvalidData => AbError::Verify(target.slot.letter()),
+        _ => wr(e),
+    })?;
     Ok(Applied {
         slot: target.slot,
         version: new.version,
@@ -277,37 +264,6 @@ pub fn rollback(disk_path: &Path) -> Result<Slot, AbError> {
     disk.set_state(active.number, a)?;
     disk.reread()?;
     Ok(target.slot)
-}
-
-enum Side {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-/// Reads `len` bytes from `lba` of `from` in 1 MiB pieces, writing each
-/// to `to` (partition start) if given: their sha256.
-fn stream(
-    from: &mut FileDisk,
-    lba: u64,
-    mut to: Option<(&mut FileDisk, u64)>,
-    len: u64,
-) -> Result<[u8; 32], Side> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    while done < len {
-        let n = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let n = n.next_multiple_of(SECTOR);
-        let sector = done / SECTOR as u64;
-        from.read(lba + sector, &mut buf[..n]).map_err(Side::Read)?;
-        if let Some((dev, at)) = to.as_mut() {
-            dev.write(*at + sector, &buf[..n]).map_err(Side::Write)?;
-        }
-        let used = usize::try_from(len - done).map_or(n, |left| left.min(n));
-        h.update(&buf[..used]);
-        done += n as u64;
-    }
-    Ok(h.finalize().into())
 }
 
 const CHUNK: usize = 1 << 20;

@@ -5,6 +5,7 @@
 extern crate std;
 
 use crate::gpt::{BlockDev, Partition, Table, SECTOR};
+use crate::slot::HEADER_LEN;
 use crate::{Slot, SlotHeader, SlotState};
 use std::format;
 use std::io;
@@ -32,6 +33,18 @@ impl FileDisk {
             file,
             sectors: len / SECTOR as u64,
         })
+    }
+}
+
+impl FileDisk {
+    /// Reads what there is at byte `offset` (0 at the end).
+    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read_at(buf, offset)
+    }
+
+    /// Reads exactly `buf.len()` bytes at byte `offset`.
+    pub fn read_exact_bytes(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
     }
 }
 
@@ -146,6 +159,118 @@ pub fn mark_failed(disk: &str, number: u32) -> io::Result<bool> {
     };
     set_state(&mut d, number, failed)?;
     Ok(other.is_some_and(|o| o.header.is_some() && o.state.bootable()))
+}
+
+/// Writes a build into a slot that is not running: disarmed and its
+/// header zeroed first, its bytes in order, read back and compared, the
+/// header last, then armed to boot next. Cut short anywhere (power loss,
+/// a killed process), the disk still boots the slot it ran.
+pub struct SlotWriter<'a> {
+    disk: &'a mut FileDisk,
+    target: SlotInfo,
+    active: SlotInfo,
+    at: u64,
+    hash: sha2::Sha256,
+}
+
+impl<'a> SlotWriter<'a> {
+    /// Starts writing the slot other than `active` (a partition number)
+    /// with `len` bytes (refused if they and a header do not fit).
+    pub fn begin(
+        disk: &'a mut FileDisk,
+        slots: &[SlotInfo],
+        active: u32,
+        len: u64,
+    ) -> io::Result<SlotWriter<'a>> {
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        let me = slots.iter().find(|s| s.number == active);
+        let other = slots.iter().find(|s| s.number != active);
+        let (Some(active), Some(target)) = (me, other) else {
+            return Err(invalid("the disk has no second slot".into()));
+        };
+        if len + HEADER_LEN as u64 > target.len {
+            return Err(invalid(format!(
+                "the update needs {} MiB and slot {} has {} MiB",
+                (len + HEADER_LEN as u64).div_ceil(1 << 20),
+                target.slot.letter(),
+                target.len >> 20
+            )));
+        }
+        // Unbootable while written: no priority, no header.
+        set_state(disk, target.number, SlotState::default())?;
+        disk.write(header_lba(target), &[0u8; HEADER_LEN])?;
+        disk.flush()?;
+        Ok(SlotWriter {
+            disk,
+            target: target.clone(),
+            active: active.clone(),
+            at: 0,
+            hash: sha2::Sha256::default(),
+        })
+    }
+
+    /// The slot being written.
+    pub fn target(&self) -> &SlotInfo {
+        &self.target
+    }
+
+    /// Appends `data`.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        use sha2::Digest;
+        if self.at + data.len() as u64 + HEADER_LEN as u64 > self.target.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "more bytes than the slot holds",
+            ));
+        }
+        let start = self.target.first_lba * SECTOR as u64 + self.at;
+        self.disk.file.write_all_at(data, start)?;
+        self.hash.update(data);
+        self.at += data.len() as u64;
+        Ok(())
+    }
+
+    /// Checks what was written, writes `header` and arms the slot: its
+    /// new state.
+    pub fn finish(self, header: &SlotHeader) -> io::Result<SlotState> {
+        use sha2::Digest;
+        let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+        let len = header.uki_offset + header.uki_len;
+        if self.at != len {
+            return Err(bad(format!(
+                "{} bytes written, the header describes {len}",
+                self.at
+            )));
+        }
+        self.disk.flush()?;
+        let start = self.target.first_lba * SECTOR as u64;
+        let mut back = sha2::Sha256::default();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from(len - done).map_or(buf.len(), |l| l.min(buf.len()));
+            self.disk.file.read_exact_at(&mut buf[..n], start + done)?;
+            back.update(&buf[..n]);
+            done += n as u64;
+        }
+        if back.finalize() != self.hash.finalize() {
+            return Err(bad(format!(
+                "slot {} reads back other bytes than were written",
+                self.target.slot.letter()
+            )));
+        }
+        self.disk
+            .write(header_lba(&self.target), &header.encode())?;
+        self.disk.flush()?;
+        let (armed, other) = crate::slot::arm(self.active.state, header.tries);
+        set_state(self.disk, self.target.number, armed)?;
+        set_state(self.disk, self.active.number, other)?;
+        Ok(armed)
+    }
+}
+
+fn header_lba(s: &SlotInfo) -> u64 {
+    s.first_lba + (s.len - HEADER_LEN as u64) / SECTOR as u64
 }
 
 /// One line on a slot for the console: `a (hello 1.0.0): good`.

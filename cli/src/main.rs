@@ -71,11 +71,20 @@ enum Command {
     /// the next boot tries it and falls back if it does not come up
     /// healthy.
     #[command(after_help = "Example:
-  kiln update --image out-v2/app.raw vm-disk.raw")]
+  kiln update --image out-v2/app.raw vm-disk.raw
+  kiln update --from /srv/updates/app --root-key update.pub vm-disk.raw")]
     Update {
         /// The newer build (a raw disk `kiln build` wrote).
-        #[arg(long)]
-        image: PathBuf,
+        #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+        image: Option<PathBuf>,
+        /// Or an update repository (`kiln publish-update`'s directory): its
+        /// signed newest build, taking from the running slot what it holds.
+        #[arg(long, requires = "root_key")]
+        from: Option<PathBuf>,
+        /// A public key the repository's root must be signed with (PEM;
+        /// repeat for several).
+        #[arg(long = "root-key")]
+        root_key: Vec<PathBuf>,
         /// The raw disk to update.
         disk: PathBuf,
         #[command(flatten)]
@@ -362,7 +371,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Lock(args) => lock(args),
         Command::Run(args) => run::run(&args),
         Command::Relay { to } => run::relay(to),
-        Command::Update { image, disk, out } => {
+        Command::Update {
+            image: Some(image),
+            disk,
+            out,
+            ..
+        } => {
             let applied = ab::update(&disk, &image)?;
             report_slots(
                 &disk,
@@ -376,6 +390,18 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     applied.tries
                 ),
             )
+        }
+        Command::Update {
+            from,
+            root_key,
+            disk,
+            out,
+            ..
+        } => {
+            let from = from.context("--image or --from")?;
+            let what = update_from(&from, &root_key, &disk)
+                .with_context(|| format!("updating {} from {}", disk.display(), from.display()))?;
+            report_slots(&disk, &out, &what)
         }
         Command::PublishUpdate {
             key,
@@ -433,6 +459,54 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Slots { disk } => report_slots(&disk, &OutputMode::default(), ""),
     }
+}
+
+/// Checks the repository at `from` against `root_keys` and applies its
+/// newest build to `disk`'s inactive slot: what it did, in a line.
+fn update_from(from: &Path, root_keys: &[PathBuf], disk: &Path) -> Result<String> {
+    use kiln_update::repo::{self, Checked};
+    let pinned = root_keys
+        .iter()
+        .map(|p| kiln_update::keys::PublicKey::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let source = repo::Source::dir(from)?;
+    let running = ab::Disk::open(disk, false)?
+        .active()?
+        .header
+        .clone()
+        .context("the disk's active slot holds no build")?;
+    // No state kept between runs: signatures, expiry and versions are
+    // checked against this disk's build only.
+    let datastore = tempfile::tempdir().context("a temporary datastore")?;
+    let (manifest, header) = match repo::check(&source, &pinned, datastore.path(), &running)? {
+        Checked::Newer(m, h) => (m, h),
+        Checked::UpToDate => {
+            return Ok(format!(
+                "{}: already runs {} {}, the version published",
+                disk.display(),
+                running.name,
+                running.version
+            ))
+        }
+        Checked::Older(v) => anyhow::bail!(
+            "the repository publishes {v}, older than the {} this disk runs",
+            running.version
+        ),
+    };
+    let path = disk.display().to_string();
+    let a = kiln_update::apply::apply(&path, None, &manifest, &header, &mut |c| {
+        repo::fetch_chunk(&source, &c.sha256)
+    })?;
+    Ok(format!(
+        "{}: slot {} now holds {} (was running {}), armed for {} boot(s); fetched {} KiB, {} KiB taken from the running slot",
+        disk.display(),
+        a.slot,
+        a.version,
+        a.previous,
+        a.tries,
+        a.fetched >> 10,
+        a.reused >> 10
+    ))
 }
 
 /// Prints `what` and the disk's slots as `out` asks.

@@ -6,8 +6,11 @@
 //! fetches only the chunks its running slot lacks, and writes the other
 //! slot.
 
+pub mod apply;
+#[cfg(feature = "tuf")]
 pub mod keys;
 pub mod manifest;
+#[cfg(feature = "tuf")]
 pub mod repo;
 
 use std::path::PathBuf;
@@ -47,6 +50,7 @@ pub enum UpdateError {
         #[source]
         source: serde_json::Error,
     },
+    #[cfg(feature = "tuf")]
     /// TUF metadata refused or unreadable (signatures, expiry, versions).
     #[error("{what}")]
     Tuf {
@@ -56,6 +60,7 @@ pub enum UpdateError {
         #[source]
         source: Box<tough::error::Error>,
     },
+    #[cfg(feature = "tuf")]
     /// A TUF document kiln made that tough refused.
     #[error("{what}")]
     Schema {
@@ -112,6 +117,25 @@ pub enum UpdateError {
         url: String,
         /// Why.
         why: String,
+    },
+    /// The disk being updated.
+    #[error("{disk}")]
+    Disk {
+        /// Its path.
+        disk: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk whose running build the update does not follow.
+    #[error("{disk} runs {running}; the update is {new}")]
+    NotAnUpdate {
+        /// Its path.
+        disk: String,
+        /// `name version` of the running build.
+        running: String,
+        /// `name version` of the update.
+        new: String,
     },
     /// A chunk whose bytes are not the ones the manifest pins.
     #[error("chunk {url} is corrupt: its sha256 is {actual}")]

@@ -404,6 +404,14 @@ pub struct Source {
 }
 
 impl Source {
+    /// A repository directory on this machine.
+    pub fn dir(dir: &Path) -> Result<Source, UpdateError> {
+        Ok(Source {
+            base: dir_url(dir)?,
+            transport: Box::new(tough::FilesystemTransport),
+        })
+    }
+
     fn join(&self, path: &str) -> Result<Url, UpdateError> {
         self.base
             .join(path)
@@ -458,7 +466,7 @@ async fn check_async(
             let theirs = root_keys(&parsed.signed);
             if theirs.is_empty() || !theirs.iter().all(|k| pinned.contains(k)) {
                 return Err(UpdateError::UntrustedRoot(format!(
-                    "its root keys ({}) are not all among the recipe's root_keys ({})",
+                    "its root keys ({}) are not all among the keys trusted ({})",
                     theirs
                         .iter()
                         .map(ToString::to_string)
@@ -590,10 +598,7 @@ mod tests {
     }
 
     fn source(dir: &Path) -> Source {
-        Source {
-            base: dir_url(dir).unwrap(),
-            transport: Box::new(tough::FilesystemTransport),
-        }
+        Source::dir(dir).unwrap()
     }
 
     fn publish_at(
