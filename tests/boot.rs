@@ -1666,8 +1666,11 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
 
     // Published as signed updates, v2 (a one-line change) adds only the
     // chunks v1 lacks; republishing v2 is refused.
-    let repo = out.join("repo");
-    let _ = std::fs::remove_dir_all(&repo);
+    // The update repository lives in a registry, as `[update] source =
+    // "oci://…"` would have it.
+    let reg =
+        kiln_tests::registry::Registry::start().expect("docker-registry (scripts/install-deps.sh)");
+    let repo = format!("oci://{}/kiln/ab-updates", reg.host());
     let key = out.join("update.pem");
     let made = k::run(
         Command::new("openssl")
@@ -1682,10 +1685,11 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
             "--key".as_ref(),
             key.as_os_str(),
             "--to".as_ref(),
-            repo.as_os_str(),
+            repo.as_ref(),
             image.as_os_str(),
         ])
     };
+    let mut v2_bytes = 0;
     for (image, version) in [(&v1, "1.0.0"), (&v2, "2.0.0")] {
         let p = publish(image);
         assert!(p.ok, "kiln publish-update {version}: {}", p.stderr);
@@ -1700,6 +1704,7 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
                 new * 5 <= all,
                 "a one-line change adds {new} of {all} bytes"
             );
+            v2_bytes = all;
         }
     }
     let again = publish(&v2);
@@ -1720,15 +1725,35 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
             .arg(&public),
     );
     assert!(made.ok, "openssl pkey: {}", made.stderr);
+    let served_before = reg.log().len();
     let u = kiln_cmd(&[
         "update".as_ref(),
         "--from".as_ref(),
-        repo.as_os_str(),
+        repo.as_ref(),
         "--root-key".as_ref(),
         public.as_os_str(),
         disk.as_os_str(),
     ]);
     assert!(u.ok, "kiln update --from: {}{}", u.stdout, u.stderr);
+    // What the registry served (its access log: `"GET …" 200 BYTES`): the
+    // metadata, the manifest and the chunks v1 lacks, not v2's whole slot.
+    let served: u64 = reg.log()[served_before..]
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/"))
+        .filter_map(|l| {
+            l.split("\" 200 ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        served > 0 && served * 5 <= v2_bytes,
+        "the update fetched {served} bytes of a {v2_bytes}-byte slot"
+    );
+    eprintln!("update from the registry: {served} of {v2_bytes} bytes fetched");
     assert!(
         u.stdout
             .contains("slot b now holds 2.0.0 (was running 1.0.0), armed for 1 boot(s); fetched"),

@@ -77,10 +77,11 @@ enum Command {
         /// The newer build (a raw disk `kiln build` wrote).
         #[arg(long, required_unless_present = "from", conflicts_with = "from")]
         image: Option<PathBuf>,
-        /// Or an update repository (`kiln publish-update`'s directory): its
-        /// signed newest build, taking from the running slot what it holds.
+        /// Or an update repository (`kiln publish-update`'s directory or
+        /// `oci://HOST/NAME`): its signed newest build, taking from the
+        /// running slot what it holds.
         #[arg(long, requires = "root_key")]
-        from: Option<PathBuf>,
+        from: Option<String>,
         /// A public key the repository's root must be signed with (PEM;
         /// repeat for several).
         #[arg(long = "root-key")]
@@ -105,9 +106,11 @@ or hosts refuse the repository as stale.")]
         /// The private key that signs (PEM: Ed25519, ECDSA P-256 or RSA).
         #[arg(long)]
         key: PathBuf,
-        /// The repository directory (created if new).
+        /// The repository: a directory (created if new; serve it over
+        /// HTTP(S)) or a registry repository, `oci://HOST/NAME`
+        /// (`oci+http://` for one without TLS; loopback speaks plain HTTP).
         #[arg(long)]
-        to: PathBuf,
+        to: String,
         /// The build to publish (a raw disk `kiln build` wrote).
         image: PathBuf,
         #[command(flatten)]
@@ -400,7 +403,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         } => {
             let from = from.context("--image or --from")?;
             let what = update_from(&from, &root_key, &disk)
-                .with_context(|| format!("updating {} from {}", disk.display(), from.display()))?;
+                .with_context(|| format!("updating {} from {from}", disk.display()))?;
             report_slots(&disk, &out, &what)
         }
         Command::PublishUpdate {
@@ -412,14 +415,14 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let signing = kiln_update::keys::SigningKey::load(&key)?;
             let (header, content) = ab::slot_content(&image)?;
             let p = kiln_update::repo::publish(
-                &to,
+                &store(&to)?,
                 &signing,
                 &header,
                 content,
                 std::time::SystemTime::now(),
                 kiln_update::repo::Lifetimes::default(),
             )
-            .with_context(|| format!("publishing {} to {}", image.display(), to.display()))?;
+            .with_context(|| format!("publishing {} to {to}", image.display()))?;
             let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
             if out.json {
                 println!(
@@ -438,7 +441,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     header.name,
                     p.version,
                     p.previous.map(|v| format!(" (was {v})")).unwrap_or_default(),
-                    to.display(),
+                    to,
                     p.new_chunks,
                     p.chunks,
                     mib(p.new_bytes),
@@ -461,15 +464,38 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// An update repository named on the command line: `oci://HOST/NAME`,
+/// `oci+http://HOST/NAME`, or a directory.
+fn store(at: &str) -> Result<kiln_update::repo::Store> {
+    use kiln_update::repo::Store;
+    let oci = |name: &str, plain: bool| -> Result<Store> {
+        let host = name.split('/').next().unwrap_or_default();
+        let plain = plain || kiln_assemble::oci::is_loopback(host);
+        let auth = kiln_assemble::oci::docker_auth(host);
+        Ok(Store::Oci(kiln_update::oci::OciRepo::new(
+            name, plain, auth,
+        )?))
+    };
+    if let Some(name) = at.strip_prefix("oci://") {
+        oci(name, false)
+    } else if let Some(name) = at.strip_prefix("oci+http://") {
+        oci(name, true)
+    } else if at.starts_with("http://") || at.starts_with("https://") {
+        anyhow::bail!("{at}: kiln reads a repository served over HTTP(S) from its directory or a registry here (oci://HOST/NAME)")
+    } else {
+        Ok(Store::Dir(PathBuf::from(at)))
+    }
+}
+
 /// Checks the repository at `from` against `root_keys` and applies its
 /// newest build to `disk`'s inactive slot: what it did, in a line.
-fn update_from(from: &Path, root_keys: &[PathBuf], disk: &Path) -> Result<String> {
+fn update_from(from: &str, root_keys: &[PathBuf], disk: &Path) -> Result<String> {
     use kiln_update::repo::{self, Checked};
     let pinned = root_keys
         .iter()
         .map(|p| kiln_update::keys::PublicKey::load(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let source = repo::Source::dir(from)?;
+    let source = store(from)?.source()?;
     let running = ab::Disk::open(disk, false)?
         .active()?
         .header

@@ -11,6 +11,8 @@ pub mod apply;
 pub mod keys;
 pub mod manifest;
 #[cfg(feature = "tuf")]
+pub mod oci;
+#[cfg(feature = "tuf")]
 pub mod repo;
 
 use std::path::PathBuf;
@@ -71,10 +73,10 @@ pub enum UpdateError {
         source: Box<tough::schema::Error>,
     },
     /// Publishing with a key the repository does not trust.
-    #[error("{} is signed by other keys ({}); the key given is {key}", repo.display(), theirs.join(", "))]
+    #[error("{repo} is signed by other keys ({}); the key given is {key}", theirs.join(", "))]
     OtherKeys {
         /// The repository.
-        repo: PathBuf,
+        repo: String,
         /// The key given.
         key: String,
         /// The repository's root keys.

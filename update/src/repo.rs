@@ -115,12 +115,86 @@ fn at(t: Timestamp, d: Duration) -> Result<Timestamp, UpdateError> {
         .ok_or_else(|| UpdateError::BadManifest(format!("expiry {d:?} after {t} overflows")))
 }
 
-/// Publishes a slot (its header and the bytes it describes) to the
-/// repository directory `dir`, creating the repository if it is empty.
-/// Refuses another recipe, a version not newer than the one published, and
-/// a repository whose keys do not include `key`.
+/// Where a publisher writes a repository.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// A directory, to serve over HTTP(S).
+    Dir(PathBuf),
+    /// A registry repository.
+    Oci(crate::oci::OciRepo),
+}
+
+impl Store {
+    /// How hosts (and the publisher, reading what is there) fetch it.
+    pub fn source(&self) -> Result<Source, UpdateError> {
+        match self {
+            Store::Dir(d) => Source::dir(d),
+            Store::Oci(o) => Ok(Source {
+                base: Url::parse(&format!("{o:?}/"))
+                    .map_err(|e| UpdateError::BadSource(format!("{o:?}: {e}")))?,
+                transport: Box::new(o.clone()),
+            }),
+        }
+    }
+
+    async fn has_chunk(&self, sha256: &str) -> Result<bool, UpdateError> {
+        match self {
+            Store::Dir(d) => Ok(d.join("chunks").join(sha256).exists()),
+            Store::Oci(o) => o.has_chunk(sha256).await,
+        }
+    }
+
+    async fn put_chunk(&self, sha256: &str, data: &[u8]) -> Result<(), UpdateError> {
+        match self {
+            Store::Dir(d) => {
+                let dir = d.join("chunks");
+                std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+                write_new(&dir.join(sha256), data)
+            }
+            Store::Oci(o) => o.put_chunk(sha256, data).await,
+        }
+    }
+
+    /// Writes `kind/name` (`metadata` or `targets`); a target's artifact
+    /// also lists the chunks it pins.
+    async fn put_file(
+        &self,
+        kind: &str,
+        name: &str,
+        data: &[u8],
+        chunks: &[crate::manifest::Chunk],
+    ) -> Result<(), UpdateError> {
+        match self {
+            Store::Dir(d) => {
+                let dir = d.join(kind);
+                std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+                write_new(&dir.join(name), data)
+            }
+            Store::Oci(o) => o.put_file(name, data, chunks).await,
+        }
+    }
+
+    /// Where staged files are made before they are written.
+    fn staging(&self) -> Result<tempfile::TempDir, UpdateError> {
+        let (dir, b) = match self {
+            Store::Dir(d) => (d.clone(), tempfile::Builder::new()),
+            Store::Oci(_) => (std::env::temp_dir(), tempfile::Builder::new()),
+        };
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let mut b = b;
+        b.prefix(".kiln-staging-")
+            .tempdir_in(&dir)
+            .map_err(io(&dir))
+    }
+}
+
+/// Publishes a slot (its header and the bytes it describes) to `store`,
+/// creating the repository if it is empty. Refuses another recipe, a
+/// version not newer than the one published, and a repository whose keys
+/// do not include `key`; then uploads the chunks the repository lacks,
+/// the manifest, and the metadata, timestamp last.
 pub fn publish(
-    dir: &Path,
+    store: &Store,
     key: &SigningKey,
     header: &SlotHeader,
     content: impl Read,
@@ -129,96 +203,139 @@ pub fn publish(
 ) -> Result<Published, UpdateError> {
     let now = Timestamp::try_from(now)
         .map_err(|e| UpdateError::BadManifest(format!("the clock: {e}")))?;
-    runtime()?.block_on(publish_async(dir, key, header, content, now, life))
+    let rt = runtime()?;
+    let staging = store.staging()?;
+    let (editor, version, previous) = rt.block_on(open_for_publish(
+        store,
+        key,
+        header,
+        now,
+        life,
+        staging.path(),
+    ))?;
+    let (mut new_chunks, mut new_bytes) = (0, 0);
+    let manifest = Manifest::build(header, content, |c, data| {
+        rt.block_on(async {
+            if !store.has_chunk(&c.sha256).await? {
+                store.put_chunk(&c.sha256, data).await?;
+                new_chunks += 1;
+                new_bytes += data.len() as u64;
+            }
+            Ok(())
+        })
+    })?;
+    rt.block_on(sign_and_write(
+        store,
+        key,
+        editor,
+        version,
+        &manifest,
+        now,
+        life,
+        staging.path(),
+    ))?;
+    Ok(Published {
+        version: header.version.clone(),
+        previous,
+        metadata_version: version,
+        expires: at(now, life.timestamp)?
+            .strftime("%Y-%m-%d %H:%M UTC")
+            .to_string(),
+        chunks: manifest.chunks.len(),
+        new_chunks,
+        bytes: header.uki_offset + header.uki_len,
+        new_bytes,
+    })
 }
 
-async fn publish_async(
-    dir: &Path,
+/// The editor for the repository's next version: the existing one's
+/// (after the checks) or a new root's.
+async fn open_for_publish(
+    store: &Store,
     key: &SigningKey,
     header: &SlotHeader,
-    content: impl Read,
     now: Timestamp,
     life: Lifetimes,
-) -> Result<Published, UpdateError> {
-    let (metadata, targets, chunks) = (
-        dir.join("metadata"),
-        dir.join("targets"),
-        dir.join("chunks"),
-    );
-    for d in [&metadata, &targets, &chunks] {
-        std::fs::create_dir_all(d).map_err(io(d))?;
-    }
-    let staging = tempfile_dir(dir)?;
+    staging: &Path,
+) -> Result<(RepositoryEditor, u64, Option<String>), UpdateError> {
+    let source = store.source()?;
     let keys: Vec<Box<dyn KeySource>> = vec![Box::new(key.clone())];
-    let first = metadata.join("1.root.json");
-    let (mut editor, version, previous) = if first.exists() {
-        let repo = load(
-            &std::fs::read(&first).map_err(io(&first))?,
-            dir_url(&metadata)?,
-            dir_url(&targets)?,
-            Box::new(tough::FilesystemTransport),
-            None,
-            ExpirationEnforcement::Unsafe,
-        )
-        .await?;
-        let root = &repo.root().signed;
-        if !root_keys(root).contains(key.public()) {
-            return Err(UpdateError::OtherKeys {
-                repo: dir.to_path_buf(),
-                key: key.public().to_string(),
-                theirs: root_keys(root).iter().map(ToString::to_string).collect(),
-            });
-        }
-        let (current, old) = read_manifest(&repo).await?;
-        if current.name != header.name {
-            return Err(UpdateError::OtherRecipe {
-                new: header.name.clone(),
-                published: current.name,
-            });
-        }
-        if kiln_boot::version::compare(&header.version, &current.version)
-            != Some(std::cmp::Ordering::Greater)
-        {
-            return Err(UpdateError::NotNewer {
-                new: header.version.clone(),
-                published: current.version,
-            });
-        }
-        let version = repo.targets().signed.version.get().max(old) + 1;
-        let root_path = staging.path().join("root.json");
-        let root_bytes = serde_json::to_vec(repo.root()).map_err(|source| UpdateError::Json {
-            what: "root.json".into(),
-            source,
-        })?;
-        std::fs::write(&root_path, root_bytes).map_err(io(&root_path))?;
-        let editor = RepositoryEditor::from_repo(&root_path, repo)
-            .await
-            .map_err(tuf("reading the repository for editing"))?;
-        (editor, version, Some(current.version))
-    } else {
-        let root_path = staging.path().join("1.root.json");
-        new_root(key, now, life.root, &keys, staging.path()).await?;
+    let Some(first) = source
+        .fetch_opt(source.join("metadata/1.root.json")?)
+        .await?
+    else {
+        let root_path = staging.join("1.root.json");
+        new_root(key, now, life.root, &keys, staging).await?;
         let editor = RepositoryEditor::new(&root_path)
             .await
             .map_err(tuf("the new root.json"))?;
-        (editor, 1, None)
+        return Ok((editor, 1, None));
     };
-
-    let mut new_chunks = 0;
-    let mut new_bytes = 0;
-    let manifest = Manifest::build(header, content, |c, data| {
-        let path = chunks.join(&c.sha256);
-        if !path.exists() {
-            write_new(&path, data)?;
-            new_chunks += 1;
-            new_bytes += data.len() as u64;
-        }
-        Ok(())
+    let repo = load(
+        &first,
+        source.join("metadata/")?,
+        source.join("targets/")?,
+        source.transport.clone(),
+        None,
+        ExpirationEnforcement::Unsafe,
+    )
+    .await?;
+    let root = &repo.root().signed;
+    if !root_keys(root).contains(key.public()) {
+        return Err(UpdateError::OtherKeys {
+            repo: source.base.to_string(),
+            key: key.public().to_string(),
+            theirs: root_keys(root).iter().map(ToString::to_string).collect(),
+        });
+    }
+    let (current, old) = read_manifest(&repo).await?;
+    if current.name != header.name {
+        return Err(UpdateError::OtherRecipe {
+            new: header.name.clone(),
+            published: current.name,
+        });
+    }
+    if kiln_boot::version::compare(&header.version, &current.version)
+        != Some(std::cmp::Ordering::Greater)
+    {
+        return Err(UpdateError::NotNewer {
+            new: header.version.clone(),
+            published: current.version,
+        });
+    }
+    let version = repo.targets().signed.version.get().max(old) + 1;
+    let root_path = staging.join("root.json");
+    let root_bytes = serde_json::to_vec(repo.root()).map_err(|source| UpdateError::Json {
+        what: "root.json".into(),
+        source,
     })?;
-    let staged_targets = staging.path().join("targets");
+    std::fs::write(&root_path, root_bytes).map_err(io(&root_path))?;
+    let editor = RepositoryEditor::from_repo(&root_path, repo)
+        .await
+        .map_err(tuf("reading the repository for editing"))?;
+    Ok((editor, version, Some(current.version)))
+}
+
+/// Signs the manifest as the only target and writes manifest and
+/// metadata to the store. Readers follow timestamp → snapshot → targets →
+/// manifest → chunks: everything it leads to is in place before the
+/// timestamp is.
+#[allow(clippy::too_many_arguments)]
+async fn sign_and_write(
+    store: &Store,
+    key: &SigningKey,
+    mut editor: RepositoryEditor,
+    version: u64,
+    manifest: &Manifest,
+    now: Timestamp,
+    life: Lifetimes,
+    staging: &Path,
+) -> Result<(), UpdateError> {
+    let keys: Vec<Box<dyn KeySource>> = vec![Box::new(key.clone())];
+    let staged_targets = staging.join("targets");
     std::fs::create_dir_all(&staged_targets).map_err(io(&staged_targets))?;
     let manifest_path = staged_targets.join(TARGET);
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|source| UpdateError::Json {
+    let json = serde_json::to_vec_pretty(manifest).map_err(|source| UpdateError::Json {
         what: TARGET.into(),
         source,
     })?;
@@ -242,39 +359,35 @@ async fn publish_async(
         .timestamp_version(v)
         .timestamp_expires(at(now, life.timestamp)?);
     let signed = editor.sign(&keys).await.map_err(tuf("signing"))?;
-    let staged_meta = staging.path().join("metadata");
+    let staged_meta = staging.join("metadata");
     signed
         .write(&staged_meta)
         .await
         .map_err(tuf("writing metadata"))?;
+    let named = staging.join("named");
     signed
-        .copy_targets(&staged_targets, &targets, PathExists::Skip)
+        .copy_targets(&staged_targets, &named, PathExists::Replace)
         .await
-        .map_err(tuf("writing the manifest"))?;
-    // Readers follow timestamp → snapshot → targets → manifest → chunks:
-    // everything it leads to is in place before timestamp.json moves.
-    let mut names: Vec<_> = std::fs::read_dir(&staged_meta)
-        .map_err(io(&staged_meta))?
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    names.sort_by_key(|n| n == "timestamp.json");
-    for name in names {
-        let (from, to) = (staged_meta.join(&name), metadata.join(&name));
-        std::fs::rename(&from, &to).map_err(io(&to))?;
+        .map_err(tuf("naming the manifest"))?;
+    for (kind, dir) in [("targets", &named), ("metadata", &staged_meta)] {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort_by_key(|n| n == "timestamp.json");
+        for name in names {
+            let path = dir.join(&name);
+            let data = std::fs::read(&path).map_err(io(&path))?;
+            let chunks = if kind == "targets" {
+                &manifest.chunks[..]
+            } else {
+                &[]
+            };
+            store.put_file(kind, &name, &data, chunks).await?;
+        }
     }
-    Ok(Published {
-        version: header.version.clone(),
-        previous,
-        metadata_version: version,
-        expires: at(now, life.timestamp)?
-            .strftime("%Y-%m-%d %H:%M UTC")
-            .to_string(),
-        chunks: manifest.chunks.len(),
-        new_chunks,
-        bytes: header.uki_offset + header.uki_len,
-        new_bytes,
-    })
+    Ok(())
 }
 
 /// Root v1: `key` holds every role, threshold 1.
@@ -418,6 +531,24 @@ impl Source {
             .map_err(|e| UpdateError::BadSource(format!("{}{path}: {e}", self.base)))
     }
 
+    async fn fetch_opt(&self, url: Url) -> Result<Option<Vec<u8>>, UpdateError> {
+        match self.transport.fetch(url.clone()).await {
+            Err(e) if e.kind() == tough::TransportErrorKind::FileNotFound => Ok(None),
+            Err(e) => Err(UpdateError::Fetch {
+                url: url.to_string(),
+                why: e.to_string(),
+            }),
+            Ok(stream) => stream
+                .into_vec()
+                .await
+                .map(Some)
+                .map_err(|e| UpdateError::Fetch {
+                    url: url.to_string(),
+                    why: e.to_string(),
+                }),
+        }
+    }
+
     async fn fetch(&self, url: Url) -> Result<Vec<u8>, UpdateError> {
         let stream = self
             .transport
@@ -558,29 +689,6 @@ fn write_new(path: &Path, data: &[u8]) -> Result<(), UpdateError> {
         })
 }
 
-/// A staging directory inside `dir` (renames into `dir` stay atomic),
-/// removed when dropped.
-struct Staging(PathBuf);
-
-impl Staging {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir(dir: &Path) -> Result<Staging, UpdateError> {
-    let path = dir.join(format!(".staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path).map_err(io(&path))?;
-    Ok(Staging(path))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,7 +717,14 @@ mod tests {
         now: std::time::SystemTime,
     ) -> Result<Published, UpdateError> {
         let h = header(data.len() as u64, version);
-        publish(dir, key, &h, data, now, Lifetimes::default())
+        publish(
+            &Store::Dir(dir.to_path_buf()),
+            key,
+            &h,
+            data,
+            now,
+            Lifetimes::default(),
+        )
     }
 
     fn copy_dir(from: &Path, to: &Path) {
@@ -670,7 +785,15 @@ mod tests {
         }
         let mut foreign = header(v2.len() as u64, "3.0.0");
         foreign.name = "other".into();
-        let e = publish(&repo, &key, &foreign, &v2[..], now, Lifetimes::default()).unwrap_err();
+        let e = publish(
+            &Store::Dir(repo.clone()),
+            &key,
+            &foreign,
+            &v2[..],
+            now,
+            Lifetimes::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, UpdateError::OtherRecipe { .. }), "{e}");
 
         // A host pinning another key trusts nothing here.

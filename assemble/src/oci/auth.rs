@@ -3,7 +3,7 @@
 use super::*;
 
 /// Credentials for `registry` from the docker config file, if any.
-pub(super) fn docker_auth(registry: &str) -> oci_client::secrets::RegistryAuth {
+pub fn docker_auth(registry: &str) -> oci_client::secrets::RegistryAuth {
     use oci_client::secrets::RegistryAuth;
     let path = match std::env::var_os("DOCKER_CONFIG").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d).join("config.json"),

@@ -21,8 +21,10 @@ use std::path::{Path, PathBuf};
 
 mod archive;
 mod auth;
+pub use auth::docker_auth;
 mod layout;
 mod registry;
+pub use registry::is_loopback;
 
 use archive::pull_docker_archive;
 use layout::{layout_top, pull_layout, split_layout};

@@ -85,7 +85,7 @@ pub(super) fn was_served(
 }
 
 /// Loopback registries (tests, local mirrors) speak plain HTTP.
-pub(super) fn is_loopback(registry: &str) -> bool {
+pub fn is_loopback(registry: &str) -> bool {
     let host = if let Some(rest) = registry.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
