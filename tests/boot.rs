@@ -1707,6 +1707,24 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
             v2_bytes = all;
         }
     }
+    // Signed again with new dates, the repository still publishes v2.
+    let refreshed = kiln_cmd(&[
+        "publish-update".as_ref(),
+        "--refresh".as_ref(),
+        "--key".as_ref(),
+        key.as_os_str(),
+        "--to".as_ref(),
+        repo.as_ref(),
+    ]);
+    assert!(
+        refreshed.ok
+            && refreshed
+                .stdout
+                .contains("it still publishes 2.0.0; metadata version 3"),
+        "{}{}",
+        refreshed.stdout,
+        refreshed.stderr
+    );
     let again = publish(&v2);
     assert!(
         !again.ok && again.stderr.contains("not newer than 2.0.0"),

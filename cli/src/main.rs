@@ -101,7 +101,7 @@ enum Command {
   kiln publish-update --key update.pem --to /srv/updates/app out/app.raw
 
 The timestamp it signs expires in 7 days: publish a newer build before then,
-or hosts refuse the repository as stale.")]
+or `--refresh`, or hosts refuse the repository as stale.")]
     PublishUpdate {
         /// The private key that signs (PEM: Ed25519, ECDSA P-256 or RSA).
         #[arg(long)]
@@ -112,7 +112,12 @@ or hosts refuse the repository as stale.")]
         #[arg(long)]
         to: String,
         /// The build to publish (a raw disk `kiln build` wrote).
-        image: PathBuf,
+        #[arg(required_unless_present = "refresh")]
+        image: Option<PathBuf>,
+        /// Sign the repository again as it is, with new expiry dates (the
+        /// timestamp's 7 days start again): no new build.
+        #[arg(long, conflicts_with = "image")]
+        refresh: bool,
         #[command(flatten)]
         out: OutputMode,
     },
@@ -409,8 +414,40 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::PublishUpdate {
             key,
             to,
-            image,
+            image: None,
             out,
+            ..
+        } => {
+            let signing = kiln_update::keys::SigningKey::load(&key)?;
+            let p = kiln_update::repo::refresh(
+                &store(&to)?,
+                &signing,
+                std::time::SystemTime::now(),
+                kiln_update::repo::Lifetimes::default(),
+            )
+            .with_context(|| format!("refreshing {to}"))?;
+            if out.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "event": "refreshed", "repository": to, "version": p.version,
+                        "metadata_version": p.metadata_version, "expires": p.expires,
+                    })
+                );
+            } else if !out.quiet {
+                println!(
+                    "refreshed {to}: it still publishes {}; metadata version {}, valid until {}",
+                    p.version, p.metadata_version, p.expires
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PublishUpdate {
+            key,
+            to,
+            image: Some(image),
+            out,
+            ..
         } => {
             let signing = kiln_update::keys::SigningKey::load(&key)?;
             let (header, content) = ab::slot_content(&image)?;

@@ -208,7 +208,7 @@ pub fn publish(
     let (editor, version, previous) = rt.block_on(open_for_publish(
         store,
         key,
-        header,
+        Some(header),
         now,
         life,
         staging.path(),
@@ -229,7 +229,7 @@ pub fn publish(
         key,
         editor,
         version,
-        &manifest,
+        Some(&manifest),
         now,
         life,
         staging.path(),
@@ -248,12 +248,57 @@ pub fn publish(
     })
 }
 
+/// Signs the repository's metadata again as it is, with new expiry
+/// dates: what a publisher runs before the timestamp expires when there is
+/// no newer build to publish.
+pub fn refresh(
+    store: &Store,
+    key: &SigningKey,
+    now: std::time::SystemTime,
+    life: Lifetimes,
+) -> Result<Published, UpdateError> {
+    let now = Timestamp::try_from(now)
+        .map_err(|e| UpdateError::BadManifest(format!("the clock: {e}")))?;
+    let rt = runtime()?;
+    let staging = store.staging()?;
+    let (editor, version, current) = rt.block_on(open_for_publish(
+        store,
+        key,
+        None,
+        now,
+        life,
+        staging.path(),
+    ))?;
+    rt.block_on(sign_and_write(
+        store,
+        key,
+        editor,
+        version,
+        None,
+        now,
+        life,
+        staging.path(),
+    ))?;
+    Ok(Published {
+        version: current.clone().unwrap_or_default(),
+        previous: current,
+        metadata_version: version,
+        expires: at(now, life.timestamp)?
+            .strftime("%Y-%m-%d %H:%M UTC")
+            .to_string(),
+        chunks: 0,
+        new_chunks: 0,
+        bytes: 0,
+        new_bytes: 0,
+    })
+}
+
 /// The editor for the repository's next version: the existing one's
 /// (after the checks) or a new root's.
 async fn open_for_publish(
     store: &Store,
     key: &SigningKey,
-    header: &SlotHeader,
+    header: Option<&SlotHeader>,
     now: Timestamp,
     life: Lifetimes,
     staging: &Path,
@@ -264,6 +309,12 @@ async fn open_for_publish(
         .fetch_opt(source.join("metadata/1.root.json")?)
         .await?
     else {
+        if header.is_none() {
+            return Err(UpdateError::BadSource(format!(
+                "{}: no repository to refresh",
+                source.base
+            )));
+        }
         let root_path = staging.join("1.root.json");
         new_root(key, now, life.root, &keys, staging).await?;
         let editor = RepositoryEditor::new(&root_path)
@@ -289,6 +340,15 @@ async fn open_for_publish(
         });
     }
     let (current, old) = read_manifest(&repo).await?;
+    let Some(header) = header else {
+        let version = repo.targets().signed.version.get().max(old) + 1;
+        let root_path = staging.join("root.json");
+        write_root(&repo, &root_path)?;
+        let editor = RepositoryEditor::from_repo(&root_path, repo)
+            .await
+            .map_err(tuf("reading the repository for editing"))?;
+        return Ok((editor, version, Some(current.version)));
+    };
     if current.name != header.name {
         return Err(UpdateError::OtherRecipe {
             new: header.name.clone(),
@@ -305,15 +365,43 @@ async fn open_for_publish(
     }
     let version = repo.targets().signed.version.get().max(old) + 1;
     let root_path = staging.join("root.json");
-    let root_bytes = serde_json::to_vec(repo.root()).map_err(|source| UpdateError::Json {
-        what: "root.json".into(),
-        source,
-    })?;
-    std::fs::write(&root_path, root_bytes).map_err(io(&root_path))?;
+    write_root(&repo, &root_path)?;
     let editor = RepositoryEditor::from_repo(&root_path, repo)
         .await
         .map_err(tuf("reading the repository for editing"))?;
     Ok((editor, version, Some(current.version)))
+}
+
+/// Writes the manifest to `dir` and makes it the only target.
+async fn add_manifest(
+    editor: &mut RepositoryEditor,
+    manifest: &Manifest,
+    dir: &Path,
+) -> Result<(), UpdateError> {
+    let manifest_path = dir.join(TARGET);
+    let json = serde_json::to_vec_pretty(manifest).map_err(|source| UpdateError::Json {
+        what: TARGET.into(),
+        source,
+    })?;
+    std::fs::write(&manifest_path, json).map_err(io(&manifest_path))?;
+    let target = Target::from_path(&manifest_path)
+        .await
+        .map_err(|e| UpdateError::Schema {
+            what: "hashing the manifest".into(),
+            source: Box::new(e),
+        })?;
+    editor.clear_targets().map_err(tuf("targets"))?;
+    editor.add_target(TARGET, target).map_err(tuf("targets"))?;
+    Ok(())
+}
+
+/// The root the repository trusts now, for its editor.
+fn write_root(repo: &tough::Repository, path: &Path) -> Result<(), UpdateError> {
+    let bytes = serde_json::to_vec(repo.root()).map_err(|source| UpdateError::Json {
+        what: "root.json".into(),
+        source,
+    })?;
+    std::fs::write(path, bytes).map_err(io(path))
 }
 
 /// Signs the manifest as the only target and writes manifest and
@@ -326,7 +414,7 @@ async fn sign_and_write(
     key: &SigningKey,
     mut editor: RepositoryEditor,
     version: u64,
-    manifest: &Manifest,
+    manifest: Option<&Manifest>,
     now: Timestamp,
     life: Lifetimes,
     staging: &Path,
@@ -334,21 +422,11 @@ async fn sign_and_write(
     let keys: Vec<Box<dyn KeySource>> = vec![Box::new(key.clone())];
     let staged_targets = staging.join("targets");
     std::fs::create_dir_all(&staged_targets).map_err(io(&staged_targets))?;
-    let manifest_path = staged_targets.join(TARGET);
-    let json = serde_json::to_vec_pretty(manifest).map_err(|source| UpdateError::Json {
-        what: TARGET.into(),
-        source,
-    })?;
-    std::fs::write(&manifest_path, json).map_err(io(&manifest_path))?;
-    let target = Target::from_path(&manifest_path)
-        .await
-        .map_err(|e| UpdateError::Schema {
-            what: "hashing the manifest".into(),
-            source: Box::new(e),
-        })?;
+    // A refresh re-signs the targets as they are.
+    if let Some(manifest) = manifest {
+        add_manifest(&mut editor, manifest, &staged_targets).await?;
+    }
     let v = NonZeroU64::new(version).unwrap_or(NonZeroU64::MIN);
-    editor.clear_targets().map_err(tuf("targets"))?;
-    editor.add_target(TARGET, target).map_err(tuf("targets"))?;
     editor
         .targets_version(v)
         .map_err(tuf("targets"))?
@@ -365,10 +443,13 @@ async fn sign_and_write(
         .await
         .map_err(tuf("writing metadata"))?;
     let named = staging.join("named");
-    signed
-        .copy_targets(&staged_targets, &named, PathExists::Replace)
-        .await
-        .map_err(tuf("naming the manifest"))?;
+    std::fs::create_dir_all(&named).map_err(io(&named))?;
+    if manifest.is_some() {
+        signed
+            .copy_targets(&staged_targets, &named, PathExists::Replace)
+            .await
+            .map_err(tuf("naming the manifest"))?;
+    }
     for (kind, dir) in [("targets", &named), ("metadata", &staged_meta)] {
         let mut names: Vec<_> = std::fs::read_dir(dir)
             .map_err(io(dir))?
@@ -379,10 +460,9 @@ async fn sign_and_write(
         for name in names {
             let path = dir.join(&name);
             let data = std::fs::read(&path).map_err(io(&path))?;
-            let chunks = if kind == "targets" {
-                &manifest.chunks[..]
-            } else {
-                &[]
+            let chunks = match (kind, manifest) {
+                ("targets", Some(m)) => &m.chunks[..],
+                _ => &[],
             };
             store.put_file(kind, &name, &data, chunks).await?;
         }
@@ -830,6 +910,21 @@ mod tests {
         publish_at(&stale, &key, &v1, "1.0.0", long_ago).unwrap();
         let e = check(&source(&stale), &pinned, &t.join("ds-stale"), &running).unwrap_err();
         assert!(chain(&e).contains("xpired"), "{}", chain(&e));
+        // Refreshed (signed again with new dates), the same build checks.
+        let store = Store::Dir(stale.clone());
+        let r = refresh(&store, &key, now, Lifetimes::default()).unwrap();
+        assert_eq!((r.version.as_str(), r.metadata_version), ("1.0.0", 2));
+        let older = header(v1.len() as u64, "0.9.0");
+        let Checked::Newer(_, h) =
+            check(&source(&stale), &pinned, &t.join("ds-stale"), &older).unwrap()
+        else {
+            panic!("the refreshed repository offers nothing");
+        };
+        assert_eq!(h.version, "1.0.0");
+        let e = refresh(&store, &other, now, Lifetimes::default()).unwrap_err();
+        assert!(matches!(e, UpdateError::OtherKeys { .. }), "{e}");
+        let e = refresh(&Store::Dir(t.join("none")), &key, now, Lifetimes::default()).unwrap_err();
+        assert!(e.to_string().contains("no repository to refresh"), "{e}");
 
         // A manifest changed after signing is refused.
         let fresh = t.join("fresh");
