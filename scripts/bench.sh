@@ -9,6 +9,12 @@
 #   scripts/bench.sh net        forwarded throughput: a download from a
 #                               container on the bridge (published port)
 #                               against one on the host network
+#   scripts/bench.sh update     a one-line change to hello.toml as a signed
+#                               update: the bytes a host fetches (kiln's
+#                               chunks, manifest and metadata) against the
+#                               zstd -19 slot a whole-image update ships,
+#                               and applying it to a disk (kiln update
+#                               --from) against zstd -d | dd of the slot
 #   scripts/bench.sh pipeline   only the whole build:
 #     - hello.toml, warm cache and lock, against the shell pipeline a user
 #       would script from the same unpacked inputs (mksquashfs, objcopy UKI,
@@ -111,6 +117,56 @@ if [ "$what" = all ] || [ "$what" = boot ]; then
   row "hello.toml, one vCPU, -icount (instructions)" "$kiln_i" "$bb_i" "$(ratio "$kiln_i" "$bb_i")"
   echo "kiln: $(tr "\n" " " <"$b/kiln.times")busybox: $(tr "\n" " " <"$b/bb.times")" >&2
   rm -rf "$b"
+fi
+# Updates: hello.toml and the same recipe with one line of a container's
+# command changed, published to a repository directory; a v1 disk updated
+# from it. The standard: the new slot compressed whole (zstd -19, what an
+# image-based update downloads) and written with dd.
+if [ "$what" = all ] || [ "$what" = update ]; then
+  cargo build --release -p kiln >/dev/null 2>&1 || cargo build --release -p kiln
+  k="$PWD/target/release/kiln"
+  u="$(mktemp -d /var/tmp/kiln-update.XXXXXX)"
+  for v in 1 2; do
+    mkdir "$u/v$v"
+    sed "s/^version = .*/version = \"$v.0.0\"/" recipes/hello.toml >"$u/v$v/hello.toml"
+    cp recipes/hello.lock "$u/v$v/hello.lock"
+  done
+  sed -i 's/hello from an onboot container/hello from an updated onboot container/' "$u/v2/hello.toml"
+  "$k" build -q --locked "$u/v1/hello.toml" -o "$u/v1/out"
+  "$k" build -q --locked "$u/v2/hello.toml" -o "$u/v2/out"
+  openssl genpkey -algorithm ed25519 -out "$u/k.pem"
+  openssl pkey -in "$u/k.pem" -pubout -out "$u/k.pub"
+  "$k" publish-update -q --key "$u/k.pem" --to "$u/repo" "$u/v1/out/hello.raw"
+  before=$(du -sb --apparent-size "$u/repo" | cut -f1)
+  "$k" publish-update -q --key "$u/k.pem" --to "$u/repo" "$u/v2/out/hello.raw"
+  after=$(du -sb --apparent-size "$u/repo" | cut -f1)
+  # What a v1 host fetches: everything the v2 publish added (new chunks,
+  # manifest, metadata); old metadata versions it never reads.
+  kiln_bytes=$((after - before))
+  cp "$u/v1/out/hello.raw" "$u/disk.raw"
+  s=$(date +%s.%N)
+  "$k" update -q --from "$u/repo" --root-key "$u/k.pub" "$u/disk.raw"
+  kiln_s=$(awk "BEGIN { printf \"%.2f\", $(date +%s.%N) - $s }")
+  # The standard: v2's slot (root, tree, UKI: up to the UKI's end) whole.
+  read -r first _ < <(sgdisk -i2 "$u/v2/out/hello.raw" | awk '/First sector/ {print $3}')
+  read -r last _ < <(sgdisk -i2 "$u/v2/out/hello.raw" | awk '/Last sector/ {print $3}')
+  hdr=$(((last + 1) * 512 - 4096))
+  off=$(od -An -t u8 -j $((hdr + 24)) -N 8 "$u/v2/out/hello.raw" | tr -d ' ')
+  len=$(od -An -t u8 -j $((hdr + 32)) -N 8 "$u/v2/out/hello.raw" | tr -d ' ')
+  dd if="$u/v2/out/hello.raw" of="$u/slot" bs=1M iflag=skip_bytes,count_bytes skip=$((first * 512)) count=$((off + len)) status=none
+  zstd -q -19 -T0 "$u/slot" -o "$u/slot.zst"
+  zstd_bytes=$(stat -c %s "$u/slot.zst")
+  read -r b_first _ < <(sgdisk -i3 "$u/disk.raw" | awk '/First sector/ {print $3}')
+  s=$(date +%s.%N)
+  zstd -q -dc "$u/slot.zst" | dd of="$u/disk.raw" bs=1M seek=$((b_first * 512)) oflag=seek_bytes conv=notrunc,fsync status=none
+  dd_s=$(awk "BEGIN { printf \"%.2f\", $(date +%s.%N) - $s }")
+  echo
+  echo "## Updates (hello.toml, one line of a container's command changed)"
+  echo
+  row "case" "kiln" "standard" "ratio"
+  row "bytes a host fetches vs zstd -19 of the slot" "$kiln_bytes" "$zstd_bytes" "$(ratio "$kiln_bytes" "$zstd_bytes")"
+  row "apply (s): update --from vs zstd -d | dd" "$kiln_s" "$dd_s" "$(ratio "$kiln_s" "$dd_s")"
+  rm -rf "$u"
 fi
 # Networking: forwarded throughput. The same 32 MiB download from a
 # container on the bridge through its published port (DNAT, bridge, veth)

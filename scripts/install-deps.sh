@@ -12,7 +12,7 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   qemu-system-x86 qemu-utils ovmf \
   docker-registry busybox-static \
   gdisk dosfstools mtools squashfs-tools cpio binutils util-linux bsdutils iproute2 uidmap \
-  xorriso curl cryptsetup-bin openssl \
+  xorriso curl cryptsetup-bin openssl zstd \
   >/dev/null
 if ! command -v cargo >/dev/null; then
   echo "install Rust first: https://rustup.rs (or apt-get install cargo)" >&2
