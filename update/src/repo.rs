@@ -339,7 +339,7 @@ async fn open_for_publish(
             theirs: root_keys(root).iter().map(ToString::to_string).collect(),
         });
     }
-    let (current, old) = read_manifest(&repo).await?;
+    let (_, current, old) = read_manifest(&repo).await?;
     let Some(header) = header else {
         let version = repo.targets().signed.version.get().max(old) + 1;
         let root_path = staging.join("root.json");
@@ -561,8 +561,11 @@ impl Transport for Shared {
     }
 }
 
-/// The repository's manifest and the version of the targets that named it.
-async fn read_manifest(repo: &tough::Repository) -> Result<(SlotHeader, u64), UpdateError> {
+/// The repository's manifest (checked against its signed hash and
+/// length) and the version of the targets that named it.
+async fn read_manifest(
+    repo: &tough::Repository,
+) -> Result<(Manifest, SlotHeader, u64), UpdateError> {
     let name = TargetName::new(TARGET).map_err(tuf(TARGET))?;
     let data = repo
         .read_target(&name)
@@ -572,8 +575,8 @@ async fn read_manifest(repo: &tough::Repository) -> Result<(SlotHeader, u64), Up
         .into_vec()
         .await
         .map_err(tuf(TARGET))?;
-    let (_, header) = Manifest::parse(&data)?;
-    Ok((header, repo.targets().signed.version.get()))
+    let (manifest, header) = Manifest::parse(&data)?;
+    Ok((manifest, header, repo.targets().signed.version.get()))
 }
 
 /// What a host learns from the repository.
@@ -708,16 +711,7 @@ async fn check_async(
         source,
     })?;
     write_new(&kept, &latest)?;
-    let name = TargetName::new(TARGET).map_err(tuf(TARGET))?;
-    let data = repo
-        .read_target(&name)
-        .await
-        .map_err(tuf(TARGET))?
-        .ok_or_else(|| UpdateError::BadManifest(format!("the repository lists no {TARGET}")))?
-        .into_vec()
-        .await
-        .map_err(tuf(TARGET))?;
-    let (manifest, header) = Manifest::parse(&data)?;
+    let (manifest, header, _) = read_manifest(&repo).await?;
     if header.name != running.name {
         return Err(UpdateError::ForeignRecipe {
             published: header.name,
