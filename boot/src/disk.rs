@@ -337,6 +337,62 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_write_cut_short_leaves_the_running_slot_booting() {
+        let dir = std::env::temp_dir().join(format!("kiln-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, old) = disk(&dir);
+        let mut d = FileDisk::open(&path, true).unwrap();
+        let next = |d: &mut FileDisk| {
+            let (_, s) = read(d).unwrap();
+            let c: Vec<_> = s
+                .iter()
+                .map(|s| (s.slot, s.state, s.header.is_some()))
+                .collect();
+            (crate::choose(&c).unwrap().slot, s)
+        };
+        let (_, slots) = next(&mut d);
+        let new = SlotHeader {
+            version: "2".into(),
+            build_id: [8; 32],
+            uki_offset: 8192,
+            uki_len: 300_000,
+            tries: 2,
+            ..old.clone()
+        };
+        let len = new.uki_offset + new.uki_len;
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        // Cut short (power lost, the process killed): never finished.
+        {
+            let mut w = SlotWriter::begin(&mut d, &slots, 1, len).unwrap();
+            assert_eq!(w.target().slot, Slot::B);
+            w.write(&bytes[..100_000]).unwrap();
+        }
+        let (boots, s) = next(&mut d);
+        assert_eq!((boots, s[1].header.is_none()), (Slot::A, true));
+        // Fewer bytes than the header describes: nothing armed.
+        {
+            let mut w = SlotWriter::begin(&mut d, &slots, 1, len).unwrap();
+            w.write(&bytes[..100_000]).unwrap();
+            assert!(w.finish(&new).is_err());
+        }
+        assert_eq!(next(&mut d).0, Slot::A);
+        // Too much for the slot (1 MiB with its header): refused at once.
+        assert!(SlotWriter::begin(&mut d, &slots, 1, 2048 * 512).is_err());
+        // Whole: B boots next, on trial for the new build's tries.
+        let mut w = SlotWriter::begin(&mut d, &slots, 1, len).unwrap();
+        w.write(&bytes).unwrap();
+        let armed = w.finish(&new).unwrap();
+        assert_eq!((armed.tries, armed.successful), (2, false));
+        let (boots, s) = next(&mut d);
+        assert_eq!((boots, s[1].header.as_ref()), (Slot::B, Some(&new)));
+        assert_eq!(s[0].header.as_ref(), Some(&old));
+        let mut back = vec![0u8; bytes.len()];
+        d.read_exact_bytes(s[1].first_lba * 512, &mut back).unwrap();
+        assert!(back == bytes);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn reads_slots_and_writes_their_bits() {
         let dir = std::env::temp_dir().join(format!("kiln-slots-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
