@@ -206,7 +206,8 @@ fn hello_builds_validates_and_boots() {
         assert!(c.contains("device-mapper: verity"), "{c}");
         assert!(
             c.contains("slot a marked failed; no other slot can boot")
-                && c.contains("FATAL: mount"),
+                && c.contains("FATAL: slot a: mount")
+                && c.contains("powering off in 5 seconds"),
             "{c}"
         );
         assert!(k::container_lines(c, "greet").is_empty(), "{c}");
