@@ -1948,5 +1948,42 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
         s.contains("a (ab 1.0.0): good  <- boots next") && s.contains("b (ab 3.0.0): failed"),
         "{s}"
     );
+    // v2 again, on trial, its root's first block flipped: the mount fails,
+    // slot B is marked failed, and the fatal error restarts the machine
+    // into v1 (not a power-off).
+    let u = update(&v2);
+    assert!(u.ok, "kiln update: {}{}", u.stdout, u.stderr);
+    {
+        use std::os::unix::fs::FileExt;
+        let parts = k::partitions(&disk);
+        assert_eq!(parts[2].4, "slot-b");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        let at = parts[2].1 * 512 + 2000;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+    }
+    let r = boot("unmountable");
+    assert_eq!(r.code, Some(0), "{}", r.stdout);
+    let c = &r.stdout;
+    let restart_at = c
+        .find("slot b marked failed; the other slot boots next")
+        .unwrap_or_else(|| panic!("{c}"));
+    assert!(
+        c[restart_at..].contains("FATAL: slot b: mount")
+            && c[restart_at..].contains("restarting in 5 seconds")
+            && c[restart_at..].contains("kiln-boot: slot a (ab 1.0.0, good)"),
+        "{c}"
+    );
+    assert_eq!(
+        k::container_lines(c, "app"),
+        ["boots before 6", "app version 1"],
+        "{c}"
+    );
+    assert!(next().contains("b (ab 2.0.0): failed"), "{}", next());
     data_fsck("at the end");
 }
