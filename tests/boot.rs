@@ -188,18 +188,9 @@ fn hello_builds_validates_and_boots() {
     // mount, the slot is marked failed, and with no other slot to boot
     // the init says so and stops (no final report: kiln run exits 4).
     {
-        use std::os::unix::fs::FileExt;
         let bad_disk = out.join("bad.raw");
         std::fs::copy(&image, &bad_disk).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&bad_disk)
-            .unwrap();
-        let at = parts[1].1 * 512 + 2000;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+        k::flip_byte(&bad_disk, parts[1].1 * 512 + 2000);
         let r = k::boot_with(&kiln(), &bad_disk, 300, &["--net", "none"]);
         let c = &r.stdout;
         assert_eq!(r.code, Some(4), "{c}");
@@ -1869,19 +1860,14 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     let parts = k::partitions(&disk);
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&disk)
-            .unwrap();
         let start = parts[2].1 * 512;
         let mut used = [0u8; 8];
-        f.read_exact_at(&mut used, start + 40).unwrap();
+        std::fs::File::open(&disk)
+            .unwrap()
+            .read_exact_at(&mut used, start + 40)
+            .unwrap();
         // Three tenths in: file data (busybox, netcat and its libraries).
-        let at = start + u64::from_le_bytes(used) * 3 / 10;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+        k::flip_byte(&disk, start + u64::from_le_bytes(used) * 3 / 10);
     }
     let r = boot("corrupt");
     assert_eq!(r.code, Some(0), "{}", r.stdout);
@@ -1953,20 +1939,9 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     // into v1 (not a power-off).
     let u = update(&v2);
     assert!(u.ok, "kiln update: {}{}", u.stdout, u.stderr);
-    {
-        use std::os::unix::fs::FileExt;
-        let parts = k::partitions(&disk);
-        assert_eq!(parts[2].4, "slot-b");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&disk)
-            .unwrap();
-        let at = parts[2].1 * 512 + 2000;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
-    }
+    let parts = k::partitions(&disk);
+    assert_eq!(parts[2].4, "slot-b");
+    k::flip_byte(&disk, parts[2].1 * 512 + 2000);
     let r = boot("unmountable");
     assert_eq!(r.code, Some(0), "{}", r.stdout);
     let c = &r.stdout;

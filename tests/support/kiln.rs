@@ -197,6 +197,19 @@ pub fn extract_slot_uki(
     h
 }
 
+/// Flips one bit of the byte at `at` in `path` (a corrupt block).
+pub fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+}
+
 /// Partitions of a GPT disk as `sgdisk -i` reports them: (number, first
 /// sector, last sector, unique GUID, name), checked with `sgdisk -v` first.
 pub fn partitions(image: &Path) -> Vec<(u32, u64, u64, String, String)> {

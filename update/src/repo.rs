@@ -197,55 +197,11 @@ pub fn publish(
     store: &Store,
     key: &SigningKey,
     header: &SlotHeader,
-    content: impl Read,
+    mut content: impl Read,
     now: std::time::SystemTime,
     life: Lifetimes,
 ) -> Result<Published, UpdateError> {
-    let now = Timestamp::try_from(now)
-        .map_err(|e| UpdateError::BadManifest(format!("the clock: {e}")))?;
-    let rt = runtime()?;
-    let staging = store.staging()?;
-    let (editor, version, previous) = rt.block_on(open_for_publish(
-        store,
-        key,
-        Some(header),
-        now,
-        life,
-        staging.path(),
-    ))?;
-    let (mut new_chunks, mut new_bytes) = (0, 0);
-    let manifest = Manifest::build(header, content, |c, data| {
-        rt.block_on(async {
-            if !store.has_chunk(&c.sha256).await? {
-                store.put_chunk(&c.sha256, data).await?;
-                new_chunks += 1;
-                new_bytes += data.len() as u64;
-            }
-            Ok(())
-        })
-    })?;
-    rt.block_on(sign_and_write(
-        store,
-        key,
-        editor,
-        version,
-        Some(&manifest),
-        now,
-        life,
-        staging.path(),
-    ))?;
-    Ok(Published {
-        version: header.version.clone(),
-        previous,
-        metadata_version: version,
-        expires: at(now, life.timestamp)?
-            .strftime("%Y-%m-%d %H:%M UTC")
-            .to_string(),
-        chunks: manifest.chunks.len(),
-        new_chunks,
-        bytes: header.uki_offset + header.uki_len,
-        new_bytes,
-    })
+    release(store, key, Some((header, &mut content)), now, life)
 }
 
 /// Signs the repository's metadata again as it is, with new expiry
@@ -257,39 +213,71 @@ pub fn refresh(
     now: std::time::SystemTime,
     life: Lifetimes,
 ) -> Result<Published, UpdateError> {
+    release(store, key, None, now, life)
+}
+
+/// The repository's next version: with a new slot (publish), or the
+/// same target signed again (refresh).
+fn release(
+    store: &Store,
+    key: &SigningKey,
+    slot: Option<(&SlotHeader, &mut dyn Read)>,
+    now: std::time::SystemTime,
+    life: Lifetimes,
+) -> Result<Published, UpdateError> {
     let now = Timestamp::try_from(now)
         .map_err(|e| UpdateError::BadManifest(format!("the clock: {e}")))?;
     let rt = runtime()?;
     let staging = store.staging()?;
-    let (editor, version, current) = rt.block_on(open_for_publish(
+    let header = slot.as_ref().map(|(h, _)| *h);
+    let (editor, version, previous) = rt.block_on(open_for_publish(
         store,
         key,
-        None,
+        header,
         now,
         life,
         staging.path(),
     ))?;
+    let (mut new_chunks, mut new_bytes) = (0, 0);
+    let manifest = match slot {
+        Some((header, content)) => Some(Manifest::build(header, content, |c, data| {
+            rt.block_on(async {
+                if !store.has_chunk(&c.sha256).await? {
+                    store.put_chunk(&c.sha256, data).await?;
+                    new_chunks += 1;
+                    new_bytes += data.len() as u64;
+                }
+                Ok(())
+            })
+        })?),
+        None => None,
+    };
     rt.block_on(sign_and_write(
         store,
         key,
         editor,
         version,
-        None,
+        manifest.as_ref(),
         now,
         life,
         staging.path(),
     ))?;
     Ok(Published {
-        version: current.clone().unwrap_or_default(),
-        previous: current,
+        version: manifest.as_ref().map_or_else(
+            || previous.clone().unwrap_or_default(),
+            |m| m.version.clone(),
+        ),
+        previous,
         metadata_version: version,
         expires: at(now, life.timestamp)?
             .strftime("%Y-%m-%d %H:%M UTC")
             .to_string(),
-        chunks: 0,
-        new_chunks: 0,
-        bytes: 0,
-        new_bytes: 0,
+        chunks: manifest.as_ref().map_or(0, |m| m.chunks.len()),
+        new_chunks,
+        bytes: manifest
+            .as_ref()
+            .map_or(0, |m| m.chunks.iter().map(|c| u64::from(c.len)).sum()),
+        new_bytes,
     })
 }
 
