@@ -328,28 +328,22 @@ async fn open_for_publish(
         });
     }
     let (_, current, old) = read_manifest(&repo).await?;
-    let Some(header) = header else {
-        let version = repo.targets().signed.version.get().max(old) + 1;
-        let root_path = staging.join("root.json");
-        write_root(&repo, &root_path)?;
-        let editor = RepositoryEditor::from_repo(&root_path, repo)
-            .await
-            .map_err(tuf("reading the repository for editing"))?;
-        return Ok((editor, version, Some(current.version)));
-    };
-    if current.name != header.name {
-        return Err(UpdateError::OtherRecipe {
-            new: header.name.clone(),
-            published: current.name,
-        });
-    }
-    if kiln_boot::version::compare(&header.version, &current.version)
-        != Some(std::cmp::Ordering::Greater)
-    {
-        return Err(UpdateError::NotNewer {
-            new: header.version.clone(),
-            published: current.version,
-        });
+    // A refresh re-signs what is published; a publish must follow it.
+    if let Some(header) = header {
+        if current.name != header.name {
+            return Err(UpdateError::OtherRecipe {
+                new: header.name.clone(),
+                published: current.name,
+            });
+        }
+        if kiln_boot::version::compare(&header.version, &current.version)
+            != Some(std::cmp::Ordering::Greater)
+        {
+            return Err(UpdateError::NotNewer {
+                new: header.version.clone(),
+                published: current.version,
+            });
+        }
     }
     let version = repo.targets().signed.version.get().max(old) + 1;
     let root_path = staging.join("root.json");
