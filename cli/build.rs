@@ -6,7 +6,8 @@
 //! glibc with `+crt-static` when the musl target is not installed.
 //! `KILN_INIT_BIN=/path/to/kiln-init` skips the nested build. kiln-boot,
 //! the A/B slot chooser, is built the same way for x86_64-unknown-uefi
-//! (`KILN_BOOT_BIN` skips it).
+//! (`KILN_BOOT_BIN` skips it), and kiln-update, the in-guest update
+//! service, as the init is (`KILN_UPDATE_BIN` skips it).
 
 use std::env;
 use std::fs;
@@ -23,21 +24,23 @@ fn main() {
     let workspace = manifest.parent().expect("cli/ is inside the workspace");
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
 
-    // The init links kiln-formats (its GPT reader) and kiln-boot (the A/B
-    // contract); the chooser is kiln-boot's binary.
+    // The init links kiln-formats (its GPT reader), kiln-boot (the A/B
+    // contract) and kiln-update (writing a slot); the chooser is
+    // kiln-boot's binary.
     let init = embed("KILN_INIT_BIN", &out.join("kiln-init"), || {
-        watch(workspace, &["init", "formats", "boot"]);
-        // Stripped here: the profile's `strip` does not reach this nested
-        // build's binary (230 KB of symbols in every image otherwise).
-        let (target, rustflags) = if target_installed(&rustc, MUSL) {
-            (MUSL, "-C strip=symbols")
-        } else {
-            println!("cargo:warning=musl target not installed; building kiln-init with glibc +crt-static (`rustup target add {MUSL}` for a smaller init)");
-            (GNU, "-C target-feature=+crt-static -C strip=symbols")
-        };
+        watch(workspace, &["init", "formats", "boot", "update"]);
+        let (target, rustflags) = static_target(&rustc, "kiln-init");
         nested_build(workspace, &out, "kiln-init", target, rustflags).join("kiln-init")
     });
     println!("cargo:rustc-env=KILN_INIT_PATH={}", init.display());
+    // The update service images with `[update] source` run; its C crypto
+    // (aws-lc) builds for musl with musl-gcc (Debian's musl-tools).
+    let updater = embed("KILN_UPDATE_BIN", &out.join("kiln-update"), || {
+        watch(workspace, &["update", "boot"]);
+        let (target, rustflags) = static_target(&rustc, "kiln-update");
+        nested_build(workspace, &out, "kiln-update", target, rustflags).join("kiln-update")
+    });
+    println!("cargo:rustc-env=KILN_UPDATE_PATH={}", updater.display());
     let chooser = embed("KILN_BOOT_BIN", &out.join("kiln-boot.efi"), || {
         watch(workspace, &["boot"]);
         if !target_installed(&rustc, UEFI) {
@@ -46,6 +49,18 @@ fn main() {
         nested_build(workspace, &out, "kiln-boot", UEFI, "").join("kiln-boot.efi")
     });
     println!("cargo:rustc-env=KILN_BOOT_PATH={}", chooser.display());
+}
+
+/// musl when its target is installed, else glibc linked statically; the
+/// binaries stripped (the profile's `strip` does not reach a nested
+/// build's binary: 230 KB of symbols in every image otherwise).
+fn static_target(rustc: &std::ffi::OsStr, what: &str) -> (&'static str, &'static str) {
+    if target_installed(rustc, MUSL) {
+        (MUSL, "-C strip=symbols")
+    } else {
+        println!("cargo:warning=musl target not installed; building {what} with glibc +crt-static (`rustup target add {MUSL}` for a smaller binary)");
+        (GNU, "-C target-feature=+crt-static -C strip=symbols")
+    }
 }
 
 /// `dest`, copied from the file `var` names if set, else from `build()`.

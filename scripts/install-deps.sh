@@ -8,7 +8,7 @@ SUDO=""
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-  debian-archive-keyring ca-certificates gcc \
+  debian-archive-keyring ca-certificates gcc musl-tools \
   qemu-system-x86 qemu-utils ovmf \
   docker-registry busybox-static \
   gdisk dosfstools mtools squashfs-tools cpio binutils util-linux bsdutils iproute2 uidmap \
@@ -18,7 +18,8 @@ if ! command -v cargo >/dev/null; then
   echo "install Rust first: https://rustup.rs (or apt-get install cargo)" >&2
   exit 1
 fi
-# The init is a static musl binary; without this target it falls back to glibc +crt-static.
+# The init and the update service are static musl binaries (musl-gcc builds the
+# latter's C crypto); without this target they fall back to glibc +crt-static.
 # kiln-boot, the A/B slot chooser, is a UEFI application: its target is required.
 if command -v rustup >/dev/null; then
   rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true

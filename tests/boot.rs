@@ -1962,3 +1962,244 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     assert!(next().contains("b (ab 2.0.0): failed"), "{}", next());
     data_fsck("at the end");
 }
+
+/// A TCP relay on 127.0.0.1 whose upstream port the test switches: the
+/// guest's one update source reaches whichever registry it names, a new
+/// choice for each connection.
+fn switch() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU16>) {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let to = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(0));
+    let upstream = to.clone();
+    std::thread::spawn(move || {
+        for down in listener.incoming().flatten() {
+            let Ok(up) = TcpStream::connect(("127.0.0.1", upstream.load(Ordering::SeqCst))) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                (up, down),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    (port, to)
+}
+
+#[test]
+fn online_updates_from_a_registry() {
+    use std::sync::atomic::Ordering;
+    let out = k::scratch("online");
+    let openssl = |args: &[&str]| {
+        let r = k::run(Command::new("openssl").args(args).current_dir(&out));
+        assert!(r.ok, "openssl {args:?}: {}", r.stderr);
+    };
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", "update.pem"]);
+    openssl(&["pkey", "-pubout", "-in", "update.pem", "-out", "update.pub"]);
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", "other.pem"]);
+    // The guest reaches its update source at 10.0.2.100:5000 (QEMU's
+    // guestfwd): the switch picks the registry that answers.
+    let recipe = |version: &str| {
+        format!(
+            "name = \"online\"\nversion = \"{version}\"\n[kernel]\ndebian = \"linux-image-cloud-amd64\"\ncmdline = \"console=ttyS0 loglevel=4\"\n\
+             [[service]]\nname = \"app\"\nimage = {{ debian = [\"busybox-static\"], scripts = false }}\nessential = true\n\
+             command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo app version {version}; exec /bin/busybox sleep 100000\"]\n\
+             [host]\nhealthy_after = \"2s\"\n[disk]\nsize = \"256M\"\n\
+             [update]\ntries = 1\nsource = \"oci+http://10.0.2.100:5000/kiln/online\"\nroot_keys = [\"../update.pub\"]\ncheck = \"2s\"\n"
+        )
+    };
+    let build = |version: &str| {
+        let dir = out.join(version);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("online.toml"), recipe(version)).unwrap();
+        k::build(&kiln(), &dir.join("online.toml"), &dir);
+        dir.join("online.raw")
+    };
+    let (v1, v2, v3) = (build("1.0.0"), build("2.0.0"), build("3.0.0"));
+
+    let start = || {
+        let r = kiln_tests::registry::Registry::start()
+            .expect("docker-registry (scripts/install-deps.sh)");
+        let port: u16 = r.host().rsplit(':').next().unwrap().parse().unwrap();
+        (r, port)
+    };
+    let publish = |key: &str, port: u16, image: &Path, extra: &[&str]| {
+        let r = k::run(
+            Command::new(kiln())
+                .current_dir(&out)
+                .args(["publish-update", "--json", "--key", key, "--to"])
+                .arg(format!("oci://127.0.0.1:{port}/kiln/online"))
+                .args(extra)
+                .arg(image),
+        );
+        assert!(r.ok, "kiln publish-update: {}", r.stderr);
+        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()
+    };
+    // main: v1, then signed again (metadata version 2); stale: v1 only
+    // (what a mirror that froze main would serve); wrong: v1 under
+    // another key; expired: v2, its timestamp valid one second.
+    let (main, main_port) = start();
+    let (_stale, stale_port) = start();
+    let (_wrong, wrong_port) = start();
+    let (_expired, expired_port) = start();
+    publish("update.pem", main_port, &v1, &[]);
+    let r = k::run(
+        Command::new(kiln())
+            .current_dir(&out)
+            .args(["publish-update", "--refresh", "--key", "update.pem", "--to"])
+            .arg(format!("oci://127.0.0.1:{main_port}/kiln/online")),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    publish("update.pem", stale_port, &v1, &[]);
+    publish("other.pem", wrong_port, &v1, &[]);
+    publish("update.pem", expired_port, &v2, &["--expires", "1s"]);
+
+    let disk = out.join("disk.raw");
+    std::fs::copy(&v1, &disk).unwrap();
+    let (port, to) = switch();
+    to.store(wrong_port, Ordering::SeqCst);
+    let forward = format!("10.0.2.100:5000={port}");
+    // Each refusal moves the switch on; the last publishes v2 to main.
+    let mut step = 0;
+    let mut v2_bytes = 0;
+    let (mut served_before, mut served_until) = (0, 0);
+    let (mut fetching, mut good) = (None, None);
+    let console = k::boot_until_with(
+        &kiln(),
+        &disk,
+        400,
+        &["--persist", "--net", "restricted", "--forward", &forward],
+        |l| {
+            let said = |s: &str| l.contains("kiln-update| ") && l.contains(s);
+            match step {
+                0 if said("are not all among the keys trusted") => {
+                    to.store(expired_port, Ordering::SeqCst);
+                    step = 1;
+                }
+                1 if said("expired") => {
+                    to.store(main_port, Ordering::SeqCst);
+                    step = 2;
+                }
+                2 if said("online 1.0.0 is the newest published") => {
+                    to.store(stale_port, Ordering::SeqCst);
+                    step = 3;
+                }
+                3 if said("refused: ") && said("timestamp") => {
+                    v2_bytes = publish("update.pem", main_port, &v2, &[])["bytes"]
+                        .as_u64()
+                        .unwrap();
+                    served_before = main.log().len();
+                    to.store(main_port, Ordering::SeqCst);
+                    step = 4;
+                }
+                4 if said("online 2.0.0 is published; fetching") => {
+                    fetching = Some(std::time::Instant::now());
+                }
+                4 if l.contains("slot b: healthy, marked good") => {
+                    good = Some(std::time::Instant::now());
+                    step = 5;
+                }
+                // v3 is published; QEMU is killed while the init writes
+                // it into slot a.
+                5 if said("online 2.0.0 is the newest published") => {
+                    served_until = main.log().len();
+                    publish("update.pem", main_port, &v3, &[]);
+                    step = 6;
+                }
+                6 if said("writing the other slot") => {
+                    std::thread::sleep(std::time::Duration::from_millis(1500));
+                    step = 7;
+                }
+                _ => {}
+            }
+            step == 7
+        },
+    )
+    .replace('\r', "");
+    let _ = std::fs::write(out.join("console.log"), &console);
+    let lines = container_lines(&console, "kiln-update");
+    let refusals: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("refused: "))
+        .collect();
+    assert!(step == 7 && refusals.len() == 3, "step {step}:\n{console}");
+    assert!(
+        refusals[0].contains("are not all among the keys trusted"),
+        "{console}"
+    );
+    assert!(refusals[1].contains("expired"), "{console}");
+    assert!(
+        refusals[2].contains("timestamp") && refusals[2].contains("version"),
+        "{console}"
+    );
+    assert_eq!(
+        container_lines(&console, "app"),
+        ["app version 1.0.0", "app version 2.0.0"],
+        "{console}"
+    );
+    assert!(
+        console.contains("kiln-boot: slot b (online 2.0.0, 0 tries left after this one)"),
+        "{console}"
+    );
+    assert!(
+        lines.contains(&"slot b now holds online 2.0.0, armed for 1 boot(s)"),
+        "{console}"
+    );
+    // What main served for the update: metadata, the manifest and the
+    // chunks v1 lacks.
+    let served: u64 = main.log()[served_before..served_until]
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/"))
+        .filter_map(|l| {
+            l.split("\" 200 ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        served > 0 && served * 5 <= v2_bytes,
+        "the update fetched {served} bytes of a {v2_bytes}-byte slot"
+    );
+
+    // Killed mid-write, the host boots v2 again, and the service writes v3
+    // anew and boots it.
+    let mut done = false;
+    let console = k::boot_until_with(
+        &kiln(),
+        &disk,
+        400,
+        &["--persist", "--net", "restricted", "--forward", &forward],
+        |l| {
+            done |= l.contains("kiln-update| online 3.0.0 is the newest published");
+            done
+        },
+    )
+    .replace('\r', "");
+    let _ = std::fs::write(out.join("killed.console.log"), &console);
+    assert!(done, "{console}");
+    assert!(
+        console.contains("kiln-boot: slot b (online 2.0.0, good)")
+            && console.contains("kiln-boot: slot a (online 3.0.0, 0 tries left after this one)"),
+        "{console}"
+    );
+    assert_eq!(
+        container_lines(&console, "app"),
+        ["app version 2.0.0", "app version 3.0.0"],
+        "{console}"
+    );
+
+    let (fetching, good) = (fetching.unwrap(), good.unwrap());
+    eprintln!(
+        "online update: {served} of {v2_bytes} bytes fetched; {:.1} s from the fetch to v2 marked good",
+        (good - fetching).as_secs_f64()
+    );
+}

@@ -61,6 +61,7 @@ pub struct Host {
 pub fn assemble(
     recipe: &Recipe,
     images: Vec<ContainerImage>,
+    updater: &[u8],
     source_date_epoch: u64,
 ) -> Result<Host, HostError> {
     let mut host = Tree::new();
@@ -120,6 +121,19 @@ pub fn assemble(
         }
     }
 
+    if let Some(online) = &recipe.update.online {
+        let (mut rootfs, spec) = update_service(online, updater, source_date_epoch)?;
+        let image = ImageConfig {
+            entrypoint: vec![UPDATER.into()],
+            ..ImageConfig::default()
+        };
+        let c = container_config(recipe, &spec, &mut rootfs, &image, &host, None)?;
+        clamp_mtimes(&mut rootfs.root, source_date_epoch);
+        host.insert(Path::new(&c.rootfs), Node::Dir(rootfs.root))
+            .map_err(tree_err(format!("container {}", c.name)))?;
+        config.services.push(c);
+    }
+
     for dir in HOST_MOUNTPOINTS
         .iter()
         .chain(&[initcfg::CONTAINERS_DIR, "/kiln", initcfg::DATA_DIR])
@@ -136,6 +150,120 @@ pub fn assemble(
     host.insert(Path::new(initcfg::HOST_CONFIG_PATH), node)
         .map_err(tree_err("init config".into()))?;
     Ok(Host { tree: host, config })
+}
+
+/// The update service's program in its container.
+const UPDATER: &str = "/usr/bin/kiln-update";
+/// Where its TLS client looks for CA roots (Debian's bundle path).
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Mozilla's CA roots (webpki-root-certs) as a PEM bundle.
+fn ca_bundle() -> Vec<u8> {
+    use base64::Engine;
+    let mut pem = String::new();
+    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem.into_bytes()
+}
+
+/// The update service kiln adds for `[update] source`: its root (the
+/// static program and its configuration) and its container, as a recipe
+/// would declare it. It keeps Docker's default capabilities, the host's
+/// network, its volume (the TUF datastore and the staged update) and the
+/// control socket, through which the init writes the slot: no disk.
+fn update_service(
+    online: &crate::recipe::OnlineSpec,
+    updater: &[u8],
+    epoch: u64,
+) -> Result<(Tree, ContainerSpec), HostError> {
+    use crate::recipe::{At, ImageRef, ImageSource};
+    use kiln_update::service;
+    let config = service::Config {
+        source: online.source.value.clone(),
+        root_keys: online.root_keys.clone(),
+        check_secs: online.check_secs,
+        window: online.window,
+    };
+    let json = serde_json::to_vec_pretty(&config).unwrap_or_else(|e| {
+        // Strings, numbers and lists only: serialising cannot fail.
+        unreachable!("update service config serialises: {e}")
+    });
+    let mut rootfs = Tree::new();
+    let tree_err = |what: &str| {
+        let what = format!("container {}: {what}", service::NAME);
+        move |source| HostError::Tree { what, source }
+    };
+    for (path, mode, data) in [
+        (UPDATER, 0o755, updater.to_vec()),
+        (service::CONFIG_PATH, 0o644, json),
+        (CA_BUNDLE, 0o644, ca_bundle()),
+    ] {
+        let mut node = Node::file(mode, data);
+        node.meta_mut().mtime = epoch;
+        rootfs
+            .insert(Path::new(path), node)
+            .map_err(tree_err(path))?;
+    }
+    let spec = ContainerSpec {
+        kind: Kind::Service,
+        name: At {
+            value: service::NAME.to_string(),
+            loc: online.source.loc.clone(),
+        },
+        // Never fetched: errors about its image name the source's line.
+        image: At {
+            value: ImageSource::Oci(ImageRef::Registry(format!("kiln/{}", service::NAME))),
+            loc: online.source.loc.clone(),
+        },
+        command: None,
+        env: BTreeMap::new(),
+        cwd: None,
+        user: None,
+        net: initcfg::Net::Host,
+        address: None,
+        ports: Vec::new(),
+        // A volume is also a writable bind, as the recipe makes it.
+        binds: vec![At {
+            value: crate::recipe::BindSpec {
+                source: format!("{}/{}", initcfg::VOLUMES_DIR, service::NAME),
+                target: service::STATE_DIR.into(),
+                readonly: false,
+            },
+            loc: online.source.loc.clone(),
+        }],
+        volumes: vec![(service::NAME.into(), service::STATE_DIR.into())],
+        tmpfs: Vec::new(),
+        restart: initcfg::Restart::Always,
+        max_restarts: 0,
+        essential: false,
+        control: Some(At {
+            value: true,
+            loc: online.source.loc.clone(),
+        }),
+        stop_signal: "SIGTERM".into(),
+        stop_timeout_ms: 2000,
+        depends_on: Vec::new(),
+        ready: None,
+        init: false,
+        resources: initcfg::Resources::default(),
+        capabilities: initcfg::CAPABILITIES
+            .iter()
+            .filter(|c| initcfg::DEFAULT_CAPABILITIES.contains(&format!("CAP_{c}").as_str()))
+            .map(|c| format!("CAP_{c}"))
+            .collect(),
+        seccomp: true,
+        sysctl: BTreeMap::new(),
+        rlimits: BTreeMap::new(),
+        userns: false,
+    };
+    Ok((rootfs, spec))
 }
 
 /// No timestamp in the image is later than the lock's epoch.
@@ -673,6 +801,77 @@ mod tests {
         d
     }
 
+    /// `[update] source` adds the update service: its program, its
+    /// configuration and CA roots, on the host network with its volume
+    /// and the control socket, and Docker's default capabilities only.
+    #[test]
+    fn online_updates_add_the_update_service() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("update.pub"),
+            "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAyTmmSnVfwd6DaR0nNytys/WygMatCOjSK9uL+Fj2oOk=\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        let recipe = crate::recipe::parse(
+            &dir.path().join("x.toml"),
+            "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"k\"\n[[service]]\nname = \"web\"\nimage = { debian = [\"busybox-static\"] }\ncommand = [\"/bin/sh\"]\n\
+             [update]\nsource = \"https://updates.example/x\"\nroot_keys = [\"update.pub\"]\nwindow = \"01:00-02:30\"\n",
+        )
+        .unwrap();
+        let images = vec![crate::fetch::ContainerImage {
+            tree: image(),
+            config: Default::default(),
+        }];
+        let host = assemble(&recipe, images, b"\x7fELF updater", 7).unwrap();
+        let c = &host.config.services[1];
+        assert_eq!(c.name, "kiln-update");
+        assert_eq!(c.args, ["/usr/bin/kiln-update"]);
+        assert_eq!(c.net, initcfg::Net::Host);
+        assert_eq!(c.restart, initcfg::Restart::Always);
+        assert!(!c.essential && c.seccomp && c.userns.is_none());
+        assert_eq!(
+            c.volumes,
+            [(
+                "kiln-update".to_string(),
+                "/var/lib/kiln-update".to_string()
+            )]
+        );
+        assert!(c.binds.iter().any(|b| b.source == initcfg::CONTROL_SOCKET));
+        assert!(c
+            .binds
+            .iter()
+            .any(|b| b.source == "/var/lib/kiln/volumes/kiln-update"
+                && b.target == "/var/lib/kiln-update"
+                && !b.readonly));
+        assert_eq!(c.capabilities.len(), initcfg::DEFAULT_CAPABILITIES.len());
+        let file = |p: &str| match host.tree.get(&Path::new(&c.rootfs).join(&p[1..])) {
+            Some(Node::File { data, .. }) => {
+                let mut buf = vec![0; usize::try_from(data.len()).unwrap()];
+                data.read_at(0, &mut buf).unwrap();
+                buf
+            }
+            other => panic!("{p}: {other:?}"),
+        };
+        assert_eq!(file("/usr/bin/kiln-update"), b"\x7fELF updater");
+        let cfg: kiln_update::service::Config =
+            serde_json::from_slice(&file("/etc/kiln-update.json")).unwrap();
+        assert_eq!(cfg.source, "https://updates.example/x");
+        assert_eq!((cfg.check_secs, cfg.root_keys.len()), (6 * 3600, 1));
+        assert_eq!(cfg.window.map(|w| (w.start, w.end)), Some((60, 150)));
+        // The bundle is one openssl reads: every root a certificate.
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, file("/etc/ssl/certs/ca-certificates.crt")).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["storeutl", "-noout", "-certs"])
+            .arg(&pem)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        let n = webpki_root_certs::TLS_SERVER_ROOT_CERTS.len();
+        assert!(n > 100 && out.status.success(), "{said}");
+        assert!(said.contains(&format!("Total found: {n}")), "{said}");
+    }
+
     /// A tmpfs is owned as the image's directory, or 0755 root where the
     /// image has none (the mount point is made); a file there is an error
     /// on the tmpfs entry.
@@ -705,7 +904,7 @@ mod tests {
                 config: Default::default(),
             }]
         };
-        let host = assemble(&recipe, images(), 0).unwrap();
+        let host = assemble(&recipe, images(), b"", 0).unwrap();
         let tmpfs = |path: &str, size, mode, uid, gid| initcfg::Tmpfs {
             path: path.into(),
             size,
@@ -726,7 +925,7 @@ mod tests {
         ));
         let recipe =
             crate::recipe::parse(Path::new("/r/x.toml"), &text("[\"/usr/bin/data\"]")).unwrap();
-        let Err(HostError::Recipe(e)) = assemble(&recipe, images(), 0) else {
+        let Err(HostError::Recipe(e)) = assemble(&recipe, images(), b"", 0) else {
             panic!("a file as a tmpfs must be refused")
         };
         assert_eq!(e.loc.field, "service[0].tmpfs[0]", "{e}");
@@ -755,12 +954,12 @@ mod tests {
                 })
                 .collect()
         };
-        let host = assemble(&recipe, images(3), 0).unwrap();
+        let host = assemble(&recipe, images(3), b"", 0).unwrap();
         let ranges: Vec<Option<u32>> = host.config.services.iter().map(|c| c.userns).collect();
         assert_eq!(ranges, [Some(100_000), None, Some(165_536)]);
         let text = format!("{head}{}", svc("d", "userns = true\nuser = \"70000\"\n"));
         let recipe = crate::recipe::parse(Path::new("/r/x.toml"), &text).unwrap();
-        let Err(HostError::Recipe(e)) = assemble(&recipe, images(1), 0) else {
+        let Err(HostError::Recipe(e)) = assemble(&recipe, images(1), b"", 0) else {
             panic!("an id beyond the range must be refused")
         };
         assert_eq!(e.loc.field, "service[0].user", "{e}");

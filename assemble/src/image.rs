@@ -76,6 +76,9 @@ pub struct BuildOptions {
     pub registry: RegistryOptions,
     /// The static kiln-init binary placed in the initramfs as /init.
     pub init: Arc<Vec<u8>>,
+    /// The static kiln-update, the update service an image with
+    /// `[update] source` runs.
+    pub updater: &'static [u8],
     /// kiln-boot, the UEFI slot chooser an A/B disk's ESP boots.
     pub chooser: &'static [u8],
     /// Receives stage and download progress.
@@ -132,7 +135,7 @@ pub async fn build(
     t.end();
 
     let t = StageTimer::start(progress, Stage::Trees);
-    let host = host::assemble(recipe, images, plan.source_date_epoch)?;
+    let host = host::assemble(recipe, images, opts.updater, plan.source_date_epoch)?;
     t.end();
 
     let t = StageTimer::start(progress, Stage::Encode);

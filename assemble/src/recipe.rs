@@ -356,7 +356,26 @@ pub struct UpdateSpec {
     /// How long a new slot's boot may take to become healthy before it
     /// is judged failed (milliseconds).
     pub healthy_within_ms: u64,
+    /// `[update] source` and what goes with it: the host updates itself.
+    pub online: Option<OnlineSpec>,
 }
+
+/// Online updates: what the update service kiln adds is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineSpec {
+    /// The repository (`oci://`, `oci+http://`, `https://`, `http://`).
+    pub source: At<String>,
+    /// The keys its first root must be signed by (`root_keys`, read at
+    /// build time).
+    pub root_keys: Vec<kiln_update::keys::PublicKey>,
+    /// Seconds between checks (`check`).
+    pub check_secs: u64,
+    /// When it may reboot into an update (`window`); `None`: at once.
+    pub window: Option<kiln_update::service::Window>,
+}
+
+/// `[update] check` unless given: 6 hours.
+pub const DEFAULT_CHECK_SECS: u64 = 6 * 3600;
 
 /// `[update] tries` unless given.
 pub const DEFAULT_TRIES: u8 = 3;
@@ -779,6 +798,10 @@ mod raw {
     pub struct Update {
         pub tries: Option<Spanned<i64>>,
         pub healthy_within: Option<Spanned<String>>,
+        pub source: Option<Spanned<String>>,
+        pub root_keys: Option<Spanned<Vec<Spanned<String>>>>,
+        pub check: Option<Spanned<String>>,
+        pub window: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -984,6 +1007,108 @@ fn parse_rlimit(v: &toml::Value) -> Option<(u64, u64)> {
     (soft <= hard).then_some((soft, hard))
 }
 
+/// `[update] source`, `root_keys`, `check` and `window`.
+fn online_updates(
+    l: &Locator<'_>,
+    u: &raw::Update,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    mode: UpdateMode,
+    containers: &[ContainerSpec],
+) -> Result<Option<OnlineSpec>, Box<RecipeError>> {
+    let Some(source) = &u.source else {
+        for (given, name) in [
+            (u.root_keys.as_ref().map(Spanned::span), "root_keys"),
+            (u.check.as_ref().map(Spanned::span), "check"),
+            (u.window.as_ref().map(Spanned::span), "window"),
+        ] {
+            if let Some(span) = given {
+                return Err(l.error_at(
+                    l.loc(span),
+                    format!("{name} is for online updates: it needs [update] source"),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let s = source.get_ref();
+    if !["oci://", "oci+http://", "https://", "http://"]
+        .iter()
+        .any(|p| s.starts_with(p))
+    {
+        return Err(l.at(
+            source,
+            "expected oci://HOST/NAME, oci+http://HOST/NAME (a registry without TLS), https://… or http://…",
+        ));
+    }
+    if let Err(e) = kiln_update::repo::Source::parse(s) {
+        return Err(l.at(source, e.to_string()));
+    }
+    if mode != UpdateMode::Ab {
+        return Err(l.at(
+            source,
+            "online updates write the other slot: they need [disk] update = \"ab\"",
+        ));
+    }
+    if let Some(c) = containers
+        .iter()
+        .find(|c| c.name.value == kiln_update::service::NAME)
+    {
+        return Err(l.error_at(
+            c.name.loc.clone(),
+            format!(
+                "{:?} is the update service kiln adds for [update] source: name this container otherwise",
+                kiln_update::service::NAME
+            ),
+        ));
+    }
+    let Some(keys) = &u.root_keys else {
+        return Err(l.at(
+            source,
+            "needs root_keys: the public keys (PEM files) the repository's root is signed with",
+        ));
+    };
+    if keys.get_ref().is_empty() {
+        return Err(l.at(keys, "lists no key"));
+    }
+    let mut root_keys = Vec::new();
+    for k in keys.get_ref() {
+        let key = kiln_update::keys::PublicKey::load(&resolve(k.get_ref()))
+            .map_err(|e| l.at(k, e.to_string()))?;
+        if !root_keys.contains(&key) {
+            root_keys.push(key);
+        }
+    }
+    let check_secs = match &u.check {
+        None => DEFAULT_CHECK_SECS,
+        Some(c) => parse_duration(c.get_ref())
+            .filter(|&ms| ms >= 1000)
+            .map(|ms| ms / 1000)
+            .ok_or_else(|| {
+                l.at(
+                    c,
+                    "expected a duration of a second or more, such as \"6h\" or \"30m\"",
+                )
+            })?,
+    };
+    let window = match &u.window {
+        None => None,
+        Some(w) => Some(
+            kiln_update::service::Window::parse(w.get_ref()).ok_or_else(|| {
+                l.at(
+                    w,
+                    "expected \"HH:MM-HH:MM\" in UTC, such as \"02:00-04:00\"",
+                )
+            })?,
+        ),
+    };
+    Ok(Some(OnlineSpec {
+        source: l.located(source.clone()),
+        root_keys,
+        check_secs,
+        window,
+    }))
+}
+
 /// Docker's default capabilities with the recipe's `drop` then `add`
 /// applied (`"ALL"` in either means every capability), as `CAP_` names in
 /// kernel order.
@@ -1106,7 +1231,8 @@ fn reaches<'a>(
     false
 }
 
-/// Milliseconds of a duration such as `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
+/// Milliseconds of a duration such as `"500ms"`, `"30s"`, `"5m"`, `"1h"`,
+/// `"7d"`.
 pub fn parse_duration(s: &str) -> Option<u64> {
     let split = s.find(|c: char| !c.is_ascii_digit())?;
     let (n, unit) = s.split_at(split);
@@ -1116,6 +1242,7 @@ pub fn parse_duration(s: &str) -> Option<u64> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return None,
     };
     n.checked_mul(scale)
@@ -1922,9 +2049,11 @@ fn validate(l: &Locator, r: raw::Recipe) -> Result<Recipe, Box<RecipeError>> {
             "must be longer than host.healthy_after: a new slot has to be healthy that long first",
         ));
     }
+    let online = online_updates(l, &r.update, &resolve, update_mode, &containers)?;
     let update = UpdateSpec {
         tries,
         healthy_within_ms,
+        online,
     };
 
     let formats = match r.output.formats {
@@ -2508,7 +2637,8 @@ size = "512M"
         assert_eq!((c.init, c.stop_signal.as_str()), (false, "SIGUSR2"));
         assert!(c.capabilities.contains(&"CAP_SYS_BOOT".to_string()));
         assert!(ok("init = true\n").containers[0].init);
-        for bad in ["", "s", "1.5s", "-1s", "10 s", "3d"] {
+        assert_eq!(parse_duration("7d"), Some(7 * 86_400_000));
+        for bad in ["", "s", "1.5s", "-1s", "10 s", "3w"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
         for (extra, field, says) in [
@@ -2677,7 +2807,8 @@ size = "512M"
             v.update,
             UpdateSpec {
                 tries: 3,
-                healthy_within_ms: 300_000
+                healthy_within_ms: 300_000,
+                online: None,
             }
         );
         assert_eq!(v.disk.update, UpdateMode::Ab);
@@ -2690,7 +2821,8 @@ size = "512M"
             u.update,
             UpdateSpec {
                 tries: 1,
-                healthy_within_ms: 90_000
+                healthy_within_ms: 90_000,
+                online: None,
             }
         );
         for (text, field) in [
@@ -2913,6 +3045,60 @@ size = "512M"
             svc("a", "")
         ));
         assert_eq!(e.loc.field, "host.healthy_after", "{e}");
+    }
+
+    #[test]
+    fn online_updates_pin_keys_and_check_their_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("update.pub");
+        std::fs::write(
+            &key,
+            "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAyTmmSnVfwd6DaR0nNytys/WygMatCOjSK9uL+Fj2oOk=\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("private.pem"),
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let base = "name = \"r\"\nversion = \"1.0.0\"\n[kernel]\npath = \"/k\"\n[[service]]\nname = \"web\"\nimage = \"busybox\"\n";
+        let recipe = dir.path().join("r.toml");
+        let parse_with = |extra: &str| parse(&recipe, &format!("{base}{extra}"));
+        let r = parse_with(
+            "[update]\nsource = \"oci://registry.example/fleet/web\"\nroot_keys = [\"update.pub\", \"update.pub\"]\ncheck = \"30m\"\nwindow = \"02:00-04:00\"\n",
+        )
+        .unwrap();
+        let o = r.update.online.unwrap();
+        assert_eq!(o.source.value, "oci://registry.example/fleet/web");
+        assert_eq!(o.root_keys.len(), 1);
+        assert_eq!(o.root_keys[0].kind, "ed25519");
+        assert_eq!((o.check_secs, o.window.unwrap().start), (1800, 120));
+        let d = parse_with(
+            "[update]\nsource = \"https://updates.example/web\"\nroot_keys = [\"update.pub\"]\n",
+        )
+        .unwrap()
+        .update
+        .online
+        .unwrap();
+        assert_eq!((d.check_secs, d.window), (DEFAULT_CHECK_SECS, None));
+        let keys = "root_keys = [\"update.pub\"]\n";
+        for (text, field, why) in [
+            ("[update]\ncheck = \"1h\"\n".to_string(), "update.check", "needs [update] source"),
+            ("[update]\nsource = \"/srv/updates\"\n".into(), "update.source", "expected oci://"),
+            ("[update]\nsource = \"oci://registry.example\"\n".into(), "update.source", "HOST/REPOSITORY"),
+            ("[update]\nsource = \"oci://r.example/x\"\n".into(), "update.source", "needs root_keys"),
+            ("[update]\nsource = \"oci://r.example/x\"\nroot_keys = []\n".into(), "update.root_keys", "lists no key"),
+            ("[update]\nsource = \"oci://r.example/x\"\nroot_keys = [\"nope.pub\"]\n".into(), "update.root_keys[0]", "nope.pub"),
+            ("[update]\nsource = \"oci://r.example/x\"\nroot_keys = [\"private.pem\"]\n".into(), "update.root_keys[0]", "not a PEM public key"),
+            (format!("[update]\nsource = \"oci://r.example/x\"\n{keys}check = \"0s\"\n"), "update.check", "a second or more"),
+            (format!("[update]\nsource = \"oci://r.example/x\"\n{keys}window = \"2-4\"\n"), "update.window", "HH:MM-HH:MM"),
+            (format!("[disk]\nupdate = \"none\"\n[update]\nsource = \"oci://r.example/x\"\n{keys}"), "update.source", "update = \"ab\""),
+            (format!("[[service]]\nname = \"kiln-update\"\nimage = \"busybox\"\n[update]\nsource = \"oci://r.example/x\"\n{keys}"), "service[1].name", "the update service kiln adds"),
+        ] {
+            let e = parse_with(&text).unwrap_err();
+            assert_eq!(e.loc.field, field, "{text}: {e}");
+            assert!(e.to_string().contains(why), "{text}: {e}");
+        }
     }
 
     #[test]

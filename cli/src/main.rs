@@ -24,6 +24,9 @@ use std::time::Instant;
 static INIT: &[u8] = include_bytes!(env!("KILN_INIT_PATH"));
 /// kiln-boot, the UEFI slot chooser of A/B disks (see cli/build.rs).
 static CHOOSER: &[u8] = include_bytes!(env!("KILN_BOOT_PATH"));
+/// The static kiln-update (see build.rs): images with `[update] source`
+/// run it.
+static UPDATER: &[u8] = include_bytes!(env!("KILN_UPDATE_PATH"));
 
 #[derive(Parser)]
 #[command(
@@ -118,6 +121,12 @@ or `--refresh`, or hosts refuse the repository as stale.")]
         /// timestamp's 7 days start again): no new build.
         #[arg(long, conflicts_with = "image")]
         refresh: bool,
+        /// How long hosts accept the signed timestamp, such as "7d" (the
+        /// default) or "12h": past it they refuse the repository until it
+        /// is published to or refreshed again (the defence against a
+        /// mirror that freezes it).
+        #[arg(long, value_parser = parse_lifetime)]
+        expires: Option<std::time::Duration>,
         #[command(flatten)]
         out: OutputMode,
     },
@@ -415,6 +424,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             key,
             to,
             image: None,
+            expires,
             out,
             ..
         } => {
@@ -423,7 +433,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 &store(&to)?,
                 &signing,
                 std::time::SystemTime::now(),
-                kiln_update::repo::Lifetimes::default(),
+                lifetimes(expires),
             )
             .with_context(|| format!("refreshing {to}"))?;
             if out.json {
@@ -446,6 +456,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             key,
             to,
             image: Some(image),
+            expires,
             out,
             ..
         } => {
@@ -457,7 +468,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 &header,
                 content,
                 std::time::SystemTime::now(),
-                kiln_update::repo::Lifetimes::default(),
+                lifetimes(expires),
             )
             .with_context(|| format!("publishing {} to {to}", image.display()))?;
             let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
@@ -501,6 +512,25 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `--expires`: a duration of a second or more.
+fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    kiln_assemble::recipe::parse_duration(s)
+        .filter(|&ms| ms >= 1000)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| {
+            format!("expected a duration of a second or more, such as \"7d\" or \"12h\", not {s:?}")
+        })
+}
+
+/// The default lifetimes, the timestamp's as `--expires` gives it.
+fn lifetimes(expires: Option<std::time::Duration>) -> kiln_update::repo::Lifetimes {
+    let mut life = kiln_update::repo::Lifetimes::default();
+    if let Some(t) = expires {
+        life.timestamp = t;
+    }
+    life
+}
+
 /// An update repository named on the command line: `oci://HOST/NAME`,
 /// `oci+http://HOST/NAME`, or a directory.
 fn store(at: &str) -> Result<kiln_update::repo::Store> {
@@ -532,7 +562,11 @@ fn update_from(from: &str, root_keys: &[PathBuf], disk: &Path) -> Result<String>
         .iter()
         .map(|p| kiln_update::keys::PublicKey::load(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let source = store(from)?.source()?;
+    let source = if from.starts_with("https://") || from.starts_with("http://") {
+        repo::Source::parse(from)?
+    } else {
+        store(from)?.source()?
+    };
     let running = ab::Disk::open(disk, false)?
         .active()?
         .header
@@ -541,24 +575,26 @@ fn update_from(from: &str, root_keys: &[PathBuf], disk: &Path) -> Result<String>
     // No state kept between runs: signatures, expiry and versions are
     // checked against this disk's build only.
     let datastore = tempfile::tempdir().context("a temporary datastore")?;
-    let (manifest, header) = match repo::check(&source, &pinned, datastore.path(), &running)? {
-        Checked::Newer(m, h) => (m, h),
-        Checked::UpToDate => {
-            return Ok(format!(
-                "{}: already runs {} {}, the version published",
-                disk.display(),
-                running.name,
+    let (manifest, header) =
+        match repo::check(&source, &pinned, datastore.path(), &(&running).into())? {
+            Checked::Newer(m, h) => (m, h),
+            Checked::UpToDate => {
+                return Ok(format!(
+                    "{}: already runs {} {}, the version published",
+                    disk.display(),
+                    running.name,
+                    running.version
+                ))
+            }
+            Checked::Older(v) => anyhow::bail!(
+                "the repository publishes {v}, older than the {} this disk runs",
                 running.version
-            ))
-        }
-        Checked::Older(v) => anyhow::bail!(
-            "the repository publishes {v}, older than the {} this disk runs",
-            running.version
-        ),
-    };
+            ),
+        };
     let path = disk.display().to_string();
+    let chunks = repo::Chunks::new(&source)?;
     let a = kiln_update::apply::apply(&path, None, &manifest, &header, &mut |c| {
-        repo::fetch_chunk(&source, &c.sha256)
+        chunks.fetch(&c.sha256)
     })?;
     Ok(format!(
         "{}: slot {} now holds {} (was running {}), armed for {} boot(s); fetched {} KiB, {} KiB taken from the running slot",
@@ -662,6 +698,7 @@ fn build(args: BuildArgs) -> Result<ExitCode> {
             cache: p.cache.clone(),
             registry: p.registry.clone(),
             init: Arc::new(INIT.to_vec()),
+            updater: UPDATER,
             chooser: CHOOSER,
             progress: reporter.clone(),
             sandbox: std::env::current_exe()

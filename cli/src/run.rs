@@ -143,8 +143,18 @@ pub fn relay(to: std::net::SocketAddr) -> Result<ExitCode> {
         let _ = up.shutdown(std::net::Shutdown::Write);
     });
     let mut down = conn;
-    std::io::copy(&mut down, &mut std::io::stdout().lock())?;
-    Ok(ExitCode::SUCCESS)
+    // Flushed per read: stdout is line-buffered, which would hold back a
+    // body's last bytes when they end without a newline.
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = std::io::Read::read(&mut down, &mut buf)?;
+        if n == 0 {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::io::Write::write_all(&mut out, &buf[..n])?;
+        std::io::Write::flush(&mut out)?;
+    }
 }
 
 /// `-drive` arguments for `--disk` files.

@@ -4,7 +4,15 @@
 //!
 //! - `status`: the slot booted and both slots' states;
 //! - `rollback`: the other slot boots next (as `kiln rollback` offline);
-//! - `reboot`: services stop in order and the machine restarts.
+//! - `reboot`: services stop in order and the machine restarts;
+//! - `have`: the chunks of the running slot (sha256s, as an update's
+//!   manifest names them), so the update service fetches only the others;
+//! - `apply`: the update the service staged in its volume is written into
+//!   the other slot and armed; refused while the running slot is on trial,
+//!   since that would take away the slot to fall back to.
+//!
+//! `have` and `apply` read or write a whole slot: a child process answers
+//! them, so the services' supervision goes on meanwhile.
 
 use kiln_boot::disk::{self, FileDisk, SlotInfo};
 use kiln_init::config::CONTROL_SOCKET;
@@ -67,10 +75,95 @@ impl Control {
         let mut line = String::new();
         let mut reader = io::BufReader::new((&stream).take(256));
         let _ = reader.read_line(&mut line);
+        if matches!(line.trim(), "have" | "apply") {
+            self.answer_in_child(line.trim(), stream);
+            return Then::Nothing;
+        }
         let (reply, then) = self.handle(line.trim());
         let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
-        crate::console::log(&format!("control: {}: {reply}", line.trim()));
+        // The update service asks for the status at every check.
+        if line.trim() != "status" || reply["ok"] != true {
+            crate::console::log(&format!("control: {}: {reply}", line.trim()));
+        }
         then
+    }
+
+    /// Answers `request` from a child process, which may take as long as
+    /// writing a slot takes.
+    fn answer_in_child(&self, request: &str, stream: UnixStream) {
+        // SAFETY: the init is single-threaded, so the child may run Rust code.
+        match unsafe { libc::fork() } {
+            0 => {
+                let reply = match self.slow(request) {
+                    Ok(v) => v,
+                    Err(e) => serde_json::json!({"ok": false, "error": e}),
+                };
+                let log = if request == "have" {
+                    format!("{} chunks", reply["chunks"].as_array().map_or(0, Vec::len))
+                } else {
+                    reply.to_string()
+                };
+                crate::console::log(&format!("control: {request}: {log}"));
+                let _ = stream.set_write_timeout(None);
+                let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+                // SAFETY: leaving the child without the parent's cleanup.
+                unsafe { libc::_exit(0) }
+            }
+            pid if pid < 0 => {
+                let reply = serde_json::json!({"ok": false, "error": "cannot fork"});
+                let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+            }
+            // The supervisor reaps it with the other children it did not
+            // start itself.
+            _ => {}
+        }
+    }
+
+    /// `have` or `apply`, in the child.
+    fn slow(&self, request: &str) -> Result<serde_json::Value, String> {
+        let mut dev =
+            FileDisk::open(&self.disk, false).map_err(|e| format!("{}: {e}", self.disk))?;
+        let (_, slots) = disk::read(&mut dev).map_err(|e| format!("reading the slots: {e}"))?;
+        let me = slots
+            .iter()
+            .find(|s| s.number == self.booted)
+            .ok_or("the booted slot is gone")?;
+        if request == "have" {
+            let chunks = kiln_update::apply::index(&mut dev, me)
+                .map_err(|e| format!("reading slot {}: {e}", me.slot.letter()))?;
+            let mut chunks: Vec<String> = chunks.into_keys().collect();
+            chunks.sort();
+            return Ok(serde_json::json!({"ok": true, "chunks": chunks}));
+        }
+        if !me.state.successful {
+            return Err(format!(
+                "slot {} is on trial: writing the other slot would take away the one to fall back to",
+                me.slot.letter()
+            ));
+        }
+        drop(dev);
+        let staged = std::path::Path::new(kiln_init::config::VOLUMES_DIR)
+            .join(kiln_update::service::NAME)
+            .join(kiln_update::service::STAGED);
+        let manifest = staged.join(kiln_update::service::MANIFEST);
+        let text = std::fs::read(&manifest).map_err(|e| format!("{}: {e}", manifest.display()))?;
+        let (m, header) = kiln_update::manifest::Manifest::parse(&text)
+            .map_err(|e| format!("{}: {e}", manifest.display()))?;
+        let chunks = staged.join(kiln_update::service::CHUNKS);
+        let a = kiln_update::apply::apply(&self.disk, Some(self.booted), &m, &header, &mut |c| {
+            let path = chunks.join(&c.sha256);
+            std::fs::read(&path).map_err(|source| kiln_update::UpdateError::Io { path, source })
+        })
+        .map_err(|e| crate::console::chain(&e))?;
+        Ok(serde_json::json!({
+            "ok": true,
+            "slot": a.slot.to_string(),
+            "version": a.version,
+            "previous": a.previous,
+            "tries": a.tries,
+            "fetched": a.fetched,
+            "reused": a.reused,
+        }))
     }
 
     /// The answer to one request.
@@ -115,7 +208,7 @@ impl Control {
             }
             "reboot" => (serde_json::json!({"ok": true}), Then::Reboot),
             other => fail(format!(
-                "unknown request {other:?} (status, rollback or reboot)"
+                "unknown request {other:?} (status, rollback, reboot, have or apply)"
             )),
         }
     }
@@ -131,4 +224,15 @@ fn slot_json(s: &SlotInfo, booted: bool) -> serde_json::Value {
         "tries": s.state.tries,
         "successful": s.state.successful,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_update_service_knows_the_socket() {
+        assert_eq!(
+            kiln_update::service::CONTROL_SOCKET,
+            kiln_init::config::CONTROL_SOCKET
+        );
+    }
 }

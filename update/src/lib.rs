@@ -8,12 +8,15 @@
 
 pub mod apply;
 #[cfg(feature = "tuf")]
+pub mod http;
+#[cfg(feature = "tuf")]
 pub mod keys;
 pub mod manifest;
 #[cfg(feature = "tuf")]
 pub mod oci;
 #[cfg(feature = "tuf")]
 pub mod repo;
+pub mod service;
 
 use std::path::PathBuf;
 

@@ -572,6 +572,24 @@ pub enum Checked {
     Newer(Box<Manifest>, Box<SlotHeader>),
 }
 
+/// The build a host runs: its recipe's name and version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    /// The recipe's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+}
+
+impl From<&SlotHeader> for Running {
+    fn from(h: &SlotHeader) -> Running {
+        Running {
+            name: h.name.clone(),
+            version: h.version.clone(),
+        }
+    }
+}
+
 /// Where a host finds its updates.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -582,6 +600,36 @@ pub struct Source {
 }
 
 impl Source {
+    /// A repository directory on this machine.
+    /// The repository a host's recipe names (`[update] source`):
+    /// `oci://HOST/NAME` (`oci+http://` for a registry without TLS),
+    /// `https://…` or `http://…` (a published directory served as is),
+    /// or a directory. Registries are read anonymously.
+    pub fn parse(at: &str) -> Result<Source, UpdateError> {
+        let oci = |name: &str, plain: bool| {
+            crate::oci::OciRepo::new(name, plain, oci_client::secrets::RegistryAuth::Anonymous)
+                .and_then(|o| Store::Oci(o).source())
+        };
+        if let Some(name) = at.strip_prefix("oci://") {
+            oci(name, false)
+        } else if let Some(name) = at.strip_prefix("oci+http://") {
+            oci(name, true)
+        } else if at.starts_with("https://") || at.starts_with("http://") {
+            let base = format!("{}/", at.trim_end_matches('/'));
+            Ok(Source {
+                base: Url::parse(&base)
+                    .map_err(|e| UpdateError::BadSource(format!("{at}: {e}")))?,
+                transport: Box::new(crate::http::HttpTransport::default()),
+            })
+        } else if at.contains("://") {
+            Err(UpdateError::BadSource(format!(
+                "{at}: expected oci://HOST/NAME, oci+http://HOST/NAME, https://… or http://…"
+            )))
+        } else {
+            Source::dir(Path::new(at))
+        }
+    }
+
     /// A repository directory on this machine.
     pub fn dir(dir: &Path) -> Result<Source, UpdateError> {
         Ok(Source {
@@ -637,7 +685,7 @@ pub fn check(
     source: &Source,
     pinned: &[PublicKey],
     datastore: &Path,
-    running: &SlotHeader,
+    running: &Running,
 ) -> Result<Checked, UpdateError> {
     runtime()?.block_on(check_async(source, pinned, datastore, running))
 }
@@ -649,7 +697,7 @@ async fn check_async(
     source: &Source,
     pinned: &[PublicKey],
     datastore: &Path,
-    running: &SlotHeader,
+    running: &Running,
 ) -> Result<Checked, UpdateError> {
     std::fs::create_dir_all(datastore).map_err(io(datastore))?;
     let kept = datastore.join(TRUSTED_ROOT);
@@ -711,24 +759,41 @@ async fn check_async(
     )
 }
 
-/// Fetches one chunk and checks its sha256 against the manifest's.
-pub fn fetch_chunk(source: &Source, sha256: &str) -> Result<Vec<u8>, UpdateError> {
-    runtime()?.block_on(async {
-        let url = source.join(&format!("chunks/{sha256}"))?;
-        let data = source.fetch(url.clone()).await?;
-        let actual = hex::encode(Sha256::digest(&data));
-        if actual != sha256 {
-            return Err(UpdateError::CorruptChunk {
-                url: url.to_string(),
-                actual,
-            });
-        }
-        Ok(data)
-    })
+/// Fetches chunks, each checked against its sha256, through one runtime
+/// (and so one connection pool) for them all.
+pub struct Chunks<'a> {
+    source: &'a Source,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl<'a> Chunks<'a> {
+    /// Ready to fetch from `source`.
+    pub fn new(source: &'a Source) -> Result<Chunks<'a>, UpdateError> {
+        Ok(Chunks {
+            source,
+            runtime: runtime()?,
+        })
+    }
+
+    /// The chunk named `sha256`.
+    pub fn fetch(&self, sha256: &str) -> Result<Vec<u8>, UpdateError> {
+        self.runtime.block_on(async {
+            let url = self.source.join(&format!("chunks/{sha256}"))?;
+            let data = self.source.fetch(url.clone()).await?;
+            let actual = hex::encode(Sha256::digest(&data));
+            if actual != sha256 {
+                return Err(UpdateError::CorruptChunk {
+                    url: url.to_string(),
+                    actual,
+                });
+            }
+            Ok(data)
+        })
+    }
 }
 
 /// Writes `path` whole or not at all (a temp file renamed over it).
-fn write_new(path: &Path, data: &[u8]) -> Result<(), UpdateError> {
+pub fn write_new(path: &Path, data: &[u8]) -> Result<(), UpdateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -808,7 +873,7 @@ mod tests {
         assert_eq!((p1.previous, p1.metadata_version), (None, 1));
         assert_eq!((p1.new_chunks, p1.new_bytes), (p1.chunks, 1 << 20));
         let ds = t.join("datastore");
-        let running = header(v1.len() as u64, "1.0.0");
+        let running = Running::from(&header(v1.len() as u64, "1.0.0"));
         let src = source(&repo);
         assert_eq!(
             check(&src, &pinned, &ds, &running).unwrap(),
@@ -825,8 +890,9 @@ mod tests {
         };
         assert_eq!(h.version, "2.0.0");
         let mut got = Vec::new();
+        let chunks = Chunks::new(&src).unwrap();
         for c in &m.chunks {
-            got.extend(fetch_chunk(&src, &c.sha256).unwrap());
+            got.extend(chunks.fetch(&c.sha256).unwrap());
         }
         assert_eq!(got, v2);
 
@@ -857,7 +923,7 @@ mod tests {
         assert!(matches!(e, UpdateError::UntrustedRoot(_)), "{}", chain(&e));
         let _ = b_pub;
         // A host already past what is published refuses it.
-        let newer = header(v1.len() as u64, "2.1.0");
+        let newer = Running::from(&header(v1.len() as u64, "2.1.0"));
         assert_eq!(
             check(&src, &pinned, &ds, &newer).unwrap(),
             Checked::Older("2.0.0".into())
@@ -877,7 +943,7 @@ mod tests {
         // A chunk not matching its sha256 is refused.
         let first = &m.chunks[0].sha256;
         std::fs::write(repo.join("chunks").join(first), b"tampered").unwrap();
-        let e = fetch_chunk(&src, first).unwrap_err();
+        let e = Chunks::new(&src).unwrap().fetch(first).unwrap_err();
         assert!(matches!(e, UpdateError::CorruptChunk { .. }), "{e}");
 
         // Metadata signed long ago has expired: a host refuses it.
@@ -890,7 +956,7 @@ mod tests {
         let store = Store::Dir(stale.clone());
         let r = refresh(&store, &key, now, Lifetimes::default()).unwrap();
         assert_eq!((r.version.as_str(), r.metadata_version), ("1.0.0", 2));
-        let older = header(v1.len() as u64, "0.9.0");
+        let older = Running::from(&header(v1.len() as u64, "0.9.0"));
         let Checked::Newer(_, h) =
             check(&source(&stale), &pinned, &t.join("ds-stale"), &older).unwrap()
         else {
