@@ -175,9 +175,9 @@ fn ca_bundle() -> Vec<u8> {
 
 /// The update service kiln adds for `[update] source`: its root (the
 /// static program and its configuration) and its container, as a recipe
-/// would declare it. It keeps Docker's default capabilities, the host's
-/// network, its volume (the TUF datastore and the staged update) and the
-/// control socket, through which the init writes the slot: no disk.
+/// would declare it. It gets no capability; the host's network, its
+/// volume (the TUF datastore and the staged update) and the control
+/// socket, through which the init writes the slot: no disk.
 fn update_service(
     online: &crate::recipe::OnlineSpec,
     updater: &[u8],
@@ -253,11 +253,8 @@ fn update_service(
         ready: None,
         init: false,
         resources: initcfg::Resources::default(),
-        capabilities: initcfg::CAPABILITIES
-            .iter()
-            .filter(|c| initcfg::DEFAULT_CAPABILITIES.contains(&format!("CAP_{c}").as_str()))
-            .map(|c| format!("CAP_{c}"))
-            .collect(),
+        // Root owns its volume and the socket: it needs no capability.
+        capabilities: Vec::new(),
         seccomp: true,
         sysctl: BTreeMap::new(),
         rlimits: BTreeMap::new(),
@@ -803,7 +800,7 @@ mod tests {
 
     /// `[update] source` adds the update service: its program, its
     /// configuration and CA roots, on the host network with its volume
-    /// and the control socket, and Docker's default capabilities only.
+    /// and the control socket, and no capability.
     #[test]
     fn online_updates_add_the_update_service() {
         let dir = tempfile::tempdir().unwrap();
@@ -843,7 +840,7 @@ mod tests {
             .any(|b| b.source == "/var/lib/kiln/volumes/kiln-update"
                 && b.target == "/var/lib/kiln-update"
                 && !b.readonly));
-        assert_eq!(c.capabilities.len(), initcfg::DEFAULT_CAPABILITIES.len());
+        assert!(c.capabilities.is_empty());
         let file = |p: &str| match host.tree.get(&Path::new(&c.rootfs).join(&p[1..])) {
             Some(Node::File { data, .. }) => {
                 let mut buf = vec![0; usize::try_from(data.len()).unwrap()];

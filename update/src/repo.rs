@@ -855,6 +855,71 @@ mod tests {
         }
     }
 
+    /// Serves `dir` over HTTP/1.0 on 127.0.0.1 (GET only; 404 for what is
+    /// not there): a published directory behind a web server.
+    fn serve(dir: PathBuf) -> u16 {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut c in listener.incoming().flatten() {
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(&c).read_line(&mut line);
+                let path = line
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("/")
+                    .trim_start_matches('/');
+                let reply = match std::fs::read(dir.join(path)) {
+                    Ok(body) if !path.contains("..") => {
+                        let mut r =
+                            format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                                .into_bytes();
+                        r.extend(body);
+                        r
+                    }
+                    _ => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                };
+                let _ = c.write_all(&reply);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn a_directory_served_over_http_is_a_source() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let (a, a_pub) = openssl_key(t, "a", &["-algorithm", "ed25519"]);
+        let key = SigningKey::load(&a).unwrap();
+        let pinned = [PublicKey::load(&a_pub).unwrap()];
+        let repo = t.join("repo");
+        let now = std::time::SystemTime::now();
+        let v1 = content(300_000, 3);
+        let mut v2 = v1.clone();
+        v2.splice(1000..1000, *b"changed");
+        publish_at(&repo, &key, &v1, "1.0.0", now).unwrap();
+        publish_at(&repo, &key, &v2, "1.1.0", now).unwrap();
+        let src = Source::parse(&format!("http://127.0.0.1:{}/", serve(repo.clone()))).unwrap();
+        let running = Running::from(&header(v1.len() as u64, "1.0.0"));
+        let Checked::Newer(m, h) = check(&src, &pinned, &t.join("ds"), &running).unwrap() else {
+            panic!("1.1.0 not offered over HTTP");
+        };
+        assert_eq!(h.version, "1.1.0");
+        let chunks = Chunks::new(&src).unwrap();
+        let got: Vec<u8> = m
+            .chunks
+            .iter()
+            .flat_map(|c| chunks.fetch(&c.sha256).unwrap())
+            .collect();
+        assert_eq!(got, v2);
+        let missing = chunks.fetch(&"0".repeat(64)).unwrap_err();
+        assert!(chain(&missing).contains("not found"), "{}", chain(&missing));
+        for bad in ["ftp://x/y", "oci://nohost"] {
+            assert!(Source::parse(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn published_updates_check_and_bad_ones_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
