@@ -1747,18 +1747,7 @@ fn ab_updates_roll_back_and_refuse_bad_slots() {
     assert!(u.ok, "kiln update --from: {}{}", u.stdout, u.stderr);
     // What the registry served (its access log: `"GET …" 200 BYTES`): the
     // metadata, the manifest and the chunks v1 lacks, not v2's whole slot.
-    let served: u64 = reg.log()[served_before..]
-        .lines()
-        .filter(|l| l.contains("\"GET /v2/"))
-        .filter_map(|l| {
-            l.split("\" 200 ")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let served = kiln_tests::registry::Registry::served_bytes(&reg.log()[served_before..]);
     assert!(
         served > 0 && served * 5 <= v2_bytes,
         "the update fetched {served} bytes of a {v2_bytes}-byte slot"
@@ -2153,18 +2142,8 @@ fn online_updates_from_a_registry() {
     );
     // What main served for the update: metadata, the manifest and the
     // chunks v1 lacks.
-    let served: u64 = main.log()[served_before..served_until]
-        .lines()
-        .filter(|l| l.contains("\"GET /v2/"))
-        .filter_map(|l| {
-            l.split("\" 200 ")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let served =
+        kiln_tests::registry::Registry::served_bytes(&main.log()[served_before..served_until]);
     assert!(
         served > 0 && served * 5 <= v2_bytes,
         "the update fetched {served} bytes of a {v2_bytes}-byte slot"

@@ -157,6 +157,22 @@ impl Registry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
+    /// The bytes a stretch of [`Registry::log`] says were served: the sum
+    /// of its access lines' `"GET /v2/…" 200 BYTES`.
+    pub fn served_bytes(log: &str) -> u64 {
+        log.lines()
+            .filter(|l| l.contains("\"GET /v2/"))
+            .filter_map(|l| {
+                l.split("\" 200 ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
     /// Stops the registry now (e.g. to prove a pull is served from cache).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -238,5 +254,22 @@ impl Drop for TestNetns {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod served_tests {
+    use super::Registry;
+
+    #[test]
+    fn served_bytes_sums_successful_gets() {
+        let log = concat!(
+            "127.0.0.1 - - [x] \"GET /v2/ HTTP/1.1\" 200 2 \"\" \"oci-client\"\n",
+            "127.0.0.1 - - [x] \"GET /v2/k/blobs/sha256:a HTTP/1.1\" 200 4096 \"\" \"oci-client\"\n",
+            "127.0.0.1 - - [x] \"GET /v2/k/manifests/t HTTP/1.1\" 404 19 \"\" \"oci-client\"\n",
+            "127.0.0.1 - - [x] \"PUT /v2/k/blobs/uploads/u HTTP/1.1\" 201 0 \"\" \"oci-client\"\n",
+            "time=\"…\" level=info msg=\"response completed\"\n",
+        );
+        assert_eq!(Registry::served_bytes(log), 4098);
     }
 }
