@@ -416,7 +416,8 @@ fn unprivileged_build_is_identical() {
     let recipe = b.join("nginx.toml");
     std::fs::copy(&nginx, &recipe).unwrap();
     std::fs::copy(nginx.with_extension("lock"), b.join("nginx.lock")).unwrap();
-    let cache = b.join("cache-nginx");
+    // The same cache again, with what the root nginx build added: one copy
+    // of the shared cache is big enough for a CI disk.
     copy_dir(&k::shared_cache(), &cache);
     let _ = std::fs::remove_dir_all(cache.join("refs/configured"));
     let outn = b.join("out-nginx");
@@ -496,10 +497,12 @@ fn not_root() -> bool {
     k::run(Command::new("id").arg("-u")).stdout.trim() != "0"
 }
 
-/// Copies a cache. Other tests write to the shared cache meanwhile: files
-/// that vanish under cp (temps, sandbox trees) make it complain harmlessly.
+/// Copies a cache into `to`, keeping what `to` already holds. Other tests
+/// write to the shared cache meanwhile: files that vanish under cp (temps,
+/// sandbox trees) make it complain harmlessly.
 fn copy_dir(from: &Path, to: &Path) {
-    let r = k::run(Command::new("cp").arg("-a").arg(from).arg(to));
+    std::fs::create_dir_all(to).unwrap();
+    let r = k::run(Command::new("cp").arg("-an").arg(from.join(".")).arg(to));
     assert!(to.join("sha256").is_dir(), "cp: {}", r.stderr);
     let _ = std::fs::remove_dir_all(to.join("configure"));
 }

@@ -63,11 +63,12 @@ fn sandbox() -> Sandbox {
     }
 }
 
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-sandbox-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory, removed when the test ends.
+fn dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("kiln-sandbox-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn script(label: &str, text: &str) -> Step {
@@ -111,10 +112,11 @@ fn steps_run_as_root_and_the_tree_comes_back() {
     // Below a directory only its owner may enter (a 0700 home): root
     // inside (other ids, as root) still reaches it.
     let private = dir("private");
+    let private = private.path();
     let work = private.join("cache").join("work");
     std::fs::create_dir_all(&work).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o700)).unwrap();
     let req = Request {
         dir: work.clone(),
         epoch: 1_700_000_000,
@@ -154,8 +156,9 @@ fn steps_cannot_touch_the_host() {
         eprintln!("note: no static {BUSYBOX}; skipping");
         return;
     };
-    let work = dir("hostile");
-    let marker = dir("marker").join("pwned");
+    let (hostile, marked) = (dir("hostile"), dir("marker"));
+    let work = hostile.path().to_path_buf();
+    let marker = marked.path().join("pwned");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -205,7 +208,8 @@ fn steps_cannot_touch_the_host() {
 #[test]
 fn leftover_trees_are_removed() {
     let sandbox = sandbox();
-    let work = dir("leftover");
+    let left = dir("leftover");
+    let work = left.path().to_path_buf();
     let deep = work.join("var/lib/private");
     std::fs::create_dir_all(&deep).unwrap();
     std::fs::write(deep.join("secret"), "x").unwrap();
@@ -248,8 +252,9 @@ fn forbidden_user_namespaces_are_explained() {
         ],
         ids: sandbox().ids,
     };
+    let forbidden = dir("forbidden");
     let req = Request {
-        dir: dir("forbidden"),
+        dir: forbidden.path().to_path_buf(),
         epoch: 1,
         steps: vec![],
     };

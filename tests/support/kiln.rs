@@ -22,16 +22,48 @@ pub fn shared_cache() -> PathBuf {
     dir
 }
 
-/// A scratch directory under target/ that survives the test for post-mortems
-/// but is emptied first.
-pub fn scratch(name: &str) -> PathBuf {
+/// A scratch directory under target/, emptied first. It is removed when the
+/// test passes (a CI disk holds many images at once) and kept for post-mortems
+/// when it fails.
+pub fn scratch(name: &str) -> Scratch {
     let dir = workspace()
         .join("target")
         .join("kiln-test-scratch")
         .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("creating a scratch dir");
-    dir
+    Scratch(dir)
+}
+
+/// A scratch directory, removed on drop unless the test is failing.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// Output of a command with stdout and stderr as text.
