@@ -54,6 +54,9 @@ pub fn is_runtime_file(path: &str) -> bool {
 pub const CGROUP_DIR: &str = "/sys/fs/cgroup/kiln";
 /// The init's tmpfs (mode 0700): containers' roots and its state.
 pub const PLUMBING_DIR: &str = "/run/kiln";
+/// Held (flock) by whoever writes a slot or the slots' boot bits while
+/// the system runs: one `apply` or `rollback` at a time.
+pub const SLOTS_LOCK: &str = "/run/kiln/slots.lock";
 /// The containers' root mount points: `CONTAINER_ROOTS_DIR/NAME`.
 pub const CONTAINER_ROOTS_DIR: &str = "/run/kiln/roots";
 /// What the init publishes about the containers.

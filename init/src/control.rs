@@ -12,12 +12,17 @@
 //!   since that would take away the slot to fall back to.
 //!
 //! `have` and `apply` read or write a whole slot: a child process answers
-//! them, so the services' supervision goes on meanwhile.
+//! them, so the services' supervision goes on meanwhile. `apply` and
+//! `rollback` hold [`SLOTS_LOCK`]: a second one asked meanwhile is refused
+//! rather than racing the first over the slot or the partition table.
 
 use kiln_boot::disk::{self, FileDisk, SlotInfo};
-use kiln_init::config::CONTROL_SOCKET;
+use kiln_init::config::{CONTROL_SOCKET, SLOTS_LOCK};
+use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::time::Duration;
 
 /// What a request asks the supervisor to do besides answering.
@@ -121,6 +126,11 @@ impl Control {
 
     /// `have` or `apply`, in the child.
     fn slow(&self, request: &str) -> Result<serde_json::Value, String> {
+        // Released when the child exits, however it ends.
+        let _lock = match request {
+            "apply" => Some(lock(Path::new(SLOTS_LOCK))?),
+            _ => None,
+        };
         let mut dev =
             FileDisk::open(&self.disk, false).map_err(|e| format!("{}: {e}", self.disk))?;
         let (_, slots) = disk::read(&mut dev).map_err(|e| format!("reading the slots: {e}"))?;
@@ -189,6 +199,10 @@ impl Control {
                 Then::Nothing,
             ),
             "rollback" => {
+                let _lock = match lock(Path::new(SLOTS_LOCK)) {
+                    Ok(l) => l,
+                    Err(e) => return fail(e),
+                };
                 let Some(other) = slots.iter().find(|s| s.slot != me.slot) else {
                     return fail("no other slot".into());
                 };
@@ -214,6 +228,27 @@ impl Control {
     }
 }
 
+/// Takes the lock at `path` for as long as the file returned is open, or
+/// says who holds it.
+fn lock(path: &Path) -> Result<File, String> {
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: flock only reads the descriptor, which `f` owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            "an update is being written into the other slot: ask again when it is done".into()
+        } else {
+            format!("locking {}: {e}", path.display())
+        });
+    }
+    Ok(f)
+}
+
 fn slot_json(s: &SlotInfo, booted: bool) -> serde_json::Value {
     serde_json::json!({
         "slot": s.slot.letter().to_string(),
@@ -228,6 +263,29 @@ fn slot_json(s: &SlotInfo, booted: bool) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A second writer is refused while the first holds the lock, in
+    /// another process as in this one, and may go once it is gone.
+    #[test]
+    fn one_writer_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots.lock");
+        let first = lock(&path).unwrap();
+        let e = lock(&path).unwrap_err();
+        assert!(e.contains("being written"), "{e}");
+        let other = std::process::Command::new("flock")
+            .args(["--nonblock", "--exclusive"])
+            .arg(&path)
+            .arg("true")
+            .status()
+            .unwrap();
+        assert!(!other.success(), "another process took the lock");
+        drop(first);
+        let again = lock(&path);
+        assert!(again.is_ok(), "{again:?}");
+    }
+
     #[test]
     fn the_update_service_knows_the_socket() {
         assert_eq!(
