@@ -1995,6 +1995,56 @@ fn online_updates_from_a_registry() {
     openssl(&["genpkey", "-algorithm", "ed25519", "-out", "update.pem"]);
     openssl(&["pkey", "-pubout", "-in", "update.pem", "-out", "update.pub"]);
     openssl(&["genpkey", "-algorithm", "ed25519", "-out", "other.pem"]);
+    // The registries the guest reads speak TLS with a certificate of a
+    // private CA, which the recipe's `ca` adds to the guest's roots.
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-subj",
+                "/CN=kiln-test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-subj",
+                "/CN=registry",
+                "-keyout",
+                "tls.key",
+                "-out",
+                "tls.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        out.join("tls.ext"),
+        "subjectAltName = IP:10.0.2.100\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509", "-req", "-in", "tls.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-extfile",
+        "tls.ext", "-out", "tls.pem", "-days", "2",
+    ]);
     // The guest reaches its update source at 10.0.2.100:5000 (QEMU's
     // guestfwd): the switch picks the registry that answers.
     let recipe = |version: &str| {
@@ -2003,7 +2053,7 @@ fn online_updates_from_a_registry() {
              [[service]]\nname = \"app\"\nimage = {{ debian = [\"busybox-static\"], scripts = false }}\nessential = true\n\
              command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo app version {version}; exec /bin/busybox sleep 100000\"]\n\
              [host]\nhealthy_after = \"2s\"\n[disk]\nsize = \"256M\"\n\
-             [update]\ntries = 1\nsource = \"oci+http://10.0.2.100:5000/kiln/online\"\nroot_keys = [\"../update.pub\"]\ncheck = \"2s\"\n"
+             [update]\ntries = 1\nsource = \"oci://10.0.2.100:5000/kiln/online\"\nroot_keys = [\"../update.pub\"]\nca = [\"../ca.pem\"]\ncheck = \"2s\"\n"
         )
     };
     let build = |version: &str| {
@@ -2015,11 +2065,17 @@ fn online_updates_from_a_registry() {
     };
     let (v1, v2, v3) = (build("1.0.0"), build("2.0.0"), build("3.0.0"));
 
+    // kiln publishes to a plain registry on loopback; its TLS twin serves
+    // the same storage to the guest.
+    let port_of = |r: &kiln_tests::registry::Registry| -> u16 {
+        r.host().rsplit(':').next().unwrap().parse().unwrap()
+    };
     let start = || {
         let r = kiln_tests::registry::Registry::start()
             .expect("docker-registry (scripts/install-deps.sh)");
-        let port: u16 = r.host().rsplit(':').next().unwrap().parse().unwrap();
-        (r, port)
+        let tls = r.tls_twin(&out.join("tls.pem"), &out.join("tls.key"));
+        let (port, tls_port) = (port_of(&r), port_of(&tls));
+        ((r, tls), port, tls_port)
     };
     let publish = |key: &str, port: u16, image: &Path, extra: &[&str]| {
         let r = k::run(
@@ -2036,10 +2092,10 @@ fn online_updates_from_a_registry() {
     // main: v1, then signed again (metadata version 2); stale: v1 only
     // (what a mirror that froze main would serve); wrong: v1 under
     // another key; expired: v2, its timestamp valid one second.
-    let (main, main_port) = start();
-    let (_stale, stale_port) = start();
-    let (_wrong, wrong_port) = start();
-    let (_expired, expired_port) = start();
+    let ((_main, main), main_port, main_tls) = start();
+    let (_stale, stale_port, stale_tls) = start();
+    let (_wrong, wrong_port, wrong_tls) = start();
+    let (_expired, expired_port, expired_tls) = start();
     publish("update.pem", main_port, &v1, &[]);
     let r = k::run(
         Command::new(kiln())
@@ -2055,7 +2111,7 @@ fn online_updates_from_a_registry() {
     let disk = out.join("disk.raw");
     std::fs::copy(&v1, &disk).unwrap();
     let (port, to) = switch();
-    to.store(wrong_port, Ordering::SeqCst);
+    to.store(wrong_tls, Ordering::SeqCst);
     let forward = format!("10.0.2.100:5000={port}");
     // Each refusal moves the switch on; the last publishes v2 to main.
     let mut step = 0;
@@ -2071,15 +2127,15 @@ fn online_updates_from_a_registry() {
             let said = |s: &str| l.contains("kiln-update| ") && l.contains(s);
             match step {
                 0 if said("are not all among the keys trusted") => {
-                    to.store(expired_port, Ordering::SeqCst);
+                    to.store(expired_tls, Ordering::SeqCst);
                     step = 1;
                 }
                 1 if said("expired") => {
-                    to.store(main_port, Ordering::SeqCst);
+                    to.store(main_tls, Ordering::SeqCst);
                     step = 2;
                 }
                 2 if said("online 1.0.0 is the newest published") => {
-                    to.store(stale_port, Ordering::SeqCst);
+                    to.store(stale_tls, Ordering::SeqCst);
                     step = 3;
                 }
                 3 if said("refused: ") && said("timestamp") => {
@@ -2087,7 +2143,7 @@ fn online_updates_from_a_registry() {
                         .as_u64()
                         .unwrap();
                     served_before = main.log().len();
-                    to.store(main_port, Ordering::SeqCst);
+                    to.store(main_tls, Ordering::SeqCst);
                     step = 4;
                 }
                 4 if said("online 2.0.0 is published; fetching") => {

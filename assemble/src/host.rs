@@ -157,12 +157,16 @@ const UPDATER: &str = "/usr/bin/kiln-update";
 /// Where its TLS client looks for CA roots (Debian's bundle path).
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// Mozilla's CA roots (webpki-root-certs) as a PEM bundle.
-fn ca_bundle() -> Vec<u8> {
+/// Mozilla's CA roots (webpki-root-certs) and the recipe's `[update] ca`
+/// (DER) as a PEM bundle.
+fn ca_bundle(extra: &[Vec<u8>]) -> Vec<u8> {
     use base64::Engine;
     let mut pem = String::new();
-    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+    let mozilla = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .map(|c| c.as_ref());
+    for cert in mozilla.chain(extra.iter().map(Vec::as_slice)) {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert);
         pem.push_str("-----BEGIN CERTIFICATE-----\n");
         for line in b64.as_bytes().chunks(64) {
             pem.push_str(&String::from_utf8_lossy(line));
@@ -203,7 +207,7 @@ fn update_service(
     for (path, mode, data) in [
         (UPDATER, 0o755, updater.to_vec()),
         (service::CONFIG_PATH, 0o644, json),
-        (CA_BUNDLE, 0o644, ca_bundle()),
+        (CA_BUNDLE, 0o644, ca_bundle(&online.ca)),
     ] {
         let mut node = Node::file(mode, data);
         node.meta_mut().mtime = epoch;
@@ -799,11 +803,28 @@ mod tests {
     }
 
     /// `[update] source` adds the update service: its program, its
-    /// configuration and CA roots, on the host network with its volume
-    /// and the control socket, and no capability.
+    /// configuration and CA roots (Mozilla's and the recipe's), on the
+    /// host network with its volume and the control socket, and no
+    /// capability.
     #[test]
     fn online_updates_add_the_update_service() {
         let dir = tempfile::tempdir().unwrap();
+        let sh = |cmd: &str| {
+            let o = std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{cmd}: {o:?}");
+        };
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        sh(&format!(
+            "openssl req -x509 {ec} -subj /CN=corp-ca -keyout ca.key -out corp-ca.pem -days 2"
+        ));
+        sh(&format!(
+            "openssl req {ec} -subj /CN=updates.example -keyout leaf.key -out leaf.csr"
+        ));
+        sh("openssl x509 -req -in leaf.csr -CA corp-ca.pem -CAkey ca.key -out leaf.pem -days 1");
         std::fs::write(
             dir.path().join("update.pub"),
             "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAyTmmSnVfwd6DaR0nNytys/WygMatCOjSK9uL+Fj2oOk=\n-----END PUBLIC KEY-----\n",
@@ -812,7 +833,7 @@ mod tests {
         let recipe = crate::recipe::parse(
             &dir.path().join("x.toml"),
             "name = \"x\"\nversion = \"1\"\n[kernel]\ndebian = \"k\"\n[[service]]\nname = \"web\"\nimage = { debian = [\"busybox-static\"] }\ncommand = [\"/bin/sh\"]\n\
-             [update]\nsource = \"https://updates.example/x\"\nroot_keys = [\"update.pub\"]\nwindow = \"01:00-02:30\"\n",
+             [update]\nsource = \"https://updates.example/x\"\nroot_keys = [\"update.pub\"]\nca = [\"corp-ca.pem\"]\nwindow = \"01:00-02:30\"\n",
         )
         .unwrap();
         let images = vec![crate::fetch::ContainerImage {
@@ -855,8 +876,9 @@ mod tests {
         assert_eq!(cfg.source, "https://updates.example/x");
         assert_eq!((cfg.check_secs, cfg.root_keys.len()), (6 * 3600, 1));
         assert_eq!(cfg.window.map(|w| (w.start, w.end)), Some((60, 150)));
-        // The bundle is one openssl reads: every root a certificate.
-        let pem = dir.path().join("ca.pem");
+        // The bundle is one openssl reads: every root a certificate, the
+        // recipe's CA among them.
+        let pem = dir.path().join("bundle.pem");
         std::fs::write(&pem, file("/etc/ssl/certs/ca-certificates.crt")).unwrap();
         let out = std::process::Command::new("openssl")
             .args(["storeutl", "-noout", "-certs"])
@@ -866,7 +888,8 @@ mod tests {
         let said = String::from_utf8_lossy(&out.stdout);
         let n = webpki_root_certs::TLS_SERVER_ROOT_CERTS.len();
         assert!(n > 100 && out.status.success(), "{said}");
-        assert!(said.contains(&format!("Total found: {n}")), "{said}");
+        assert!(said.contains(&format!("Total found: {}", n + 1)), "{said}");
+        sh("openssl verify -CAfile bundle.pem leaf.pem");
     }
 
     /// A tmpfs is owned as the image's directory, or 0755 root where the

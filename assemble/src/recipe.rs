@@ -368,6 +368,9 @@ pub struct OnlineSpec {
     /// The keys its first root must be signed by (`root_keys`, read at
     /// build time).
     pub root_keys: Vec<kiln_update::keys::PublicKey>,
+    /// Certificate authorities (DER) the source's TLS certificate may
+    /// chain to besides Mozilla's roots (`ca`, read at build time).
+    pub ca: Vec<Vec<u8>>,
     /// Seconds between checks (`check`).
     pub check_secs: u64,
     /// When it may reboot into an update (`window`); `None`: at once.
@@ -800,6 +803,7 @@ mod raw {
         pub healthy_within: Option<Spanned<String>>,
         pub source: Option<Spanned<String>>,
         pub root_keys: Option<Spanned<Vec<Spanned<String>>>>,
+        pub ca: Option<Spanned<Vec<Spanned<String>>>>,
         pub check: Option<Spanned<String>>,
         pub window: Option<Spanned<String>>,
     }
@@ -1007,7 +1011,7 @@ fn parse_rlimit(v: &toml::Value) -> Option<(u64, u64)> {
     (soft <= hard).then_some((soft, hard))
 }
 
-/// `[update] source`, `root_keys`, `check` and `window`.
+/// `[update] source`, `root_keys`, `ca`, `check` and `window`.
 fn online_updates(
     l: &Locator<'_>,
     u: &raw::Update,
@@ -1018,6 +1022,7 @@ fn online_updates(
     let Some(source) = &u.source else {
         for (given, name) in [
             (u.root_keys.as_ref().map(Spanned::span), "root_keys"),
+            (u.ca.as_ref().map(Spanned::span), "ca"),
             (u.check.as_ref().map(Spanned::span), "check"),
             (u.window.as_ref().map(Spanned::span), "window"),
         ] {
@@ -1078,6 +1083,14 @@ fn online_updates(
             root_keys.push(key);
         }
     }
+    let mut ca = Vec::new();
+    for f in u.ca.as_ref().map_or(&[][..], |f| f.get_ref()) {
+        for der in load_ca(&resolve(f.get_ref())).map_err(|e| l.at(f, e))? {
+            if !ca.contains(&der) {
+                ca.push(der);
+            }
+        }
+    }
     let check_secs = match &u.check {
         None => DEFAULT_CHECK_SECS,
         Some(c) => parse_duration(c.get_ref())
@@ -1104,9 +1117,36 @@ fn online_updates(
     Ok(Some(OnlineSpec {
         source: l.located(source.clone()),
         root_keys,
+        ca,
         check_secs,
         window,
     }))
+}
+
+/// The certificates of a PEM file (`[update] ca`), each checked to be one
+/// a TLS client can take as a root.
+fn load_ca(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, der) in CertificateDer::pem_slice_iter(&text).enumerate() {
+        let der = der.map_err(|e| format!("{}: certificate {}: {e}", path.display(), i + 1))?;
+        webpki::anchor_from_trusted_cert(&der).map_err(|e| {
+            format!(
+                "{}: certificate {} is not one a TLS client can trust: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+        out.push(der.to_vec());
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "{}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(out)
 }
 
 /// Docker's default capabilities with the recipe's `drop` then `add`
@@ -3061,6 +3101,12 @@ size = "512M"
             "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
         )
         .unwrap();
+        // PEM armour around bytes that are no certificate.
+        std::fs::write(
+            dir.path().join("junk.pem"),
+            "-----BEGIN CERTIFICATE-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         let base = "name = \"r\"\nversion = \"1.0.0\"\n[kernel]\npath = \"/k\"\n[[service]]\nname = \"web\"\nimage = \"busybox\"\n";
         let recipe = dir.path().join("r.toml");
         let parse_with = |extra: &str| parse(&recipe, &format!("{base}{extra}"));
@@ -3090,6 +3136,10 @@ size = "512M"
             ("[update]\nsource = \"oci://r.example/x\"\nroot_keys = []\n".into(), "update.root_keys", "lists no key"),
             ("[update]\nsource = \"oci://r.example/x\"\nroot_keys = [\"nope.pub\"]\n".into(), "update.root_keys[0]", "nope.pub"),
             ("[update]\nsource = \"oci://r.example/x\"\nroot_keys = [\"private.pem\"]\n".into(), "update.root_keys[0]", "not a PEM public key"),
+            ("[update]\nca = [\"update.pub\"]\n".into(), "update.ca", "needs [update] source"),
+            (format!("[update]\nsource = \"oci://r.example/x\"\n{keys}ca = [\"nope.pem\"]\n"), "update.ca[0]", "nope.pem"),
+            (format!("[update]\nsource = \"oci://r.example/x\"\n{keys}ca = [\"update.pub\"]\n"), "update.ca[0]", "holds no PEM certificate"),
+            (format!("[update]\nsource = \"oci://r.example/x\"\n{keys}ca = [\"junk.pem\"]\n"), "update.ca[0]", "not one a TLS client can trust"),
             (format!("[update]\nsource = \"oci://r.example/x\"\n{keys}check = \"0s\"\n"), "update.check", "a second or more"),
             (format!("[update]\nsource = \"oci://r.example/x\"\n{keys}window = \"2-4\"\n"), "update.window", "HH:MM-HH:MM"),
             (format!("[disk]\nupdate = \"none\"\n[update]\nsource = \"oci://r.example/x\"\n{keys}"), "update.source", "update = \"ab\""),

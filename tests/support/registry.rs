@@ -19,6 +19,8 @@ pub struct Registry {
     port: u16,
     /// Whether /v2/ answers 401 (credentials required) when ready.
     auth: bool,
+    /// Whether it speaks only TLS.
+    tls: bool,
 }
 
 /// An htpasswd line `user:$2y$...` (bcrypt, the only hash distribution
@@ -37,6 +39,17 @@ impl Registry {
         Self::start_inner(None, None)
     }
 
+    /// A second registry serving this one's storage over TLS with `cert`
+    /// and `key` (PEM files): what is pushed to one is pulled from both.
+    pub fn tls_twin(&self, cert: &Path, key: &Path) -> Registry {
+        let tls = Tls {
+            storage: self.storage(),
+            cert,
+            key,
+        };
+        Self::start_with(None, None, Some(tls)).expect("docker-registry is installed")
+    }
+
     /// Starts a registry inside network namespace `netns`, listening on
     /// `ip` (an address of that namespace the host can reach).
     pub fn start_in_netns(netns: &str, ip: &str) -> Option<Registry> {
@@ -50,6 +63,14 @@ impl Registry {
     }
 
     fn start_inner(auth: Option<(&str, &str)>, netns: Option<(&str, &str)>) -> Option<Registry> {
+        Self::start_with(auth, netns, None)
+    }
+
+    fn start_with(
+        auth: Option<(&str, &str)>,
+        netns: Option<(&str, &str)>,
+        tls: Option<Tls<'_>>,
+    ) -> Option<Registry> {
         if !Path::new(BINARY).exists() {
             eprintln!("note: {BINARY} not installed; skipping registry test");
             return None;
@@ -61,14 +82,23 @@ impl Registry {
             .expect("free port")
             .port();
         let ip = netns.map_or("127.0.0.1", |(_, ip)| ip).to_string();
-        let storage = dir.path().join("storage");
+        let storage = tls
+            .as_ref()
+            .map_or_else(|| dir.path().join("storage"), |t| t.storage.clone());
         std::fs::create_dir_all(&storage).expect("storage dir");
         let config = dir.path().join("config.yml");
+        let tls_keys = tls.as_ref().map_or(String::new(), |t| {
+            format!(
+                ", tls: {{certificate: {}, key: {}}}",
+                t.cert.display(),
+                t.key.display()
+            )
+        });
         let mut yaml = format!(
             "version: 0.1\n\
              log: {{level: warn}}\n\
              storage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\n\
-             http: {{addr: {ip}:{port}, secret: test}}\n",
+             http: {{addr: {ip}:{port}, secret: test{tls_keys}}}\n",
             storage.display()
         );
         if let Some((user, password)) = auth {
@@ -104,6 +134,7 @@ impl Registry {
             ip,
             port,
             auth: auth.is_some(),
+            tls: tls.is_some(),
         };
         reg.wait_ready();
         Some(reg)
@@ -137,7 +168,12 @@ impl Registry {
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).unwrap_or(0);
         let head = String::from_utf8_lossy(&buf[..n]);
-        let want = if self.auth { "401" } else { "200" };
+        // Go's TLS server answers a plain request with a 400 of its own.
+        let want = match (self.tls, self.auth) {
+            (true, _) => "400",
+            (_, true) => "401",
+            _ => "200",
+        };
         head.starts_with(&format!("HTTP/1.1 {want}"))
             || head.starts_with(&format!("HTTP/1.0 {want}"))
     }
@@ -180,6 +216,13 @@ impl Registry {
             let _ = c.wait();
         }
     }
+}
+
+/// Where a TLS registry keeps its blobs and the PEM files it serves with.
+struct Tls<'a> {
+    storage: PathBuf,
+    cert: &'a Path,
+    key: &'a Path,
 }
 
 /// A network namespace joined to this one by a veth pair, each end with
