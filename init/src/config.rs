@@ -30,7 +30,7 @@ pub const HOST_MOUNTPOINTS: [&str; 6] = ["/proc", "/sys", "/dev", "/run", "/tmp"
 pub const DATA_DIR: &str = "/var/lib/kiln";
 /// The init's control socket on A/B disks, bound into containers given
 /// `control = true` at the same path: one line asked (`status`,
-/// `rollback`, `reboot`), one JSON line answered.
+/// `rollback`, `reboot`, `check`), one JSON line answered.
 pub const CONTROL_SOCKET: &str = "/run/kiln/state/control.sock";
 /// Named volumes (`volumes = ["NAME:/path"]`): `DATA_DIR/volumes/NAME`.
 pub const VOLUMES_DIR: &str = "/var/lib/kiln/volumes";

@@ -5,6 +5,7 @@
 //! - `status`: the slot booted and both slots' states;
 //! - `rollback`: the other slot boots next (as `kiln rollback` offline);
 //! - `reboot`: services stop in order and the machine restarts;
+//! - `check`: the update service (`[update] source`) checks now;
 //! - `have`: the chunks of the running slot (sha256s, as an update's
 //!   manifest names them), so the update service fetches only the others;
 //! - `apply`: the update the service staged in its volume is written into
@@ -57,18 +58,19 @@ impl Control {
         })
     }
 
-    /// Answers the connections waiting; what to do next.
-    pub fn serve(&self) -> Then {
+    /// Answers the connections waiting; what to do next. `running` gives
+    /// the pid of a container running by name.
+    pub fn serve(&self, running: &dyn Fn(&str) -> Option<libc::pid_t>) -> Then {
         let mut then = Then::Nothing;
         while let Ok((stream, _)) = self.listener.accept() {
-            if self.answer(stream) == Then::Reboot {
+            if self.answer(stream, running) == Then::Reboot {
                 then = Then::Reboot;
             }
         }
         then
     }
 
-    fn answer(&self, stream: UnixStream) -> Then {
+    fn answer(&self, stream: UnixStream, running: &dyn Fn(&str) -> Option<libc::pid_t>) -> Then {
         // A client that says nothing holds the init at most this long.
         let limit = Some(Duration::from_secs(1));
         if stream.set_nonblocking(false).is_err()
@@ -84,10 +86,15 @@ impl Control {
             self.answer_in_child(line.trim(), stream);
             return Then::Nothing;
         }
-        let (reply, then) = self.handle(line.trim());
+        let (reply, then) = if line.trim() == "check" {
+            (check(running), Then::Nothing)
+        } else {
+            self.handle(line.trim())
+        };
         let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
-        // The update service asks for the status at every check.
-        if line.trim() != "status" || reply["ok"] != true {
+        // The update service asks for the status at every check; what a
+        // check finds, the service says.
+        if !matches!(line.trim(), "status" | "check") || reply["ok"] != true {
             crate::console::log(&format!("control: {}: {reply}", line.trim()));
         }
         then
@@ -222,10 +229,27 @@ impl Control {
             }
             "reboot" => (serde_json::json!({"ok": true}), Then::Reboot),
             other => fail(format!(
-                "unknown request {other:?} (status, rollback, reboot, have or apply)"
+                "unknown request {other:?} (status, rollback, reboot, check, have or apply)"
             )),
         }
     }
+}
+
+/// Asks the update service to check now.
+fn check(running: &dyn Fn(&str) -> Option<libc::pid_t>) -> serde_json::Value {
+    use kiln_update::service::{CHECK_SIGNAL, NAME};
+    let Some(pid) = running(NAME) else {
+        return serde_json::json!({
+            "ok": false,
+            "error": format!("{NAME} is not running (it runs when the recipe sets [update] source)"),
+        });
+    };
+    // SAFETY: signalling a child of this init that it has not reaped.
+    if unsafe { libc::kill(pid, CHECK_SIGNAL) } != 0 {
+        let e = io::Error::last_os_error();
+        return serde_json::json!({"ok": false, "error": format!("signalling {NAME}: {e}")});
+    }
+    serde_json::json!({"ok": true})
 }
 
 /// Takes the lock at `path` for as long as the file returned is open, or

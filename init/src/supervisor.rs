@@ -1237,7 +1237,9 @@ impl Supervisor {
             net.handle(&net_ready, Instant::now());
         }
         if let (Some(c), Some(fd)) = (&self.control, control_fd) {
-            if net_ready.contains(&fd) && c.serve() == crate::control::Then::Reboot {
+            let units = &self.units;
+            let running = |name: &str| units.get(name).and_then(Unit::pid);
+            if net_ready.contains(&fd) && c.serve(&running) == crate::control::Then::Reboot {
                 self.reboot_asked = true;
                 self.request_stop("control: reboot");
             }

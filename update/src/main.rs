@@ -15,6 +15,9 @@ use kiln_update::repo::{self, Checked, Chunks, Running, Source};
 use kiln_update::service::{self, Config};
 
 fn main() -> ExitCode {
+    // Before any other thread starts, so that every thread blocks it and
+    // only `wait` takes it.
+    block_check_signal();
     let cfg: Config = match std::fs::read(service::CONFIG_PATH)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -43,7 +46,50 @@ fn main() -> ExitCode {
             println!("{line}");
             said = line;
         }
-        std::thread::sleep(wait);
+        if wait_or_asked(wait) {
+            // Whoever asked sees what the check found, even if unchanged.
+            said.clear();
+        }
+    }
+}
+
+/// Blocks [`service::CHECK_SIGNAL`] in this thread and those it starts.
+fn block_check_signal() {
+    // SAFETY: a signal set on the stack, initialised by sigemptyset before
+    // use; pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, service::CHECK_SIGNAL);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits `d`, or until a check is asked for (true then). The signal must
+/// be blocked ([`block_check_signal`]).
+fn wait_or_asked(d: Duration) -> bool {
+    let deadline = std::time::Instant::now() + d;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ts = libc::timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        // SAFETY: as in block_check_signal; sigtimedwait reads the set and
+        // the timeout and may leave the info pointer null.
+        let got = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, service::CHECK_SIGNAL);
+            libc::sigtimedwait(&set, std::ptr::null_mut(), &ts)
+        };
+        if got == service::CHECK_SIGNAL {
+            return true;
+        }
+        // EAGAIN: the time is up (the loop sees it); EINTR: wait on.
     }
 }
 
@@ -159,8 +205,11 @@ fn round(cfg: &Config, source: &Source) -> Result<(String, Duration), String> {
         }
     }
     ask("reboot")?;
-    // The init stops this service on the way down.
-    Ok((format!("rebooting into {}", header.version), every))
+    println!("rebooting into {}", header.version);
+    // The init stops this service on the way down; no check meanwhile.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 /// Asks the init one control request; its answer, or why it refused.
@@ -197,4 +246,23 @@ fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check signal cuts a wait short; without it the wait is whole.
+    #[test]
+    fn a_check_asked_for_ends_the_wait() {
+        block_check_signal();
+        let t = std::time::Instant::now();
+        assert!(!wait_or_asked(Duration::from_millis(200)));
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        // SAFETY: signalling this thread, which blocks the signal.
+        unsafe { libc::pthread_kill(libc::pthread_self(), service::CHECK_SIGNAL) };
+        let t = std::time::Instant::now();
+        assert!(wait_or_asked(Duration::from_secs(30)));
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
 }

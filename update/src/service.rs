@@ -23,6 +23,9 @@ pub const MANIFEST: &str = "manifest.json";
 pub const CHUNKS: &str = "chunks";
 /// The init's control socket (kiln-init's `CONTROL_SOCKET`).
 pub const CONTROL_SOCKET: &str = "/run/kiln/state/control.sock";
+/// The signal that asks the service to check now: the init sends it when
+/// a container asks its control socket to `check`.
+pub const CHECK_SIGNAL: libc::c_int = libc::SIGHUP;
 
 /// A reboot window, minutes after midnight UTC: `start..end`, wrapping
 /// past midnight when `end < start`.
