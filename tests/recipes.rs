@@ -407,7 +407,8 @@ fn help_texts_and_run_on_a_missing_file() {
         r.stderr
     );
     assert!(!r.stderr.contains("apt-get"), "{}", r.stderr);
-    let junk = k::scratch("run-junk").join("junk.raw");
+    let junk_dir = k::scratch("run-junk");
+    let junk = junk_dir.join("junk.raw");
     std::fs::write(&junk, vec![0x5a; 1 << 20]).unwrap();
     let r = k::run(Command::new(kiln()).arg("run").arg(&junk));
     assert_eq!(r.code, Some(1), "{}", r.stderr);
